@@ -1,0 +1,454 @@
+"""FrozenCLIP: the one boundary between promptlab and the libraries that build CLIP towers.
+
+Every method sees the same small interface whichever library built the weights (open_clip, an
+OpenAI ``.pt`` file, a Hugging Face ``CLIPModel`` directory). The transformer blocks of both towers
+are driven by *one* per-layer loop written here (``_block_forward``), so that prompt injection at
+any layer, causal truncation of the text tower and activation checkpointing are implemented once,
+never by forking the backbone's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from promptlab.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Tiny open_clip configurations, randomly initialised, for tests and the offline demo.
+TINY_CONFIGS: dict[str, dict] = {
+    "tiny": dict(
+        embed_dim=32,
+        vision_cfg=dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
+        text_cfg=dict(layers=2, width=32, heads=2),
+    ),
+}
+
+# DeepPrompts: per-layer tokens for the text tower. Either a mapping {layer index: tensor}, where
+# the tensor ([n, W] or [N, n, W]) replaces the n tokens right after the start token before that
+# layer runs (MaPLe / IVLP style), or a callable (layer index, hidden states) -> hidden states.
+DeepPrompts = Mapping[int, torch.Tensor] | Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Block:
+    """A pre-LN transformer block seen through one interface, whichever library built it."""
+
+    ln_1: nn.Module
+    ln_2: nn.Module
+    mlp: nn.Module
+    out_proj: nn.Linear
+    heads: int
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ls_1: nn.Module
+    ls_2: nn.Module
+
+
+def _block_forward(
+    b: _Block, x: torch.Tensor, *, causal: bool = False, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x: [B, L, W] -> [B, L, W]. Same maths as open_clip / HF CLIP blocks, through SDPA."""
+    B, L, W = x.shape
+    q, k, v = b.qkv(b.ln_1(x))  # each [B, L, W]
+    q, k, v = (t.reshape(B, L, b.heads, W // b.heads).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
+    x = x + b.ls_1(b.out_proj(o.transpose(1, 2).reshape(B, L, W)))
+    return x + b.ls_2(b.mlp(b.ln_2(x)))
+
+
+def _open_clip_blocks(transformer: nn.Module) -> list[_Block]:
+    blocks = []
+    for i, blk in enumerate(transformer.resblocks):
+        attn = getattr(blk, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention):
+            raise TypeError(
+                f"FrozenCLIP supports open_clip's standard ResidualAttentionBlock; block {i} is "
+                f"{type(blk).__name__} (qk-norm / scaled-cosine variants are not supported)"
+            )
+
+        def qkv(h: torch.Tensor, a: nn.MultiheadAttention = attn):
+            return F.linear(h, a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
+
+        blocks.append(_Block(blk.ln_1, blk.ln_2, blk.mlp, attn.out_proj, attn.num_heads, qkv, blk.ls_1, blk.ls_2))
+    return blocks
+
+
+def _hf_blocks(encoder: nn.Module) -> list[_Block]:
+    blocks = []
+    for layer in encoder.layers:
+        a = layer.self_attn
+
+        def qkv(h: torch.Tensor, a: nn.Module = a):
+            return a.q_proj(h), a.k_proj(h), a.v_proj(h)
+
+        ident = nn.Identity()
+        blocks.append(_Block(layer.layer_norm1, layer.layer_norm2, layer.mlp, a.out_proj, a.num_heads, qkv, ident, ident))
+    return blocks
+
+
+class FrozenCLIP(nn.Module):
+    """A frozen CLIP model behind one interface.
+
+    Build it with :func:`load_clip`. All weights are frozen and the model stays in eval mode
+    (RN50's BatchNorm statistics must not move); methods learn only their own parameters.
+    """
+
+    def __init__(self, model: nn.Module, *, arch: str, pretrained: str | None, tokenizer=None):
+        super().__init__()
+        self.model = model
+        self.arch = arch
+        self.pretrained = pretrained
+        self.backend = "hf" if hasattr(model, "text_model") else "open_clip"
+        self.grad_checkpointing = False
+        if tokenizer is None:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            tokenizer = SimpleTokenizer()
+        self.tokenizer = tokenizer
+        self._fingerprint: str | None = None
+        if self.backend == "hf":
+            self._init_hf(model)
+        else:
+            self._init_open_clip(model)
+        model.requires_grad_(False)
+        model.eval()
+
+    # ------------------------------------------------------------------ construction
+    def _init_open_clip(self, m: nn.Module) -> None:
+        t = getattr(m, "text", m)  # CustomTextCLIP keeps the text tower under .text
+        if not hasattr(t, "token_embedding"):
+            raise TypeError(f"{type(m).__name__}: FrozenCLIP needs a CLIP-style text transformer")
+        self._tok_emb, self._pos_emb, self._ln_final = t.token_embedding, t.positional_embedding, t.ln_final
+        self._text_proj_w = t.text_projection
+        self._text_blocks = _open_clip_blocks(t.transformer)
+        v = m.visual
+        self.vision_is_transformer = hasattr(v, "conv1") and hasattr(v, "class_embedding")
+        if self.vision_is_transformer:
+            if getattr(v, "attn_pool", None) is not None or getattr(v, "final_ln_after_pool", False):
+                self.vision_is_transformer = False  # exotic pooling: use the library's forward
+            else:
+                self._vis_blocks = _open_clip_blocks(v.transformer)
+        size = v.image_size
+        self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
+        self.image_mean = tuple(getattr(v, "image_mean", None) or OPENAI_MEAN)
+        self.image_std = tuple(getattr(v, "image_std", None) or OPENAI_STD)
+        self.width = t.transformer.width
+        self.vision_width = getattr(v, "transformer", None).width if self.vision_is_transformer else None
+        proj = self._text_proj_w
+        self.embed_dim = (proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]) if proj is not None else self.width
+        self.context_length = t.positional_embedding.shape[0]
+
+    def _init_hf(self, m: nn.Module) -> None:
+        tm, vm = m.text_model, m.vision_model
+        self._tok_emb = tm.embeddings.token_embedding
+        self._pos_emb = tm.embeddings.position_embedding.weight
+        self._ln_final = tm.final_layer_norm
+        self._text_proj_w = m.text_projection
+        self._text_blocks = _hf_blocks(tm.encoder)
+        self._vis_blocks = _hf_blocks(vm.encoder)
+        self.vision_is_transformer = True
+        cfg = m.config
+        self.image_size = int(cfg.vision_config.image_size)
+        self.image_mean, self.image_std = OPENAI_MEAN, OPENAI_STD
+        self.width = cfg.text_config.hidden_size
+        self.vision_width = cfg.vision_config.hidden_size
+        self.embed_dim = cfg.projection_dim
+        self.context_length = self._pos_emb.shape[0]
+
+    def train(self, mode: bool = True) -> FrozenCLIP:
+        """Keep the frozen backbone in eval mode whatever the caller asks (BatchNorm, dropout)."""
+        super().train(False)
+        return self
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._tok_emb.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._tok_emb.weight.device
+
+    @property
+    def is_causal(self) -> bool:
+        """CLIP's text tower is causal: the EOT feature depends only on the tokens up to EOT."""
+        return True
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """exp(learned temperature), as CLIP multiplies cosine similarities by it. Scalar tensor."""
+        return self.model.logit_scale.detach().float().exp().reshape(())
+
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eot_token_id)
+
+    @property
+    def train_transform(self) -> Callable:
+        return train_transform(self.image_size, self.image_mean, self.image_std)
+
+    @property
+    def eval_transform(self) -> Callable:
+        return eval_transform(self.image_size, self.image_mean, self.image_std)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over every weight (names, dtypes, shapes, bytes): identifies the backbone in caches and exports."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # ------------------------------------------------------------------ text side
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids [N, context_length] (start token, BPE, end token, zero padding)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.tokenizer(texts, context_length=self.context_length).to(self.device)
+
+    def eot_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Position of the end-of-text token in each row of ``ids``: [N]."""
+        return (ids == self.eot_token_id).int().argmax(dim=-1)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [N, L, W] without positional embeddings (what prompt methods edit)."""
+        return self._tok_emb(ids.to(self.device))
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Text features [N, D] of token ids, through the same loop as learned prompts."""
+        return self.encode_text_embeddings(self.embed_tokens(ids), self.eot_index(ids.to(self.device)), normalize=normalize)
+
+    def encode_text_embeddings(
+        self,
+        x: torch.Tensor,
+        eot_index: torch.Tensor,
+        deep_prompts: DeepPrompts | None = None,
+        normalize: bool = False,
+    ) -> torch.Tensor:
+        """Run the text transformer on prompt embeddings.
+
+        Args:
+            x: [N, L, W] token embeddings (learned context spliced in), without positional embeddings.
+            eot_index: [N] position of each prompt's end-of-text token; its hidden state is the feature.
+            deep_prompts: per-layer tokens (see ``DeepPrompts``); layer 0's tokens are ``x`` itself.
+            normalize: L2-normalize the output.
+
+        Returns:
+            [N, D] projected text features.
+
+        The tower is causal, so the batch is cut to its longest prompt (max EOT + 1) instead of
+        the full context: the features are identical and the work is several times smaller.
+        """
+        eot_index = eot_index.to(x.device)
+        L = int(eot_index.max()) + 1 if self.is_causal else x.shape[1]
+        x = x[:, :L].to(self.dtype) + self._pos_emb[:L].to(self.dtype)
+        for i, blk in enumerate(self._text_blocks):
+            if deep_prompts is not None and i > 0:
+                x = _apply_deep_prompts(deep_prompts, i, x)
+            x = self._run_block(blk, x, causal=True)
+        x = self._ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]  # [N, W]
+        x = self._project_text(x)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def _project_text(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._text_proj_w
+        if p is None:
+            return x
+        return p(x) if isinstance(p, nn.Module) else x @ p
+
+    def _run_block(self, blk: _Block, x: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(_block_forward, blk, x, causal=causal, use_reentrant=False)
+        return _block_forward(blk, x, causal=causal)
+
+    # ------------------------------------------------------------------ image side
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        *,
+        prompts: torch.Tensor | None = None,
+        deep_prompts: Mapping[int, torch.Tensor] | None = None,
+        return_tokens: bool = False,
+        normalize: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Image features [B, D].
+
+        Args:
+            images: [B, 3, H, W] normalized pixels.
+            prompts: [n, Wv] or [B, n, Wv] visual prompt tokens appended after the patch tokens (VPT).
+            deep_prompts: {layer: [n, Wv] or [B, n, Wv]} replacing those appended tokens before a layer.
+            return_tokens: also return the projected patch tokens [B, P, D] of the last layer.
+            normalize: L2-normalize the pooled features.
+        """
+        images = images.to(self.device, self.dtype)
+        if not self.vision_is_transformer:
+            if prompts is not None or deep_prompts or return_tokens:
+                raise ValueError(f"{self.arch}: visual prompts and patch tokens need a ViT image tower")
+            pooled = self.model.encode_image(images) if self.backend == "open_clip" else self.model.get_image_features(images)
+            return F.normalize(pooled, dim=-1) if normalize else pooled
+        x = self._vision_embed(images)  # [B, 1 + P, Wv]
+        n_patch = x.shape[1] - 1
+        if prompts is not None:
+            x = torch.cat([x, _expand(prompts, x.shape[0]).to(x.dtype)], dim=1)
+        for i, blk in enumerate(self._vis_blocks):
+            if deep_prompts and i > 0 and i in deep_prompts:
+                p = _expand(deep_prompts[i], x.shape[0]).to(x.dtype)
+                x = torch.cat([x[:, : x.shape[1] - p.shape[1]], p], dim=1)
+            x = self._run_block(blk, x)
+        pooled = self._vision_post(x[:, 0])
+        pooled = F.normalize(pooled, dim=-1) if normalize else pooled
+        if return_tokens:
+            return pooled, self._vision_post(x[:, 1 : 1 + n_patch])
+        return pooled
+
+    def _vision_embed(self, images: torch.Tensor) -> torch.Tensor:
+        if self.backend == "hf":
+            vm = self.model.vision_model
+            return vm.pre_layrnorm(vm.embeddings(images))
+        v = self.model.visual
+        x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, P, Wv]
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return v.ln_pre(x)
+
+    def _vision_post(self, x: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm and projection into the joint space, for the class token or patch tokens."""
+        if self.backend == "hf":
+            return self.model.visual_projection(self.model.vision_model.post_layernorm(x))
+        v = self.model.visual
+        x = v.ln_post(x)
+        return x @ v.proj if v.proj is not None else x
+
+
+def _expand(p: torch.Tensor, batch: int) -> torch.Tensor:
+    return p.unsqueeze(0).expand(batch, -1, -1) if p.dim() == 2 else p
+
+
+def _apply_deep_prompts(deep: DeepPrompts, layer: int, x: torch.Tensor) -> torch.Tensor:
+    if callable(deep) and not isinstance(deep, Mapping):
+        return deep(layer, x)
+    if layer not in deep:
+        return x
+    p = _expand(deep[layer], x.shape[0]).to(x.dtype)  # [N, n, W]
+    return torch.cat([x[:, :1], p, x[:, 1 + p.shape[1] :]], dim=1)
+
+
+# ---------------------------------------------------------------------- loading
+def _is_jit_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def _load_file(arch: str | None, path: Path) -> tuple[nn.Module, str]:
+    """A local checkpoint: OpenAI format (JIT archive, or a plain ``.pt``/``.pth`` state dict) or open_clip."""
+    import open_clip
+
+    if _is_jit_archive(path):
+        return open_clip.load_openai_model(str(path), precision="fp32", device="cpu"), arch or "openai-jit"
+    sd = torch.load(path, map_location="cpu", weights_only=True) if path.suffix != ".safetensors" else None
+    wrapped = isinstance(sd, dict) and "state_dict" in sd
+    if sd is not None and not wrapped and path.suffix in (".pt", ".pth"):
+        # OpenAI format as the `clip` package saves it: shapes define the model, QuickGELU activations.
+        from open_clip.model import build_model_from_openai_state_dict
+
+        model = build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=torch.float32)
+        return model.float(), arch or "openai-state-dict"
+    if not arch:
+        raise ValueError(f"{path}: an open_clip checkpoint needs the architecture name (model.arch)")
+    return open_clip.create_model(arch, pretrained=str(path), device="cpu"), arch
+
+
+def _load_hf_dir(path: Path) -> nn.Module:
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(str(path), local_files_only=True).float()
+
+
+def _is_hf_clip_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "clip"
+    except json.JSONDecodeError:
+        return False
+
+
+def load_clip(
+    arch: str | nn.Module,
+    pretrained: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> FrozenCLIP:
+    """Build a :class:`FrozenCLIP`.
+
+    Args:
+        arch: an open_clip model name (``"ViT-B-16"``, ``"RN50"``), a promptlab tiny config
+            (``"tiny"``, random weights), or an in-memory open_clip ``CLIP`` / HF ``CLIPModel``.
+        pretrained: ``None`` (random init), an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``),
+            a local OpenAI ``.pt`` (JIT archive or state dict; QuickGELU), a local open_clip checkpoint,
+            a Hugging Face CLIP directory, or an open_clip ``local-dir:`` model folder.
+        device: where to put the model.
+        precision: storage precision of the frozen weights: ``fp32``, ``fp16`` or ``bf16``.
+    """
+    if precision not in _DTYPES:
+        raise ValueError(f"precision={precision!r}: expected one of {sorted(_DTYPES)}")
+    import open_clip
+
+    tokenizer = None
+    if isinstance(arch, nn.Module):
+        model, name = arch, type(arch).__name__
+    elif arch in TINY_CONFIGS and pretrained is None:
+        g = torch.random.fork_rng()
+        with g:
+            torch.manual_seed(0)
+            model = open_clip.model.CLIP(**TINY_CONFIGS[arch])
+        name = arch
+    elif pretrained is not None and (Path(pretrained).expanduser().exists() or "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        p = Path(pretrained).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"pretrained={pretrained!r}: no such file or directory")
+        if p.is_dir():
+            if _is_hf_clip_dir(p):
+                model, name = _load_hf_dir(p), arch or f"hf:{p.name}"
+            elif (p / "open_clip_config.json").is_file():
+                model, name = open_clip.create_model(f"local-dir:{p}", device="cpu"), arch or p.name
+            else:
+                raise ValueError(
+                    f"pretrained={pretrained!r}: directory is neither a Hugging Face CLIP model "
+                    "(config.json with model_type 'clip') nor an open_clip model folder (open_clip_config.json)"
+                )
+        else:
+            model, name = _load_file(arch, p)
+    else:
+        if arch not in open_clip.list_models():
+            raise ValueError(f"model.arch={arch!r} is not an open_clip model; known: {', '.join(open_clip.list_models()[:20])}, ...")
+        if pretrained is not None:
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            if pretrained not in tags:
+                raise ValueError(f"model.pretrained={pretrained!r} is not a tag of {arch} (tags: {tags}) nor an existing path")
+        quick = pretrained == "openai"  # OpenAI weights were trained with QuickGELU
+        model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", force_quick_gelu=quick)
+        name = arch
+        tokenizer = open_clip.get_tokenizer(arch)
+    model = model.to(device=device, dtype=_DTYPES[precision])
+    return FrozenCLIP(model, arch=name, pretrained=pretrained, tokenizer=tokenizer)

@@ -1,0 +1,18 @@
+"""The registered methods: a new method is one file and one line here."""
+
+from promptlab.methods.coop import CoOp
+from promptlab.methods.zeroshot import ZeroShotCLIP
+from promptlab.prompts import PromptModule
+
+METHODS: dict[str, type[PromptModule]] = {
+    "zeroshot": ZeroShotCLIP,
+    "coop": CoOp,
+}
+
+__all__ = ["METHODS", "CoOp", "ZeroShotCLIP", "method_name"]
+
+
+def method_name(module: PromptModule | type[PromptModule]) -> str:
+    """Registry key of a method (its class name lower-cased when it is not registered)."""
+    cls = module if isinstance(module, type) else type(module)
+    return next((k for k, v in METHODS.items() if v is cls), cls.__name__.lower())

@@ -1,0 +1,69 @@
+"""CoOp: Learning to Prompt for Vision-Language Models (Zhou et al., IJCV 2022, https://arxiv.org/abs/2109.01134).
+
+The class-name prompt "[SOS] [V]_1 ... [V]_M [CLASS]. [EOS]" has M learnable context vectors,
+shared by all classes (unified) or one set per class (``csc``), and the class token can sit at
+the end, in the middle or at the front of the context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from promptlab.clip import FrozenCLIP
+from promptlab.prompts import PromptModule, build_prompt_layout, encode_prompts, insert_context, word_embeddings
+
+
+class CoOp(PromptModule):
+    """Context optimisation on the text side; the image side stays frozen (features are cacheable).
+
+    Args:
+        n_ctx: number of context vectors (ignored when ``ctx_init`` gives the words).
+        ctx_init: words to initialise the context from (``"a photo of a"``); empty: N(0, 0.02).
+        csc: class-specific context, ``ctx`` of shape [C, n_ctx, W] instead of [n_ctx, W].
+        class_token_position: ``"end"``, ``"middle"`` or ``"front"``.
+    """
+
+    def __init__(
+        self,
+        clip: FrozenCLIP,
+        classnames: Sequence[str],
+        n_ctx: int = 16,
+        ctx_init: str = "",
+        csc: bool = False,
+        class_token_position: Literal["end", "middle", "front"] = "end",
+    ):
+        super().__init__(clip, classnames)
+        self.csc, self.class_token_position = csc, class_token_position
+        if ctx_init:
+            init = word_embeddings(clip, ctx_init.replace("_", " "))  # [n, W]
+            n_ctx = init.shape[0]
+            ctx = init.expand(len(classnames), -1, -1).clone() if csc else init
+        else:
+            ctx = torch.empty(len(classnames), n_ctx, clip.width) if csc else torch.empty(n_ctx, clip.width)
+            nn.init.normal_(ctx, std=0.02)
+        self.n_ctx = n_ctx
+        self.ctx = nn.Parameter(ctx)  # [n_ctx, W] or [C, n_ctx, W]
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        if self.csc and len(classnames) != self.ctx.shape[0]:
+            raise ValueError(
+                f"CoOp with class-specific context learned {self.ctx.shape[0]} contexts and cannot serve "
+                f"{len(classnames)} classes; use a unified context (csc=false) for base-to-new transfer"
+            )
+        super().set_classnames(classnames)
+        ids, pos, eot = build_prompt_layout(self.clip, self.classnames, self.n_ctx, self.class_token_position)
+        L = int(eot.max()) + 1
+        with torch.no_grad():
+            base = self.clip.embed_tokens(ids[:, :L]).float()  # [C, L, W]
+        self.register_buffer("_base", base, persistent=False)
+        self.register_buffer("_ctx_pos", pos, persistent=False)
+        self.register_buffer("_eot", eot, persistent=False)
+
+    def text_features(self) -> torch.Tensor:
+        prompts = insert_context(self._base, self.ctx, self._ctx_pos)  # [C, L, W]
+        return encode_prompts(self.clip, prompts, self._eot)  # [C, D]

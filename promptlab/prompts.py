@@ -1,0 +1,235 @@
+"""PromptModule, the class users subclass to invent a method, and the shared prompt maths.
+
+A method learns a few tensors around a frozen :class:`~promptlab.clip.FrozenCLIP`. The engine
+never asks a method for its name: it reads the capabilities declared here (``image_side_frozen``,
+``text_depends_on_image``, ``trainable_backbone_parts``) to decide on feature caching, text-feature
+caching at evaluation and optimizer groups.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from promptlab.clip import FrozenCLIP
+
+
+def clean_classname(name: str) -> str:
+    """CoOp's class-name normalisation: underscores become spaces."""
+    return name.replace("_", " ").strip()
+
+
+class PromptModule(nn.Module):
+    """Base class of every prompt-learning method.
+
+    Subclasses implement ``__init__(self, clip, classnames, **hparams)`` (keyword names are the recipe
+    keys), build their class-derived buffers in ``set_classnames`` and produce logits in
+    ``logits(image_features)`` (or override ``forward`` when they need raw images).
+
+    Learned tensors are ``nn.Parameter``s; tensors derived from class names are buffers with
+    ``persistent=False`` so that checkpoints and exports hold only what was learned.
+    """
+
+    #: Image features may be computed once and cached (the image tower is neither prompted nor tuned).
+    image_side_frozen: ClassVar[bool] = True
+    #: The text features depend on the image (CoCoOp): they cannot be computed once per evaluation.
+    text_depends_on_image: ClassVar[bool] = False
+    #: Names of FrozenCLIP sub-modules this method unfreezes (e.g. image-tower LayerNorms).
+    trainable_backbone_parts: ClassVar[tuple[str, ...]] = ()
+
+    hparams: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Record the keyword arguments a method was built with (defaults applied), so that an export
+        # can rebuild it with `Method(clip, classnames, **hparams)` without each method saying so.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        sig = inspect.signature(init)
+
+        @functools.wraps(init)
+        def wrapped(self, *args: Any, **kw: Any) -> None:
+            if not hasattr(self, "_recording"):
+                object.__setattr__(self, "_recording", True)
+                bound = sig.bind(self, *args, **kw)
+                bound.apply_defaults()
+                hp = {k: v for k, v in bound.arguments.items() if k not in ("self", "clip", "classnames")}
+                hp.update(hp.pop("hparams", {}) if isinstance(hp.get("hparams"), dict) else {})
+                init(self, *args, **kw)
+                object.__setattr__(self, "hparams", hp)
+            else:
+                init(self, *args, **kw)
+
+        cls.__init__ = wrapped
+
+    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str]):
+        super().__init__()
+        self.clip = clip
+        self.classnames: list[str] = list(classnames)
+        self._text_cache: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ to implement
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Rebuild the class-derived buffers for new class names, keeping what was learned."""
+        self.classnames = list(classnames)
+
+    def text_features(self) -> torch.Tensor:
+        """[C, D] text features of the current classes (image-independent methods)."""
+        raise NotImplementedError(f"{type(self).__name__} has no image-independent text features")
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[B, D] image features -> [B, C] logits. Default: CLIP's scaled cosine similarity."""
+        img = F.normalize(image_features.float(), dim=-1)
+        txt = F.normalize(self.class_text_features().float(), dim=-1)
+        return self.clip.logit_scale * img @ txt.t()
+
+    # ------------------------------------------------------------------ shared behaviour
+    def forward(self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, C] from images [B, 3, H, W] or from precomputed image features [B, D]."""
+        if image_features is None:
+            if images is None:
+                raise ValueError("forward() needs images or image_features")
+            image_features = self.encode_image(images)
+        return self.logits(image_features)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features [B, D] as this method sees them (what the engine caches when frozen)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.image_side_frozen):
+            return self.clip.encode_image(images)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, **aux: Any) -> torch.Tensor:
+        """Training objective; methods add their regularisers here."""
+        return F.cross_entropy(logits, labels)
+
+    def class_text_features(self) -> torch.Tensor:
+        """Text features, from the evaluation cache when one is active."""
+        return self._text_cache if self._text_cache is not None else self.text_features()
+
+    @contextmanager
+    def cached_text_features(self) -> Iterator[None]:
+        """Compute image-independent text features once for a whole evaluation."""
+        if self.text_depends_on_image:
+            yield
+            return
+        with torch.no_grad():
+            self._text_cache = self.text_features()
+        try:
+            yield
+        finally:
+            self._text_cache = None
+
+    @torch.no_grad()
+    def class_embeddings(self) -> torch.Tensor:
+        """[C, D] L2-normalised text features: the classifier, usable without promptlab."""
+        return F.normalize(self.text_features().float(), dim=-1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        """The learned tensors only: the method's parameters and any unfrozen backbone part."""
+        learned = {n for n, p in self.named_parameters() if p.requires_grad or not n.startswith("clip.")}
+        return {k: v.detach() for k, v in self.state_dict().items() if k in learned or not k.startswith("clip.")}
+
+    def load_prompt_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "state dict") -> None:
+        """Load learned tensors, with errors that say which tensor and why."""
+        own = self.prompt_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"{source} does not match {type(self).__name__}: missing {missing}, unexpected {unexpected}"
+            )
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(
+                    f"{source}: '{k}' has shape {list(v.shape)}, {type(self).__name__} expects {list(own[k].shape)} "
+                    f"(different backbone width or class count?)"
+                )
+        self.load_state_dict({**self.state_dict(), **{k: v.to(own[k].dtype) for k, v in state.items()}})
+
+
+# ---------------------------------------------------------------------- shared prompt maths
+def word_embeddings(clip: FrozenCLIP, words: str) -> torch.Tensor:
+    """[n, W] token embeddings of ``words`` (no start/end tokens): to initialise context from text."""
+    ids = clip.tokenize(words)
+    n = int(clip.eot_index(ids)[0]) - 1
+    if n <= 0:
+        raise ValueError(f"ctx_init={words!r} has no tokens")
+    with torch.no_grad():
+        return clip.embed_tokens(ids)[0, 1 : 1 + n].float().clone()
+
+
+def n_tokens(clip: FrozenCLIP, text: str) -> int:
+    """Number of BPE tokens of ``text`` without start/end tokens."""
+    return int(clip.eot_index(clip.tokenize(text))[0]) - 1
+
+
+def build_prompt_layout(
+    clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int, position: str = "end", suffix: str = "."
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids with ``n_ctx`` context slots around each class name, CoOp's layout.
+
+    The context goes before the class name (``end``: "[SOS] X..X name. [EOT]"), around it
+    (``middle``: first half before, second half after) or after it (``front``).
+
+    Returns:
+        ids [C, L]: token ids, context slots holding a placeholder token;
+        ctx_pos [C, n_ctx]: positions of the context slots, in context order;
+        eot [C]: position of each end-of-text token.
+    """
+    if position not in ("end", "middle", "front"):
+        raise ValueError(f"class_token_position={position!r}: expected 'end', 'middle' or 'front'")
+    names = [clean_classname(c) for c in classnames]
+    prefix = " ".join(["X"] * n_ctx)
+    ids = clip.tokenize([f"{prefix} {name}{suffix}" if n_ctx else f"{name}{suffix}" for name in names])  # [C, L]
+    name_lens = [n_tokens(clip, name) for name in names]
+    half = n_ctx // 2
+    rows, pos = [], []
+    for row, n in zip(ids, name_lens):
+        sos, ctx, name, rest = row[:1], row[1 : 1 + n_ctx], row[1 + n_ctx : 1 + n_ctx + n], row[1 + n_ctx + n :]
+        if position == "end":
+            parts, p = [sos, ctx, name, rest], list(range(1, 1 + n_ctx))
+        elif position == "middle":
+            parts = [sos, ctx[:half], name, ctx[half:], rest]
+            p = list(range(1, 1 + half)) + list(range(1 + half + n, 1 + n_ctx + n))
+        else:
+            parts, p = [sos, name, ctx, rest], list(range(1 + n, 1 + n + n_ctx))
+        rows.append(torch.cat(parts))
+        pos.append(p)
+    ids = torch.stack(rows)
+    ctx_pos = torch.tensor(pos, dtype=torch.long, device=ids.device).reshape(len(names), n_ctx)
+    return ids, ctx_pos, clip.eot_index(ids)
+
+
+def insert_context(base: torch.Tensor, ctx: torch.Tensor, ctx_pos: torch.Tensor) -> torch.Tensor:
+    """Place context vectors into prompt embeddings.
+
+    Args:
+        base: [C, L, W] token embeddings of the prompt layout.
+        ctx: [n_ctx, W] (unified), [C, n_ctx, W] (class-specific) or [B, C, n_ctx, W] (per image).
+        ctx_pos: [C, n_ctx] positions of the context slots.
+
+    Returns:
+        [C, L, W], or [B, C, L, W] for per-image context.
+    """
+    C, L, W = base.shape
+    lead = ctx.shape[:-3] if ctx.dim() == 4 else ()
+    ctx = ctx.expand(*lead, C, ctx_pos.shape[1], W) if ctx.dim() >= 3 else ctx.expand(C, -1, -1)
+    x = base.expand(*lead, C, L, W).clone().to(ctx.dtype)
+    idx = ctx_pos.expand(*lead, C, -1).unsqueeze(-1).expand(*lead, C, ctx_pos.shape[1], W)
+    return x.scatter(-2, idx, ctx)
+
+
+def encode_prompts(clip: FrozenCLIP, x: torch.Tensor, eot: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """Text features of prompt embeddings with any leading batch shape: [..., L, W] -> [..., D]."""
+    lead = x.shape[:-2]
+    feats = clip.encode_text_embeddings(x.reshape(-1, *x.shape[-2:]), eot.expand(*lead).reshape(-1), **kw)
+    return feats.reshape(*lead, -1)

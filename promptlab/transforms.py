@@ -1,0 +1,45 @@
+"""Image transforms of the CoOp / Dassl protocol.
+
+Train: RandomResizedCrop (scale 0.08-1, bicubic) + horizontal flip + CLIP normalisation.
+Test: Resize shorter side (bicubic) + CenterCrop. These are the transforms the published tables
+used; open_clip's own training transform (scale 0.9-1, no flip) is deliberately not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torchvision import transforms as T
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _to_rgb(img):
+    return img.convert("RGB")
+
+
+def train_transform(size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> T.Compose:
+    """Dassl's ``random_resized_crop, random_flip, normalize`` at the model's input size."""
+    return T.Compose(
+        [
+            _to_rgb,
+            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def eval_transform(size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> T.Compose:
+    """Resize the shorter side to ``size`` (bicubic), centre crop, normalise."""
+    return T.Compose(
+        [
+            _to_rgb,
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
