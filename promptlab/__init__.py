@@ -1,2 +1,22 @@
-"""promptlab: prompt learning on frozen CLIP-family models."""
+"""promptlab: prompt learning on frozen CLIP-family models.
+
+    import promptlab
+    clip = promptlab.load_clip("ViT-B-16", "openai")
+    module = promptlab.methods.CoOp(clip, ["cat", "dog"], n_ctx=16)
+    module = promptlab.load_prompts("runs/.../prompts", clip)
+"""
+
 __version__ = "0.1.0"
+
+from promptlab.clip import FrozenCLIP, load_clip  # noqa: E402
+from promptlab.prompts import PromptModule  # noqa: E402
+
+
+def load_prompts(*args, **kwargs):
+    """See :func:`promptlab.export.load_prompts` (imported lazily: it pulls in every method)."""
+    from promptlab.export import load_prompts as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = ["FrozenCLIP", "PromptModule", "__version__", "load_clip", "load_prompts"]

@@ -15,15 +15,21 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _to_rgb(img):
-    return img.convert("RGB")
+class _ToRGB:
+    """PIL image to RGB (grey-scale and palette images occur in every benchmark). Stable repr for cache keys."""
+
+    def __call__(self, img):
+        return img.convert("RGB")
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
 
 
 def train_transform(size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> T.Compose:
     """Dassl's ``random_resized_crop, random_flip, normalize`` at the model's input size."""
     return T.Compose(
         [
-            _to_rgb,
+            _ToRGB(),
             T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
@@ -36,7 +42,7 @@ def eval_transform(size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence
     """Resize the shorter side to ``size`` (bicubic), centre crop, normalise."""
     return T.Compose(
         [
-            _to_rgb,
+            _ToRGB(),
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(size),
             T.ToTensor(),

@@ -1,0 +1,173 @@
+"""``promptlab run | eval | ls | cp | export | interpret | import-coop | data``.
+
+Recipes are named by path or relative to the repository's ``recipes/`` folder
+(``fewshot/coop_vit_b16``); ``key=value`` arguments override recipe keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = "demo/coop_tiny"
+
+log = logging.getLogger("promptlab")
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe path as given, or ``recipes/<name>[.yaml]``; the error lists what exists."""
+    for cand in (Path(name), RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise SystemExit(f"promptlab: recipe {name!r} not found (as a path or under {RECIPES_DIR}); `promptlab ls` lists them")
+
+
+def list_recipes() -> list[str]:
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+def _split_recipe_args(args: Sequence[str]) -> tuple[str, list[str]]:
+    """``[RECIPE] [k=v ...]``: without a recipe the embedded demo runs."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return DEFAULT_RECIPE, list(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from promptlab.config import load_recipe
+    from promptlab.runner import ensure_data, run
+
+    name, overrides = _split_recipe_args(args.args)
+    path = find_recipe(name)
+    cfg = load_recipe(path, overrides, check_paths=False)
+    ensure_data(cfg)
+    cfg = load_recipe(path, overrides, check_paths=True)
+    metrics = run(cfg)
+    print(f"{metrics['dataset']} {metrics['split']} accuracy: {metrics['accuracy']:.2f}% (n={metrics['n']}) -> {cfg.output_dir}")
+    print(f"prompts exported to {metrics['prompts']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from promptlab.runner import eval_prompts
+
+    metrics = eval_prompts(Path(args.path), args.overrides)
+    print(json.dumps({k: metrics[k] for k in ("dataset", "subsample", "split", "accuracy", "mean_per_class_accuracy", "n")}, indent=2))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    for r in list_recipes():
+        print(r)
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    src = find_recipe(args.recipe)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not args.force:
+        raise SystemExit(f"promptlab: {dest} exists; pass --force to overwrite")
+    shutil.copyfile(src, dest)
+    print(dest)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from promptlab.runner import export_run
+
+    print(export_run(Path(args.run_dir), Path(args.out) if args.out else None))
+    return 0
+
+
+def cmd_interpret(args: argparse.Namespace) -> int:
+    from promptlab.export import format_interpretation, interpret
+    from promptlab.runner import load_prompts_dir
+
+    module = load_prompts_dir(Path(args.prompts_dir), args.pretrained)
+    print(format_interpretation(interpret(module, module.clip, topk=args.topk)))
+    return 0
+
+
+def cmd_import_coop(args: argparse.Namespace) -> int:
+    from promptlab.clip import load_clip
+    from promptlab.data import load_dataset
+    from promptlab.export import import_coop_checkpoint, save_prompts
+
+    ds = load_dataset(args.dataset, args.root)
+    clip = load_clip(args.arch, args.pretrained)
+    module = import_coop_checkpoint(args.checkpoint, clip, ds.classnames, class_token_position=args.class_token_position)
+    print(save_prompts(module, args.out, extra={"dataset": ds.name, "imported_from": str(args.checkpoint)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="promptlab", description="Prompt learning on frozen CLIP models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train and evaluate a recipe ([RECIPE] [key=value ...]; default: the demo)")
+    r.add_argument("args", nargs="*", metavar="RECIPE|key=value")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="evaluate a run directory or an exported prompts directory")
+    e.add_argument("path", help="RUN_DIR (has config.yaml) or PROMPTS_DIR (has prompt_config.json)")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.name=dtd subsample=new data.root=$DATA")
+    e.set_defaults(func=cmd_eval)
+
+    sub.add_parser("ls", help="list the recipes").set_defaults(func=cmd_ls)
+
+    c = sub.add_parser("cp", help="copy a recipe to edit it")
+    c.add_argument("recipe")
+    c.add_argument("dest")
+    c.add_argument("--force", action="store_true")
+    c.set_defaults(func=cmd_cp)
+
+    x = sub.add_parser("export", help="(re-)export the learned prompts of a run from its last checkpoint")
+    x.add_argument("run_dir")
+    x.add_argument("--out", help="destination (default RUN_DIR/prompts)")
+    x.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("interpret", help="nearest vocabulary tokens to each learned context vector")
+    i.add_argument("prompts_dir")
+    i.add_argument("--topk", type=int, default=5)
+    i.add_argument("--pretrained", help="weights to load if not the ones recorded in prompt_config.json")
+    i.set_defaults(func=cmd_interpret)
+
+    m = sub.add_parser("import-coop", help="convert a CoOp/Dassl prompt_learner checkpoint into a prompts directory")
+    m.add_argument("checkpoint", help="prompt_learner/model.pth.tar-N, or its run directory")
+    m.add_argument("--dataset", required=True, help="dataset name (for its class names)")
+    m.add_argument("--root", required=True, help="data root ($DATA)")
+    m.add_argument("--arch", default="ViT-B-16")
+    m.add_argument("--pretrained", default="openai")
+    m.add_argument("--class-token-position", default="end", choices=["end", "middle", "front"])
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_import_coop)
+
+    from promptlab.cli_data import add_data_commands
+
+    add_data_commands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from promptlab.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        print(f"promptlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""train() and evaluate(): one loop, read top to bottom.
+
+Precision, device, the learning-rate schedule, checkpoints, resume and NaN handling live here once,
+for every method. Batches come either from cached image features (``{"image_features": ...}``) or
+from images (``{"images": ...}``); the loop does not care which.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from promptlab.io import atomic_save_torch
+from promptlab.prompts import PromptModule
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # (forward kwargs, labels)
+
+
+# ---------------------------------------------------------------------- batches
+class FeatureBatches:
+    """Mini-batches of cached features [V, N, D]: each epoch draws one view per image, then shuffles.
+
+    Dassl drops the last incomplete training batch when there is at least one full batch; so do we.
+    """
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator, shuffle: bool = True):
+        self.feats, self.labels, self.batch_size, self.g, self.shuffle = feats, labels, batch_size, generator, shuffle
+
+    def __len__(self) -> int:
+        n = self.labels.shape[0]
+        return n // self.batch_size if self.shuffle and n >= self.batch_size else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        V, N = self.feats.shape[:2]
+        view = torch.randint(V, (N,), generator=self.g) if V > 1 else torch.zeros(N, dtype=torch.long)
+        order = torch.randperm(N, generator=self.g) if self.shuffle else torch.arange(N)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield {"image_features": self.feats[view[idx], idx]}, self.labels[idx]
+
+
+class ImageBatches:
+    """Mini-batches of images through a DataLoader whose shuffling and augmentation follow ``generator``."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator, shuffle: bool = True, num_workers: int = 0):
+        drop_last = shuffle and len(dataset) >= batch_size
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+            num_workers=num_workers, generator=generator, persistent_workers=False,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for images, labels, _ in self.loader:
+            yield {"images": images}, labels
+
+
+# ---------------------------------------------------------------------- schedule
+def lr_at(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 0, warmup_lr: float = 1e-5, warmup_type: str = "constant") -> float:
+    """Dassl's cosine schedule (stepped per epoch) behind a warm-up.
+
+    During the ``warmup_epochs`` first epochs the lr is ``warmup_lr`` (constant, CoOp) or rises
+    linearly to ``base_lr``; afterwards the cosine starts from ``base_lr`` as if the warm-up had not
+    happened, exactly as Dassl's ConstantWarmupScheduler hands over to CosineAnnealingLR.
+    """
+    if epoch < warmup_epochs:
+        if warmup_type == "linear":
+            return warmup_lr + (base_lr - warmup_lr) * epoch / warmup_epochs
+        return warmup_lr
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+# ---------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, as Dassl's set_random_seed does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16 / fp16 autocast set once for the whole loop; fp32 runs without it."""
+    if amp == "fp32":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "random": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a training checkpoint, saying which file failed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same actionable message
+        raise RuntimeError(f"cannot read checkpoint {path}: {e}; delete it to restart the run from scratch") from e
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    last_loss: float
+    resumed_from: int
+
+
+# ---------------------------------------------------------------------- train
+def train(
+    module: PromptModule,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    lr_fn: Callable[[int], float],
+    generator: torch.Generator,
+    run_dir: Path,
+    device: torch.device,
+    amp: str = "fp32",
+    grad_clip: float | None = None,
+    checkpoint_every: int = 1,
+    log_every: int = 20,
+    resume: bool = False,
+    writer: Any = None,
+) -> TrainResult:
+    """Train the method's learnable tensors for ``epochs`` epochs; the last epoch's model is kept.
+
+    Checkpoints (``run_dir/checkpoints/last.pt``) are written atomically after every
+    ``checkpoint_every`` epochs and at the end; with ``resume`` the loop restores the learned
+    tensors, optimizer and every RNG and continues, ending with the same numbers as an
+    uninterrupted run. A non-finite loss stops the run before the step is applied, so the
+    last good checkpoint survives.
+    """
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    start = 0
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        module.load_prompt_state_dict(ckpt["prompt_state"], source=str(ckpt_path))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], generator)
+        start = int(ckpt["epoch"])
+        log.info("resumed from %s at epoch %d/%d", ckpt_path, start, epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
+    params = module.trainable_parameters()
+    step, loss_value = start * len(batches), float("nan")
+    module.train()
+    for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=epochs == 0):
+        lr = lr_fn(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        correct = seen = 0
+        for inputs, labels in tqdm(batches, desc=f"epoch {epoch + 1}", leave=False):
+            inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+            labels = labels.to(device)
+            with autocast(device, amp):
+                logits = module(**inputs)
+                loss = module.loss(logits, labels, **inputs)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: stopping before the "
+                    f"update; the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'} "
+                    "(lower the learning rate, use amp=fp32 or set train.grad_clip)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            loss_value = loss.item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            seen += labels.numel()
+            if writer is not None and step % log_every == 0:
+                writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("train/lr", lr, step)
+            step += 1
+        acc = 100.0 * correct / max(seen, 1)
+        log.info("epoch %d/%d  lr %.3g  loss %.4f  train acc %.2f", epoch + 1, epochs, lr, loss_value, acc)
+        if writer is not None:
+            writer.add_scalar("train/epoch_accuracy", acc, epoch + 1)
+            writer.add_scalar("train/epoch_lr", lr, epoch + 1)
+        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
+            atomic_save_torch(
+                {"prompt_state": module.prompt_state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "rng": _rng_state(generator)},
+                ckpt_path,
+            )
+    module.eval()
+    return TrainResult(epochs_run=epochs - start, last_loss=loss_value, resumed_from=start)
+
+
+# ---------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate(module: PromptModule, batches: Iterable[Batch], *, device: torch.device, amp: str = "fp32") -> dict[str, float]:
+    """Top-1 accuracy and mean per-class accuracy (in %), with text features computed once."""
+    module.eval()
+    n_cls = len(module.classnames)
+    hits = torch.zeros(n_cls)
+    counts = torch.zeros(n_cls)
+    with module.cached_text_features(), autocast(device, amp):
+        for inputs, labels in tqdm(batches, desc="evaluate", leave=False):
+            logits = module(**{k: v.to(device) for k, v in inputs.items()})
+            ok = (logits.argmax(-1).cpu() == labels).float()
+            hits.index_add_(0, labels, ok)
+            counts.index_add_(0, labels, torch.ones_like(ok))
+    present = counts > 0
+    return {
+        "accuracy": float(100.0 * hits.sum() / counts.sum().clamp(min=1)),
+        "mean_per_class_accuracy": float(100.0 * (hits[present] / counts[present]).mean()) if present.any() else 0.0,
+        "n": int(counts.sum()),
+    }

@@ -1,0 +1,228 @@
+"""One run of a recipe: config -> data -> CLIP -> method -> train -> evaluate -> metrics and export.
+
+This is the glue the CLI's ``run`` calls. Everything it does is a call into one module that owns
+the concern (data, features, engine, export); the run directory records what produced the result.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import promptlab
+from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.config import GENERATED_DATASETS, epochs_for, instantiate, load_recipe, resolve_component
+from promptlab.data import DatasetSplits, ImageDataset, Item, fewshot_split, load_dataset, make_synthetic_dataset, subsample_classes
+from promptlab.engine import FeatureBatches, ImageBatches, evaluate, lr_at, seed_everything, train
+from promptlab.engine import load_checkpoint
+from promptlab.export import load_prompts, save_prompts
+from promptlab.features import cached_features
+from promptlab.io import atomic_write_json
+from promptlab.prompts import PromptModule
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA request on a machine without one fails clearly."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: DatasetSplits) -> PromptModule:
+    """Instantiate ``cfg.method`` on the dataset's classes; fill ``template`` from the dataset if the method takes one."""
+    cls = resolve_component(cfg.method._component_)
+    extra: dict[str, Any] = {}
+    if "template" in inspect.signature(cls).parameters and cfg.method.get("template") is None:
+        extra["template"] = ds.template
+    return instantiate(cfg.method, clip, ds.classnames, **extra)
+
+
+def ensure_data(cfg: DictConfig) -> None:
+    """Generate a procedural dataset (the demo's ``synthetic``) on first use; real datasets are never touched."""
+    if cfg.data.name in GENERATED_DATASETS:
+        make_synthetic_dataset(Path(cfg.data.root).expanduser())
+
+
+def prepare_data(cfg: DictConfig) -> DatasetSplits:
+    """The dataset, its few-shot draw for (shots, seed) and its base/new half, as the protocol says."""
+    ds = load_dataset(cfg.data.name, Path(cfg.data.root).expanduser())
+    if int(cfg.shots) > 0:
+        ds = fewshot_split(ds, int(cfg.shots), int(cfg.seed), cache_dir=Path(cfg.cache_dir).expanduser() / "fewshot")
+    return subsample_classes(ds, cfg.subsample)
+
+
+@dataclass
+class _Setup:
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    clip: FrozenCLIP
+    ds: DatasetSplits
+    module: PromptModule
+
+
+def _batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch.Generator):
+    """Cached features when the method's image side is frozen (and the recipe allows it), else images."""
+    cfg, clip, module = s.cfg, s.clip, s.module
+    batch_size = cfg.train.batch_size if train_mode else cfg.eval.batch_size
+    labels = torch.tensor([it.label for it in items], dtype=torch.long)
+    if module.image_side_frozen and (cfg.train.feature_cache or not train_mode):
+        transform = clip.train_transform if train_mode else clip.eval_transform
+        views = int(cfg.train.aug_views) if train_mode else 1
+        feats = cached_features(
+            module.encode_image, items, transform, fingerprint=f"{clip.arch}:{clip.fingerprint()}",
+            cache_dir=Path(cfg.cache_dir).expanduser(), views=views, batch_size=cfg.eval.batch_size,
+            num_workers=cfg.data.num_workers, device=s.device, desc="train features" if train_mode else "test features",
+        )
+        return FeatureBatches(feats, labels, batch_size, generator, shuffle=train_mode)
+    transform = clip.train_transform if train_mode else clip.eval_transform
+    return ImageBatches(ImageDataset(items, transform), batch_size, generator, shuffle=train_mode, num_workers=cfg.data.num_workers)
+
+
+def _file_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("promptlab").addHandler(handler)
+    logging.getLogger("promptlab").setLevel(logging.INFO)
+    return handler
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (if the recipe has epochs) and evaluate the last-epoch model; returns the metrics."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _file_logging(run_dir)
+    t0 = time.time()
+    try:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        seed_everything(int(cfg.seed))
+        device = resolve_device(cfg.device)
+        ds = prepare_data(cfg)
+        clip = load_clip(cfg.model.arch, cfg.model.pretrained, device=device, precision=cfg.model.precision)
+        seed_everything(int(cfg.seed))  # model init draws (random context) depend on the seed only
+        module = build_method(cfg, clip, ds).to(device)
+        s = _Setup(cfg, run_dir, device, clip, ds, module)
+        log.info("run %s: %s on %s (%d classes, %d train / %d test images), %s", run_dir, type(module).__name__,
+                 ds.name, len(ds.classnames), len(ds.train), len(getattr(ds, cfg.eval.split)), device)
+
+        epochs = epochs_for(cfg)
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        train_info: dict[str, Any] = {"epochs": epochs}
+        if epochs > 0 and module.trainable_parameters():
+            from torch.utils.tensorboard import SummaryWriter
+
+            optimizer = instantiate(cfg.optimizer, module.trainable_parameters())
+            base_lr = optimizer.param_groups[0]["lr"]
+            tc = cfg.train
+            with SummaryWriter(str(run_dir / "tb")) as writer:
+                result = train(
+                    module, _batches(s, ds.train, train_mode=True, generator=g), optimizer, epochs=epochs,
+                    lr_fn=lambda e: lr_at(e, base_lr, epochs, tc.warmup_epochs, tc.warmup_lr, tc.warmup_type),
+                    generator=g, run_dir=run_dir, device=device, amp=tc.amp, grad_clip=tc.grad_clip,
+                    checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, resume=bool(cfg.resume), writer=writer,
+                )
+                train_info.update(last_loss=result.last_loss, resumed_from_epoch=result.resumed_from)
+                metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g), device=device, amp=tc.amp)
+                writer.add_scalar(f"{cfg.eval.split}/accuracy", metrics["accuracy"], epochs)
+        else:
+            metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g), device=device, amp=cfg.train.amp)
+        export_dir = save_prompts(module, run_dir / "prompts", extra={"dataset": ds.name, "seed": int(cfg.seed), "shots": int(cfg.shots)})
+        out = {
+            "dataset": ds.name, "split": cfg.eval.split, "subsample": cfg.subsample, "shots": int(cfg.shots), "seed": int(cfg.seed),
+            **metrics, "train": train_info, "method": type(module).__name__, "arch": clip.arch,
+            "pretrained": clip.pretrained, "weights_fingerprint": clip.fingerprint(),
+            "split_hash": getattr(ds, "split_hash", None), "promptlab_version": promptlab.__version__,
+            "torch": torch.__version__, "python": platform.python_version(), "wall_time_s": round(time.time() - t0, 2),
+            "peak_memory_mb": _peak_memory_mb(device), "prompts": str(export_dir),
+        }
+        atomic_write_json(run_dir / "metrics.json", out)
+        log.info("%s accuracy %.2f%% (n=%d) -> %s", cfg.eval.split, metrics["accuracy"], metrics["n"], run_dir / "metrics.json")
+        return out
+    finally:
+        logging.getLogger("promptlab").removeHandler(handler)
+        handler.close()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def load_metrics(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def load_prompts_dir(prompts_dir: Path, pretrained: str | None = None, device: str | torch.device = "cpu") -> PromptModule:
+    """A prompts directory on the backbone recorded in it (or on ``pretrained`` weights given instead)."""
+    meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
+    clip = load_clip(meta["arch"], pretrained or meta.get("pretrained"), device=device)
+    return load_prompts(prompts_dir, clip, strict_weights=pretrained is None)
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    return path
+
+
+def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
+    """Evaluate a run directory's (or a prompts directory's) learned prompts, e.g. on new classes or another dataset.
+
+    A run directory brings its own resolved config; ``key=value`` overrides change the dataset
+    (``data.name``, ``data.root``), ``subsample`` (base -> new) or ``eval.split``. A bare prompts
+    directory needs ``data.root`` and ``data.name``.
+    """
+    run_cfg = path / "config.yaml"
+    prompts_dir = path / "prompts" if run_cfg.exists() else path
+    if run_cfg.exists():
+        cfg = load_recipe(run_cfg, overrides, check_paths=False)
+    else:
+        meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
+        base = OmegaConf.create({
+            "output_dir": str(path), "model": {"arch": meta["arch"], "pretrained": meta.get("pretrained")},
+            "method": {"_component_": "promptlab.methods.ZeroShotCLIP"}, "data": {"root": "???", "name": meta.get("dataset", "???"), "num_workers": 0},
+            "shots": 0,
+        })
+        with tempfile.TemporaryDirectory() as tmp:  # load_recipe reads files: give it the base config as one
+            (Path(tmp) / "eval.yaml").write_text(OmegaConf.to_yaml(base))
+            cfg = load_recipe(Path(tmp) / "eval.yaml", overrides, check_paths=False)
+    ensure_data(cfg)
+    device = resolve_device(cfg.device)
+    eval_cfg = cfg.copy()
+    eval_cfg.shots = 0 if cfg.eval.split == "test" else cfg.shots  # the test split is never subsampled by shots
+    ds = prepare_data(eval_cfg)
+    module = load_prompts_dir(prompts_dir, device=device).to(device)
+    module.set_classnames(ds.classnames)
+    s = _Setup(cfg, path, device, module.clip, ds, module)
+    metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=torch.Generator()), device=device)
+    out = {"dataset": ds.name, "subsample": cfg.subsample, "split": cfg.eval.split, **metrics, "prompts": str(prompts_dir)}
+    atomic_write_json(path / f"eval_{ds.name}_{cfg.subsample}_{cfg.eval.split}.json", out)
+    return out
+
+
+def export_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Re-export a run's prompts from its last checkpoint (e.g. after an interrupted run)."""
+    cfg = load_recipe(_need(run_dir / "config.yaml"), check_paths=False)
+    ckpt = load_checkpoint(_need(run_dir / "checkpoints" / "last.pt"))
+    ds = prepare_data(cfg)
+    clip = load_clip(cfg.model.arch, cfg.model.pretrained, precision=cfg.model.precision)
+    module = build_method(cfg, clip, ds)
+    module.load_prompt_state_dict(ckpt["prompt_state"], source=str(run_dir / "checkpoints" / "last.pt"))
+    return save_prompts(module, out or run_dir / "prompts", extra={"dataset": ds.name, "epoch": int(ckpt["epoch"])})
