@@ -1,0 +1,209 @@
+"""The training loop: schedule, determinism, resume, NaN handling, feature cache, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from promptlab.clip import load_clip
+from promptlab.data import ImageDataset, load_dataset, make_synthetic_dataset
+from promptlab.engine import FeatureBatches, ImageBatches, evaluate, lr_at, train
+from promptlab.features import cached_features, encode_items
+from promptlab.methods import CoOp
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip("tiny")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic_dataset(root)
+    return load_dataset("synthetic", root)
+
+
+def _dassl_lrs(base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> list[float]:
+    """Dassl's ConstantWarmupScheduler over CosineAnnealingLR, replayed with torch's own scheduler."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    opt.step()  # silence the scheduler-order warning; no gradient, so nothing moves
+    successor = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    lrs, last_epoch = [], 0
+    for _ in range(epochs):
+        lrs.append(warmup_lr if last_epoch < warmup_epochs else opt.param_groups[0]["lr"])
+        if last_epoch >= warmup_epochs:
+            successor.step()
+        last_epoch += 1
+    return lrs
+
+
+@pytest.mark.parametrize("epochs,warmup", [(10, 1), (50, 1), (7, 0), (20, 3)])
+def test_lr_schedule_matches_dassl(epochs, warmup):
+    ours = [lr_at(e, 0.002, epochs, warmup, 1e-5) for e in range(epochs)]
+    assert ours == pytest.approx(_dassl_lrs(0.002, epochs, warmup, 1e-5), rel=1e-9, abs=1e-12)
+
+
+def test_linear_warmup_rises_to_base():
+    lrs = [lr_at(e, 1.0, 10, 4, 0.0, "linear") for e in range(5)]
+    assert lrs[:4] == pytest.approx([0, 0.25, 0.5, 0.75]) and lrs[4] == pytest.approx(1.0)
+    assert math.isclose(lr_at(4, 1.0, 10, 4, 0.0, "linear"), 1.0)
+
+
+def _features(n=24, d=32, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, n, d, generator=g), torch.arange(n) % c
+
+
+class _Interrupting:
+    """Batches that raise KeyboardInterrupt when epoch ``stop_after`` starts (a killed run)."""
+
+    def __init__(self, inner, stop_after):
+        self.inner, self.stop_after, self.epoch = inner, stop_after, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):  # a generator, like the real batch classes: tqdm may call iter() twice
+        if self.epoch == self.stop_after:
+            raise KeyboardInterrupt
+        self.epoch += 1
+        yield from self.inner
+
+
+def _run(clip, tmp_path, epochs=4, resume=False, stop_after=None, loss_hook=None):
+    torch.manual_seed(0)
+    module = CoOp(clip, ["red circle", "blue square", "green star"], n_ctx=2)
+    if loss_hook is not None:
+        module.loss = loss_hook(module.loss)
+    feats, labels = _features()
+    g = torch.Generator().manual_seed(1)
+    batches = FeatureBatches(feats, labels, 8, g)
+    opt = torch.optim.SGD(module.trainable_parameters(), lr=0.1, momentum=0.9)
+    if stop_after is not None:
+        batches = _Interrupting(batches, stop_after)
+    train(module, batches, opt, epochs=epochs, lr_fn=lambda e: lr_at(e, 0.1, epochs, 1, 1e-3), generator=g,
+          run_dir=tmp_path, device=torch.device("cpu"), resume=resume)
+    return module
+
+
+def test_same_seed_same_numbers(clip, tmp_path):
+    a = _run(clip, tmp_path / "a")
+    b = _run(clip, tmp_path / "b")
+    assert torch.equal(a.ctx, b.ctx)
+    assert not torch.equal(a.ctx, CoOp(clip, ["x", "y", "z"], n_ctx=2).ctx)
+
+
+def test_resume_ends_with_same_result(clip, tmp_path):
+    full = _run(clip, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        _run(clip, tmp_path / "cut", stop_after=2)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 2
+    resumed = _run(clip, tmp_path / "cut", resume=True)
+    torch.testing.assert_close(resumed.ctx, full.ctx, rtol=0, atol=0)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(clip, tmp_path):
+    calls = {"n": 0}
+
+    def hook(loss_fn):
+        def loss(logits, labels, **aux):
+            calls["n"] += 1
+            value = loss_fn(logits, labels)
+            return value * float("nan") if calls["n"] > 6 else value  # 3 steps per epoch: NaN in epoch 3
+
+        return loss
+
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        _run(clip, tmp_path, loss_hook=hook)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and torch.isfinite(ckpt["prompt_state"]["ctx"]).all()
+
+
+def test_feature_batches_drop_last_like_dassl():
+    feats, labels = _features(n=20)
+    b = FeatureBatches(feats, labels, 8, torch.Generator().manual_seed(0))
+    assert len(b) == 2 and sum(y.numel() for _, y in b) == 16
+    small = FeatureBatches(feats[:, :5], labels[:5], 8, torch.Generator())
+    assert len(small) == 1 and next(iter(small))[1].numel() == 5
+    ev = FeatureBatches(feats, labels, 8, torch.Generator(), shuffle=False)
+    assert torch.equal(torch.cat([y for _, y in ev]), labels)
+
+
+def test_feature_cache_equals_direct_encoding_and_is_reused(clip, synth, tmp_path):
+    items = synth.test[:10]
+    direct = encode_items(clip.encode_image, items, clip.eval_transform, batch_size=4)
+    a = cached_features(clip.encode_image, items, clip.eval_transform, fingerprint=clip.fingerprint(), cache_dir=tmp_path, batch_size=4)
+    torch.testing.assert_close(a, direct, rtol=0, atol=0)
+    files = list((tmp_path / "features").glob("*.safetensors"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    calls = {"n": 0}
+
+    def counting(x):
+        calls["n"] += 1
+        return clip.encode_image(x)
+
+    b = cached_features(counting, items, clip.eval_transform, fingerprint=clip.fingerprint(), cache_dir=tmp_path, batch_size=4)
+    assert calls["n"] == 0 and torch.equal(a, b) and files[0].stat().st_mtime_ns == mtime
+    # a different item list is a different entry
+    cached_features(clip.encode_image, items[:5], clip.eval_transform, fingerprint=clip.fingerprint(), cache_dir=tmp_path)
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
+
+
+def test_corrupted_feature_cache_is_rebuilt(clip, synth, tmp_path):
+    items = synth.test[:4]
+    a = cached_features(clip.encode_image, items, clip.eval_transform, fingerprint="fp", cache_dir=tmp_path)
+    path = next((tmp_path / "features").glob("*.safetensors"))
+    path.write_bytes(b"garbage")
+    b = cached_features(clip.encode_image, items, clip.eval_transform, fingerprint="fp", cache_dir=tmp_path)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_augmented_views_differ_and_are_deterministic(clip, synth):
+    items = synth.train[:6]
+    a = encode_items(clip.encode_image, items, clip.train_transform, views=2)
+    b = encode_items(clip.encode_image, items, clip.train_transform, views=2)
+    assert a.shape == (2, 6, clip.embed_dim)
+    assert torch.equal(a, b) and not torch.allclose(a[0], a[1])
+
+
+def test_cache_miss_leaves_global_rng_alone(clip, synth):
+    torch.manual_seed(3)
+    encode_items(clip.encode_image, synth.train[:2], clip.train_transform, views=2)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_evaluate_from_cache_equals_evaluate_from_images(clip, synth):
+    module = CoOp(clip, synth.classnames, n_ctx=2)
+    items = synth.test
+    labels = torch.tensor([it.label for it in items])
+    feats = encode_items(clip.encode_image, items, clip.eval_transform)
+    g = torch.Generator()
+    m1 = evaluate(module, FeatureBatches(feats, labels, 7, g, shuffle=False), device=torch.device("cpu"))
+    m2 = evaluate(module, ImageBatches(ImageDataset(items, clip.eval_transform), 7, g, shuffle=False), device=torch.device("cpu"))
+    assert m1 == m2 and m1["n"] == len(items)
+    assert 0.0 <= m1["accuracy"] <= 100.0
+
+
+def test_evaluate_counts_correctly():
+    class Fixed(torch.nn.Module):
+        classnames = ["a", "b"]
+
+        def forward(self, image_features):
+            return image_features
+
+        def cached_text_features(self):
+            from contextlib import nullcontext
+
+            return nullcontext()
+
+    logits = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    m = evaluate(Fixed(), [({"image_features": logits}, labels)], device=torch.device("cpu"))  # type: ignore[arg-type]
+    assert m["accuracy"] == 75.0 and m["mean_per_class_accuracy"] == 75.0 and m["n"] == 4
