@@ -61,7 +61,7 @@ def prepare_data(cfg: DictConfig) -> DatasetSplits:
     """The dataset, its few-shot draw for (shots, seed) and its base/new half, as the protocol says."""
     ds = load_dataset(cfg.data.name, Path(cfg.data.root).expanduser())
     if int(cfg.shots) > 0:
-        ds = fewshot_split(ds, int(cfg.shots), int(cfg.seed), cache_dir=Path(cfg.cache_dir).expanduser() / "fewshot")
+        ds = fewshot_split(ds, int(cfg.shots), int(cfg.seed), cache_dir=Path(cfg.cache_dir).expanduser())
     return subsample_classes(ds, cfg.subsample)
 
 
