@@ -197,7 +197,7 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
         meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
         base = OmegaConf.create({
             "output_dir": str(path), "model": {"arch": meta["arch"], "pretrained": meta.get("pretrained")},
-            "method": {"_component_": "promptlab.methods.ZeroShotCLIP"}, "data": {"root": "???", "name": meta.get("dataset", "???"), "num_workers": 0},
+            "method": {"_component_": "promptlab.methods.ZeroShotCLIP"}, "data": {"root": "", "name": meta.get("dataset", ""), "num_workers": 0},
             "shots": 0,
         })
         with tempfile.TemporaryDirectory() as tmp:  # load_recipe reads files: give it the base config as one

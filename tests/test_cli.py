@@ -1,0 +1,87 @@
+"""End to end through the CLI: the demo recipe on the tiny CLIP and generated images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from promptlab.cli import list_recipes, main
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One demo run shared by the tests below (train 3 epochs, evaluate, export)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    out = tmp / "run"
+    args = ["run", f"output_dir={out}", f"cache_dir={tmp / 'cache'}", "train.epochs=3"]
+    assert main(args) == 0
+    return tmp, out
+
+
+def test_run_writes_everything(demo_run):
+    _, out = demo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == "synthetic" and metrics["n"] > 0 and 0 <= metrics["accuracy"] <= 100
+    assert metrics["train"]["epochs"] == 3 and len(metrics["weights_fingerprint"]) == 16
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    assert "epoch 3/3" in (out / "log.txt").read_text()
+    assert any((out / "tb").iterdir())
+    cfg = json.loads((out / "prompts" / "prompt_config.json").read_text())
+    assert cfg["method"] == "coop" and cfg["hparams"]["ctx_init"] == "a photo of a"
+    assert set(load_file(out / "prompts" / "prompts.safetensors")) == {"ctx"}
+
+
+def test_resume_of_a_finished_run_reproduces_its_metrics(demo_run, tmp_path):
+    tmp, out = demo_run
+    before = json.loads((out / "metrics.json").read_text())
+    assert main(["run", f"output_dir={out}", f"cache_dir={tmp / 'cache'}", "train.epochs=3", "resume=true"]) == 0
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["train"]["resumed_from_epoch"] == 3
+    assert after["accuracy"] == before["accuracy"]
+
+
+def test_eval_on_new_classes_and_from_prompts_dir(demo_run, capsys):
+    tmp, out = demo_run
+    assert main(["eval", str(out), "subsample=new"]) == 0
+    res = json.loads((out / "eval_synthetic_new_test.json").read_text())
+    assert res["subsample"] == "new" and res["n"] > 0
+    root = tmp / "cache" / "data"
+    assert main(["eval", str(out / "prompts"), f"data.root={root}", "data.name=synthetic"]) == 0
+    same = json.loads((out / "prompts" / "eval_synthetic_all_test.json").read_text())
+    run_metrics = json.loads((out / "metrics.json").read_text())
+    assert same["accuracy"] == pytest.approx(run_metrics["accuracy"])
+
+
+def test_export_and_interpret(demo_run, tmp_path, capsys):
+    _, out = demo_run
+    assert main(["export", str(out), "--out", str(tmp_path / "exp")]) == 0
+    a = load_file(out / "prompts" / "prompts.safetensors")["ctx"]
+    b = load_file(tmp_path / "exp" / "prompts.safetensors")["ctx"]
+    assert (a == b).all()
+    capsys.readouterr()
+    assert main(["interpret", str(tmp_path / "exp"), "--topk", "3"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("\n") >= 4  # one row per context vector (4 from "a photo of a") + header
+
+
+def test_ls_and_cp(tmp_path, capsys):
+    assert main(["ls"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "fewshot/coop_vit_b16" in listed and listed == list_recipes()
+    assert main(["cp", "fewshot/coop_vit_b16", str(tmp_path)]) == 0
+    assert (tmp_path / "coop_vit_b16.yaml").is_file()
+    with pytest.raises(SystemExit):
+        main(["cp", "fewshot/coop_vit_b16", str(tmp_path)])  # exists, no --force
+
+
+def test_bad_override_names_the_key(capsys):
+    assert main(["run", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epoch" in err and "epochs" in err
+
+
+def test_missing_data_root_names_the_key(tmp_path, capsys):
+    code = main(["run", "fewshot/coop_vit_b16", f"data.root={tmp_path / 'nope'}", "model.arch=tiny", "model.pretrained=null"])
+    assert code == 2 and "data.root" in capsys.readouterr().err
