@@ -124,7 +124,7 @@ class FrozenCLIP(nn.Module):
         else:
             self._init_open_clip(model)
         model.requires_grad_(False)
-        model.eval()
+        self.eval()  # the wrapper itself too, not only the wrapped model
 
     # ------------------------------------------------------------------ construction
     def _init_open_clip(self, m: nn.Module) -> None:
@@ -224,6 +224,11 @@ class FrozenCLIP(nn.Module):
     def eot_index(self, ids: torch.Tensor) -> torch.Tensor:
         """Position of the end-of-text token in each row of ``ids``: [N]."""
         return (ids == self.eot_token_id).int().argmax(dim=-1)
+
+    @property
+    def token_embedding_table(self) -> torch.Tensor:
+        """[vocab, W] the text tower's token embedding matrix (for nearest-word interpretation)."""
+        return self._tok_emb.weight
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [N, L, W] without positional embeddings (what prompt methods edit)."""

@@ -140,7 +140,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 writer.add_scalar(f"{cfg.eval.split}/accuracy", metrics["accuracy"], epochs)
         else:
             metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g), device=device, amp=cfg.train.amp)
-        export_dir = save_prompts(module, run_dir / "prompts", extra={"dataset": ds.name, "seed": int(cfg.seed), "shots": int(cfg.shots)})
+        export_dir = run_dir / "prompts"
+        save_prompts(module, export_dir, extra={"dataset": ds.name, "seed": int(cfg.seed), "shots": int(cfg.shots)})
         out = {
             "dataset": ds.name, "split": cfg.eval.split, "subsample": cfg.subsample, "shots": int(cfg.shots), "seed": int(cfg.seed),
             **metrics, "train": train_info, "method": type(module).__name__, "arch": clip.arch,

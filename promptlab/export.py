@@ -1,0 +1,565 @@
+"""Taking learned prompts out: export directories, CoOp checkpoint import, nearest-token reading.
+
+An export is a directory in the style of PEFT adapters: the learned tensors only, in
+``prompts.safetensors``, beside a ``prompt_config.json`` that names the method, its keyword
+arguments, the class names and the backbone (architecture, pretrained tag, weights fingerprint),
+so that :func:`load_prompts` can rebuild the module on the same frozen CLIP. When the method's text
+features do not depend on the image, ``class_embeddings.safetensors`` also holds the ``[C, D]``
+normalised classifier, which anyone can use without promptlab::
+
+    from safetensors.torch import load_file
+    W = load_file("prompts/class_embeddings.safetensors")["class_embeddings"]  # [C, D]
+    logits = logit_scale * F.normalize(image_features, dim=-1) @ W.T
+
+The JSON records the SHA-256 of each tensor file and is written last, so an export whose files do
+not match it (an interrupted save, files copied from two exports) is refused instead of loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import promptlab
+from promptlab import io
+from promptlab.clip import FrozenCLIP
+from promptlab.methods import METHODS, CoOp, method_name
+from promptlab.prompts import PromptModule
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_FILE",
+    "CLASS_EMBEDDINGS_FILE",
+    "TENSORS_FILE",
+    "format_interpretation",
+    "import_coop_checkpoint",
+    "interpret",
+    "load_prompts",
+    "save_prompts",
+]
+
+CONFIG_FILE = "prompt_config.json"
+TENSORS_FILE = "prompts.safetensors"
+CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
+#: Bumped when the layout changes incompatibly; load_prompts refuses newer formats.
+FORMAT_VERSION = 1
+
+# Keys save_prompts owns; `extra` may not overwrite them (they are what load_prompts trusts).
+_RESERVED = (
+    "format_version",
+    "method",
+    "hparams",
+    "classnames",
+    "arch",
+    "pretrained",
+    "fingerprint",
+    "width",
+    "embed_dim",
+    "promptlab_version",
+    "tensors",
+    "files",
+    "class_embeddings",
+    "logit_scale",
+)
+
+
+# ---------------------------------------------------------------------- export
+def save_prompts(module: PromptModule, out_dir: str | Path, *, extra: dict | None = None) -> Path:
+    """Write a prompt export directory: learned tensors, a JSON config and the class embeddings.
+
+    Args:
+        module: the trained prompt module.
+        out_dir: the export directory (created if needed). Files of a previous export in it are
+            replaced only once every new file is written; other files in it are left alone.
+        extra: more JSON-serialisable entries for ``prompt_config.json`` (run name, metrics, ...);
+            they may not overwrite the keys this function writes.
+
+    Returns:
+        The path of ``prompt_config.json``.
+
+    Raises:
+        ValueError: ``extra`` collides with a reserved key.
+        TypeError: an hparam or ``extra`` value is not JSON-serialisable.
+    """
+    out_dir = Path(out_dir)
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"save_prompts(extra=...): keys {clash} are reserved for the export itself")
+    clip = module.clip
+    method = method_name(module)
+    if method not in METHODS:
+        log.warning(
+            "%s is not in promptlab.methods.METHODS: load_prompts will not be able to rebuild it", method
+        )
+
+    # Learned tensors only (no backbone weights, no class-derived buffers), floating point as fp32
+    # so an export does not depend on the precision it was trained in.
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in module.prompt_state_dict().items()}
+    meta = {"format": "pt", "method": method, "promptlab_version": promptlab.__version__}
+    blobs: dict[str, bytes] = {TENSORS_FILE: io.safetensors_bytes(state, meta)}
+
+    config: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "hparams": _jsonable_hparams(module),
+        "classnames": list(module.classnames),
+        "arch": clip.arch,
+        "pretrained": clip.pretrained,
+        "fingerprint": clip.fingerprint(),
+        "width": clip.width,
+        "embed_dim": clip.embed_dim,
+        "promptlab_version": promptlab.__version__,
+        "tensors": {k: list(v.shape) for k, v in state.items()},
+    }
+    if not module.text_depends_on_image:
+        was_training = module.training
+        module.eval()  # no dropout in the exported classifier
+        try:
+            emb = module.class_embeddings().detach().float().cpu()  # [C, D]
+        finally:
+            module.train(was_training)
+        blobs[CLASS_EMBEDDINGS_FILE] = io.safetensors_bytes(
+            {"class_embeddings": emb},
+            {"format": "pt", "classnames": json.dumps(list(module.classnames)), "normalized": "true"},
+        )
+        config["class_embeddings"] = {
+            "file": CLASS_EMBEDDINGS_FILE,
+            "key": "class_embeddings",
+            "shape": list(emb.shape),
+            "normalized": True,
+            "rows": "classnames, in order",
+            "usage": "logits = logit_scale * normalize(image_features) @ class_embeddings.T",
+        }
+        config["logit_scale"] = float(clip.logit_scale)
+    config["files"] = {name: {"sha256": hashlib.sha256(b).hexdigest()} for name, b in blobs.items()}
+    config.update(extra)
+    try:
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    except TypeError as e:
+        raise TypeError(f"save_prompts: prompt_config.json entries must be JSON-serialisable: {e}") from e
+    blobs[CONFIG_FILE] = text.encode("utf-8")
+
+    # Stage every file, then move them into place with the config last: the config's checksums
+    # tell load_prompts whether the tensor files beside it belong to it.
+    staged: dict[str, Path] = {}
+    try:
+        for name, data in blobs.items():
+            staged[name] = io.stage(out_dir / name, lambda f, data=data: f.write(data))
+    except BaseException:
+        for tmp in staged.values():
+            io.discard(tmp)
+        raise
+    for name in [n for n in staged if n != CONFIG_FILE] + [CONFIG_FILE]:
+        io.commit(staged[name], out_dir / name)
+    if CLASS_EMBEDDINGS_FILE not in blobs:  # a stale classifier from an earlier export would mislead
+        io.discard(out_dir / CLASS_EMBEDDINGS_FILE)
+    log.info("exported %s prompts (%s) to %s", method, ", ".join(config["tensors"]) or "no tensors", out_dir)
+    return out_dir / CONFIG_FILE
+
+
+def _jsonable_hparams(module: PromptModule) -> dict[str, Any]:
+    hp = dict(getattr(module, "hparams", {}) or {})
+    for k, v in hp.items():
+        try:
+            json.dumps(v)
+        except TypeError as e:
+            raise TypeError(
+                f"{type(module).__name__} hparam {k}={v!r} is not JSON-serialisable, so the export could not "
+                "rebuild the method; give it as plain data (str, number, bool, list, dict)"
+            ) from e
+    return hp
+
+
+def _resolve_export_dir(path: Path) -> Path:
+    """Accept the export directory, its config file, or a run directory holding ``prompts/``."""
+    if path.is_file() and path.name == CONFIG_FILE:
+        return path.parent
+    if path.is_dir() and not (path / CONFIG_FILE).exists() and (path / "prompts" / CONFIG_FILE).exists():
+        return path / "prompts"
+    return path
+
+
+def load_prompts(
+    path: str | Path,
+    clip: FrozenCLIP,
+    classnames: Sequence[str] | None = None,
+    *,
+    strict_weights: bool = True,
+) -> PromptModule:
+    """Rebuild a prompt module from an export directory onto ``clip``.
+
+    Args:
+        path: the export directory (or its ``prompt_config.json``, or a run directory with ``prompts/``).
+        clip: the frozen backbone; it must have the width and embedding size the prompts were learned with.
+        classnames: serve these classes instead of the saved ones (base → new, cross-dataset).
+        strict_weights: refuse a backbone whose weights fingerprint differs from the one the prompts
+            were learned on. Prompts are tied to the weights, not only to the shapes; pass ``False``
+            to transfer them deliberately (a warning is logged).
+
+    Returns:
+        The rebuilt module, on ``clip``'s device, with the learned tensors loaded.
+
+    Raises:
+        FileNotFoundError: the config or a tensor file is missing.
+        ValueError: unknown method, different backbone, fingerprint mismatch, files that do not
+            match the config, or class names the method cannot serve (e.g. a class-specific context).
+    """
+    export_dir = _resolve_export_dir(Path(path))
+    cfg_path = export_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"{cfg_path}: no prompt export here (expected {CONFIG_FILE} from save_prompts)"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict) or "method" not in cfg:
+        raise ValueError(f"{cfg_path}: not a promptlab prompt config (no 'method' entry)")
+    if int(cfg.get("format_version", 1)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{cfg_path}: export format {cfg['format_version']} is newer than this promptlab understands "
+            f"({FORMAT_VERSION}); upgrade promptlab"
+        )
+    method = cfg["method"]
+    if method not in METHODS:
+        raise ValueError(
+            f"{cfg_path}: unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}"
+        )
+    _check_backbone(cfg, clip, cfg_path, strict_weights)
+
+    tensors_path = export_dir / TENSORS_FILE
+    if not tensors_path.is_file():
+        raise FileNotFoundError(f"{tensors_path}: missing; {cfg_path} expects the learned tensors there")
+    data = tensors_path.read_bytes()
+    want = cfg.get("files", {}).get(TENSORS_FILE, {}).get("sha256")
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(
+            f"{tensors_path} does not match {cfg_path} (checksum differs): an interrupted save or files from "
+            "two different exports; export again"
+        )
+    from safetensors.torch import load as load_safetensors
+
+    state = load_safetensors(data)
+
+    saved_names = list(cfg.get("classnames") or [])
+    try:
+        # The method's random init is overwritten below; it must not move the caller's RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            module = METHODS[method](clip, saved_names, **dict(cfg.get("hparams") or {}))
+    except TypeError as e:
+        raise ValueError(f"{cfg_path}: cannot rebuild {method} from its hparams ({e})") from e
+    module.load_prompt_state_dict(state, source=str(tensors_path))
+    if classnames is not None:
+        try:
+            module.set_classnames(list(classnames))
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}") from e
+    log.info("loaded %s prompts from %s (%d classes)", method, export_dir, len(module.classnames))
+    return module.to(clip.device)
+
+
+def _check_backbone(cfg: dict, clip: FrozenCLIP, cfg_path: Path, strict_weights: bool) -> None:
+    """Shapes must agree always; the weights must agree unless the caller says otherwise.
+
+    The architecture *name* is not compared on its own: the same weights loaded through another
+    route (an OpenAI ``.pt`` file instead of the open_clip tag) carry another name. The fingerprint
+    decides whether the weights are the same.
+    """
+    saved = f"{cfg.get('arch')} (pretrained={cfg.get('pretrained')})"
+    here = f"{clip.arch} (pretrained={clip.pretrained})"
+    for key in ("width", "embed_dim"):
+        if key in cfg and int(cfg[key]) != int(getattr(clip, key)):
+            raise ValueError(
+                f"{cfg_path}: prompts were learned on a different backbone: {key} {cfg[key]} on {saved}, "
+                f"but {key} {getattr(clip, key)} on the given {here}"
+            )
+    fp = cfg.get("fingerprint")
+    if fp is None or fp == clip.fingerprint():
+        return
+    msg = (
+        f"{cfg_path}: prompts were learned on weights with fingerprint {fp} ({saved}), the given backbone has "
+        f"fingerprint {clip.fingerprint()} ({here})"
+    )
+    if strict_weights:
+        raise ValueError(msg + "; pass strict_weights=False to load them onto these weights anyway")
+    log.warning("%s; loading anyway (strict_weights=False)", msg)
+
+
+# ---------------------------------------------------------------------- CoOp import
+_EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
+
+
+def _find_coop_checkpoint(path: Path) -> Path:
+    """A Dassl checkpoint file, from the file itself, its ``prompt_learner`` directory or the run directory."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such CoOp checkpoint file or directory")
+    for d in (path, path / "prompt_learner"):
+        if not d.is_dir():
+            continue
+        epochs = [
+            (int(m.group(1)), p) for p in d.iterdir() if (m := _EPOCH_FILE.match(p.name)) and p.is_file()
+        ]
+        if epochs:
+            return max(epochs)[1]  # the last epoch: CoOp's protocol evaluates the last epoch
+        if (d / "model-best.pth.tar").is_file():
+            return d / "model-best.pth.tar"
+    raise FileNotFoundError(
+        f"{path}: no CoOp checkpoint (prompt_learner/model.pth.tar-N or model-best.pth.tar) in it or in "
+        f"{path / 'prompt_learner'}"
+    )
+
+
+class _Opaque:
+    """Inert stand-in for a class a checkpoint names but promptlab does not need (e.g. Dassl's schedulers).
+
+    It records what the pickle hands it and runs no code, so a checkpoint can be read with the
+    weights-only unpickler without importing (or trusting) the classes it mentions.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
+        obj = super().__new__(cls)
+        obj.__dict__["_args"] = args
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+    def __repr__(self) -> str:
+        return f"<opaque {type(self).__qualname__}>"
+
+
+def _load_dassl_checkpoint(path: Path) -> dict:
+    """Load a Dassl checkpoint without executing pickled code where possible.
+
+    Plain Dassl checkpoints (SGD state, ``CosineAnnealingLR``) load with ``weights_only=True``. CoOp's
+    warm-up scheduler pickles a whole scheduler object (``successor``); those classes are replaced by
+    inert stand-ins. Only if that fails too is the file unpickled in full, with a warning.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # any unpickling failure: try the stand-ins next
+        reason = first
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) format: cannot be inspected statically
+        unsafe = None
+    if unsafe == []:  # nothing to allow: the file is damaged or not a torch checkpoint at all
+        raise ValueError(f"{path}: cannot read this checkpoint ({reason})") from reason
+    if unsafe:
+        blocked = [
+            g for g in unsafe if g.split(".")[0] in ("os", "posix", "nt", "sys", "subprocess", "builtins")
+        ]
+        if blocked:
+            raise ValueError(f"{path}: refusing to load a checkpoint that references {blocked}")
+        stubs = [
+            (type(g.rsplit(".", 1)[-1], (_Opaque,), {"__module__": g.rsplit(".", 1)[0]}), g) for g in unsafe
+        ]
+        try:
+            with torch.serialization.safe_globals(stubs):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            log.info("%s: read with weights_only=True; %s kept as inert stand-ins", path, ", ".join(unsafe))
+            return ckpt
+        except Exception as e:
+            reason = e
+    log.warning(
+        "%s could not be read with weights_only=True (%s); unpickling it in full. Only do this with "
+        "checkpoints from a source you trust: a pickle can run arbitrary code.",
+        path,
+        str(reason).splitlines()[0] if str(reason) else type(reason).__name__,
+    )
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def import_coop_checkpoint(
+    path: str | Path,
+    clip: FrozenCLIP,
+    classnames: Sequence[str],
+    *,
+    class_token_position: str = "end",
+) -> CoOp:
+    """Build a :class:`~promptlab.methods.CoOp` from a checkpoint of the reference implementation.
+
+    CoOp (KaiyangZhou/CoOp, on Dassl) saves ``{"state_dict": {"ctx", "token_prefix", "token_suffix"},
+    "epoch", "optimizer", "scheduler", ...}`` under ``<run>/prompt_learner/model.pth.tar-<epoch>``.
+    Only ``ctx`` is learned; the prefix/suffix buffers are the class-name token embeddings, which
+    promptlab rebuilds from ``classnames`` (so the released prompts can serve other classes too).
+    Checkpoints initialised from words (``ctx_init``) need nothing else: the learned ``ctx`` replaces
+    the words' embeddings exactly as it does in CoOp.
+
+    Args:
+        path: the checkpoint file, its ``prompt_learner`` directory or the run directory; in a
+            directory the highest epoch is taken, else ``model-best.pth.tar``.
+        clip: the backbone the prompts were learned on (same text width).
+        classnames: the classes to serve; a class-specific context needs exactly as many as it was trained on.
+        class_token_position: where CoOp put the class token (``end``, ``middle``, ``front``); the
+            checkpoint does not record it.
+
+    Returns:
+        A CoOp module whose ``ctx`` (fp32) is the checkpoint's; ``n_ctx`` and ``csc`` follow its shape.
+    """
+    file = _find_coop_checkpoint(Path(path))
+    ckpt = _load_dassl_checkpoint(file)
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{file}: not a CoOp checkpoint (expected a dict with 'state_dict')")
+    keys = [k for k in sd if k == "ctx" or k.endswith(".ctx")]
+    if len(keys) != 1:
+        raise ValueError(f"{file}: expected one 'ctx' tensor in the state dict, found keys {sorted(sd)}")
+    ctx = sd[keys[0]]
+    if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
+        raise ValueError(
+            f"{file}: 'ctx' should be [n_ctx, width] or [n_cls, n_ctx, width], got {getattr(ctx, 'shape', ctx)}"
+        )
+    ctx = ctx.detach().float()  # CoOp keeps ctx in the backbone's dtype (fp16 for OpenAI weights)
+    if ctx.shape[-1] != clip.width:
+        raise ValueError(
+            f"{file}: context vectors have width {ctx.shape[-1]} but the text tower of {clip.arch} has width "
+            f"{clip.width}; load the backbone the prompts were learned on"
+        )
+    csc = ctx.dim() == 3
+    n_ctx = int(ctx.shape[-2])
+    classnames = list(classnames)
+    if csc and ctx.shape[0] != len(classnames):
+        raise ValueError(
+            f"{file}: class-specific context learned for {ctx.shape[0]} classes, but {len(classnames)} class "
+            "names were given; CSC prompts serve only the classes they were trained on, in the same order"
+        )
+    prefix = sd.get("token_prefix")
+    if isinstance(prefix, torch.Tensor) and prefix.dim() == 3 and prefix.shape[0] != len(classnames):
+        log.info("%s was trained on %d classes; serving %d", file, prefix.shape[0], len(classnames))
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG stream
+        module = CoOp(clip, classnames, n_ctx=n_ctx, csc=csc, class_token_position=class_token_position)
+    module.load_prompt_state_dict({"ctx": ctx}, source=str(file))
+    kind = "class-specific" if csc else "unified"
+    log.info(
+        "imported CoOp %s context %s (epoch %s) from %s", kind, list(ctx.shape), ckpt.get("epoch", "?"), file
+    )
+    return module.to(clip.device)
+
+
+# ---------------------------------------------------------------------- interpretation
+def _token_strings(clip: FrozenCLIP, ids: torch.Tensor) -> list[str]:
+    """Readable vocabulary entries: the BPE end-of-word mark removed, byte-level characters decoded."""
+    tok = clip.tokenizer
+    decoder = getattr(tok, "decoder", None)
+    byte_decoder = getattr(tok, "byte_decoder", None)
+    out = []
+    for i in ids.tolist():
+        if decoder is None:
+            inner = getattr(tok, "tokenizer", None)
+            s = inner.convert_ids_to_tokens(i) if hasattr(inner, "convert_ids_to_tokens") else str(i)
+        else:
+            s = decoder[i]
+            if byte_decoder is not None and not s.startswith("<|"):
+                try:
+                    s = bytearray(byte_decoder[c] for c in s.replace("</w>", "")).decode(
+                        "utf-8", errors="replace"
+                    )
+                except KeyError:
+                    s = s.replace("</w>", "")
+            s = s.replace("</w>", "")
+        out.append(s)
+    return out
+
+
+@torch.no_grad()
+def interpret(module_or_ctx: PromptModule | torch.Tensor, clip: FrozenCLIP, topk: int = 5) -> list[dict]:
+    """Nearest vocabulary tokens to each learned context vector, by cosine similarity and by L2 distance.
+
+    CoOp's ``interpret_prompt.py`` reads prompts by Euclidean distance to the token embeddings; the
+    cosine ranking is added because context vectors often drift in norm while keeping direction.
+
+    Args:
+        module_or_ctx: a module with a ``ctx`` tensor, or the tensor itself: [n_ctx, W] or [C, n_ctx, W].
+        clip: the backbone whose token embedding table is searched.
+        topk: tokens per context vector.
+
+    Returns:
+        One row per context vector: ``{"class": c or None, "classname": name or None, "position": j,
+        "cosine": [(token, similarity), ...], "l2": [(token, distance), ...]}``, best first.
+    """
+    classnames: list[str] | None = None
+    if isinstance(module_or_ctx, torch.Tensor):
+        ctx = module_or_ctx
+    else:
+        ctx = getattr(module_or_ctx, "ctx", None)
+        if not isinstance(ctx, torch.Tensor):
+            raise ValueError(f"{type(module_or_ctx).__name__} has no 'ctx' tensor to interpret")
+        classnames = list(getattr(module_or_ctx, "classnames", []) or []) or None
+    if ctx.dim() not in (2, 3):
+        raise ValueError(f"context should be [n_ctx, W] or [C, n_ctx, W], got {list(ctx.shape)}")
+    emb = clip.token_embedding_table.detach().float()  # [V, W]
+    if ctx.shape[-1] != emb.shape[1]:
+        raise ValueError(
+            f"context width {ctx.shape[-1]} differs from the token embedding width {emb.shape[1]}"
+        )
+    csc = ctx.dim() == 3
+    n_ctx = ctx.shape[-2]
+    x = ctx.detach().float().to(emb.device).reshape(-1, emb.shape[1])  # [R, W], R = n_cls * n_ctx
+    k = max(1, min(int(topk), emb.shape[0]))
+    margin = min(emb.shape[0], k + 16)
+    emb_n = F.normalize(emb, dim=-1)
+
+    rows: list[dict] = []
+    for start in range(0, x.shape[0], 1024):  # bounded memory for class-specific contexts of many classes
+        xb = x[start : start + 1024]  # [b, W]
+        sim, sim_idx = (F.normalize(xb, dim=-1) @ emb_n.t()).topk(k, dim=-1)  # [b, k]
+        # cdist's matrix-product shortcut loses precision near zero; refine a few candidates exactly.
+        _, cand = torch.cdist(xb, emb).topk(margin, dim=-1, largest=False)  # [b, m]
+        exact = (xb[:, None, :] - emb[cand]).norm(dim=-1)  # [b, m]
+        dist, order = exact.topk(k, dim=-1, largest=False)
+        dist_idx = cand.gather(1, order)
+        for r in range(xb.shape[0]):
+            g = start + r
+            c, j = divmod(g, n_ctx)
+            rows.append(
+                {
+                    "class": c if csc else None,
+                    "classname": classnames[c] if csc and classnames and c < len(classnames) else None,
+                    "position": j,
+                    "cosine": list(zip(_token_strings(clip, sim_idx[r]), sim[r].tolist())),
+                    "l2": list(zip(_token_strings(clip, dist_idx[r]), dist[r].tolist())),
+                }
+            )
+    return rows
+
+
+def format_interpretation(rows: Sequence[dict]) -> str:
+    """A plain-text table of :func:`interpret` rows, with the nearest-word reading of each prompt."""
+    if not rows:
+        return "(no context vectors)"
+    lines: list[str] = []
+    groups: dict[Any, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row.get("class"), []).append(row)
+
+    def cell(pairs: Sequence[tuple[str, float]]) -> str:
+        return ", ".join(f"{t!r} {v:.3f}" for t, v in pairs)
+
+    for c, grp in groups.items():
+        name = grp[0].get("classname")
+        title = "unified context" if c is None else f"class {c}" + (f" ({name})" if name else "")
+        reading = " ".join(r["l2"][0][0] if r["l2"] else "?" for r in grp)
+        lines.append(f"{title}: nearest words (L2): {reading}")
+        cos_w = max(len("cosine (similarity)"), *(len(cell(r["cosine"])) for r in grp))
+        lines.append(f"  {'pos':>4}  {'cosine (similarity)':<{cos_w}}  L2 (distance)")
+        for r in grp:
+            lines.append(f"  {r['position']:>4}  {cell(r['cosine']):<{cos_w}}  {cell(r['l2'])}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,383 @@
+"""Prompt export / import: round trips, backbone checks, CoOp checkpoints, nearest-token reading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from promptlab import export
+from promptlab.clip import TINY_CONFIGS, FrozenCLIP, load_clip
+from promptlab.export import (
+    format_interpretation,
+    import_coop_checkpoint,
+    interpret,
+    load_prompts,
+    save_prompts,
+)
+from promptlab.methods import CoOp, ZeroShotCLIP
+
+CLASSES = ["cat", "golden_retriever", "sports car", "tree"]
+
+
+@pytest.fixture(scope="module")
+def eclip() -> FrozenCLIP:
+    return load_clip("tiny")
+
+
+@pytest.fixture(scope="module")
+def feats(eclip: FrozenCLIP) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, eclip.embed_dim, generator=g)  # [B, D] image features
+
+
+def _coop(clip: FrozenCLIP, classnames=CLASSES, **kw) -> CoOp:
+    torch.manual_seed(1)
+    m = CoOp(clip, classnames, **kw)
+    with torch.no_grad():
+        m.ctx.add_(0.05 * torch.randn_like(m.ctx))  # "trained": differs from any fresh init
+    return m
+
+
+def _other_clip(*, text_width: int = 32, seed: int = 1) -> FrozenCLIP:
+    cfg = {**TINY_CONFIGS["tiny"], "text_cfg": dict(layers=2, width=text_width, heads=2)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.model.CLIP(**cfg)
+    return load_clip(model)
+
+
+MODULES = {
+    "coop-unified": lambda c: _coop(c, n_ctx=4),
+    "coop-csc": lambda c: _coop(c, n_ctx=3, csc=True),
+    "coop-middle": lambda c: _coop(c, n_ctx=4, class_token_position="middle"),
+    "coop-front-init": lambda c: _coop(c, ctx_init="a photo of a", class_token_position="front"),
+    "zeroshot": lambda c: ZeroShotCLIP(c, CLASSES, templates=["a photo of a {}.", "a drawing of a {}."]),
+}
+
+
+# ---------------------------------------------------------------------- round trip
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_round_trip_same_logits(kind: str, eclip: FrozenCLIP, feats: torch.Tensor, tmp_path: Path) -> None:
+    m = MODULES[kind](eclip)
+    cfg_path = save_prompts(m, tmp_path / "prompts", extra={"run": "r1"})
+    assert cfg_path == tmp_path / "prompts" / "prompt_config.json"
+    rng = torch.get_rng_state()
+    back = load_prompts(tmp_path / "prompts", eclip)
+    assert torch.equal(rng, torch.get_rng_state()), "loading must not consume the caller's RNG"
+    assert type(back) is type(m) and back.classnames == m.classnames and back.hparams == m.hparams
+    with torch.no_grad():
+        torch.testing.assert_close(back(image_features=feats), m(image_features=feats), rtol=0, atol=0)
+    for k, v in m.prompt_state_dict().items():
+        assert torch.equal(back.prompt_state_dict()[k], v)
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["run"] == "r1" and cfg["method"] in ("coop", "zeroshot")
+    assert cfg["arch"] == eclip.arch and cfg["fingerprint"] == eclip.fingerprint()
+    assert cfg["width"] == eclip.width and cfg["embed_dim"] == eclip.embed_dim and "promptlab_version" in cfg
+    # the config file itself and a run directory holding prompts/ are accepted too
+    assert load_prompts(cfg_path, eclip).classnames == m.classnames
+    assert load_prompts(tmp_path, eclip).classnames == m.classnames
+
+
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_class_embeddings_file(kind: str, eclip: FrozenCLIP, feats: torch.Tensor, tmp_path: Path) -> None:
+    m = MODULES[kind](eclip)
+    save_prompts(m, tmp_path)
+    cfg = json.loads((tmp_path / "prompt_config.json").read_text())
+    info = cfg["class_embeddings"]
+    data = load_file(tmp_path / info["file"])
+    W = data[info["key"]]  # [C, D]
+    assert list(W.shape) == info["shape"] == [len(CLASSES), eclip.embed_dim]
+    torch.testing.assert_close(W, m.class_embeddings(), rtol=0, atol=0)
+    torch.testing.assert_close(W.norm(dim=-1), torch.ones(len(CLASSES)))
+    # used without promptlab, as the JSON documents it
+    logits = cfg["logit_scale"] * F.normalize(feats, dim=-1) @ W.T
+    with torch.no_grad():
+        ref = m(image_features=feats)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_only_learned_tensors_saved(kind: str, eclip: FrozenCLIP, tmp_path: Path) -> None:
+    m = MODULES[kind](eclip)
+    save_prompts(m, tmp_path)
+    saved = load_file(tmp_path / "prompts.safetensors")
+    expected = {"ctx"} if isinstance(m, CoOp) else set()
+    assert set(saved) == expected
+    assert not any(k.startswith("clip.") or k.startswith("_") for k in saved)
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in saved.values())
+    cfg = json.loads((tmp_path / "prompt_config.json").read_text())
+    assert cfg["tensors"] == {k: list(v.shape) for k, v in saved.items()}
+
+
+def test_set_classnames_on_load(eclip: FrozenCLIP, feats: torch.Tensor, tmp_path: Path) -> None:
+    m = _coop(eclip, n_ctx=4)
+    save_prompts(m, tmp_path)
+    new = ["dog", "boat"]
+    back = load_prompts(tmp_path, eclip, classnames=new)
+    ref = _coop(eclip, classnames=new, n_ctx=4)
+    with torch.no_grad():
+        ref.ctx.copy_(m.ctx)
+        torch.testing.assert_close(back(image_features=feats), ref(image_features=feats), rtol=0, atol=0)
+
+
+def test_csc_onto_other_class_count_fails(eclip: FrozenCLIP, tmp_path: Path) -> None:
+    save_prompts(_coop(eclip, n_ctx=2, csc=True), tmp_path)
+    with pytest.raises(ValueError, match=r"prompt_config\.json.*4 contexts.*3 classes"):
+        load_prompts(tmp_path, eclip, classnames=["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------- refusals
+def test_different_width_fails_naming_file_and_widths(eclip: FrozenCLIP, tmp_path: Path) -> None:
+    save_prompts(_coop(eclip, n_ctx=2), tmp_path)
+    wide = _other_clip(text_width=48)
+    assert wide.width == 48
+    with pytest.raises(ValueError, match=r"prompt_config\.json.*width 32.*width 48"):
+        load_prompts(tmp_path, wide)
+    with pytest.raises(ValueError, match="width 32.*width 48"):  # shapes cannot be waived
+        load_prompts(tmp_path, wide, strict_weights=False)
+
+
+def test_fingerprint_mismatch(eclip: FrozenCLIP, feats: torch.Tensor, tmp_path: Path, caplog) -> None:
+    m = _coop(eclip, n_ctx=2)
+    save_prompts(m, tmp_path)
+    other = _other_clip(seed=7)
+    assert other.width == eclip.width and other.fingerprint() != eclip.fingerprint()
+    with pytest.raises(ValueError, match=r"prompt_config\.json.*fingerprint.*strict_weights=False"):
+        load_prompts(tmp_path, other)
+    with caplog.at_level(logging.WARNING, logger="promptlab.export"):
+        back = load_prompts(tmp_path, other, strict_weights=False)
+    assert "fingerprint" in caplog.text
+    assert torch.equal(back.ctx, m.ctx) and back.clip is other
+
+
+def test_missing_files_and_unknown_method(eclip: FrozenCLIP, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="prompt_config.json"):
+        load_prompts(tmp_path / "nothing", eclip)
+    save_prompts(_coop(eclip, n_ctx=2), tmp_path)
+    cfg_path = tmp_path / "prompt_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "method": "telepathy"}))
+    with pytest.raises(ValueError, match=r"prompt_config\.json.*telepathy.*coop.*zeroshot"):
+        load_prompts(tmp_path, eclip)
+    cfg_path.write_text(json.dumps(cfg))
+    (tmp_path / "prompts.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"prompts\.safetensors"):
+        load_prompts(tmp_path, eclip)
+
+
+def test_mixed_exports_are_refused(eclip: FrozenCLIP, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_prompts(_coop(eclip, n_ctx=2), a)
+    m2 = _coop(eclip, n_ctx=2)
+    with torch.no_grad():
+        m2.ctx.mul_(2)
+    save_prompts(m2, b)
+    (a / "prompts.safetensors").write_bytes((b / "prompts.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"prompts\.safetensors does not match"):
+        load_prompts(a, eclip)
+
+
+def test_extra_may_not_override_reserved_keys(eclip: FrozenCLIP, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        save_prompts(_coop(eclip, n_ctx=2), tmp_path, extra={"method": "x"})
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- atomic replacement
+def test_failed_save_keeps_previous_export(eclip: FrozenCLIP, tmp_path: Path, monkeypatch) -> None:
+    old = _coop(eclip, n_ctx=2)
+    save_prompts(old, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls = {"n": 0}
+    real_stage = export.io.stage
+
+    def flaky_stage(path, write):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first file is staged, the second dies half-written
+            return real_stage(path, lambda f: (f.write(b"half"), (_ for _ in ()).throw(OSError("disk full"))))
+        return real_stage(path, write)
+
+    monkeypatch.setattr(export.io, "stage", flaky_stage)
+    new = _coop(eclip, n_ctx=2)
+    with torch.no_grad():
+        new.ctx.mul_(3)
+    with pytest.raises(OSError, match="disk full"):
+        save_prompts(new, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # intact, no temp files
+    assert torch.equal(load_prompts(tmp_path, eclip).ctx, old.ctx)
+    monkeypatch.setattr(export.io, "stage", real_stage)
+    save_prompts(new, tmp_path)
+    assert torch.equal(load_prompts(tmp_path, eclip).ctx, new.ctx)
+
+
+def test_stale_class_embeddings_removed(eclip: FrozenCLIP, tmp_path: Path, monkeypatch) -> None:
+    save_prompts(_coop(eclip, n_ctx=2), tmp_path)
+    assert (tmp_path / "class_embeddings.safetensors").exists()
+    m = _coop(eclip, n_ctx=2)
+    monkeypatch.setattr(type(m), "text_depends_on_image", True)
+    save_prompts(m, tmp_path)
+    assert not (tmp_path / "class_embeddings.safetensors").exists()
+    assert "class_embeddings" not in json.loads((tmp_path / "prompt_config.json").read_text())
+
+
+# ---------------------------------------------------------------------- CoOp import
+def _dassl_checkpoint(path: Path, ctx: torch.Tensor, n_cls: int, epoch: int, scheduler=None) -> None:
+    """What Dassl's save_checkpoint writes for CoOp's prompt learner (fp16 ctx, as CoOp trains OpenAI weights)."""
+    p = torch.nn.Parameter(ctx.clone())
+    opt = torch.optim.SGD([p], lr=0.002, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
+    p.grad = torch.randn_like(p)
+    opt.step()  # creates momentum buffers
+    sched.step()
+    assert opt.state_dict()["state"][0]["momentum_buffer"] is not None
+    W = ctx.shape[-1]
+    state = {
+        "state_dict": {
+            "ctx": ctx.half(),
+            "token_prefix": torch.randn(n_cls, 1, W).half(),
+            "token_suffix": torch.randn(n_cls, 77 - 1 - ctx.shape[-2], W).half(),
+        },
+        "epoch": epoch,
+        "optimizer": opt.state_dict(),
+        "scheduler": scheduler if scheduler is not None else sched.state_dict(),
+        "val_result": None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def _ctx(*shape: int) -> torch.Tensor:
+    return (0.02 * torch.randn(*shape)).half().float()  # exactly representable in fp16
+
+
+def test_import_coop_unified(eclip: FrozenCLIP, feats: torch.Tensor, tmp_path: Path, caplog) -> None:
+    run = tmp_path / "run"
+    ctx_old, ctx = _ctx(16, eclip.width), _ctx(16, eclip.width)
+    _dassl_checkpoint(run / "prompt_learner" / "model.pth.tar-5", ctx_old, len(CLASSES), 5)
+    _dassl_checkpoint(run / "prompt_learner" / "model.pth.tar-50", ctx, len(CLASSES), 50)
+    with caplog.at_level(logging.WARNING):
+        for p in (run, run / "prompt_learner", run / "prompt_learner" / "model.pth.tar-50"):
+            m = import_coop_checkpoint(p, eclip, CLASSES)
+            assert isinstance(m, CoOp) and not m.csc and m.n_ctx == 16
+            assert m.ctx.dtype == torch.float32 and torch.equal(m.ctx, ctx)  # highest N picked
+    assert "unpickling it in full" not in caplog.text  # optimizer/scheduler state loads weights-only
+    ref = CoOp(eclip, CLASSES, n_ctx=16)
+    with torch.no_grad():
+        ref.ctx.copy_(ctx)
+        torch.testing.assert_close(m(image_features=feats), ref(image_features=feats), rtol=0, atol=0)
+
+
+def test_import_coop_csc_and_position(eclip: FrozenCLIP, feats: torch.Tensor, tmp_path: Path) -> None:
+    ctx = _ctx(len(CLASSES), 4, eclip.width)
+    _dassl_checkpoint(tmp_path / "prompt_learner" / "model.pth.tar-50", ctx, len(CLASSES), 50)
+    m = import_coop_checkpoint(tmp_path, eclip, CLASSES, class_token_position="middle")
+    assert m.csc and m.n_ctx == 4 and torch.equal(m.ctx, ctx)
+    ref = CoOp(eclip, CLASSES, n_ctx=4, csc=True, class_token_position="middle")
+    with torch.no_grad():
+        ref.ctx.copy_(ctx)
+        torch.testing.assert_close(m(image_features=feats), ref(image_features=feats), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"model\.pth\.tar-50.*4 classes.*2 class names"):
+        import_coop_checkpoint(tmp_path, eclip, CLASSES[:2])
+    # an imported module exports like any other
+    save_prompts(m, tmp_path / "export")
+    assert torch.equal(load_prompts(tmp_path / "export", eclip).ctx, ctx)
+
+
+def test_import_coop_best_only_and_errors(eclip: FrozenCLIP, tmp_path: Path) -> None:
+    ctx = _ctx(4, eclip.width)
+    _dassl_checkpoint(tmp_path / "prompt_learner" / "model-best.pth.tar", ctx, 2, 7)
+    assert torch.equal(import_coop_checkpoint(tmp_path, eclip, CLASSES).ctx, ctx)
+    wide = tmp_path / "wide" / "prompt_learner" / "model.pth.tar-50"
+    _dassl_checkpoint(wide, _ctx(4, 48), 2, 50)
+    with pytest.raises(ValueError, match=r"model\.pth\.tar-50.*width 48.*width 32"):
+        import_coop_checkpoint(wide, eclip, CLASSES)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no CoOp checkpoint"):
+        import_coop_checkpoint(empty, eclip, CLASSES)
+
+
+class _WarmupScheduler:
+    """Stands in for Dassl's ConstantWarmupScheduler, which pickles its successor scheduler object."""
+
+    executed = False
+
+    def __init__(self, successor):
+        self.successor = successor
+
+    def __setstate__(self, state):
+        _WarmupScheduler.executed = True  # would run if the checkpoint were unpickled in full
+        self.__dict__.update(state)
+
+
+def test_import_coop_pickled_scheduler_object_without_running_it(
+    eclip: FrozenCLIP, tmp_path: Path, caplog
+) -> None:
+    ctx = _ctx(4, eclip.width)
+    sched = {"successor": _WarmupScheduler({"T_max": 50}), "warmup_epoch": 1, "cons_lr": 1e-5}
+    path = tmp_path / "prompt_learner" / "model.pth.tar-50"
+    _dassl_checkpoint(path, ctx, 2, 50, scheduler=sched)
+    with pytest.raises(Exception):  # noqa: B017 - the plain weights-only load refuses the object
+        torch.load(path, weights_only=True)
+    _WarmupScheduler.executed = False
+    with caplog.at_level(logging.INFO, logger="promptlab.export"):
+        m = import_coop_checkpoint(path, eclip, CLASSES)
+    assert torch.equal(m.ctx, ctx)
+    assert not _WarmupScheduler.executed and "unpickling it in full" not in caplog.text
+    assert "inert stand-ins" in caplog.text
+
+
+class _Sneaky:
+    def __reduce__(self):
+        return (os.getcwd, ())  # harmless here, but a checkpoint may name os.system just the same
+
+
+def test_import_coop_refuses_os_globals(eclip: FrozenCLIP, tmp_path: Path) -> None:
+    path = tmp_path / "model.pth.tar-1"
+    _dassl_checkpoint(path, _ctx(4, eclip.width), 2, 1, scheduler={"x": _Sneaky()})
+    with pytest.raises(ValueError, match="refusing.*getcwd"):
+        import_coop_checkpoint(path, eclip, CLASSES)
+
+
+# ---------------------------------------------------------------------- interpretation
+WORDS = ["photo", "dog", "car", "tree"]
+
+
+def _word_ids(clip: FrozenCLIP, words: list[str]) -> list[int]:
+    return [clip.tokenizer.encode(w)[0] for w in words]
+
+
+def test_interpret_exact_words(eclip: FrozenCLIP) -> None:
+    ids = _word_ids(eclip, WORDS)
+    m = CoOp(eclip, CLASSES, n_ctx=len(WORDS))
+    with torch.no_grad():
+        m.ctx.copy_(eclip._tok_emb.weight[ids])
+    rows = interpret(m, eclip, topk=3)
+    assert [r["position"] for r in rows] == list(range(len(WORDS))) and all(r["class"] is None for r in rows)
+    for row, w in zip(rows, WORDS):
+        assert len(row["cosine"]) == len(row["l2"]) == 3
+        assert row["cosine"][0][0] == w and row["cosine"][0][1] == pytest.approx(1.0, abs=1e-5)
+        assert row["l2"][0][0] == w and row["l2"][0][1] == pytest.approx(0.0, abs=1e-5)
+        assert row["l2"][1][1] >= row["l2"][0][1] and row["cosine"][1][1] <= row["cosine"][0][1]
+    text = format_interpretation(rows)
+    assert "nearest words (L2): photo dog car tree" in text and "'photo'" in text
+
+
+def test_interpret_class_specific_tensor(eclip: FrozenCLIP) -> None:
+    ids = torch.tensor(_word_ids(eclip, WORDS)).reshape(2, 2)  # [C=2, n_ctx=2]
+    ctx = eclip._tok_emb.weight[ids].detach()  # [2, 2, W]
+    rows = interpret(ctx, eclip, topk=2)
+    assert [(r["class"], r["position"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [r["l2"][0][0] for r in rows] == WORDS and [r["cosine"][0][0] for r in rows] == WORDS
+    assert "class 1" in format_interpretation(rows)
+    with pytest.raises(ValueError, match="no 'ctx'"):
+        interpret(ZeroShotCLIP(eclip, CLASSES), eclip)
