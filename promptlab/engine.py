@@ -221,12 +221,13 @@ def train(
 
 # ---------------------------------------------------------------------- evaluate
 @torch.no_grad()
-def evaluate(module: PromptModule, batches: Iterable[Batch], *, device: torch.device, amp: str = "fp32") -> dict[str, float]:
+def evaluate(module: PromptModule, batches: Iterable[Batch], *, device: torch.device, amp: str = "fp32") -> dict[str, Any]:
     """Top-1 accuracy and mean per-class accuracy (in %), with text features computed once."""
     module.eval()
     n_cls = len(module.classnames)
     hits = torch.zeros(n_cls)
     counts = torch.zeros(n_cls)
+    module.begin_eval()
     with module.cached_text_features(), autocast(device, amp):
         for inputs, labels in tqdm(batches, desc="evaluate", leave=False):
             logits = module(**{k: v.to(device) for k, v in inputs.items()})
@@ -234,8 +235,12 @@ def evaluate(module: PromptModule, batches: Iterable[Batch], *, device: torch.de
             hits.index_add_(0, labels, ok)
             counts.index_add_(0, labels, torch.ones_like(ok))
     present = counts > 0
-    return {
+    out: dict[str, Any] = {
         "accuracy": float(100.0 * hits.sum() / counts.sum().clamp(min=1)),
         "mean_per_class_accuracy": float(100.0 * (hits[present] / counts[present]).mean()) if present.any() else 0.0,
         "n": int(counts.sum()),
     }
+    stats = module.end_eval()
+    if stats:
+        out["method_stats"] = stats
+    return out

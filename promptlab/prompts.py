@@ -131,6 +131,13 @@ class PromptModule(nn.Module):
         """[C, D] L2-normalised text features: the classifier, usable without promptlab."""
         return F.normalize(self.text_features().float(), dim=-1)
 
+    def begin_eval(self) -> None:
+        """Called before an evaluation pass: reset any statistics the method collects (e.g. routing)."""
+
+    def end_eval(self) -> dict[str, Any]:
+        """Called after an evaluation pass: statistics to report beside the accuracy (JSON-able)."""
+        return {}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -42,13 +42,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def dataset_kwargs(cls: type, method_cfg: DictConfig, ds: DatasetSplits) -> dict[str, Any]:
+    """Dataset facts a method may ask for by naming them in ``__init__``, unless the recipe sets them.
+
+    ``template``: the dataset's hand-crafted prompt (zero-shot, KgCoOp); ``dataset_name``: the
+    dataset's name (e.g. to look up its template groups).
+    """
+    available = {"template": ds.template, "dataset_name": ds.name}
+    params = inspect.signature(cls).parameters
+    return {k: v for k, v in available.items() if k in params and method_cfg.get(k) is None}
+
+
 def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: DatasetSplits) -> PromptModule:
-    """Instantiate ``cfg.method`` on the dataset's classes; fill ``template`` from the dataset if the method takes one."""
+    """Instantiate ``cfg.method`` on the dataset's classes."""
     cls = resolve_component(cfg.method._component_)
-    extra: dict[str, Any] = {}
-    if "template" in inspect.signature(cls).parameters and cfg.method.get("template") is None:
-        extra["template"] = ds.template
-    return instantiate(cfg.method, clip, ds.classnames, **extra)
+    return instantiate(cfg.method, clip, ds.classnames, **dataset_kwargs(cls, cfg.method, ds))
 
 
 def ensure_data(cfg: DictConfig) -> None:

@@ -198,6 +198,12 @@ def test_evaluate_counts_correctly():
         def forward(self, image_features):
             return image_features
 
+        def begin_eval(self):
+            pass
+
+        def end_eval(self):
+            return {}
+
         def cached_text_features(self):
             from contextlib import nullcontext
 

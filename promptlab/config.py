@@ -1,0 +1,605 @@
+"""Recipes: load a YAML file, apply ``key=value`` overrides, validate it, build its components.
+
+A recipe is plain data. Its plain sections (``model``, ``data``, ``train``, ``eval`` and the top-level
+scalars) are described by the dataclasses below, which are the single source of truth for the recipe
+format. Its ``_component_`` sections (``method``, ``optimizer``) name a Python callable by dotted path;
+their other keys are that callable's keyword arguments and are validated against its signature, so a
+typo in a recipe fails at load time, naming the key and the file, instead of deep inside a run
+(torchtune's ``instantiate`` idea, without reading the caller's frame globals or touching ``sys.path``).
+
+Example:
+    >>> cfg = load_recipe("recipes/fewshot/coop_vit_b16.yaml", ["shots=4", "data.root=/data"])
+    >>> module = instantiate(cfg.method, clip, classnames)          # CoOp(clip, classnames, n_ctx=16, ...)
+    >>> optim = instantiate(cfg.optimizer, module.parameters())     # SGD(params, lr=0.002, ...)
+"""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import dataclasses
+import difflib
+import importlib
+import inspect
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "RecipeConfig",
+    "TrainConfig",
+    "component_kwargs",
+    "epochs_for",
+    "instantiate",
+    "load_recipe",
+    "resolve_component",
+    "validate_recipe",
+]
+
+COMPONENT_KEY = "_component_"
+Precision = Literal["fp32", "fp16", "bf16"]
+# Datasets generated on first use under data.root: their root need not exist at load time.
+GENERATED_DATASETS = frozenset({"synthetic"})
+
+
+class ConfigError(ValueError):
+    """A recipe is invalid. The message names the recipe file and the key path (``train.epochs``)."""
+
+    def __init__(self, message: str, key: str | None = None, source: str | None = None) -> None:
+        self.key, self.source, self.reason = key, source, message
+        prefix = ": ".join(p for p in (source, key) if p)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema. Field metadata: ``component=(runtime args...)`` marks a ``_component_`` node and lists the
+# arguments the engine passes at build time (excluded from validation); ``pattern=(regex, description)``
+# constrains a string; ``path=True`` marks a value that must exist when ``check_paths`` is on.
+# Fields without a default are required; defaulted fields may be left out and are filled in on load.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The frozen CLIP backbone (see ``promptlab.load_clip``)."""
+
+    arch: str  # open_clip model name (ViT-B-16, RN50, ...) or "tiny" (random tiny CLIP for demos/tests)
+    # open_clip tag ("openai"), local checkpoint, OpenAI-format .pt, or HF CLIP directory; null = random
+    pretrained: str | None = None
+    precision: Precision = "fp32"  # dtype of the frozen weights
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and which dataset reader to use."""
+
+    root: str = field(metadata={"path": True})  # $DATA in CoOp's DATASETS.md layout; must exist
+    name: str  # a dataset under datasets/ (oxford_pets, imagenet, ..., synthetic)
+    num_workers: int = 4  # DataLoader workers
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (``promptlab.engine.train``)."""
+
+    epochs: int = 200  # 0 = no training (zero-shot evaluation only)
+    epochs_by_shots: dict[int, int] = field(default_factory=dict)  # shots -> epochs; overrides `epochs`
+    batch_size: int = 32
+    warmup_epochs: int = 1  # warm-up epochs before the cosine schedule starts
+    warmup_lr: float = 1.0e-5  # constant warm-up lr (Dassl WARMUP_CONS_LR); start lr of linear warm-up
+    warmup_type: Literal["constant", "linear"] = "constant"
+    amp: Precision = "fp32"  # autocast dtype; master weights stay fp32
+    grad_clip: float | None = None  # max global grad norm; null = no clipping
+    feature_cache: bool = True  # train on cached image features when the method's image side is frozen
+    aug_views: int = 10  # augmented views per training image encoded once for the feature cache
+    checkpoint_every: int = 1  # epochs between checkpoints
+    log_every: int = 20  # steps between log lines
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the last-epoch model (CoOp protocol: no model selection)."""
+
+    batch_size: int = 100
+    split: Literal["val", "test"] = "test"
+
+
+@dataclass
+class RecipeConfig:
+    """A whole recipe (top level of the YAML file)."""
+
+    output_dir: str  # run directory; usually interpolates ${data.name}, ${shots}, ${seed}
+    model: ModelConfig
+    # PromptModule subclass, built as Cls(clip, classnames, **hparams)
+    method: dict[str, Any] = field(metadata={"component": ("clip", "classnames")})
+    data: DataConfig
+    seed: int = 1  # seeds python, numpy and torch; also the few-shot draw
+    shots: int = 16  # K shots per class; <= 0 means all training data
+    subsample: Literal["all", "base", "new"] = "all"  # base-to-new protocol: train on base, test both
+    cache_dir: str = "~/.cache/promptlab"  # feature / few-shot caches (~ expanded at use)
+    resume: bool = False  # continue an interrupted run found in output_dir
+    device: str = field(  # where to run
+        default="auto", metadata={"pattern": (r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N")}
+    )
+    # torch optimizer, built as Cls(params, **kwargs); may be null when train.epochs == 0
+    optimizer: dict[str, Any] | None = field(default=None, metadata={"component": ("params",)})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_component(value: Any) -> bool:
+    return isinstance(value, (Mapping, DictConfig)) and COMPONENT_KEY in value
+
+
+def resolve_component(dotted: str) -> Callable[..., Any]:
+    """Import ``"pkg.mod.Name"`` (or ``"pkg.mod.Class.attr"``) and return the callable.
+
+    The longest importable module prefix is imported with importlib, the rest is read with getattr.
+    A module that exists but fails to import (a bug in it, a missing dependency) is reported as such,
+    not mistaken for a wrong path.
+
+    Raises:
+        ConfigError: naming ``dotted`` and why it could not be imported.
+    """
+    if not isinstance(dotted, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", dotted):
+        raise ConfigError(f"_component_ must be a dotted path like 'pkg.module.Name', got {dotted!r}")
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:i])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # Only "this module does not exist" means: try a shorter prefix.
+            if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+                continue
+            raise ConfigError(f"cannot import {dotted!r}: importing {module_name!r} failed: {e}") from e
+        except Exception as e:  # any error while importing user code is reported
+            raise ConfigError(
+                f"cannot import {dotted!r}: importing {module_name!r} raised {type(e).__name__}: {e}"
+            ) from e
+        for j, attr in enumerate(parts[i:], start=i):
+            if not hasattr(obj, attr):
+                owner = ".".join(parts[:j])
+                public = sorted(n for n in dir(obj) if not n.startswith("_"))
+                hint = _did_you_mean(attr, public)
+                raise ConfigError(f"cannot import {dotted!r}: {owner!r} has no attribute {attr!r}{hint}")
+            obj = getattr(obj, attr)
+        if not callable(obj):
+            raise ConfigError(f"{dotted!r} is not callable (got {type(obj).__name__})")
+        return obj
+    raise ConfigError(f"cannot import {dotted!r}: no module named {parts[0]!r}")
+
+
+def component_kwargs(node: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of a ``_component_`` node as plain python containers (resolved).
+
+    Nested component nodes stay as dicts (not built); useful to record a method's hyperparameters.
+    """
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    return {k: v for k, v in data.items() if k != COMPONENT_KEY}
+
+
+def _build(value: Any) -> Any:
+    """Recursively instantiate nested component nodes inside plain containers."""
+    if isinstance(value, Mapping):
+        if COMPONENT_KEY in value:
+            return instantiate(value)
+        return {k: _build(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_build(v) for v in value]
+    return value
+
+
+def instantiate(node: DictConfig | Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """Build ``node[_component_](*args, **node_kwargs, **kwargs)``.
+
+    ``args`` / ``kwargs`` are runtime arguments the recipe cannot hold (the CLIP model, class names,
+    parameters); keyword ones override the recipe's. Nested ``_component_`` nodes among the recipe's
+    kwargs are built first (with no runtime arguments).
+    """
+    if not _is_component(node):
+        raise ConfigError(f"instantiate needs a mapping with a {COMPONENT_KEY!r} key, got {node!r}")
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    target = resolve_component(data.pop(COMPONENT_KEY))
+    built = {k: _build(v) for k, v in data.items()}
+    built.update(kwargs)
+    return target(*args, **built)
+
+
+# --------------------------------------------------------------------------------------------------
+# Type checking of plain values against simple annotations
+# --------------------------------------------------------------------------------------------------
+
+_SEQ_ORIGINS = (list, tuple, cabc.Sequence, cabc.Iterable, cabc.Collection)
+_MAP_ORIGINS = (dict, cabc.Mapping, cabc.MutableMapping)
+_UNCHECKED = object()  # sentinel: annotation too complex to check, accept any value
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = typing.get_args(tp)
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool | object:
+    """True/False if ``value`` fits the annotation ``tp``; ``_UNCHECKED`` if ``tp`` is not simple."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    if tp is float:  # int is accepted for float (YAML writes 1 for 1.0); bool is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (str, bool):
+        return isinstance(value, tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)  # True is not 1
+    if origin in (Union, types.UnionType):
+        results = [_matches(value, a) for a in args]
+        if any(r is True for r in results):
+            return True
+        # Members we cannot check (Tensor, a class) cannot hold a YAML value: judge by the simple ones.
+        return False if any(r is False for r in results) else _UNCHECKED
+    if tp in (list, tuple) or origin in _SEQ_ORIGINS or tp in _SEQ_ORIGINS:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and ... not in args:  # tuple[int, str]: fixed length
+            return len(value) == len(args) and all(_matches(v, a) is not False for v, a in zip(value, args))
+        return all(_matches(v, args[0]) is not False for v in value) if args else True
+    if tp in (dict,) or origin in _MAP_ORIGINS or tp in _MAP_ORIGINS:
+        if not isinstance(value, Mapping):
+            return False
+        if len(args) != 2:
+            return True
+        return all(_key_matches(k, args[0]) and _matches(v, args[1]) is not False for k, v in value.items())
+    return _UNCHECKED
+
+
+def _key_matches(key: Any, tp: Any) -> bool:
+    # `train.epochs_by_shots.4=100` on the command line makes the key a string: accept digit strings.
+    if tp is int and isinstance(key, str):
+        return bool(re.fullmatch(r"-?\d+", key))
+    return _matches(key, tp) is not False
+
+
+def _check_value(value: Any, tp: Any, key: str, source: str) -> None:
+    if _matches(value, tp) is False:
+        raise ConfigError(
+            f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}", key=key, source=source
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _plain(node: Any, key: str, source: str) -> Any:
+    """Resolve a node to plain python, turning interpolation errors into ConfigErrors."""
+    try:
+        if isinstance(node, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(node, resolve=True)
+        return node
+    except OmegaConfBaseException as e:
+        raise ConfigError(
+            f"cannot resolve: {e}", key=getattr(e, "full_key", None) or key, source=source
+        ) from e
+
+
+def _get(cfg: DictConfig, name: str, key: str, source: str) -> Any:
+    try:
+        return cfg[name]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve: {_first_line(e)}", key=key, source=source) from e
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".tar"))
+
+
+def _validate_section(cfg: Any, schema: type, prefix: str, source: str, check_paths: bool) -> None:
+    """Check a plain section against a schema dataclass: keys, types, required fields, paths."""
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(
+            f"expected a mapping ({schema.__name__}), got {type(cfg).__name__} {cfg!r}",
+            key=prefix or None,
+            source=source,
+        )
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for name in cfg:
+        if name not in fields:
+            raise ConfigError(
+                f"unknown key {name!r}{_did_you_mean(name, list(fields))}; "
+                f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(fields)}",
+                key=_join(prefix, name),
+                source=source,
+            )
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name not in cfg:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError("missing required key", key=key, source=source)
+            continue
+        tp = hints[name]
+        value = _get(cfg, name, key, source)
+        if "component" in f.metadata:
+            if value is None and _matches(None, tp) is True:
+                continue
+            _validate_component(value, f.metadata["component"], key, source)
+        elif dataclasses.is_dataclass(tp):
+            _validate_section(value, tp, key, source, check_paths)
+        else:
+            value = _plain(value, key, source)
+            _check_value(value, tp, key, source)
+            pattern, allowed = f.metadata.get("pattern", (None, None))
+            if pattern and isinstance(value, str) and not re.fullmatch(pattern, value):
+                raise ConfigError(f"expected {allowed}, got {value!r}", key=key, source=source)
+            if check_paths and f.metadata.get("path") and isinstance(value, str):
+                if not (schema is DataConfig and cfg.get("name") in GENERATED_DATASETS):
+                    _check_exists(value, key, source)
+
+
+def _check_exists(value: str, key: str, source: str) -> None:
+    if not Path(value).expanduser().exists():
+        raise ConfigError(f"path does not exist: {value}", key=key, source=source)
+
+
+def _signature(target: Callable[..., Any], key: str, source: str) -> tuple[inspect.Signature, dict[str, Any]]:
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot read the signature of {target!r}: {e}", key=key, source=source) from e
+    try:  # annotations may be strings (from __future__ import annotations)
+        fn = target.__init__ if inspect.isclass(target) else target
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations are simply not type-checked
+        hints = {}
+    return sig, hints
+
+
+def _validate_component(node: Any, runtime_args: Sequence[str], key: str, source: str) -> None:
+    """Check a ``_component_`` node: the target imports, and every key is a valid keyword argument."""
+    if not _is_component(node):
+        raise ConfigError(
+            f"expected a mapping with a {COMPONENT_KEY!r} key (dotted path of a callable), got {node!r}",
+            key=key,
+            source=source,
+        )
+    dotted = _plain(node[COMPONENT_KEY], _join(key, COMPONENT_KEY), source)
+    try:
+        target = resolve_component(dotted)
+    except ConfigError as e:
+        raise ConfigError(e.reason, key=_join(key, COMPONENT_KEY), source=source) from e
+    sig, hints = _signature(target, key, source)
+    params = {
+        n: p
+        for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in runtime_args
+    }
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    for name in node:
+        if name == COMPONENT_KEY:
+            continue
+        sub = _join(key, name)
+        if name in runtime_args:
+            raise ConfigError(
+                f"{name!r} is passed at run time and cannot be set in a recipe", key=sub, source=source
+            )
+        if name not in params and not var_kw:
+            raise ConfigError(
+                f"unknown argument {name!r} of {dotted}{_did_you_mean(name, list(params))}; "
+                f"valid arguments: {', '.join(params) or '(none)'}",
+                key=sub,
+                source=source,
+            )
+        value = _get(node, name, sub, source)
+        if _is_component(value):  # nested component: validated on its own, built before the call
+            _validate_component(value, (), sub, source)
+            continue
+        value = _plain(value, sub, source)
+        if name in params:
+            _check_value(value, hints.get(name, params[name].annotation), sub, source)
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in node]
+    if missing:
+        raise ConfigError(
+            f"missing required argument(s) of {dotted}: {', '.join(missing)}", key=key, source=source
+        )
+
+
+def validate_recipe(cfg: DictConfig, source: str = "<recipe>", *, check_paths: bool = True) -> None:
+    """Validate a recipe against :class:`RecipeConfig` and its components' signatures.
+
+    Args:
+        cfg: the recipe (resolved or not; interpolations are resolved while checking).
+        source: the recipe file, named in every error.
+        check_paths: require ``data.root`` and a path-like ``model.pretrained`` to exist. Off for
+            recipe tests on machines without data.
+
+    Raises:
+        ConfigError: the first problem found, naming ``source`` and the key path.
+    """
+    _validate_section(cfg, RecipeConfig, "", source, check_paths)
+    pretrained = (
+        _get(cfg.model, "pretrained", "model.pretrained", source) if "pretrained" in cfg.model else None
+    )
+    if check_paths and isinstance(pretrained, str) and _looks_like_path(pretrained):
+        _check_exists(pretrained, "model.pretrained", source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def _schema_type(path: Sequence[Any]) -> Any:
+    """The schema annotation at a key path (None if the path is not in the schema)."""
+    tp: Any = RecipeConfig
+    for part in path:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _is_open_map(node: DictConfig, path: Sequence[Any]) -> bool:
+    """May an override add a new key here? Yes in component nodes and free-form maps (epochs_by_shots)."""
+    if COMPONENT_KEY in node:
+        return True
+    tp = _schema_type(path)
+    return tp is not None and (typing.get_origin(tp) in _MAP_ORIGINS or tp is dict)
+
+
+def _parse_override(item: str, source: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value", source=source)
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[\w-]+(\.[\w-]+)*", key):
+        raise ConfigError(f"bad key in override {item!r}", key=key or None, source=source)
+    # YAML-parse the value the way OmegaConf does (ints, floats, null, lists); keep ${...} unresolved.
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"_v={raw}"]), resolve=False)["_v"]
+    except Exception as e:  # YAML and OmegaConf parse errors
+        raise ConfigError(f"cannot parse value {raw!r}: {_first_line(e)}", key=key, source=source) from e
+    return key.split("."), value
+
+
+def _apply_override(cfg: DictConfig, parts: list[str], value: Any, source: str) -> None:
+    node: Any = cfg
+    path: list[Any] = []
+    for i, part in enumerate(parts):
+        key: Any = part
+        if isinstance(node, DictConfig) and key not in node and re.fullmatch(r"-?\d+", part):
+            tp = _schema_type(path)  # int-keyed maps (epochs_by_shots): `...epochs_by_shots.4=100`
+            if int(part) in node or (tp is not None and typing.get_args(tp)[:1] == (int,)):
+                key = int(part)
+        full = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if isinstance(node, ListConfig) and re.fullmatch(r"\d+", part) and int(part) < len(node):
+            key = int(part)
+        elif not isinstance(node, DictConfig):
+            raise ConfigError(f"cannot set a key inside a {type(node).__name__}", key=full, source=source)
+        elif key not in node and not (last and _is_open_map(node, path)):
+            level = ".".join(parts[:i]) or "the top level"
+            valid = [str(k) for k in node]
+            raise ConfigError(
+                f"override of unknown key {part!r}{_did_you_mean(part, valid)}; "
+                f"valid keys at {level}: {', '.join(valid)}",
+                key=full,
+                source=source,
+            )
+        if last:
+            node[key] = value
+        else:
+            node = node[key]
+            path.append(key)
+
+
+def _fill_defaults(cfg: DictConfig, schema: type) -> None:
+    """Add the schema's defaults for keys a recipe left out, so the engine can read every field."""
+    for f in dataclasses.fields(schema):
+        tp = typing.get_type_hints(schema)[f.name]
+        if f.name not in cfg:
+            if f.default is not dataclasses.MISSING:
+                cfg[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+                cfg[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        elif dataclasses.is_dataclass(tp) and isinstance(cfg[f.name], DictConfig):
+            _fill_defaults(cfg[f.name], tp)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True) -> DictConfig:
+    """Load a recipe, apply ``key=value`` overrides, validate it and resolve interpolations.
+
+    Args:
+        path: the recipe YAML file.
+        overrides: dotlist items such as ``"shots=4"``, ``"data.root=/x"``, ``"method.csc=true"``.
+            Only existing keys may be overridden, except inside ``_component_`` nodes (any argument
+            of the target) and free-form maps such as ``train.epochs_by_shots``.
+        check_paths: see :func:`validate_recipe`.
+
+    Returns:
+        The validated, resolved config, with schema defaults filled in for omitted optional keys.
+
+    Raises:
+        ConfigError: naming the recipe file and the offending key path.
+    """
+    source = str(path)
+    if not Path(path).is_file():
+        raise ConfigError("recipe file not found", source=source)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors come in several types
+        raise ConfigError(f"cannot parse YAML: {e}", source=source) from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"a recipe must be a mapping, got {type(cfg).__name__}", source=source)
+    for item in overrides:
+        parts, value = _parse_override(item, source)
+        _apply_override(cfg, parts, value, source)
+    _fill_defaults(cfg, RecipeConfig)
+    validate_recipe(cfg, source, check_paths=check_paths)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(
+            f"cannot resolve: {_first_line(e)}", key=getattr(e, "full_key", None), source=source
+        ) from e
+    return cfg
+
+
+def epochs_for(cfg: DictConfig) -> int:
+    """Training epochs for this run: ``train.epochs_by_shots[shots]`` if present, else ``train.epochs``.
+
+    CoOp trains longer with more shots (1 -> 50, 2/4 -> 100, 8/16 -> 200 epochs); one recipe holds the
+    whole table so a ``shots=`` override picks the right schedule.
+    """
+    by_shots = cfg.train.get("epochs_by_shots") or {}
+    for key in (int(cfg.shots), str(cfg.shots)):
+        if key in by_shots:
+            return int(by_shots[key])
+    return int(cfg.train.epochs)

@@ -1,0 +1,223 @@
+"""Dataset definitions (`datasets/*.yaml`) and `load_dataset`.
+
+A dataset is declared, not coded: one YAML names its folder under `$DATA`, the reader for its
+layout, its split or class-list files, its prompt template and its expected sizes. Adding a
+dataset with an existing layout is adding a YAML file. The YAML folder is the repository's
+`datasets/` unless the environment variable `PROMPTLAB_DATASETS_DIR` points elsewhere; any YAML
+file can also be passed by path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from promptlab.data.items import SPLITS, DatasetSplits, hash_splits
+from promptlab.data.readers import READERS, fix_hint, where
+
+log = logging.getLogger(__name__)
+
+DATASETS_ENV = "PROMPTLAB_DATASETS_DIR"
+
+
+@dataclass
+class DatasetSpec:
+    """The parsed contents of one dataset YAML (keys are exactly these field names).
+
+    Attributes:
+        name: Dataset name used by recipes (`data.name`).
+        reader: Layout: "split_file", "fgvc_aircraft", "imagenet_folders" or "custom".
+        folder: The dataset's folder under the data root.
+        template: Hand-crafted prompt with one `{}` for the class name.
+        image_dir: Image folder relative to `folder`; split-file paths are relative to it.
+        split_file: CoOp split file relative to `folder` (split_file; optional for custom).
+        classnames_file: Class list relative to `folder` (classnames.txt, variants.txt).
+        splits: Split name -> list file (fgvc_aircraft) or sub-folder of `image_dir`
+            (imagenet_folders).
+        folder_names: imagenet_folders only: "wnid" (folders named n01440764...) or "index"
+            (folders named 0..N-1, ImageNetV2).
+        image_ext: Suffix added to the image ids of list files (".jpg" for FGVCAircraft).
+        csv: custom only: CSV of `path,label[,split]` relative to `folder`.
+        split_ratio: custom only, without a split: (train, val) fractions per class.
+        split_seed: custom only: seed of that per-class split.
+        num_classes: Expected class count; labels at or above it are errors.
+        test_only: The dataset is only evaluated on (ImageNet shifts).
+        expected: Expected item count per split, checked by `promptlab data check`.
+        download: File or folder (relative to `folder`, or "*") -> how to obtain it.
+        yaml_path: Where this spec was read from (for error messages).
+    """
+
+    name: str
+    reader: str
+    folder: str
+    template: str
+    image_dir: str = "."
+    split_file: str | None = None
+    classnames_file: str | None = None
+    splits: dict[str, str] = field(default_factory=dict)
+    folder_names: str = "wnid"
+    image_ext: str = ""
+    csv: str | None = None
+    split_ratio: tuple[float, float] = (0.5, 0.2)
+    split_seed: int = 1
+    num_classes: int | None = None
+    test_only: bool = False
+    expected: dict[str, int] = field(default_factory=dict)
+    download: dict[str, str] = field(default_factory=dict)
+    yaml_path: Path | None = None
+
+    def required_paths(self) -> list[tuple[str, str]]:
+        """(relative path under `folder`, what it is) for every file or folder the reader needs."""
+        out = [(self.image_dir, "image folder")]
+        if self.split_file:
+            out.append((self.split_file, "split file"))
+        if self.classnames_file:
+            out.append((self.classnames_file, "class list"))
+        if self.csv:
+            out.append((self.csv, "CSV file"))
+        for split, rel in self.splits.items():
+            if self.reader == "imagenet_folders":
+                out.append((Path(self.image_dir, rel).as_posix(), f"{split} image folder"))
+            else:
+                out.append((rel, f"{split} list"))
+        seen: set[str] = set()
+        return [(p, w) for p, w in out if not (p in seen or seen.add(p))]
+
+
+_REQUIRED_BY_READER = {
+    "split_file": ("split_file",),
+    "fgvc_aircraft": ("classnames_file", "splits"),
+    "imagenet_folders": ("classnames_file", "splits"),
+    "custom": (),
+}
+
+
+def datasets_dir() -> Path:
+    """The folder holding the dataset YAMLs ($PROMPTLAB_DATASETS_DIR or the repo's `datasets/`)."""
+    env = os.environ.get(DATASETS_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "datasets"
+
+
+def dataset_names() -> list[str]:
+    """Names of the known datasets: the stems of `datasets/*.yaml`, sorted."""
+    d = datasets_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def parse_spec(path: Path) -> DatasetSpec:
+    """Read and validate one dataset YAML; errors name the file and the offending key."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"dataset YAML {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"dataset YAML {path} must be a mapping of keys to values.")
+    known = {f.name for f in dataclasses.fields(DatasetSpec)} - {"yaml_path"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"dataset YAML {path}: unknown key(s) {unknown}; known keys: {sorted(known)}.")
+    missing = [k for k in ("name", "reader", "folder", "template") if k not in raw]
+    if missing:
+        raise ValueError(f"dataset YAML {path}: missing key(s) {missing}.")
+    if raw["reader"] not in READERS:
+        raise ValueError(f"dataset YAML {path}: reader {raw['reader']!r} is not one of {sorted(READERS)}.")
+    for key in _REQUIRED_BY_READER[raw["reader"]]:
+        if not raw.get(key):
+            raise ValueError(f"dataset YAML {path}: reader {raw['reader']!r} needs key '{key}'.")
+    if "{}" not in str(raw["template"]):
+        raise ValueError(
+            f"dataset YAML {path}: template {raw['template']!r} has no '{{}}' for the class name."
+        )
+    bad = sorted(set(raw.get("splits") or {}) - set(SPLITS)) + sorted(
+        set(raw.get("expected") or {}) - set(SPLITS)
+    )
+    if bad:
+        raise ValueError(f"dataset YAML {path}: unknown split name(s) {bad}; use {list(SPLITS)}.")
+    if raw.get("folder_names", "wnid") not in ("wnid", "index"):
+        raise ValueError(f"dataset YAML {path}: folder_names must be 'wnid' or 'index'.")
+    spec = DatasetSpec(**raw, yaml_path=path)
+    spec.split_ratio = tuple(spec.split_ratio)
+    spec.splits = {str(k): str(v) for k, v in (spec.splits or {}).items()}
+    spec.download = {str(k): str(v) for k, v in (spec.download or {}).items()}
+    spec.expected = dict(spec.expected or {})
+    return spec
+
+
+def get_spec(name_or_yaml_path: str | Path) -> DatasetSpec:
+    """Find a dataset's spec by name (`datasets/<name>.yaml`) or by the path of a YAML file."""
+    s = str(name_or_yaml_path)
+    if s.endswith((".yaml", ".yml")) or os.sep in s:
+        path = Path(s).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset YAML {path} not found.")
+        return parse_spec(path)
+    path = datasets_dir() / f"{s}.yaml"
+    if not path.is_file():
+        raise KeyError(
+            f"unknown dataset {s!r}; known: {', '.join(dataset_names())} (YAMLs in {datasets_dir()})."
+        )
+    return parse_spec(path)
+
+
+def load_dataset(
+    name_or_yaml_path: str | Path, root: str | Path, *, check_files: bool = True
+) -> DatasetSplits:
+    """Read a dataset's full train / val / test splits from the user's data root.
+
+    Args:
+        name_or_yaml_path: A name from `dataset_names()` or the path of a dataset YAML.
+        root: The data root (`$DATA`) holding the dataset folders in CoOp's DATASETS.md layout.
+        check_files: Check that every image listed by a split or list file exists, so a missing
+            image fails here, naming itself, instead of deep inside a training epoch.
+
+    Returns:
+        All items (no few-shot draw yet; see `fewshot_split`), class names and prompt template.
+
+    Raises:
+        FileNotFoundError: The root, dataset folder, a split/list file or an image is missing; the
+            message names the path, the dataset YAML and how to obtain the file.
+        ValueError: A malformed split file, label out of range, class-name mismatch or empty class.
+    """
+    spec = get_spec(name_or_yaml_path)
+    root = Path(os.path.abspath(os.path.expanduser(str(root))))
+    if not root.is_dir():
+        raise FileNotFoundError(f"{where(spec)}: data root {root} does not exist.")
+    dataset_dir = root / spec.folder
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(
+            f"{where(spec)}: dataset folder {dataset_dir} not found under the data root.{fix_hint(spec, '*')}"
+        )
+    splits, classnames = READERS[spec.reader](spec, dataset_dir, check_files)
+    if spec.num_classes is not None and len(classnames) != spec.num_classes:
+        if len(classnames) > spec.num_classes:
+            raise ValueError(
+                f"{where(spec)}: found {len(classnames)} classes but num_classes is {spec.num_classes}."
+            )
+        log.warning("%s: found %d classes, expected %d", where(spec), len(classnames), spec.num_classes)
+    if spec.test_only:
+        splits["train"], splits["val"] = [], []
+    train, val, test = (splits.get(s, []) for s in SPLITS)
+    log.info(
+        "%s: %d classes, %d train / %d val / %d test",
+        spec.name,
+        len(classnames),
+        len(train),
+        len(val),
+        len(test),
+    )
+    return DatasetSplits(
+        name=spec.name,
+        train=train,
+        val=val,
+        test=test,
+        classnames=classnames,
+        template=spec.template,
+        root=root,
+        image_dir=(dataset_dir / spec.image_dir),
+        split_hash=hash_splits(train, val, test, root),
+    )

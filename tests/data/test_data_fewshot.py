@@ -1,0 +1,185 @@
+"""Few-shot draw and base/new subsampling against the reference (Dassl/CoOp) formulation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from promptlab.data import Item, fewshot_split, load_dataset, subsample_classes
+from promptlab.data import fewshot as fewshot_mod
+
+
+def dassl_reference(train, val, shots, seed):
+    """CoOp's call sequence, written from Dassl's `set_random_seed` + `generate_fewshot_dataset`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    def generate_fewshot_dataset(data_source, num_shots):
+        tracker = defaultdict(list)  # split_dataset_by_label: insertion order = first appearance
+        for item in data_source:
+            tracker[item.label].append(item)
+        dataset = []
+        for _, items in tracker.items():
+            dataset.extend(random.sample(items, num_shots) if len(items) >= num_shots else items)
+        return dataset
+
+    return generate_fewshot_dataset(train, shots), generate_fewshot_dataset(val, min(shots, 4))
+
+
+def coop_subsample_reference(train, val, test, subsample):
+    """CoOp's `OxfordPets.subsample_classes`, over (path, label, classname) items."""
+    labels = sorted({it.label for it in train})
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subsample == "base" else labels[m:]
+    relabeler = {y: y_new for y_new, y in enumerate(selected)}
+    return [
+        [Item(it.path, relabeler[it.label], it.classname) for it in d if it.label in selected]
+        for d in (train, val, test)
+    ]
+
+
+@pytest.mark.parametrize("shots", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_draw_equals_dassl(pets_root, shots, seed):
+    ds = load_dataset("oxford_pets", pets_root)
+    ref_train, ref_val = dassl_reference(ds.train, ds.val, shots, seed)
+    out = fewshot_split(ds, shots, seed)
+    assert out.train == ref_train  # same images, same order
+    assert out.val == ref_val
+    assert out.test == ds.test
+    assert (out.shots, out.seed) == (shots, seed)
+
+
+def test_draw_groups_by_first_appearance_not_sorted_label(pets_root):
+    ds = load_dataset("oxford_pets", pets_root)
+    first_seen = list(dict.fromkeys(it.label for it in ds.train))
+    assert first_seen != sorted(first_seen)  # the fixture shuffles, so the order is meaningful
+    out = fewshot_split(ds, 1, 1)
+    assert [it.label for it in out.train] == first_seen
+
+
+def test_seed_determinism(pets_root):
+    ds = load_dataset("oxford_pets", pets_root)
+    a, b, c = fewshot_split(ds, 2, 1), fewshot_split(ds, 2, 1), fewshot_split(ds, 2, 2)
+    assert a.train == b.train and a.val == b.val
+    assert a.train != c.train
+
+
+def test_global_random_state_untouched(pets_root):
+    ds = load_dataset("oxford_pets", pets_root)
+    random.seed(123)
+    state = random.getstate()
+    fewshot_split(ds, 2, 1)
+    assert random.getstate() == state
+
+
+def test_shots_nonpositive_means_all_data(pets_root):
+    ds = load_dataset("oxford_pets", pets_root)
+    for k in (0, -1):
+        out = fewshot_split(ds, k, 1)
+        assert out.train == ds.train and out.val == ds.val and out.shots == 0
+
+
+def test_short_class_kept_whole_with_warning(pets_root, caplog):
+    ds = load_dataset("oxford_pets", pets_root)
+    with caplog.at_level(logging.WARNING):
+        out = fewshot_split(ds, 4, 1)
+    short = [it for it in out.train if it.label == 2]
+    assert len(short) == 2  # class 2 has only two training images
+    assert "fewer than 4" in caplog.text
+
+
+def test_cache_written_relative_and_reused(pets_root, tmp_path, monkeypatch, helpers):
+    cache = tmp_path / "run" / "cache"
+    ds = load_dataset("oxford_pets", pets_root)
+    first = fewshot_split(ds, 2, 1, cache_dir=cache)
+    files = list(cache.rglob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["split_hash"] == ds.split_hash
+    assert all(row[0].startswith("oxford_pets/images/") for row in data["train"] + data["val"])
+
+    def no_draw(*a, **k):
+        raise AssertionError("should have reused the cache")
+
+    monkeypatch.setattr(fewshot_mod, "draw_per_label", no_draw)
+    again = fewshot_split(ds, 2, 1, cache_dir=cache)
+    assert again.train == first.train and again.val == first.val
+
+
+def test_cache_survives_moving_the_data_root(pets_root, tmp_path):
+    cache = tmp_path / "cache"
+    first = fewshot_split(load_dataset("oxford_pets", pets_root), 2, 3, cache_dir=cache)
+    moved = tmp_path / "moved"
+    shutil.move(str(pets_root), moved)
+    ds = load_dataset("oxford_pets", moved)
+    again = fewshot_split(ds, 2, 3, cache_dir=cache)
+    assert [it.path for it in again.train] == [
+        it.path.replace(str(pets_root), str(moved)) for it in first.train
+    ]
+    assert all(it.path.startswith(str(moved)) for it in again.train)
+
+
+def test_changed_split_file_invalidates_cache(pets_root, tmp_path):
+    cache = tmp_path / "cache"
+    fewshot_split(load_dataset("oxford_pets", pets_root), 2, 1, cache_dir=cache)
+    split_path = pets_root / "oxford_pets" / "split_zhou_OxfordPets.json"
+    split = json.loads(split_path.read_text())
+    split["train"] = split["train"][1:]  # drop one training entry
+    split_path.write_text(json.dumps(split))
+    ds = load_dataset("oxford_pets", pets_root)
+    out = fewshot_split(ds, 2, 1, cache_dir=cache)
+    ref_train, ref_val = dassl_reference(ds.train, ds.val, 2, 1)
+    assert out.train == ref_train and out.val == ref_val
+    data = json.loads(next(cache.rglob("*.json")).read_text())
+    assert data["split_hash"] == ds.split_hash
+
+
+def test_nothing_written_into_data_folder(pets_root, tmp_path, helpers):
+    before = helpers.snapshot(pets_root)
+    ds = load_dataset("oxford_pets", pets_root)
+    subsample_classes(fewshot_split(ds, 4, 1, cache_dir=tmp_path / "cache"), "new")
+    assert helpers.snapshot(pets_root) == before
+
+
+def test_cache_dir_inside_data_root_refused(pets_root):
+    ds = load_dataset("oxford_pets", pets_root)
+    with pytest.raises(ValueError, match="inside the data root"):
+        fewshot_split(ds, 2, 1, cache_dir=pets_root / "oxford_pets" / "split_fewshot")
+
+
+@pytest.mark.parametrize("which", ["base", "new"])
+def test_subsample_equals_coop_with_odd_class_count(pets_root, which):
+    ds = fewshot_split(load_dataset("oxford_pets", pets_root), 4, 1)
+    assert ds.num_classes == 5
+    out = subsample_classes(ds, which)
+    ref = coop_subsample_reference(ds.train, ds.val, ds.test, which)
+    assert [out.train, out.val, out.test] == ref
+    expected_old = [0, 1, 2] if which == "base" else [3, 4]  # ceil(5/2) = 3 base classes
+    assert out.classnames == [ds.classnames[y] for y in expected_old]
+    for split in (out.train, out.val, out.test):
+        assert sorted({it.label for it in split}) == list(range(len(expected_old)))
+        assert all(out.classnames[it.label] == it.classname for it in split)
+    assert out.subsample == which
+
+
+def test_subsample_all_is_identity_and_bad_name_rejected(pets_root):
+    ds = load_dataset("oxford_pets", pets_root)
+    assert subsample_classes(ds, "all") is ds
+    with pytest.raises(ValueError, match="'all', 'base' or 'new'"):
+        subsample_classes(ds, "novel")
+
+
+def test_fewshot_after_subsample_refused(pets_root):
+    ds = subsample_classes(load_dataset("oxford_pets", pets_root), "base")
+    with pytest.raises(ValueError, match="before subsample_classes"):
+        fewshot_split(ds, 2, 1)

@@ -1,0 +1,237 @@
+"""One battery over every registered method (``promptlab.methods.METHODS``): a new method is tested
+here for free. Methods are built with their default hyperparameters; a method whose ``__init__`` has
+required extra arguments gets them from ``EXTRA_KWARGS``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+
+from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.methods import METHODS, CoOp
+from promptlab.prompts import PromptModule
+
+CLASSNAMES = ["cat", "sea_lion", "Yorkshire_terrier", "golden retriever"]
+OTHER_CLASSNAMES = ["airliner", "fire_truck"]
+
+#: Required arguments of methods that have some (beyond clip and classnames). Keep it small.
+EXTRA_KWARGS: dict[str, dict[str, Any]] = {}
+
+NAMES = sorted(METHODS)
+
+
+def build(name: str, clip: FrozenCLIP, classnames=CLASSNAMES, seed: int = 0, **kw: Any) -> PromptModule:
+    cls = METHODS[name]
+    kwargs = {**EXTRA_KWARGS.get(name, {}), **kw}
+    required = [
+        p.name
+        for p in list(inspect.signature(cls.__init__).parameters.values())[3:]
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    missing = [r for r in required if r not in kwargs]
+    assert not missing, f"method {name!r} needs {missing}: add them to EXTRA_KWARGS in tests/test_methods.py"
+    torch.manual_seed(seed)
+    return cls(clip, classnames, **kwargs)
+
+
+def _perturb(module: PromptModule, seed: int = 7) -> None:
+    """Move every learned tensor away from its initialisation (so round trips are not vacuous)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.trainable_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g).to(p))
+
+
+@pytest.fixture
+def fresh_clip() -> FrozenCLIP:
+    """A backbone of one's own, for tests that step an optimizer (the shared one must stay pristine)."""
+    return load_clip("tiny")
+
+
+def test_registry() -> None:
+    assert {"coop", "zeroshot"} <= set(METHODS)
+    for name, cls in METHODS.items():
+        assert issubclass(cls, PromptModule), name
+        assert cls.__doc__, f"{name}: document the method (paper link)"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_from_images_and_features(name: str, tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    m = build(name, tiny_clip)
+    B, C = images.shape[0], len(CLASSNAMES)
+    logits = m(images)
+    assert logits.shape == (B, C)
+    assert torch.isfinite(logits).all()
+    feats = m.encode_image(images)
+    assert feats.shape == (B, tiny_clip.embed_dim)
+    from_feats = m(image_features=feats)
+    assert from_feats.shape == (B, C)
+    if m.image_side_frozen:
+        torch.testing.assert_close(from_feats, logits, atol=1e-6, rtol=0)
+        assert not feats.requires_grad  # cacheable: no graph into the image tower
+    with pytest.raises(ValueError):
+        m()
+    loss = m.loss(logits, torch.arange(B) % C)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sgd_step_touches_only_learned_tensors(
+    name: str, fresh_clip: FrozenCLIP, images: torch.Tensor
+) -> None:
+    m = build(name, fresh_clip)
+    trainable = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    backbone_parts = tuple(f"clip.{part}" for part in m.trainable_backbone_parts)
+    for n in trainable:
+        assert not n.startswith("clip.") or n.startswith(backbone_parts), f"{n}: a CLIP weight is trainable"
+    if not trainable:
+        # nothing to learn: no step to take, and nothing to save
+        assert m.trainable_parameters() == []
+        assert m.prompt_state_dict() == {}
+        return
+
+    before = {k: v.clone() for k, v in m.state_dict(keep_vars=False).items()}
+    clip_before = {k: v.clone() for k, v in fresh_clip.model.state_dict().items()}
+    opt = torch.optim.SGD(m.trainable_parameters(), lr=1.0)
+    labels = torch.arange(images.shape[0]) % len(CLASSNAMES)
+    m.train()
+    loss = m.loss(m(images), labels)
+    loss.backward()
+    opt.step()
+
+    after = m.state_dict()
+    for k, v in before.items():
+        if k in trainable:
+            assert trainable[k].grad is not None and trainable[k].grad.abs().max() > 0, f"{k}: no gradient"
+            assert not torch.equal(after[k], v), f"{k}: trainable tensor did not move"
+        elif not k.startswith(backbone_parts):  # (startswith(()) is False)
+            assert torch.equal(after[k], v), f"{k} changed but is not trainable"
+    for k, v in fresh_clip.model.state_dict().items():
+        if not f"clip.model.{k}".startswith(backbone_parts):
+            assert torch.equal(v, clip_before[k]), f"CLIP weight {k} changed"
+    for n, p in fresh_clip.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, f"CLIP weight {n} received a gradient"
+    assert not any(mod.training for mod in fresh_clip.modules())  # m.train() did not reach the backbone
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prompt_state_dict_round_trip(name: str, tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    m = build(name, tiny_clip, seed=0)
+    _perturb(m)
+    state = m.prompt_state_dict()
+    learned = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert set(state) == learned, "prompt_state_dict must hold exactly the learned tensors"
+    parts = tuple(f"clip.{part}" for part in m.trainable_backbone_parts)
+    assert not any(k.startswith("clip.") and not k.startswith(parts) for k in state)
+    assert all(not v.requires_grad for v in state.values())
+
+    fresh = build(name, tiny_clip, seed=1)
+    with torch.no_grad():
+        target = m(images)
+        if state:
+            assert (fresh(images) - target).abs().max() > 1e-5  # different before loading
+        fresh.load_prompt_state_dict({k: v.clone() for k, v in state.items()})
+        torch.testing.assert_close(fresh(images), target, atol=0, rtol=0)
+    for k, v in fresh.prompt_state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_set_classnames_keeps_learned_tensors(name: str, tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    m = build(name, tiny_clip)
+    _perturb(m)
+    state = {k: v.clone() for k, v in m.prompt_state_dict().items()}
+    assert m(images).shape == (images.shape[0], len(CLASSNAMES))
+    m.set_classnames(OTHER_CLASSNAMES)
+    assert m.classnames == OTHER_CLASSNAMES
+    with torch.no_grad():
+        logits = m(images)
+    assert logits.shape == (images.shape[0], len(OTHER_CLASSNAMES))
+    for k, v in m.prompt_state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed on set_classnames"
+    # the same as a module built for the new classes directly, with the learned tensors loaded
+    direct = build(name, tiny_clip, classnames=OTHER_CLASSNAMES, seed=3)
+    direct.load_prompt_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(direct(images), logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_prompt_state_dict_errors(name: str, tiny_clip: FrozenCLIP) -> None:
+    m = build(name, tiny_clip)
+    state = m.prompt_state_dict()
+    with pytest.raises(KeyError, match="bogus_tensor"):
+        m.load_prompt_state_dict({**state, "bogus_tensor": torch.zeros(1)})
+    for key, value in state.items():
+        wrong = torch.zeros(value.shape[0] + 1, *value.shape[1:]) if value.dim() else torch.zeros(2)
+        with pytest.raises(ValueError, match=key):
+            m.load_prompt_state_dict({**state, key: wrong})
+        without = {k: v for k, v in state.items() if k != key}
+        with pytest.raises(KeyError, match=key):
+            m.load_prompt_state_dict(without)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hparams_recorded(name: str, tiny_clip: FrozenCLIP) -> None:
+    m = build(name, tiny_clip)
+    params = list(inspect.signature(METHODS[name].__init__).parameters.values())[3:]
+    expected = {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    expected.update(EXTRA_KWARGS.get(name, {}))
+    assert m.hparams == expected
+    # the record rebuilds the same module (what an export relies on)
+    again = build(name, tiny_clip, **m.hparams)
+    assert again.hparams == m.hparams
+    assert {k: v.shape for k, v in again.prompt_state_dict().items()} == {
+        k: v.shape for k, v in m.prompt_state_dict().items()
+    }
+
+
+def test_hparams_record_overrides(tiny_clip: FrozenCLIP) -> None:
+    m = CoOp(tiny_clip, CLASSNAMES, n_ctx=3, csc=True, class_token_position="front")
+    assert m.hparams == dict(n_ctx=3, ctx_init="", csc=True, class_token_position="front")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_text_features(name: str, tiny_clip: FrozenCLIP, images: torch.Tensor, monkeypatch) -> None:
+    m = build(name, tiny_clip)
+    _perturb(m)
+    with torch.no_grad():
+        plain = m(images)
+    calls = []
+    real = m.text_features
+    monkeypatch.setattr(m, "text_features", lambda: calls.append(1) or real())
+    with m.cached_text_features(), torch.no_grad():
+        cached = m(images)
+        cached_again = m(images[:1])
+    torch.testing.assert_close(cached, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached_again, plain[:1], atol=1e-6, rtol=0)
+    if not m.text_depends_on_image:
+        assert len(calls) == 1, "text features must be computed once inside cached_text_features()"
+    n = len(calls)
+    with torch.no_grad():
+        m(images)
+    assert len(calls) == n + (0 if m.text_depends_on_image else 1), "the cache must end with the context"
+
+
+def test_coop_csc_refuses_other_class_count(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    m = CoOp(tiny_clip, CLASSNAMES, n_ctx=4, csc=True)
+    ctx = m.ctx.detach().clone()
+    with pytest.raises(ValueError, match=r"4 contexts.*2 classes"):
+        m.set_classnames(OTHER_CLASSNAMES)
+    assert torch.equal(m.ctx, ctx) and m.classnames == CLASSNAMES
+    assert m(images).shape == (images.shape[0], len(CLASSNAMES))  # still usable after the refusal
+    renamed = ["dog", "horse", "fire_truck", "lion"]  # same count: allowed
+    m.set_classnames(renamed)
+    assert m(images).shape == (images.shape[0], 4) and torch.equal(m.ctx, ctx)
+
+
+def test_coop_unified_context_transfers(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    m = CoOp(tiny_clip, CLASSNAMES, n_ctx=4, csc=False)
+    m.set_classnames(OTHER_CLASSNAMES)
+    assert m(images).shape == (images.shape[0], 2)
+    with pytest.raises(ValueError, match="class_token_position"):
+        CoOp(tiny_clip, CLASSNAMES, class_token_position="back")

@@ -1,0 +1,34 @@
+"""Every shipped recipe validates against the schema and its components' signatures, without building them.
+
+Parametrized over a glob of ``recipes/``, so a new recipe is tested for free (torchtune's recipe test).
+No data, weights or models are needed: ``check_paths=False`` and nothing is instantiated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from promptlab.config import ConfigError, epochs_for, load_recipe
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))
+
+
+def test_recipes_exist() -> None:
+    """Guard against the glob silently matching nothing (a moved folder would make every test vanish)."""
+    assert RECIPES, f"no recipes found under {RECIPES_DIR}"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(RECIPES_DIR)) for p in RECIPES])
+def test_recipe_validates(path: Path) -> None:
+    """A recipe must load and validate; a component that cannot be imported is reported by name."""
+    try:
+        cfg = load_recipe(path, check_paths=False)
+    except ConfigError as e:
+        pytest.fail(f"invalid recipe {path.relative_to(RECIPES_DIR)}:\n{e}", pytrace=False)
+    assert "${" not in cfg.output_dir, "output_dir must be fully resolved"
+    assert epochs_for(cfg) >= 0
+    if epochs_for(cfg) > 0:
+        assert cfg.optimizer is not None, "a recipe that trains needs an optimizer"
