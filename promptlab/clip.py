@@ -302,6 +302,8 @@ class FrozenCLIP(nn.Module):
             normalize: L2-normalize the pooled features.
         """
         images = images.to(self.device, self.dtype)
+        if deep_prompts and prompts is None:
+            raise ValueError("encode_image: deep_prompts replace appended visual prompts; pass the first layer's `prompts` too")
         if not self.vision_is_transformer:
             if prompts is not None or deep_prompts or return_tokens:
                 raise ValueError(f"{self.arch}: visual prompts and patch tokens need a ViT image tower")

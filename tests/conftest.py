@@ -7,6 +7,7 @@ connection that leaves the machine (loopback stays allowed for DDP tests).
 
 from __future__ import annotations
 
+import copy
 import os
 
 # Before transformers / huggingface_hub are imported anywhere: they read these at import time.
@@ -72,6 +73,20 @@ def tiny_openclip_model() -> torch.nn.Module:
     return make_tiny_openclip_model()
 
 
+# Test modules get the factories through fixtures, not `from conftest import ...`: several conftest.py
+# files live under tests/, and the module name `conftest` is ambiguous.
+@pytest.fixture(scope="session")
+def tiny_openclip_cfg() -> Callable[[], dict]:
+    """``tiny_openclip_cfg()`` -> a fresh copy of STYLE.md's tiny open_clip configuration."""
+    return lambda: copy.deepcopy(TINY_OPENCLIP_CFG)
+
+
+@pytest.fixture(scope="session")
+def make_openclip() -> Callable[..., torch.nn.Module]:
+    """``make_openclip(seed=0, **overrides)`` -> a fresh tiny open_clip ``CLIP``."""
+    return make_tiny_openclip_model
+
+
 def make_tiny_hf_clip(seed: int = 0):
     """A tiny transformers ``CLIPModel`` using CLIP's real vocabulary ids (49408 tokens, EOT 49407)."""
     from transformers import CLIPConfig, CLIPModel
@@ -104,6 +119,12 @@ def make_tiny_hf_clip(seed: int = 0):
         torch.manual_seed(seed)
         model = CLIPModel(config)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def make_hf_clip() -> Callable[..., torch.nn.Module]:
+    """``make_hf_clip(seed=0)`` -> a fresh tiny transformers ``CLIPModel``."""
+    return make_tiny_hf_clip
 
 
 @pytest.fixture(scope="session")

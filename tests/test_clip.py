@@ -14,7 +14,6 @@ import open_clip
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TINY_OPENCLIP_CFG, make_tiny_hf_clip, make_tiny_openclip_model
 from open_clip.transformer import QuickGELU
 
 import promptlab.clip as pclip
@@ -213,18 +212,18 @@ def test_load_openai_jit_archive(tmp_path: Path, images: torch.Tensor) -> None:
 
 
 @pytest.fixture
-def registered_tiny_arch(monkeypatch: pytest.MonkeyPatch) -> str:
+def registered_tiny_arch(monkeypatch: pytest.MonkeyPatch, tiny_openclip_cfg) -> str:
     """Register STYLE.md's tiny config as an open_clip architecture name, for this test only."""
     name = "promptlab-test-tiny"
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, copy.deepcopy(TINY_OPENCLIP_CFG))
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, tiny_openclip_cfg())
     return name
 
 
 @pytest.mark.parametrize("fmt", ["wrapped_pt", "safetensors"])
 def test_load_open_clip_checkpoint(
-    tmp_path: Path, registered_tiny_arch: str, images: torch.Tensor, fmt: str
+    tmp_path: Path, registered_tiny_arch: str, images: torch.Tensor, fmt: str, make_openclip
 ) -> None:
-    src = make_tiny_openclip_model(seed=3).eval()
+    src = make_openclip(seed=3).eval()
     if fmt == "wrapped_pt":
         path = tmp_path / "epoch_10.pt"
         torch.save({"epoch": 10, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
@@ -242,15 +241,15 @@ def test_load_open_clip_checkpoint(
         torch.testing.assert_close(clip.encode_text(ids), src.encode_text(ids), atol=ATOL, rtol=0)
         torch.testing.assert_close(clip.encode_image(images), src.encode_image(images), atol=ATOL, rtol=0)
     # a checkpoint from another random model gives another backbone
-    other = load_clip(make_tiny_openclip_model(seed=4))
+    other = load_clip(make_openclip(seed=4))
     assert other.fingerprint() != clip.fingerprint()
 
 
-def test_load_open_clip_local_dir(tmp_path: Path) -> None:
+def test_load_open_clip_local_dir(tmp_path: Path, make_openclip, tiny_openclip_cfg) -> None:
     from safetensors.torch import save_file
 
-    src = make_tiny_openclip_model(seed=7).eval()
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPENCLIP_CFG}))
+    src = make_openclip(seed=7).eval()
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_openclip_cfg()}))
     save_file(src.state_dict(), str(tmp_path / "open_clip_model.safetensors"))
     clip = load_clip("tiny-dir", str(tmp_path))
     ids = clip.tokenize(TEXTS)
@@ -277,15 +276,15 @@ def test_load_hf_directory(hf_clip_dir: Path, images: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def test_load_in_memory_models(images: torch.Tensor) -> None:
-    hf = make_tiny_hf_clip(seed=2)
+def test_load_in_memory_models(images: torch.Tensor, make_openclip, make_hf_clip) -> None:
+    hf = make_hf_clip(seed=2)
     ids = open_clip.tokenize(TEXTS)
     ref = _features(hf.get_text_features(input_ids=ids))
     clip = load_clip(hf)
     assert clip.backend == "hf" and clip.model is hf
     torch.testing.assert_close(clip.encode_text(ids), ref, atol=ATOL, rtol=0)
 
-    oc = make_tiny_openclip_model(seed=2).eval()
+    oc = make_openclip(seed=2).eval()
     ref = oc.encode_text(ids)
     clip = load_clip(oc)
     assert clip.backend == "open_clip" and clip.model is oc
@@ -318,9 +317,9 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, monkeypatch: pytest.Monkey
         load_clip("ViT-B-32", str(tmp_path / "empty"))
 
 
-def test_open_clip_checkpoint_needs_arch(tmp_path: Path) -> None:
+def test_open_clip_checkpoint_needs_arch(tmp_path: Path, make_openclip) -> None:
     path = tmp_path / "ckpt.pt"
-    torch.save({"state_dict": make_tiny_openclip_model().state_dict()}, path)
+    torch.save({"state_dict": make_openclip().state_dict()}, path)
     with pytest.raises(ValueError, match="architecture name"):
         load_clip("", str(path))
 
@@ -342,17 +341,17 @@ def test_precision(precision: str, dtype: torch.dtype, tiny_clip: FrozenCLIP, im
 
 
 # ---------------------------------------------------------------------- frozen-ness, fingerprint
-def test_fingerprint() -> None:
+def test_fingerprint(make_openclip) -> None:
     a, b = load_clip("tiny"), load_clip("tiny")
     assert a.model is not b.model
     assert a.fingerprint() == b.fingerprint()
     assert len(a.fingerprint()) == 16
-    m = make_tiny_openclip_model(seed=0)
+    m = make_openclip(seed=0)
     m2 = copy.deepcopy(m)
     with torch.no_grad():
         m2.ln_final.bias[0] += 1e-3  # one number differs
     assert load_clip(m).fingerprint() != load_clip(m2).fingerprint()
-    assert load_clip(make_tiny_openclip_model(seed=1)).fingerprint() != load_clip(m).fingerprint()
+    assert load_clip(make_openclip(seed=1)).fingerprint() != load_clip(m).fingerprint()
 
 
 def test_frozen_and_stays_in_eval(tiny_openclip_model: nn.Module) -> None:
