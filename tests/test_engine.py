@@ -213,3 +213,30 @@ def test_evaluate_counts_correctly():
     labels = torch.tensor([0, 0, 1, 1])
     m = evaluate(Fixed(), [({"image_features": logits}, labels)], device=torch.device("cpu"))  # type: ignore[arg-type]
     assert m["accuracy"] == 75.0 and m["mean_per_class_accuracy"] == 75.0 and m["n"] == 4
+
+
+def _one_epoch(clip, tmp_path, **kw):
+    torch.manual_seed(0)
+    module = CoOp(clip, ["red circle", "blue square", "green star"], n_ctx=2)
+    start = module.ctx.detach().clone()
+    feats, labels = _features()
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(module.trainable_parameters(), lr=1.0)
+    res = train(module, FeatureBatches(feats, labels, 8, g), opt, epochs=1, lr_fn=lambda e: 1.0, generator=g,
+                run_dir=tmp_path, device=torch.device("cpu"), **kw)
+    return module, start, res
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(clip, tmp_path):
+    module, start, res = _one_epoch(clip, tmp_path, amp="bf16")
+    assert module.ctx.dtype == torch.float32 and math.isfinite(res.last_loss)
+    assert not torch.equal(module.ctx, start)
+
+
+def test_grad_clip_bounds_the_update(clip, tmp_path):
+    free, start, _ = _one_epoch(clip, tmp_path / "free")
+    clipped, start2, _ = _one_epoch(clip, tmp_path / "clip", grad_clip=1e-4)
+    assert torch.equal(start, start2)
+    step_free = (free.ctx - start).norm()
+    step_clipped = (clipped.ctx - start).norm()
+    assert step_clipped <= 3 * 1e-4 + 1e-7 < step_free  # 3 steps of lr 1.0 with |g| <= 1e-4
