@@ -1,4 +1,4 @@
-"""``promptlab run | eval | ls | cp | export | interpret | import-coop | data``.
+"""``promptlab run | eval | sweep | report | ls | cp | export | interpret | import-coop | data``.
 
 Recipes are named by path or relative to the repository's ``recipes/`` folder
 (``fewshot/coop_vit_b16``); ``key=value`` arguments override recipe keys.
@@ -152,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_import_coop)
 
     from promptlab.cli_data import add_data_commands
+    from promptlab.report import add_report_command
+    from promptlab.sweep import add_sweep_command
 
     add_data_commands(sub)
+    add_sweep_command(sub)
+    add_report_command(sub)
     return p
 
 

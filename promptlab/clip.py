@@ -37,9 +37,18 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
 }
 
+# The offline sandbox CLIP: pretrained on promptlab's procedural world, its weights ship in the
+# package (promptlab/sandbox/sandbox_clip.safetensors; architecture in the .json beside it).
+SANDBOX_ARCH = "sandbox"
+
 # DeepPrompts: per-layer tokens for the text tower. Either a mapping {layer index: tensor}, where
 # the tensor ([n, W] or [N, n, W]) replaces the n tokens right after the start token before that
 # layer runs (MaPLe / IVLP style), or a callable (layer index, hidden states) -> hidden states.
+# Layer indices count transformer blocks from 0. Block 0 sees the input embeddings themselves (the
+# "shallow" prompt, spliced into ``x`` by the method), so keys are 1..n_layers-1: "prompt depth d"
+# in the MaPLe / IVLP papers is the shallow prompt plus keys 1..d-1 (depth 9 -> blocks 0..8).
+# Keys beyond the tower are ignored; key 0 or below is an error. An empty mapping (depth 0 or 1)
+# runs exactly the plain encoder. The vision tower takes the same {layer: tensor} form.
 DeepPrompts = Mapping[int, torch.Tensor] | Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -67,6 +76,38 @@ def _block_forward(
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
     x = x + b.ls_1(b.out_proj(o.transpose(1, 2).reshape(B, L, W)))
     return x + b.ls_2(b.mlp(b.ln_2(x)))
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[..., L, W] -> [..., H, L, W/H]."""
+    return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(-3, -2)
+
+
+def _block_forward_prefixed(b: _Block, xp: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One causal block over prompts that share a prefix, computing the prefix once.
+
+    Args:
+        xp: [G, P, W] the shared prefix of each group (start token + unified context).
+        xs: [G, C, S, W] each prompt's own tokens (class name, '.', EOT), which attend causally
+            to the group's prefix and to their own earlier tokens.
+
+    In a causal tower the prefix's hidden states do not depend on what follows, so running it once
+    per group and letting every suffix read its keys and values is exactly the full computation.
+    """
+    G, P, W = xp.shape
+    C, S = xs.shape[1:3]
+    H = b.heads
+    qp, kp, vp = (_heads(t, H) for t in b.qkv(b.ln_1(xp)))  # [G, H, P, d]
+    qs, ks, vs = (_heads(t, H) for t in b.qkv(b.ln_1(xs)))  # [G, C, H, S, d]
+    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+    k = torch.cat([kp.unsqueeze(1).expand(G, C, *kp.shape[1:]), ks], dim=-2)  # [G, C, H, P+S, d]
+    v = torch.cat([vp.unsqueeze(1).expand(G, C, *vp.shape[1:]), vs], dim=-2)
+    mask = torch.ones(S, P + S, dtype=torch.bool, device=xs.device)
+    mask[:, P:] = torch.ones(S, S, dtype=torch.bool, device=xs.device).tril()
+    os_ = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)  # [G, C, H, S, d]
+    xp = xp + b.ls_1(b.out_proj(op.transpose(-3, -2).flatten(-2)))
+    xs = xs + b.ls_1(b.out_proj(os_.transpose(-3, -2).flatten(-2)))
+    return xp + b.ls_2(b.mlp(b.ln_2(xp))), xs + b.ls_2(b.mlp(b.ln_2(xs)))
 
 
 def _open_clip_blocks(transformer: nn.Module) -> list[_Block]:
@@ -188,6 +229,16 @@ class FrozenCLIP(nn.Module):
         return True
 
     @property
+    def text_layers(self) -> int:
+        """Number of text transformer blocks (deep-prompt keys run 1..text_layers-1)."""
+        return len(self._text_blocks)
+
+    @property
+    def vision_layers(self) -> int:
+        """Number of vision transformer blocks; 0 for a convolutional image tower (no visual prompts)."""
+        return len(self._vis_blocks) if self.vision_is_transformer else 0
+
+    @property
     def logit_scale(self) -> torch.Tensor:
         """exp(learned temperature), as CLIP multiplies cosine similarities by it. Scalar tensor."""
         return self.model.logit_scale.detach().float().exp().reshape(())
@@ -259,6 +310,7 @@ class FrozenCLIP(nn.Module):
         The tower is causal, so the batch is cut to its longest prompt (max EOT + 1) instead of
         the full context: the features are identical and the work is several times smaller.
         """
+        _check_deep_keys(deep_prompts)
         eot_index = eot_index.to(x.device)
         L = int(eot_index.max()) + 1 if self.is_causal else x.shape[1]
         x = x[:, :L].to(self.dtype) + self._pos_emb[:L].to(self.dtype)
@@ -268,6 +320,38 @@ class FrozenCLIP(nn.Module):
             x = self._run_block(blk, x, causal=True)
         x = self._ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]  # [N, W]
+        x = self._project_text(x)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text_prefixed(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, eot_index: torch.Tensor, normalize: bool = False
+    ) -> torch.Tensor:
+        """Text features of prompts that share a prefix, with the prefix run once per group.
+
+        Args:
+            prefix: [G, P, W] embeddings shared by all prompts of a group (CoOp: start token and
+                the unified context, G = 1; CoCoOp: G = images).
+            suffix: [G, C, S, W] or [C, S, W] (same suffixes for every group) per-prompt embeddings.
+            eot_index: [C] end-of-text position of each prompt in the full sequence (>= P).
+            normalize: L2-normalize the output.
+
+        Returns:
+            [G, C, D], equal to :meth:`encode_text_embeddings` of the concatenated prompts.
+        """
+        if not self.is_causal:
+            raise ValueError("a shared prefix is only exact for a causal text tower")
+        G, P, _ = prefix.shape
+        suffix = suffix.expand(G, *suffix.shape[-3:]) if suffix.dim() == 3 else suffix
+        eot_index = eot_index.to(prefix.device)
+        S = int(eot_index.max()) + 1 - P
+        xp = prefix.to(self.dtype) + self._pos_emb[:P].to(self.dtype)
+        xs = suffix[:, :, :S].to(self.dtype) + self._pos_emb[P : P + S].to(self.dtype)
+        for blk in self._text_blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and (xp.requires_grad or xs.requires_grad):
+                xp, xs = checkpoint(_block_forward_prefixed, blk, xp, xs, use_reentrant=False)
+            else:
+                xp, xs = _block_forward_prefixed(blk, xp, xs)
+        x = self._ln_final(xs[:, torch.arange(xs.shape[1], device=xs.device), eot_index - P])  # [G, C, W]
         x = self._project_text(x)
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -297,7 +381,11 @@ class FrozenCLIP(nn.Module):
         Args:
             images: [B, 3, H, W] normalized pixels.
             prompts: [n, Wv] or [B, n, Wv] visual prompt tokens appended after the patch tokens (VPT).
-            deep_prompts: {layer: [n, Wv] or [B, n, Wv]} replacing those appended tokens before a layer.
+                They are appended after the positional embedding and *before* ``ln_pre``, as in the
+                reference VPT / IVLP / MaPLe code (muzairkhattak/multimodal-prompt-learning).
+            deep_prompts: {layer: [n, Wv] or [B, n, Wv]} replacing those n appended tokens right before
+                block ``layer`` (1..n_layers-1, see ``DeepPrompts``); they enter the residual stream
+                as they are (no positional embedding, no LayerNorm), again as in the reference.
             return_tokens: also return the projected patch tokens [B, P, D] of the last layer.
             normalize: L2-normalize the pooled features.
         """
@@ -309,14 +397,24 @@ class FrozenCLIP(nn.Module):
                 raise ValueError(f"{self.arch}: visual prompts and patch tokens need a ViT image tower")
             pooled = self.model.encode_image(images) if self.backend == "open_clip" else self.model.get_image_features(images)
             return F.normalize(pooled, dim=-1) if normalize else pooled
-        x = self._vision_embed(images)  # [B, 1 + P, Wv]
+        _check_deep_keys(deep_prompts)
+        x = self._vision_embed(images)  # [B, 1 + P, Wv], before ln_pre
         n_patch = x.shape[1] - 1
+        n_prompt = 0
         if prompts is not None:
-            x = torch.cat([x, _expand(prompts, x.shape[0]).to(x.dtype)], dim=1)
+            p = _expand(prompts, x.shape[0]).to(x.dtype)  # [B, n, Wv]
+            n_prompt = p.shape[1]
+            x = torch.cat([x, p], dim=1)
+        x = self._vision_ln_pre(x)  # [B, 1 + P + n, Wv]
         for i, blk in enumerate(self._vis_blocks):
-            if deep_prompts and i > 0 and i in deep_prompts:
+            if deep_prompts and i in deep_prompts:
                 p = _expand(deep_prompts[i], x.shape[0]).to(x.dtype)
-                x = torch.cat([x[:, : x.shape[1] - p.shape[1]], p], dim=1)
+                if p.shape[1] != n_prompt:
+                    raise ValueError(
+                        f"deep visual prompts of layer {i} have {p.shape[1]} tokens; they replace the {n_prompt} "
+                        "tokens appended by `prompts`, so the counts must match"
+                    )
+                x = torch.cat([x[:, : 1 + n_patch], p], dim=1)
             x = self._run_block(blk, x)
         pooled = self._vision_post(x[:, 0])
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled
@@ -325,14 +423,16 @@ class FrozenCLIP(nn.Module):
         return pooled
 
     def _vision_embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Class + patch tokens with positional embeddings, before the pre-LayerNorm: [B, 1 + P, Wv]."""
         if self.backend == "hf":
-            vm = self.model.vision_model
-            return vm.pre_layrnorm(vm.embeddings(images))
+            return self.model.vision_model.embeddings(images)
         v = self.model.visual
         x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, P, Wv]
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        return v.ln_pre(x)
+        return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+
+    def _vision_ln_pre(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model.pre_layrnorm(x) if self.backend == "hf" else self.model.visual.ln_pre(x)
 
     def _vision_post(self, x: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm and projection into the joint space, for the class token or patch tokens."""
@@ -345,6 +445,14 @@ class FrozenCLIP(nn.Module):
 
 def _expand(p: torch.Tensor, batch: int) -> torch.Tensor:
     return p.unsqueeze(0).expand(batch, -1, -1) if p.dim() == 2 else p
+
+
+def _check_deep_keys(deep: DeepPrompts | None) -> None:
+    if isinstance(deep, Mapping) and any(int(k) < 1 for k in deep):
+        raise ValueError(
+            f"deep_prompts keys {sorted(deep)}: layer indices start at 1 (block 0 reads the input "
+            "embeddings, where the method splices its shallow prompt itself)"
+        )
 
 
 def _apply_deep_prompts(deep: DeepPrompts, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -410,7 +518,8 @@ def load_clip(
 
     Args:
         arch: an open_clip model name (``"ViT-B-16"``, ``"RN50"``), a promptlab tiny config
-            (``"tiny"``, random weights), or an in-memory open_clip ``CLIP`` / HF ``CLIPModel``.
+            (``"tiny"``, random weights), ``"sandbox"`` (the shipped offline CLIP; ``pretrained``
+            may name another sandbox ``.safetensors``), or an in-memory open_clip ``CLIP`` / HF ``CLIPModel``.
         pretrained: ``None`` (random init), an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``),
             a local OpenAI ``.pt`` (JIT archive or state dict; QuickGELU), a local open_clip checkpoint,
             a Hugging Face CLIP directory, or an open_clip ``local-dir:`` model folder.
@@ -424,6 +533,10 @@ def load_clip(
     tokenizer = None
     if isinstance(arch, nn.Module):
         model, name = arch, type(arch).__name__
+    elif arch == SANDBOX_ARCH:
+        from promptlab.sandbox import WEIGHTS, load_sandbox_model
+
+        model, name = load_sandbox_model(Path(pretrained).expanduser() if pretrained else WEIGHTS), arch
     elif arch in TINY_CONFIGS and pretrained is None:
         g = torch.random.fork_rng()
         with g:

@@ -50,7 +50,7 @@ __all__ = [
 COMPONENT_KEY = "_component_"
 Precision = Literal["fp32", "fp16", "bf16"]
 # Datasets generated on first use under data.root: their root need not exist at load time.
-GENERATED_DATASETS = frozenset({"synthetic"})
+GENERATED_DATASETS = frozenset({"synthetic", "sandbox_shapes", "sandbox_clean"})
 
 
 class ConfigError(ValueError):
@@ -101,6 +101,7 @@ class TrainConfig:
     warmup_type: Literal["constant", "linear"] = "constant"
     amp: Precision = "fp32"  # autocast dtype; master weights stay fp32
     grad_clip: float | None = None  # max global grad norm; null = no clipping
+    grad_checkpointing: bool = False  # recompute text-tower activations in backward: less memory (ImageNet-size C)
     feature_cache: bool = True  # train on cached image features when the method's image side is frozen
     aug_views: int = 10  # augmented views per training image encoded once for the feature cache
     checkpoint_every: int = 1  # epochs between checkpoints

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from promptlab import distributed
 from promptlab.io import atomic_save_torch
 from promptlab.prompts import PromptModule
 
@@ -34,10 +35,15 @@ class FeatureBatches:
     """Mini-batches of cached features [V, N, D]: each epoch draws one view per image, then shuffles.
 
     Dassl drops the last incomplete training batch when there is at least one full batch; so do we.
+    Under DDP every process draws the same global batch and keeps its ``shard = (rank, world)`` part.
     """
 
-    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator, shuffle: bool = True):
+    def __init__(
+        self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+        shuffle: bool = True, shard: tuple[int, int] = (0, 1),
+    ):
         self.feats, self.labels, self.batch_size, self.g, self.shuffle = feats, labels, batch_size, generator, shuffle
+        self.shard = shard
 
     def __len__(self) -> int:
         n = self.labels.shape[0]
@@ -49,17 +55,26 @@ class FeatureBatches:
         order = torch.randperm(N, generator=self.g) if self.shuffle else torch.arange(N)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            idx = idx[distributed.shard_slice(len(idx), self.shard)]  # this process's part of the global batch
             yield {"image_features": self.feats[view[idx], idx]}, self.labels[idx]
 
 
 class ImageBatches:
-    """Mini-batches of images through a DataLoader whose shuffling and augmentation follow ``generator``."""
+    """Mini-batches of images through a DataLoader whose shuffling and augmentation follow ``generator``.
 
-    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator, shuffle: bool = True, num_workers: int = 0):
+    The batch sampler is the one ``DataLoader(shuffle=...)`` builds itself, cut to this process's
+    ``shard = (rank, world)`` part of each global batch under DDP.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, generator: torch.Generator, shuffle: bool = True,
+        num_workers: int = 0, shard: tuple[int, int] = (0, 1),
+    ):
         drop_last = shuffle and len(dataset) >= batch_size
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        batches = distributed.ShardedBatchSampler(BatchSampler(sampler, batch_size, drop_last), shard)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-            num_workers=num_workers, generator=generator, persistent_workers=False,
+            dataset, batch_sampler=batches, num_workers=num_workers, generator=generator, persistent_workers=False,
         )
 
     def __len__(self) -> int:
@@ -159,7 +174,9 @@ def train(
     ``checkpoint_every`` epochs and at the end; with ``resume`` the loop restores the learned
     tensors, optimizer and every RNG and continues, ending with the same numbers as an
     uninterrupted run. A non-finite loss stops the run before the step is applied, so the
-    last good checkpoint survives.
+    last good checkpoint survives. Under ``torchrun`` (see :mod:`promptlab.distributed`) each
+    process trains on its part of every global batch, gradients are averaged over processes,
+    and only rank 0 writes checkpoints.
     """
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     start = 0
@@ -185,7 +202,7 @@ def train(
             with autocast(device, amp):
                 logits = module(**inputs)
                 loss = module.loss(logits, labels, **inputs)
-            if not torch.isfinite(loss):
+            if not distributed.all_finite(loss):  # DDP: every process stops, none waits for the others
                 raise FloatingPointError(
                     f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: stopping before the "
                     f"update; the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'} "
@@ -193,6 +210,7 @@ def train(
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            distributed.average_gradients(params, labels.numel())  # DDP: the global batch's gradient; no-op in one process
             if grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -205,12 +223,13 @@ def train(
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/lr", lr, step)
             step += 1
+        correct, seen = (int(v) for v in distributed.all_sum(correct, seen))
         acc = 100.0 * correct / max(seen, 1)
         log.info("epoch %d/%d  lr %.3g  loss %.4f  train acc %.2f", epoch + 1, epochs, lr, loss_value, acc)
         if writer is not None:
             writer.add_scalar("train/epoch_accuracy", acc, epoch + 1)
             writer.add_scalar("train/epoch_lr", lr, epoch + 1)
-        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
+        if distributed.is_main() and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
             atomic_save_torch(
                 {"prompt_state": module.prompt_state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "rng": _rng_state(generator)},
                 ckpt_path,
@@ -230,10 +249,13 @@ def evaluate(module: PromptModule, batches: Iterable[Batch], *, device: torch.de
     module.begin_eval()
     with module.cached_text_features(), autocast(device, amp):
         for inputs, labels in tqdm(batches, desc="evaluate", leave=False):
+            if labels.numel() == 0:  # DDP: a process's part of the last, small batch
+                continue
             logits = module(**{k: v.to(device) for k, v in inputs.items()})
             ok = (logits.argmax(-1).cpu() == labels).float()
             hits.index_add_(0, labels, ok)
             counts.index_add_(0, labels, torch.ones_like(ok))
+    hits, counts = distributed.all_sum(hits, counts)  # DDP: each process saw a part of the test set
     present = counts > 0
     out: dict[str, Any] = {
         "accuracy": float(100.0 * hits.sum() / counts.sum().clamp(min=1)),

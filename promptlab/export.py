@@ -487,18 +487,31 @@ def interpret(module_or_ctx: PromptModule | torch.Tensor, clip: FrozenCLIP, topk
 
     Args:
         module_or_ctx: a module with a ``ctx`` tensor, or the tensor itself: [n_ctx, W] or [C, n_ctx, W].
+            A mixture of experts (a module with ``expert_names``) holds one context per expert in
+            ``ctx``: a sequence of [n_e, W] tensors or one [E, n_ctx, W] tensor.
         clip: the backbone whose token embedding table is searched.
         topk: tokens per context vector.
 
     Returns:
         One row per context vector: ``{"class": c or None, "classname": name or None, "position": j,
-        "cosine": [(token, similarity), ...], "l2": [(token, distance), ...]}``, best first.
+        "cosine": [(token, similarity), ...], "l2": [(token, distance), ...]}``, best first; rows of
+        a mixture also carry ``"expert": e`` and ``"expert_name"``.
     """
     classnames: list[str] | None = None
     if isinstance(module_or_ctx, torch.Tensor):
         ctx = module_or_ctx
     else:
         ctx = getattr(module_or_ctx, "ctx", None)
+        experts = list(getattr(module_or_ctx, "expert_names", None) or [])
+        if experts and isinstance(ctx, torch.Tensor) and ctx.dim() == 3 and ctx.shape[0] == len(experts):
+            ctx = list(ctx.unbind(0))  # [E, n_ctx, W]: one context per expert
+        if isinstance(ctx, (list, tuple, torch.nn.ParameterList)):
+            names = experts or [str(e) for e in range(len(ctx))]
+            return [
+                {**row, "expert": e, "expert_name": names[e]}
+                for e, c in enumerate(ctx)
+                for row in interpret(c, clip, topk)
+            ]
         if not isinstance(ctx, torch.Tensor):
             raise ValueError(f"{type(module_or_ctx).__name__} has no 'ctx' tensor to interpret")
         classnames = list(getattr(module_or_ctx, "classnames", []) or []) or None
@@ -547,14 +560,16 @@ def format_interpretation(rows: Sequence[dict]) -> str:
     lines: list[str] = []
     groups: dict[Any, list[dict]] = {}
     for row in rows:
-        groups.setdefault(row.get("class"), []).append(row)
+        groups.setdefault((row.get("expert"), row.get("class")), []).append(row)
 
     def cell(pairs: Sequence[tuple[str, float]]) -> str:
         return ", ".join(f"{t!r} {v:.3f}" for t, v in pairs)
 
-    for c, grp in groups.items():
+    for (e, c), grp in groups.items():
         name = grp[0].get("classname")
         title = "unified context" if c is None else f"class {c}" + (f" ({name})" if name else "")
+        if e is not None:
+            title = f"expert {e} ({grp[0].get('expert_name')})" + ("" if c is None else f", {title}")
         reading = " ".join(r["l2"][0][0] if r["l2"] else "?" for r in grp)
         lines.append(f"{title}: nearest words (L2): {reading}")
         cos_w = max(len("cosine (similarity)"), *(len(cell(r["cosine"])) for r in grp))

@@ -180,12 +180,20 @@ def n_tokens(clip: FrozenCLIP, text: str) -> int:
 
 
 def build_prompt_layout(
-    clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int, position: str = "end", suffix: str = "."
+    clip: FrozenCLIP,
+    classnames: Sequence[str],
+    n_ctx: int,
+    position: str = "end",
+    suffix: str = ".",
+    *,
+    n_before: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token ids with ``n_ctx`` context slots around each class name, CoOp's layout.
 
     The context goes before the class name (``end``: "[SOS] X..X name. [EOT]"), around it
-    (``middle``: first half before, second half after) or after it (``front``).
+    (``middle``: first half before, second half after) or after it (``front``). ``n_before``
+    splits it explicitly: that many slots before the name, the rest after (a hand-crafted
+    template's words around ``{}``, e.g. "a photo of a {}, a type of pet."); it overrides ``position``.
 
     Returns:
         ids [C, L]: token ids, context slots holding a placeholder token;
@@ -194,11 +202,15 @@ def build_prompt_layout(
     """
     if position not in ("end", "middle", "front"):
         raise ValueError(f"class_token_position={position!r}: expected 'end', 'middle' or 'front'")
+    if n_before is not None:
+        if not 0 <= n_before <= n_ctx:
+            raise ValueError(f"n_before={n_before} must lie in [0, n_ctx={n_ctx}]")
+        position = "middle"
     names = [clean_classname(c) for c in classnames]
     prefix = " ".join(["X"] * n_ctx)
     ids = clip.tokenize([f"{prefix} {name}{suffix}" if n_ctx else f"{name}{suffix}" for name in names])  # [C, L]
     name_lens = [n_tokens(clip, name) for name in names]
-    half = n_ctx // 2
+    half = n_ctx // 2 if n_before is None else n_before
     rows, pos = [], []
     for row, n in zip(ids, name_lens):
         sos, ctx, name, rest = row[:1], row[1 : 1 + n_ctx], row[1 + n_ctx : 1 + n_ctx + n], row[1 + n_ctx + n :]
@@ -240,3 +252,107 @@ def encode_prompts(clip: FrozenCLIP, x: torch.Tensor, eot: torch.Tensor, **kw: A
     lead = x.shape[:-2]
     feats = clip.encode_text_embeddings(x.reshape(-1, *x.shape[-2:]), eot.expand(*lead).reshape(-1), **kw)
     return feats.reshape(*lead, -1)
+
+
+def prompt_buffers(
+    clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int, position: str = "end", prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """The class-derived tensors of a context prompt, ready for ``register_buffer(..., persistent=False)``.
+
+    Args:
+        clip: the backbone (tokenizer, token embeddings).
+        classnames: class names (underscores become spaces).
+        n_ctx: number of learned context slots.
+        position: class-token position, as in :func:`build_prompt_layout` (used when ``prefix`` is empty).
+        prefix: words in front of the class name whose first ``n_ctx`` tokens are the context slots and
+            whose remaining tokens stay fixed words, as MaPLe / IVLP build "a photo of a {name}." with
+            ``n_ctx=2``: "[SOS] [V1] [V2] of a {name}. [EOT]". Requires ``position="end"``.
+
+    Returns:
+        ``{"_base": [C, L, W] token embeddings cut to the longest prompt, "_ctx_pos": [C, n_ctx],
+        "_eot": [C]}``, the names :func:`insert_context` / :func:`encode_prompts` callers use.
+    """
+    if prefix:
+        if position != "end":
+            raise ValueError(f"a fixed prompt prefix needs class_token_position='end', got {position!r}")
+        if n_tokens(clip, prefix) < n_ctx:
+            raise ValueError(f"prefix {prefix!r} has fewer than n_ctx={n_ctx} tokens")
+        ids = clip.tokenize([f"{prefix} {clean_classname(c)}." for c in classnames])  # [C, 77]
+        pos = torch.arange(1, 1 + n_ctx, device=ids.device).expand(len(classnames), -1).contiguous()
+        eot = clip.eot_index(ids)
+    else:
+        ids, pos, eot = build_prompt_layout(clip, classnames, n_ctx, position)
+    L = int(eot.max()) + 1
+    with torch.no_grad():
+        base = clip.embed_tokens(ids[:, :L]).float()  # [C, L, W]
+    return {"_base": base, "_ctx_pos": pos, "_eot": eot}
+
+
+@torch.no_grad()
+def hand_crafted_features(clip: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """[C, D] L2-normalised text features of hand-written prompts, averaged over ``templates``.
+
+    Each template's features are normalised before the mean and the mean is normalised again (CLIP's
+    prompt ensembling); with one template this is just its normalised feature.
+    """
+    names = [clean_classname(c) for c in classnames]
+    feats = torch.stack(
+        [F.normalize(clip.encode_text(clip.tokenize([t.format(n) for n in names])).float(), dim=-1) for t in templates]
+    )  # [T, C, D]
+    return F.normalize(feats.mean(0), dim=-1)
+
+
+def leading_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str) -> tuple[torch.Tensor, str]:
+    """Context vectors [n_ctx, W] and the prompt prefix text, the IVLP / MaPLe way.
+
+    With ``ctx_init`` the context is the embedding of its first ``n_ctx`` tokens and the prefix is the
+    whole of ``ctx_init`` (its remaining tokens stay as fixed words, see :func:`prompt_buffers`);
+    without, N(0, 0.02) vectors behind an "X X ..." placeholder prefix.
+    """
+    if ctx_init:
+        words = ctx_init.replace("_", " ")
+        init = word_embeddings(clip, words)  # [n, W]
+        if init.shape[0] < n_ctx:
+            raise ValueError(f"ctx_init={ctx_init!r} has {init.shape[0]} tokens, fewer than n_ctx={n_ctx}")
+        return init[:n_ctx].clone(), words
+    return nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02), " ".join(["X"] * n_ctx)
+
+
+def encode_context_prefix(clip: FrozenCLIP, base: torch.Tensor, ctx: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """Text features of "[SOS] ctx [class tokens]" prompts whose context is shared by every class.
+
+    The start token and the context form a prefix common to all C prompts (of one image, for
+    image-conditioned context), so the causal tower runs it once instead of C times.
+
+    Args:
+        base: [C, L, W] prompt embeddings (``build_prompt_layout`` with position "end").
+        ctx: [n_ctx, W] unified context, or [G, n_ctx, W] one context per group (e.g. per image).
+        eot: [C] end-of-text positions.
+
+    Returns:
+        [C, D] for a 2-D ctx, [G, C, D] for a 3-D ctx.
+    """
+    grouped = ctx.dim() == 3
+    ctx = ctx if grouped else ctx.unsqueeze(0)  # [G, n, W]
+    n = ctx.shape[1]
+    prefix = torch.cat([base[:1, :1].expand(ctx.shape[0], 1, -1).to(ctx.dtype), ctx], dim=1)  # [G, 1 + n, W]
+    feats = clip.encode_text_prefixed(prefix, base[:, 1 + n :], eot)  # [G, C, D]
+    return feats if grouped else feats[0]
+
+
+def deep_prompt_tokens(n_layers: int, depth: int, n: int, width: int, what: str = "") -> nn.Parameter | None:
+    """Learned tokens [depth - 1, n, width], N(0, 0.02), for blocks 1..depth-1 of a tower; None at depth <= 1.
+
+    "Prompt depth" counts the shallow prompt (block 0's input) too, as MaPLe / IVLP do: depth 9 means
+    the input prompt plus replacements before blocks 1..8. Depth beyond the tower is an error.
+    """
+    if not 0 <= depth <= n_layers:
+        raise ValueError(f"{what} prompt depth {depth}: expected 0..{n_layers} (the tower has {n_layers} blocks)")
+    if depth <= 1:
+        return None
+    return nn.Parameter(nn.init.normal_(torch.empty(depth - 1, n, width), std=0.02))
+
+
+def layer_prompts(deep: torch.Tensor | Sequence[torch.Tensor] | None) -> dict[int, torch.Tensor]:
+    """[depth - 1, n, W] (or a list of [n, W]) -> {1: [n, W], ..., depth - 1: [n, W]}, FrozenCLIP's deep-prompt keys."""
+    return {} if deep is None else {i + 1: t for i, t in enumerate(deep)}

@@ -12,6 +12,7 @@ import logging
 import platform
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import promptlab
+from promptlab import distributed
 from promptlab.clip import FrozenCLIP, load_clip
-from promptlab.config import GENERATED_DATASETS, epochs_for, instantiate, load_recipe, resolve_component
-from promptlab.data import DatasetSplits, ImageDataset, Item, fewshot_split, load_dataset, make_synthetic_dataset, subsample_classes
+from promptlab.config import epochs_for, instantiate, load_recipe, resolve_component
+from promptlab.data import DatasetSplits, ImageDataset, Item, fewshot_split, get_spec, load_dataset, subsample_classes
 from promptlab.engine import FeatureBatches, ImageBatches, evaluate, lr_at, seed_everything, train
 from promptlab.engine import load_checkpoint
 from promptlab.export import load_prompts, save_prompts
@@ -60,9 +62,12 @@ def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: DatasetSplits) -> Prompt
 
 
 def ensure_data(cfg: DictConfig) -> None:
-    """Generate a procedural dataset (the demo's ``synthetic``) on first use; real datasets are never touched."""
-    if cfg.data.name in GENERATED_DATASETS:
-        make_synthetic_dataset(Path(cfg.data.root).expanduser())
+    """Generate a procedural dataset on first use: its YAML names a ``generator`` (``synthetic``,
+    ``sandbox_*``); the generator skips work when the files are complete. Real datasets are never touched."""
+    spec = get_spec(cfg.data.name)
+    if spec.generator:
+        kwargs = dict(spec.generator)
+        resolve_component(kwargs.pop("_component_"))(Path(cfg.data.root).expanduser(), **kwargs)
 
 
 def prepare_data(cfg: DictConfig) -> DatasetSplits:
@@ -91,14 +96,18 @@ def _batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch
     if module.image_side_frozen and (cfg.train.feature_cache or not train_mode):
         transform = clip.train_transform if train_mode else clip.eval_transform
         views = int(cfg.train.aug_views) if train_mode else 1
-        feats = cached_features(
-            module.encode_image, items, transform, fingerprint=f"{clip.arch}:{clip.fingerprint()}",
-            cache_dir=Path(cfg.cache_dir).expanduser(), views=views, batch_size=cfg.eval.batch_size,
-            num_workers=cfg.data.num_workers, device=s.device, desc="train features" if train_mode else "test features",
-        )
-        return FeatureBatches(feats, labels, batch_size, generator, shuffle=train_mode)
+        with distributed.main_first():  # DDP: rank 0 encodes and caches, the others read the cache
+            feats = cached_features(
+                module.encode_image, items, transform, fingerprint=f"{clip.arch}:{clip.fingerprint()}",
+                cache_dir=Path(cfg.cache_dir).expanduser(), views=views, batch_size=cfg.eval.batch_size,
+                num_workers=cfg.data.num_workers, device=s.device, desc="train features" if train_mode else "test features",
+            )
+        return FeatureBatches(feats, labels, batch_size, generator, shuffle=train_mode, shard=distributed.current_shard())
     transform = clip.train_transform if train_mode else clip.eval_transform
-    return ImageBatches(ImageDataset(items, transform), batch_size, generator, shuffle=train_mode, num_workers=cfg.data.num_workers)
+    return ImageBatches(
+        ImageDataset(items, transform), batch_size, generator, shuffle=train_mode, num_workers=cfg.data.num_workers,
+        shard=distributed.current_shard(),
+    )
 
 
 def _file_logging(run_dir: Path) -> logging.Handler:
@@ -110,17 +119,25 @@ def _file_logging(run_dir: Path) -> logging.Handler:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (if the recipe has epochs) and evaluate the last-epoch model; returns the metrics."""
+    """Train (if the recipe has epochs) and evaluate the last-epoch model; returns the metrics.
+
+    Launched by ``torchrun``, every process runs this; ``train.batch_size`` is the global batch,
+    and only rank 0 writes into the run directory.
+    """
+    dist_info = distributed.init_from_env(cfg.device)  # no-op without torchrun
+    is_main = distributed.is_main()
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _file_logging(run_dir)
+    handler = _file_logging(run_dir) if is_main else None
     t0 = time.time()
     try:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         seed_everything(int(cfg.seed))
-        device = resolve_device(cfg.device)
+        device = distributed.local_device(resolve_device(cfg.device), dist_info)
         ds = prepare_data(cfg)
         clip = load_clip(cfg.model.arch, cfg.model.pretrained, device=device, precision=cfg.model.precision)
+        clip.grad_checkpointing = bool(cfg.train.grad_checkpointing)
         seed_everything(int(cfg.seed))  # model init draws (random context) depend on the seed only
         module = build_method(cfg, clip, ds).to(device)
         s = _Setup(cfg, run_dir, device, clip, ds, module)
@@ -136,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             optimizer = instantiate(cfg.optimizer, module.trainable_parameters())
             base_lr = optimizer.param_groups[0]["lr"]
             tc = cfg.train
-            with SummaryWriter(str(run_dir / "tb")) as writer:
+            with (SummaryWriter(str(run_dir / "tb")) if is_main else nullcontext()) as writer:
                 result = train(
                     module, _batches(s, ds.train, train_mode=True, generator=g), optimizer, epochs=epochs,
                     lr_fn=lambda e: lr_at(e, base_lr, epochs, tc.warmup_epochs, tc.warmup_lr, tc.warmup_type),
@@ -145,11 +162,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 )
                 train_info.update(last_loss=result.last_loss, resumed_from_epoch=result.resumed_from)
                 metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g), device=device, amp=tc.amp)
-                writer.add_scalar(f"{cfg.eval.split}/accuracy", metrics["accuracy"], epochs)
+                if writer is not None:
+                    writer.add_scalar(f"{cfg.eval.split}/accuracy", metrics["accuracy"], epochs)
         else:
             metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g), device=device, amp=cfg.train.amp)
         export_dir = run_dir / "prompts"
-        save_prompts(module, export_dir, extra={"dataset": ds.name, "seed": int(cfg.seed), "shots": int(cfg.shots)})
+        if is_main:
+            save_prompts(module, export_dir, extra={"dataset": ds.name, "seed": int(cfg.seed), "shots": int(cfg.shots)})
         out = {
             "dataset": ds.name, "split": cfg.eval.split, "subsample": cfg.subsample, "shots": int(cfg.shots), "seed": int(cfg.seed),
             **metrics, "train": train_info, "method": type(module).__name__, "arch": clip.arch,
@@ -157,13 +176,45 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "split_hash": getattr(ds, "split_hash", None), "promptlab_version": promptlab.__version__,
             "torch": torch.__version__, "python": platform.python_version(), "wall_time_s": round(time.time() - t0, 2),
             "peak_memory_mb": _peak_memory_mb(device), "prompts": str(export_dir),
+            "git_commit": git_commit(), "world_size": dist_info.world_size,
         }
-        atomic_write_json(run_dir / "metrics.json", out)
+        if is_main:
+            atomic_write_json(run_dir / "metrics.json", out)
         log.info("%s accuracy %.2f%% (n=%d) -> %s", cfg.eval.split, metrics["accuracy"], metrics["n"], run_dir / "metrics.json")
         return out
     finally:
-        logging.getLogger("promptlab").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("promptlab").removeHandler(handler)
+            handler.close()
+        if dist_info.owns_group:
+            distributed.shutdown()
+
+
+def git_commit() -> str | None:
+    """The commit of the promptlab checkout this code runs from, read from ``.git`` (no git process).
+
+    ``None`` for an installed (non-checkout) package; the version is recorded beside it anyway.
+    """
+    root = Path(__file__).resolve().parent.parent
+    git = root / ".git"
+    try:
+        if git.is_file():  # a worktree or submodule: ".git" names the real git directory
+            git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
+        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() else git
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head  # detached HEAD
+        ref = head.split(None, 1)[1]
+        for base in (git, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+        packed = common / "packed-refs"
+        for line in packed.read_text().splitlines() if packed.is_file() else []:
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except (OSError, IndexError):
+        pass
+    return None
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -221,7 +272,9 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
     module.set_classnames(ds.classnames)
     s = _Setup(cfg, path, device, module.clip, ds, module)
     metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=torch.Generator()), device=device)
-    out = {"dataset": ds.name, "subsample": cfg.subsample, "split": cfg.eval.split, **metrics, "prompts": str(prompts_dir)}
+    out = {"dataset": ds.name, "subsample": cfg.subsample, "split": cfg.eval.split, **metrics, "prompts": str(prompts_dir),
+           "arch": module.clip.arch, "weights_fingerprint": module.clip.fingerprint(), "split_hash": ds.split_hash,
+           "promptlab_version": promptlab.__version__, "git_commit": git_commit()}
     atomic_write_json(path / f"eval_{ds.name}_{cfg.subsample}_{cfg.eval.split}.json", out)
     return out
 

@@ -18,7 +18,11 @@ CLASSNAMES = ["cat", "sea_lion", "Yorkshire_terrier", "golden retriever"]
 OTHER_CLASSNAMES = ["airliner", "fire_truck"]
 
 #: Required arguments of methods that have some (beyond clip and classnames). Keep it small.
-EXTRA_KWARGS: dict[str, dict[str, Any]] = {}
+EXTRA_KWARGS: dict[str, dict[str, Any]] = {
+    # the tiny CLIP has 2 blocks per tower: the papers' depths (9, 12) are refused there
+    "ivlp": {"prompt_depth_text": 2, "prompt_depth_vision": 2},
+    "maple": {"prompt_depth": 2},
+}
 
 NAMES = sorted(METHODS)
 

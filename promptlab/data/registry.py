@@ -49,6 +49,8 @@ class DatasetSpec:
         test_only: The dataset is only evaluated on (ImageNet shifts).
         expected: Expected item count per split, checked by `promptlab data check`.
         download: File or folder (relative to `folder`, or "*") -> how to obtain it.
+        generator: Procedural datasets only: `{_component_: dotted.path, **kwargs}`, called as
+            `fn(data_root, **kwargs)` to write the dataset on first use (`runner.ensure_data`).
         yaml_path: Where this spec was read from (for error messages).
     """
 
@@ -69,6 +71,7 @@ class DatasetSpec:
     test_only: bool = False
     expected: dict[str, int] = field(default_factory=dict)
     download: dict[str, str] = field(default_factory=dict)
+    generator: dict | None = None
     yaml_path: Path | None = None
 
     def required_paths(self) -> list[tuple[str, str]]:

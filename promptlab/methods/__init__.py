@@ -1,15 +1,25 @@
 """The registered methods: a new method is one file and one line here."""
 
+from promptlab.methods.cocoop import CoCoOp
 from promptlab.methods.coop import CoOp
+from promptlab.methods.ivlp import IVLP
+from promptlab.methods.kgcoop import KgCoOp
+from promptlab.methods.maple import MaPLe
+from promptlab.methods.mocoop import MoCoOp
 from promptlab.methods.zeroshot import ZeroShotCLIP
 from promptlab.prompts import PromptModule
 
 METHODS: dict[str, type[PromptModule]] = {
     "zeroshot": ZeroShotCLIP,
     "coop": CoOp,
+    "cocoop": CoCoOp,
+    "kgcoop": KgCoOp,
+    "ivlp": IVLP,
+    "maple": MaPLe,
+    "mocoop": MoCoOp,
 }
 
-__all__ = ["METHODS", "CoOp", "ZeroShotCLIP", "method_name"]
+__all__ = ["METHODS", "CoCoOp", "CoOp", "IVLP", "KgCoOp", "MaPLe", "MoCoOp", "ZeroShotCLIP", "method_name"]
 
 
 def method_name(module: PromptModule | type[PromptModule]) -> str:

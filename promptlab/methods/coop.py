@@ -14,7 +14,14 @@ import torch
 import torch.nn as nn
 
 from promptlab.clip import FrozenCLIP
-from promptlab.prompts import PromptModule, build_prompt_layout, encode_prompts, insert_context, word_embeddings
+from promptlab.prompts import (
+    PromptModule,
+    encode_context_prefix,
+    encode_prompts,
+    insert_context,
+    prompt_buffers,
+    word_embeddings,
+)
 
 
 class CoOp(PromptModule):
@@ -56,14 +63,11 @@ class CoOp(PromptModule):
                 f"{len(classnames)} classes; use a unified context (csc=false) for base-to-new transfer"
             )
         super().set_classnames(classnames)
-        ids, pos, eot = build_prompt_layout(self.clip, self.classnames, self.n_ctx, self.class_token_position)
-        L = int(eot.max()) + 1
-        with torch.no_grad():
-            base = self.clip.embed_tokens(ids[:, :L]).float()  # [C, L, W]
-        self.register_buffer("_base", base, persistent=False)
-        self.register_buffer("_ctx_pos", pos, persistent=False)
-        self.register_buffer("_eot", eot, persistent=False)
+        for name, t in prompt_buffers(self.clip, self.classnames, self.n_ctx, self.class_token_position).items():
+            self.register_buffer(name, t, persistent=False)  # _base [C, L, W], _ctx_pos [C, n_ctx], _eot [C]
 
     def text_features(self) -> torch.Tensor:
+        if not self.csc and self.class_token_position == "end":  # [SOS] + context shared by all classes
+            return encode_context_prefix(self.clip, self._base, self.ctx, self._eot)  # [C, D]
         prompts = insert_context(self._base, self.ctx, self._ctx_pos)  # [C, L, W]
         return encode_prompts(self.clip, prompts, self._eot)  # [C, D]

@@ -1,0 +1,79 @@
+"""Benchmark 4: memory of a 1000-class (ImageNet-size) CoOp step, with and without promptlab's text-side savings.
+
+Measures the activation bytes the autograd graph holds for backward (the part of peak memory that
+grows with the class count; weights excluded), plus CUDA peak memory when a GPU is present:
+- incumbent: full 77-token prompts (measured with saved tensors dropped on the fly: at 1000 classes
+  it does not fit in this machine's memory, which is the problem being solved);
+- promptlab: prompts cut to the longest one, shared [SOS]+context prefix, activation checkpointing.
+Checks that both compute the same loss, then prints the ratio.
+
+    python benchmarks/bench_memory.py [--classes 1000] [--n-ctx 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import classnames, coop_loss, reference_text_features, saved_activation_bytes, vit_b16
+
+from promptlab.methods import CoOp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--n-ctx", type=int, default=16)
+    args = ap.parse_args()
+    clip = vit_b16()
+    torch.manual_seed(1)
+    module = CoOp(clip, classnames(args.classes), n_ctx=args.n_ctx)
+    feats = torch.randn(32, clip.embed_dim)
+    labels = torch.randint(args.classes, (32,))
+    params = list(clip.parameters())
+
+    def loss_of(text_fn):
+        return lambda: coop_loss(clip.logit_scale, text_fn(), feats, labels)
+
+    ref_loss, ref_bytes = saved_activation_bytes(loss_of(lambda: reference_text_features(clip, module)), params, keep=False)
+    variants = {}
+    for name, ckpt in (("truncation + shared prefix", False), ("+ activation checkpointing", True)):
+        clip.grad_checkpointing = ckpt
+        loss, nbytes = saved_activation_bytes(loss_of(module.text_features), params, keep=True)
+        loss.backward()  # the promptlab graph fits: prove it back-propagates
+        torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-5, rtol=1e-5)
+        variants[name] = (loss.item(), nbytes)
+    clip.grad_checkpointing = False
+    gib = 2**30
+    print(f"CoOp step, {args.classes} classes, n_ctx {args.n_ctx}, ViT-B/16 text tower: activation memory held for backward")
+    print(f"  incumbent (77 tokens):        {ref_bytes / gib:7.2f} GiB  loss {ref_loss.item():.6f}")
+    for name, (loss, nbytes) in variants.items():
+        print(f"  promptlab {name:28s} {nbytes / gib:7.3f} GiB  loss {loss:.6f}  ratio {ref_bytes / nbytes:6.1f}x lower")
+    if torch.cuda.is_available():
+        cuda_peaks(module, feats, labels)
+
+
+def cuda_peaks(module: CoOp, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    """Allocator peak of one full step on the GPU (incumbent, then promptlab with checkpointing)."""
+    module.cuda()
+    clip = module.clip
+    feats, labels = feats.cuda(), labels.cuda()
+    peaks = {}
+    for name, fn, ckpt in (("incumbent", lambda: reference_text_features(clip, module), False), ("promptlab", module.text_features, True)):
+        clip.grad_checkpointing = ckpt
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            coop_loss(clip.logit_scale, fn(), feats, labels).backward()
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        except torch.OutOfMemoryError:
+            peaks[name] = float("inf")
+        module.ctx.grad = None
+    clip.grad_checkpointing = False
+    print(f"  CUDA peak above weights: incumbent {peaks['incumbent']:.2f} GiB, promptlab {peaks['promptlab']:.3f} GiB, "
+          f"ratio {peaks['incumbent'] / peaks['promptlab']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

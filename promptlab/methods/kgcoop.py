@@ -1,0 +1,91 @@
+"""KgCoOp: Visual-Language Prompt Tuning with Knowledge-guided Context Optimization (Yao et al., CVPR 2023,
+https://arxiv.org/abs/2303.13283).
+
+CoOp's unified context, plus a regulariser that keeps the learned class text features close to the
+features of the hand-crafted prompt ("a photo of a {}, a type of pet."), so that the prompt does not
+forget what CLIP knows about the classes it never trains on:
+``loss = CE + w * (1 - mean_c cos(t_c, t_c^hand))`` (htyao89/KgCoOp ``trainers/kgcoop.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from promptlab.clip import FrozenCLIP
+from promptlab.prompts import (
+    PromptModule,
+    encode_prompts,
+    hand_crafted_features,
+    insert_context,
+    prompt_buffers,
+    word_embeddings,
+)
+from promptlab.templates import resolve_templates
+
+
+class KgCoOp(PromptModule):
+    """Knowledge-guided context optimisation (text side only; image features are cacheable).
+
+    Args:
+        n_ctx: number of context vectors (ignored when ``ctx_init`` gives the words).
+        ctx_init: words to initialise the context from; empty: N(0, 0.02).
+        w: weight of the knowledge-guided term (the paper's lambda, 8.0 for base-to-new).
+        templates: hand-crafted prompts for the guidance features: ``"dataset"`` (the dataset's
+            template, as the reference), ``"imagenet80"``, ``"imagenet7"`` or a list (ensembled).
+        template: the dataset's template; the runner fills it from the dataset definition.
+    """
+
+    def __init__(
+        self,
+        clip: FrozenCLIP,
+        classnames: Sequence[str],
+        n_ctx: int = 4,
+        ctx_init: str = "a photo of a",
+        w: float = 8.0,
+        templates: str | list[str] = "dataset",
+        template: str | None = None,
+    ):
+        super().__init__(clip, classnames)
+        if ctx_init:
+            ctx = word_embeddings(clip, ctx_init.replace("_", " "))  # [n_ctx, W]
+            n_ctx = ctx.shape[0]
+        else:
+            ctx = nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)
+        self.n_ctx, self.w = n_ctx, float(w)
+        self.templates = resolve_templates(templates, template)
+        self.ctx = nn.Parameter(ctx)  # [n_ctx, W]
+        self._step_text: torch.Tensor | None = None
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        super().set_classnames(classnames)
+        for name, t in prompt_buffers(self.clip, self.classnames, self.n_ctx).items():
+            self.register_buffer(name, t, persistent=False)
+        # computed once per class set; a buffer so that it follows .to(device) but is never saved
+        self.register_buffer("_hand", hand_crafted_features(self.clip, self.classnames, self.templates), persistent=False)
+        self._step_text = None
+
+    def text_features(self) -> torch.Tensor:
+        prompts = insert_context(self._base, self.ctx, self._ctx_pos)  # [C, L, W]
+        return encode_prompts(self.clip, prompts, self._eot)  # [C, D]
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        txt = self.class_text_features()  # [C, D]
+        # keep this step's text features for loss(): the regulariser reuses them instead of a second pass
+        self._step_text = txt if torch.is_grad_enabled() and txt.requires_grad else None
+        img = F.normalize(image_features.float(), dim=-1)
+        return self.clip.logit_scale * img @ F.normalize(txt.float(), dim=-1).t()
+
+    def knowledge_loss(self, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """``1 - mean_c cos(t_c, t_c^hand)``: scalar, 0 when the prompt reproduces the hand-crafted features."""
+        txt = self.text_features() if text_features is None else text_features  # [C, D]
+        return 1.0 - F.cosine_similarity(txt.float(), self._hand, dim=-1, eps=1e-7).mean()
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, **aux: Any) -> torch.Tensor:
+        txt, self._step_text = self._step_text, None
+        return F.cross_entropy(logits, labels) + self.w * self.knowledge_loss(txt)

@@ -1,0 +1,482 @@
+"""``promptlab sweep``: a protocol's whole grid of runs from one recipe, resumable and parallel.
+
+The incumbents keep the experiment grid in bash loops over datasets and seeds. Here a sweep is
+planned as data (one :class:`Job` per dataset x shots x seed), each job runs in its own run
+directory ``<sweep>/<dataset>/shots<K>/seed<S>``, and the state on disk says what is left:
+
+- ``metrics.json`` present and every evaluation file present: done, skipped;
+- ``metrics.json`` present, an evaluation missing: only the evaluation runs;
+- otherwise the run starts, or resumes from ``checkpoints/last.pt`` (jobs always run with
+  ``resume=true``; the engine's resume ends with the numbers of an uninterrupted run).
+
+A run directory that holds a run of a *different* configuration is never resumed into: the
+sweep stops and names the differing keys.
+
+Protocols (``protocol=`` on the command line; without it, a recipe with ``subsample: base`` means
+base2new and any other recipe fewshot; crossdataset is always asked for explicitly):
+
+- ``base2new``: train on the base half of the classes (``subsample=base``); ``metrics.json`` is the
+  last-epoch accuracy on the base test classes; the learned prompts are then evaluated on the new
+  test classes (``eval_<dataset>_new_test.json``, class names switched with ``set_classnames``).
+- ``fewshot``: all classes, ``shots=1,2,4,8,16`` by default, each with the recipe's per-shot epochs
+  (``train.epochs_by_shots``).
+- ``crossdataset``: train on each source dataset (the recipe's, e.g. ImageNet 16 shots), evaluate
+  the prompts on every target (``targets=all``: the other base-to-new datasets and ImageNetV2,
+  -Sketch, -A and -R), each file ``eval_<target>_all_test.json``.
+
+Each job runs in a fresh process (``python -m promptlab.sweep JOB.json``), ``--jobs N`` of them at a
+time; ``--devices 0,1`` gives each process one GPU through ``CUDA_VISIBLE_DEVICES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from promptlab.config import ConfigError, epochs_for, load_recipe
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("base2new", "fewshot", "crossdataset")
+# The 11 datasets of the base-to-new and cross-dataset tables, in the papers' column order.
+BENCHMARK_DATASETS = (
+    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+)
+DOMAIN_SHIFT_DATASETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
+DEFAULT_SEEDS = (1, 2, 3)
+SWEEP_KEYS = ("protocol", "datasets", "seeds", "shots", "targets")
+MANIFEST = "sweep.json"
+JOB_FILE = "sweep_job.json"
+JOB_LOG = "sweep_job.log"
+# Keys that may differ between a run directory's config.yaml and a new plan without changing results.
+_IGNORED_KEYS = {"resume", "output_dir", "cache_dir", "device", "data.root", "data.num_workers"}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluation of a finished run's prompts on other classes (``promptlab eval RUN_DIR ...``)."""
+
+    dataset: str  # data.name of the classes to evaluate on
+    subsample: str  # "new" (base-to-new) or "all" (cross-dataset)
+    name: str  # the dataset's own name (its YAML's ``name``), as used in the result file name
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"data.name={self.dataset}", f"subsample={self.subsample}"]
+
+    def result_file(self, split: str = "test") -> str:
+        return f"eval_{self.name}_{self.subsample}_{split}.json"  # the name runner.eval_prompts writes
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the grid: train (or resume) the recipe with ``overrides``, then its evaluations."""
+
+    recipe: str
+    dataset: str
+    shots: int
+    seed: int
+    run_dir: str
+    overrides: tuple[str, ...]
+    evaluations: tuple[Evaluation, ...] = ()
+    epochs: int = 0
+    split: str = "test"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Job:
+        evals = tuple(Evaluation(**e) for e in data.get("evaluations", ()))
+        return cls(**{**data, "overrides": tuple(data["overrides"]), "evaluations": evals})
+
+    def status(self) -> str:
+        """``done``, ``evaluate`` (trained, an evaluation missing), ``resume`` (checkpoint, no metrics) or ``new``."""
+        d = Path(self.run_dir)
+        if (d / "metrics.json").is_file():
+            missing = [e for e in self.evaluations if not (d / e.result_file(self.split)).is_file()]
+            return "evaluate" if missing else "done"
+        return "resume" if (d / "checkpoints" / "last.pt").is_file() else "new"
+
+
+@dataclass
+class Sweep:
+    """The planned grid; ``jobs`` in run order."""
+
+    protocol: str
+    recipe: str
+    out: Path
+    datasets: list[str]
+    seeds: list[int]
+    shots: list[int]
+    targets: list[str]
+    overrides: list[str]
+    jobs: list[Job] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- planning
+def split_sweep_args(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Separate the sweep's own keys (``datasets=``, ``seeds=``, ...) from recipe overrides.
+
+    ``seed=S`` (the recipe key) counts as ``seeds=S``, ``data.name=X`` as ``datasets=X``, so a
+    command line that names one run sweeps exactly that run.
+    """
+    aliases = {"seed": "seeds", "data.name": "datasets"}
+    own: dict[str, str] = {}
+    aliased: dict[str, str] = {}
+    overrides = []
+    for a in args:
+        key, eq, value = (p.strip() for p in a.partition("="))
+        if eq and key in SWEEP_KEYS:
+            own[key] = value
+        elif eq and key in aliases:
+            aliased[aliases[key]] = value
+        else:
+            overrides.append(a)
+    return {**aliased, **own}, overrides
+
+
+def _list(value: str | None) -> list[str]:
+    if value is None:
+        return []
+    return [v.strip() for v in value.strip("[]() ").split(",") if v.strip()]
+
+
+def _ints(value: str | None, key: str) -> list[int]:
+    try:
+        return [int(v) for v in _list(value)]
+    except ValueError as e:
+        raise ConfigError(f"{key}= takes comma-separated integers, got {value!r}") from e
+
+
+def _dataset_name(name: str) -> str:
+    """The dataset's own name (a ``data.name`` may also be a YAML path); fails early on a typo."""
+    from promptlab.data import get_spec
+
+    return get_spec(name).name
+
+
+def default_out(recipe: Path, protocol: str) -> Path:
+    """``runs/sweeps/<recipe relative to recipes/, or its stem>-<protocol>``."""
+    from promptlab.cli import RECIPES_DIR
+
+    try:
+        rel = recipe.resolve().relative_to(RECIPES_DIR.resolve()).with_suffix("")
+    except ValueError:
+        rel = Path(recipe.stem)
+    return Path("runs") / "sweeps" / f"{rel.as_posix()}-{protocol}"
+
+
+def plan_sweep(recipe: str | Path, args: Sequence[str] = (), out: str | Path | None = None) -> Sweep:
+    """Plan the grid of a recipe under a protocol; every job's config is loaded (validated) now.
+
+    Args:
+        recipe: the recipe file.
+        args: ``protocol= datasets= seeds= shots= targets=`` and any recipe ``key=value`` overrides.
+        out: the sweep directory (default :func:`default_out`).
+
+    Raises:
+        ConfigError: a bad sweep key or recipe override, naming it.
+        KeyError: an unknown dataset name.
+    """
+    recipe = Path(recipe).resolve()
+    own, overrides = split_sweep_args(args)
+    base = load_recipe(recipe, overrides, check_paths=False)
+    protocol = own.get("protocol") or ("base2new" if base.subsample == "base" else "fewshot")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}", key="protocol")
+    datasets = _list(own.get("datasets")) or [str(base.data.name)]
+    if datasets == ["all"]:
+        datasets = list(BENCHMARK_DATASETS)
+    seeds = _ints(own.get("seeds"), "seeds") or list(DEFAULT_SEEDS)
+    shots = _ints(own.get("shots"), "shots") or (list(FEWSHOT_SHOTS) if protocol == "fewshot" else [int(base.shots)])
+    targets: list[str] = []
+    if protocol == "crossdataset":
+        targets = _list(own.get("targets")) or ["all"]
+        if targets == ["all"]:
+            targets = [*BENCHMARK_DATASETS, *DOMAIN_SHIFT_DATASETS]
+    elif "targets" in own:
+        raise ConfigError("targets= is for protocol=crossdataset", key="targets")
+    out = Path(out) if out is not None else default_out(recipe, protocol)
+    sweep = Sweep(protocol, str(recipe), out, datasets, seeds, shots, targets, list(overrides))
+    subsample = "base" if protocol == "base2new" else "all"
+    for dataset in datasets:
+        name = _dataset_name(dataset)
+        if protocol == "base2new":
+            evals = [Evaluation(dataset, "new", name)]
+        else:
+            evals = [Evaluation(t, "all", _dataset_name(t)) for t in targets if _dataset_name(t) != name]
+        for k in shots:
+            for seed in seeds:
+                run_dir = out / name / f"shots{k}" / f"seed{seed}"
+                job_overrides = [*overrides, f"data.name={dataset}", f"shots={k}", f"seed={seed}",
+                                 f"subsample={subsample}", f"output_dir={run_dir}", "resume=true"]
+                cfg = load_recipe(recipe, job_overrides, check_paths=False)
+                sweep.jobs.append(Job(str(recipe), name, k, seed, str(run_dir), tuple(job_overrides), tuple(evals),
+                                      epochs_for(cfg), str(cfg.eval.split)))
+    return sweep
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_conflicts(job: Job) -> list[str]:
+    """Keys whose value in the run directory's ``config.yaml`` differs from the job's config."""
+    saved = Path(job.run_dir) / "config.yaml"
+    if not saved.is_file():
+        return []
+    old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    new = _flat(OmegaConf.to_container(load_recipe(job.recipe, job.overrides, check_paths=False), resolve=True))
+    keys = sorted(set(old) | set(new), key=str)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if k not in _IGNORED_KEYS and old.get(k) != new.get(k)]
+
+
+def write_manifest(sweep: Sweep) -> Path:
+    """``<out>/sweep.json``: what the sweep is (the report reads it); runs of earlier plans are kept."""
+    from promptlab import __version__
+    from promptlab.io import atomic_write_json
+
+    path = sweep.out / MANIFEST
+    runs: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("protocol") != sweep.protocol:
+            raise ConfigError(f"{path} holds a {old.get('protocol')} sweep, not {sweep.protocol}; choose another --out")
+        runs = {r["dir"]: r for r in old.get("runs", [])}
+    for job in sweep.jobs:
+        rel = Path(job.run_dir).relative_to(sweep.out).as_posix()
+        runs[rel] = {"dir": rel, "dataset": job.dataset, "shots": job.shots, "seed": job.seed,
+                     "evaluations": [dataclasses.asdict(e) | {"file": e.result_file(job.split)} for e in job.evaluations]}
+    manifest = {
+        "protocol": sweep.protocol, "recipe": sweep.recipe, "overrides": sweep.overrides,
+        "datasets": sweep.datasets, "seeds": sweep.seeds, "shots": sweep.shots, "targets": sweep.targets,
+        "promptlab_version": __version__, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "runs": sorted(runs.values(), key=lambda r: r["dir"]),
+    }
+    return atomic_write_json(path, manifest)
+
+
+# ---------------------------------------------------------------------- running
+def execute_job(job: Job) -> None:
+    """Train (or resume) one run unless its metrics exist, then run its missing evaluations."""
+    from promptlab.runner import ensure_data, eval_prompts, run
+
+    run_dir = Path(job.run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        cfg = load_recipe(job.recipe, job.overrides, check_paths=False)
+        ensure_data(cfg)
+        run(load_recipe(job.recipe, job.overrides, check_paths=True))
+    for ev in job.evaluations:
+        if not (run_dir / ev.result_file(job.split)).is_file():
+            eval_prompts(run_dir, ev.overrides)
+
+
+class _Launcher:
+    """Runs jobs as child processes, each with its device slot; stops them all on Ctrl-C."""
+
+    def __init__(self, slots: list[str | None]):
+        self.slots: queue.Queue[str | None] = queue.Queue()
+        for s in slots:
+            self.slots.put(s)
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def __call__(self, job: Job) -> int:
+        device = self.slots.get()
+        try:
+            run_dir = Path(job.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / JOB_FILE).write_text(json.dumps(job.to_json(), indent=2))
+            env = dict(os.environ)
+            if device is not None:
+                env["CUDA_VISIBLE_DEVICES"] = device
+            with open(run_dir / JOB_LOG, "ab") as logf, self.lock:
+                if self.stopping:
+                    return -1
+                proc = subprocess.Popen([sys.executable, "-m", "promptlab.sweep", str(run_dir / JOB_FILE)],
+                                        env=env, stdout=logf, stderr=subprocess.STDOUT)
+                self.running.add(proc)
+            rc = proc.wait()
+            with self.lock:
+                self.running.discard(proc)
+            return rc
+        finally:
+            self.slots.put(device)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            for proc in self.running:
+                proc.terminate()
+        for proc in list(self.running):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def device_slots(jobs: int | None, devices: Sequence[str] | None) -> list[str | None]:
+    """One entry per parallel job: the CUDA_VISIBLE_DEVICES value it gets (None: inherit).
+
+    ``--devices 0,1`` alone gives one job per device; ``--jobs 4 --devices 0,1`` two per device.
+    """
+    devices = list(devices or [])
+    n = jobs if jobs is not None else max(len(devices), 1)
+    if n < 1:
+        raise ValueError(f"--jobs must be at least 1, got {n}")
+    return [devices[i % len(devices)] if devices else None for i in range(n)]
+
+
+@dataclass
+class SweepResult:
+    """What one invocation did, job by job (status before running: done / evaluate / resume / new)."""
+
+    statuses: list[tuple[Job, str]]
+    failed: list[Job] = field(default_factory=list)
+
+    @property
+    def ran(self) -> list[Job]:
+        return [j for j, s in self.statuses if s != "done"]
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    jobs: int | None = None,
+    devices: Sequence[str] | None = None,
+    in_process: bool = False,
+    dry_run: bool = False,
+) -> SweepResult:
+    """Run every unfinished job of ``sweep``; finished ones are skipped, interrupted ones resumed.
+
+    Args:
+        sweep: from :func:`plan_sweep`.
+        jobs: how many runs side by side (one process each); default one per device, or 1.
+        devices: GPU ids; each job process sees one of them as its only GPU.
+        in_process: run the jobs one after another in this process (debugging, tests).
+        dry_run: only report what would run.
+
+    Raises:
+        ConfigError: a run directory holds a run of a different configuration.
+    """
+    statuses = [(job, job.status()) for job in sweep.jobs]
+    result = SweepResult(statuses)
+    for job, status in statuses:
+        conflicts = config_conflicts(job) if status != "new" else []
+        if conflicts:
+            raise ConfigError(f"{job.run_dir} holds a run of a different configuration ({'; '.join(conflicts)}); "
+                              "delete it or sweep into another --out")
+    if dry_run:
+        return result
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    write_manifest(sweep)
+    todo = result.ran
+    log.info("sweep %s (%s): %d runs, %d to do", sweep.out, sweep.protocol, len(statuses), len(todo))
+    if in_process:
+        for job in todo:
+            execute_job(job)
+        return result
+    launcher = _Launcher(device_slots(jobs, devices))
+    pool = ThreadPoolExecutor(max_workers=launcher.slots.qsize())
+    try:
+        futures = {pool.submit(launcher, job): job for job in todo}
+        for i, (fut, job) in enumerate(futures.items(), 1):
+            try:
+                rc = fut.result()
+            except OSError as e:  # the job could not even start (disk full, permissions)
+                log.error("cannot start %s: %s", job.run_dir, e)
+                rc = -1
+            ok = rc == 0 and job.status() == "done"
+            log.info("[%d/%d] %s %s shots=%d seed=%d%s", i, len(todo), "done" if ok else "FAILED", job.dataset,
+                     job.shots, job.seed, "" if ok else f" (exit {rc}; see {Path(job.run_dir) / JOB_LOG})")
+            if not ok:
+                result.failed.append(job)
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping the running jobs; run the same command again to resume")
+        launcher.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return result
+
+
+def format_plan(result: SweepResult) -> str:
+    """The dry-run listing: one line per run with its status, epochs and directory."""
+    lines = [f"{'status':9} {'dataset':16} {'shots':>5} {'seed':>4} {'epochs':>6}  run directory"]
+    for job, status in result.statuses:
+        lines.append(f"{status:9} {job.dataset:16} {job.shots:5d} {job.seed:4d} {job.epochs:6d}  {job.run_dir}")
+    counts = {s: sum(1 for _, st in result.statuses if st == s) for s in ("new", "resume", "evaluate", "done")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- command line
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from promptlab.cli import find_recipe
+
+    sweep = plan_sweep(find_recipe(args.recipe), args.args, args.out)
+    devices = _list(args.devices) if args.devices else None
+    result = run_sweep(sweep, jobs=args.jobs, devices=devices, in_process=args.in_process, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"{sweep.protocol} sweep of {sweep.recipe} into {sweep.out}")
+        print(format_plan(result))
+        return 0
+    if result.failed:
+        print(f"{len(result.failed)} of {len(result.ran)} runs failed:", file=sys.stderr)
+        for job in result.failed:
+            print(f"  {job.run_dir} (log: {Path(job.run_dir) / JOB_LOG})", file=sys.stderr)
+        return 1
+    print(f"{len(result.ran)} runs done, {len(result.statuses) - len(result.ran)} skipped -> {sweep.out}")
+    print(f"tables and plots: promptlab report {sweep.out}")
+    return 0
+
+
+def add_sweep_command(sub: Any) -> None:
+    """Register ``promptlab sweep`` on the CLI's subparsers."""
+    s = sub.add_parser("sweep", help="run a protocol's grid (datasets x shots x seeds) from a recipe: resumable, parallel")
+    s.add_argument("recipe", help="recipe path or name under recipes/")
+    s.add_argument("args", nargs="*", metavar="key=value",
+                   help="protocol=base2new|fewshot|crossdataset datasets=all|a,b seeds=1,2,3 shots=1,2,4,8,16 "
+                        "targets=all|a,b (crossdataset), and any recipe override")
+    s.add_argument("--out", help="sweep directory (default runs/sweeps/<recipe>-<protocol>)")
+    s.add_argument("--jobs", type=int, help="runs side by side, one process each (default: one per device, or 1)")
+    s.add_argument("--devices", help="GPU ids, e.g. 0,1,2,3: each job process sees one (CUDA_VISIBLE_DEVICES)")
+    s.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    s.add_argument("--in-process", action="store_true", help="run the jobs one by one in this process (debugging)")
+    s.set_defaults(func=cmd_sweep)
+
+
+def _job_main(argv: Sequence[str]) -> int:
+    """Entry point of a job process: ``python -m promptlab.sweep RUN_DIR/sweep_job.json``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job = Job.from_json(json.loads(Path(argv[0]).read_text()))
+    execute_job(job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_job_main(sys.argv[1:]))

@@ -1,0 +1,98 @@
+"""KgCoOp's knowledge-guided term against a hand computation (htyao89/KgCoOp ``trainers/kgcoop.py``)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from promptlab.clip import FrozenCLIP
+from promptlab.methods import KgCoOp
+from promptlab.runner import dataset_kwargs
+
+CLASSNAMES = ["cat", "sea_lion", "Yorkshire_terrier", "golden retriever"]
+PETS = "a photo of a {}, a type of pet."
+
+
+def _hand(clip: FrozenCLIP, template: str) -> torch.Tensor:
+    """The reference: clip_model.encode_text of the filled template, divided by its norm."""
+    with torch.no_grad():
+        t = clip.model.encode_text(clip.tokenize([template.format(c.replace("_", " ")) for c in CLASSNAMES]))
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+def _perturbed(clip: FrozenCLIP, **kw) -> KgCoOp:
+    m = KgCoOp(clip, CLASSNAMES, template=PETS, **kw)
+    with torch.no_grad():
+        m.ctx.add_(0.3 * torch.randn(m.ctx.shape, generator=torch.Generator().manual_seed(0)))
+    return m
+
+
+def test_hand_features_are_the_dataset_template(tiny_clip: FrozenCLIP) -> None:
+    m = KgCoOp(tiny_clip, CLASSNAMES, template=PETS)
+    torch.testing.assert_close(m._hand, _hand(tiny_clip, PETS), atol=1e-5, rtol=0)
+    assert "_hand" not in m.state_dict() and "_hand" not in m.prompt_state_dict()  # never saved
+    m.set_classnames(["airliner", "fire_truck"])  # recomputed for the new classes
+    with torch.no_grad():
+        t = tiny_clip.model.encode_text(tiny_clip.tokenize([PETS.format("airliner"), PETS.format("fire truck")]))
+    torch.testing.assert_close(m._hand, F.normalize(t, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_loss_equals_hand_computation(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    m = _perturbed(tiny_clip, w=8.0)
+    labels = torch.tensor([0, 3, 1])
+    logits = m(images)
+    loss = m.loss(logits, labels)
+
+    txt = m.text_features().detach()  # [C, D]
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    cos = torch.nn.CosineSimilarity(dim=1, eps=1e-07)(txt, _hand(tiny_clip, PETS))
+    term = 1.0 - cos.mean()
+    expected = F.cross_entropy(logits.detach(), labels) + 8.0 * term
+    assert term > 1e-3  # a perturbed context is away from the hand-crafted features
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.knowledge_loss().detach(), term, atol=1e-6, rtol=0)
+    loss.backward()
+    assert m.ctx.grad is not None and m.ctx.grad.abs().max() > 0
+
+
+def test_term_vanishes_when_prompt_is_the_template(tiny_clip: FrozenCLIP) -> None:
+    """Context "a photo of a" before "{class}." is exactly the template "a photo of a {}.": cos = 1."""
+    m = KgCoOp(tiny_clip, CLASSNAMES, ctx_init="a photo of a", template="a photo of a {}.")
+    with torch.no_grad():
+        assert abs(float(m.knowledge_loss())) < 1e-6
+    m_pets = KgCoOp(tiny_clip, CLASSNAMES, template=PETS)
+    with torch.no_grad():
+        assert float(m_pets.knowledge_loss()) > 1e-4  # a different template: not zero
+
+
+def test_weight_scales_the_term_and_text_pass_is_reused(tiny_clip: FrozenCLIP, images: torch.Tensor, monkeypatch) -> None:
+    labels = torch.tensor([0, 1, 2])
+    losses, ces = {}, {}
+    for w in (0.0, 8.0):
+        m = _perturbed(tiny_clip, w=w)
+        calls = []
+        real = m.text_features
+        monkeypatch.setattr(m, "text_features", lambda real=real, calls=calls: calls.append(1) or real())
+        logits = m(images)
+        losses[w] = m.loss(logits, labels)
+        assert len(calls) == 1, "loss() must reuse the forward pass's text features"
+        ces[w] = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(losses[0.0], ces[0.0])
+    torch.testing.assert_close(ces[8.0], ces[0.0])  # same context: same logits, only the term differs
+    assert losses[8.0] > losses[0.0] + 1e-3
+
+
+def test_template_ensemble(tiny_clip: FrozenCLIP) -> None:
+    templates = [PETS, "a blurry photo of a {}.", "{} texture."]
+    m = KgCoOp(tiny_clip, CLASSNAMES, templates=templates)
+    expected = F.normalize(torch.stack([_hand(tiny_clip, t) for t in templates]).mean(0), dim=-1)
+    torch.testing.assert_close(m._hand, expected, atol=1e-5, rtol=0)
+
+
+def test_runner_fills_the_dataset_template() -> None:
+    ds = SimpleNamespace(template=PETS, name="oxford_pets")
+    assert dataset_kwargs(KgCoOp, OmegaConf.create({"w": 8.0}), ds) == {"template": PETS}
+    assert dataset_kwargs(KgCoOp, OmegaConf.create({"template": "{} x."}), ds) == {}  # the recipe wins
