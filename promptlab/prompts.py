@@ -138,6 +138,11 @@ class PromptModule(nn.Module):
         """Called after an evaluation pass: statistics to report beside the accuracy (JSON-able)."""
         return {}
 
+    def register_class_buffers(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Register class-derived tensors as non-persistent buffers: rebuilt by ``set_classnames``, never saved."""
+        for name, t in tensors.items():
+            self.register_buffer(name, t, persistent=False)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -172,6 +177,16 @@ def word_embeddings(clip: FrozenCLIP, words: str) -> torch.Tensor:
         raise ValueError(f"ctx_init={words!r} has no tokens")
     with torch.no_grad():
         return clip.embed_tokens(ids)[0, 1 : 1 + n].float().clone()
+
+
+def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str = "") -> torch.Tensor:
+    """Initial context vectors [n, W]: the embeddings of ``ctx_init``'s tokens, or N(0, 0.02) when empty.
+
+    With words, ``n`` is their token count (CoOp counts words; the two agree for "a photo of a").
+    """
+    if ctx_init:
+        return word_embeddings(clip, ctx_init.replace("_", " "))
+    return nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)
 
 
 def n_tokens(clip: FrozenCLIP, text: str) -> int:

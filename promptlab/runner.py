@@ -24,9 +24,24 @@ import promptlab
 from promptlab import distributed
 from promptlab.clip import FrozenCLIP, load_clip
 from promptlab.config import epochs_for, instantiate, load_recipe, resolve_component
-from promptlab.data import DatasetSplits, ImageDataset, Item, fewshot_split, get_spec, load_dataset, subsample_classes
-from promptlab.engine import FeatureBatches, ImageBatches, evaluate, lr_at, seed_everything, train
-from promptlab.engine import load_checkpoint
+from promptlab.data import (
+    DatasetSplits,
+    ImageDataset,
+    Item,
+    fewshot_split,
+    get_spec,
+    load_dataset,
+    subsample_classes,
+)
+from promptlab.engine import (
+    FeatureBatches,
+    ImageBatches,
+    evaluate,
+    load_checkpoint,
+    lr_at,
+    seed_everything,
+    train,
+)
 from promptlab.export import load_prompts, save_prompts
 from promptlab.features import cached_features
 from promptlab.io import atomic_write_json

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from promptlab.clip import FrozenCLIP
-from promptlab.prompts import PromptModule, encode_context_prefix, prompt_buffers, word_embeddings
+from promptlab.prompts import PromptModule, encode_context_prefix, init_context, prompt_buffers
 
 
 class CoCoOp(PromptModule):
@@ -41,13 +41,8 @@ class CoCoOp(PromptModule):
 
     def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int = 4, ctx_init: str = "a photo of a"):
         super().__init__(clip, classnames)
-        if ctx_init:
-            ctx = word_embeddings(clip, ctx_init.replace("_", " "))  # [n_ctx, W]
-            n_ctx = ctx.shape[0]
-        else:
-            ctx = nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)
-        self.n_ctx = n_ctx
-        self.ctx = nn.Parameter(ctx)  # [n_ctx, W]
+        self.ctx = nn.Parameter(init_context(clip, n_ctx, ctx_init))  # [n_ctx, W]
+        self.n_ctx = self.ctx.shape[0]
         vis_dim = clip.embed_dim  # the reference's visual.output_dim: the meta-net reads projected features
         self.meta_net = nn.Sequential(
             OrderedDict(
@@ -60,8 +55,7 @@ class CoCoOp(PromptModule):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        for name, t in prompt_buffers(self.clip, self.classnames, self.n_ctx).items():
-            self.register_buffer(name, t, persistent=False)
+        self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx))
 
     def conditioned_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """[B, D] normalised image features -> [B, C, D] text features of each image's prompts."""

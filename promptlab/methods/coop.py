@@ -18,9 +18,9 @@ from promptlab.prompts import (
     PromptModule,
     encode_context_prefix,
     encode_prompts,
+    init_context,
     insert_context,
     prompt_buffers,
-    word_embeddings,
 )
 
 
@@ -45,14 +45,12 @@ class CoOp(PromptModule):
     ):
         super().__init__(clip, classnames)
         self.csc, self.class_token_position = csc, class_token_position
-        if ctx_init:
-            init = word_embeddings(clip, ctx_init.replace("_", " "))  # [n, W]
-            n_ctx = init.shape[0]
-            ctx = init.expand(len(classnames), -1, -1).clone() if csc else init
+        if csc and not ctx_init:  # one N(0, 0.02) draw of [C, n_ctx, W], as CoOp
+            ctx = nn.init.normal_(torch.empty(len(classnames), n_ctx, clip.width), std=0.02)
         else:
-            ctx = torch.empty(len(classnames), n_ctx, clip.width) if csc else torch.empty(n_ctx, clip.width)
-            nn.init.normal_(ctx, std=0.02)
-        self.n_ctx = n_ctx
+            ctx = init_context(clip, n_ctx, ctx_init)  # [n, W]
+            ctx = ctx.expand(len(classnames), -1, -1).clone() if csc else ctx
+        self.n_ctx = ctx.shape[-2]
         self.ctx = nn.Parameter(ctx)  # [n_ctx, W] or [C, n_ctx, W]
         self.set_classnames(classnames)
 
@@ -63,8 +61,8 @@ class CoOp(PromptModule):
                 f"{len(classnames)} classes; use a unified context (csc=false) for base-to-new transfer"
             )
         super().set_classnames(classnames)
-        for name, t in prompt_buffers(self.clip, self.classnames, self.n_ctx, self.class_token_position).items():
-            self.register_buffer(name, t, persistent=False)  # _base [C, L, W], _ctx_pos [C, n_ctx], _eot [C]
+        # _base [C, L, W], _ctx_pos [C, n_ctx], _eot [C]
+        self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx, self.class_token_position))
 
     def text_features(self) -> torch.Tensor:
         if not self.csc and self.class_token_position == "end":  # [SOS] + context shared by all classes

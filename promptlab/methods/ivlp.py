@@ -73,8 +73,7 @@ class IVLP(PromptModule):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        for name, t in prompt_buffers(self.clip, self.classnames, self.n_ctx_text, prefix=self.prefix).items():
-            self.register_buffer(name, t, persistent=False)
+        self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx_text, prefix=self.prefix))
 
     def text_features(self) -> torch.Tensor:
         prompts = insert_context(self._base, self.ctx, self._ctx_pos)  # [C, L, W]

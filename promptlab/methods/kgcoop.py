@@ -21,9 +21,9 @@ from promptlab.prompts import (
     PromptModule,
     encode_prompts,
     hand_crafted_features,
+    init_context,
     insert_context,
     prompt_buffers,
-    word_embeddings,
 )
 from promptlab.templates import resolve_templates
 
@@ -51,21 +51,15 @@ class KgCoOp(PromptModule):
         template: str | None = None,
     ):
         super().__init__(clip, classnames)
-        if ctx_init:
-            ctx = word_embeddings(clip, ctx_init.replace("_", " "))  # [n_ctx, W]
-            n_ctx = ctx.shape[0]
-        else:
-            ctx = nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)
-        self.n_ctx, self.w = n_ctx, float(w)
+        self.ctx = nn.Parameter(init_context(clip, n_ctx, ctx_init))  # [n_ctx, W]
+        self.n_ctx, self.w = self.ctx.shape[0], float(w)
         self.templates = resolve_templates(templates, template)
-        self.ctx = nn.Parameter(ctx)  # [n_ctx, W]
         self._step_text: torch.Tensor | None = None
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        for name, t in prompt_buffers(self.clip, self.classnames, self.n_ctx).items():
-            self.register_buffer(name, t, persistent=False)
+        self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx))
         # computed once per class set; a buffer so that it follows .to(device) but is never saved
         self.register_buffer("_hand", hand_crafted_features(self.clip, self.classnames, self.templates), persistent=False)
         self._step_text = None
