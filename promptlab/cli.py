@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.set_defaults(func=cmd_import_coop)
 
+    from promptlab.anomaly.cli import add_anomaly_commands
     from promptlab.cli_data import add_data_commands
     from promptlab.report import add_report_command
     from promptlab.sweep import add_sweep_command
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_sweep_command(sub)
     add_report_command(sub)
+    add_anomaly_commands(sub)
     return p
 
 

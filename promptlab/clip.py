@@ -78,6 +78,27 @@ def _block_forward(
     return x + b.ls_2(b.mlp(b.ln_2(x)))
 
 
+def _block_forward_dpam(b: _Block, x: torch.Tensor, vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block with DPAM's second, V-V attention path (AnomalyCLIP, arXiv 2310.18961, section 3.3).
+
+    Args:
+        x: [B, L, W] the plain path, which stays exactly CLIP's computation.
+        vv: [B, L, W] the V-V path: at the first DPAM block it is that block's input ``x``.
+
+    Returns:
+        (x, vv) after the block. As in zqhang/AnomalyCLIP's dual-path blocks, both attentions read
+        ``ln_1`` of the *plain* path; the V-V path adds softmax(V V^T / sqrt(d)) V through the same
+        output projection and skips the MLP, so it accumulates V-V attention of the plain states.
+    """
+    B, L, W = x.shape
+    q, k, v = (t.reshape(B, L, b.heads, W // b.heads).transpose(1, 2) for t in b.qkv(b.ln_1(x)))
+    o = F.scaled_dot_product_attention(q, k, v)
+    o_vv = F.scaled_dot_product_attention(v, v, v)  # queries and keys replaced by the values
+    vv = vv + b.ls_1(b.out_proj(o_vv.transpose(1, 2).reshape(B, L, W)))
+    x = x + b.ls_1(b.out_proj(o.transpose(1, 2).reshape(B, L, W)))
+    return x + b.ls_2(b.mlp(b.ln_2(x))), vv
+
+
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """[..., L, W] -> [..., H, L, W/H]."""
     return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(-3, -2)
@@ -266,6 +287,34 @@ class FrozenCLIP(nn.Module):
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
+    def tower_parts(self, tower: str) -> tuple[str, ...]:
+        """Names (sub-modules or parameters, relative to this object) holding one tower's weights.
+
+        Args:
+            tower: ``"image"``, ``"text"`` or ``"both"``. The learned temperature is in neither.
+        """
+        if tower == "both":
+            return self.tower_parts("image") + self.tower_parts("text")
+        m = self.model
+        if tower == "image":
+            return ("model.vision_model", "model.visual_projection") if self.backend == "hf" else ("model.visual",)
+        if tower != "text":
+            raise ValueError(f"tower={tower!r}: expected 'image', 'text' or 'both'")
+        if self.backend == "hf":
+            return ("model.text_model", "model.text_projection")
+        if hasattr(m, "text"):
+            return ("model.text",)
+        names = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+        return tuple(f"model.{n}" for n in names if getattr(m, n, None) is not None)
+
+    def unfreeze(self, parts: Sequence[str]) -> None:
+        """Make the named sub-modules or parameters trainable (a method fine-tuning the backbone)."""
+        for name in parts:
+            try:
+                self.get_submodule(name).requires_grad_(True)
+            except AttributeError:
+                self.get_parameter(name).requires_grad_(True)
+
     # ------------------------------------------------------------------ text side
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Token ids [N, context_length] (start token, BPE, end token, zero padding)."""
@@ -397,6 +446,61 @@ class FrozenCLIP(nn.Module):
                 raise ValueError(f"{self.arch}: visual prompts and patch tokens need a ViT image tower")
             pooled = self.model.encode_image(images) if self.backend == "open_clip" else self.model.get_image_features(images)
             return F.normalize(pooled, dim=-1) if normalize else pooled
+        x, n_patch, _ = self._vision_forward(images, prompts, deep_prompts)
+        pooled = self._vision_post(x[:, 0])
+        pooled = F.normalize(pooled, dim=-1) if normalize else pooled
+        if return_tokens:
+            return pooled, self._vision_post(x[:, 1 : 1 + n_patch])
+        return pooled
+
+    def encode_image_dense(
+        self,
+        images: torch.Tensor,
+        layers: Sequence[int],
+        *,
+        dpam_from: int | None = None,
+        pooled_ln_post: bool = True,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Global features and projected patch tokens of intermediate layers (dense prediction).
+
+        Args:
+            images: [B, 3, H, W] normalized pixels; any size that is a multiple of the patch size
+                (the positional embeddings are interpolated when the grid differs from pre-training).
+            layers: 1-based block outputs to return (6, 12, 18, 24 for ViT-L/14 in AnomalyCLIP).
+            dpam_from: 0-based block from which DPAM's V-V path runs beside the plain one (see
+                ``_block_forward_dpam``); patch tokens of those blocks come from the V-V path.
+                ``None`` or an index beyond the last block: plain attention everywhere.
+            pooled_ln_post: apply the final LayerNorm to the class token before projecting it.
+                zqhang/AnomalyCLIP projects the last class token *without* ``ln_post``; ``False``
+                reproduces that.
+
+        Returns:
+            pooled [B, D] (from the plain path) and one [B, P, D] tensor per entry of ``layers``,
+            each through ``ln_post`` and the projection into the joint space.
+        """
+        if not self.vision_is_transformer:
+            raise ValueError(f"{self.arch}: dense patch features need a ViT image tower")
+        bad = [i for i in layers if not 1 <= int(i) <= self.vision_layers]
+        if bad:
+            raise ValueError(f"layers {bad}: expected 1..{self.vision_layers} (1-based block outputs)")
+        x, n_patch, kept = self._vision_forward(images.to(self.device, self.dtype), None, None, dpam_from, layers)
+        pooled = self._vision_post(x[:, 0], ln=pooled_ln_post)
+        return pooled, [self._vision_post(kept[int(i)][:, 1 : 1 + n_patch]) for i in layers]
+
+    def _vision_forward(
+        self,
+        images: torch.Tensor,
+        prompts: torch.Tensor | None,
+        deep_prompts: Mapping[int, torch.Tensor] | None,
+        dpam_from: int | None = None,
+        keep: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, int, dict[int, torch.Tensor]]:
+        """The one per-layer loop of the image tower: visual prompts, DPAM and intermediate outputs.
+
+        Returns the last hidden states [B, 1 + P + n, Wv] (plain path), the patch count P, and
+        {layer: hidden states after that many blocks} for the 1-based ``keep`` layers (V-V path
+        where DPAM runs).
+        """
         _check_deep_keys(deep_prompts)
         x = self._vision_embed(images)  # [B, 1 + P, Wv], before ln_pre
         n_patch = x.shape[1] - 1
@@ -406,6 +510,9 @@ class FrozenCLIP(nn.Module):
             n_prompt = p.shape[1]
             x = torch.cat([x, p], dim=1)
         x = self._vision_ln_pre(x)  # [B, 1 + P + n, Wv]
+        keep = {int(i) for i in keep}
+        kept: dict[int, torch.Tensor] = {}
+        vv = None
         for i, blk in enumerate(self._vis_blocks):
             if deep_prompts and i in deep_prompts:
                 p = _expand(deep_prompts[i], x.shape[0]).to(x.dtype)
@@ -415,32 +522,50 @@ class FrozenCLIP(nn.Module):
                         "tokens appended by `prompts`, so the counts must match"
                     )
                 x = torch.cat([x[:, : 1 + n_patch], p], dim=1)
-            x = self._run_block(blk, x)
-        pooled = self._vision_post(x[:, 0])
-        pooled = F.normalize(pooled, dim=-1) if normalize else pooled
-        if return_tokens:
-            return pooled, self._vision_post(x[:, 1 : 1 + n_patch])
-        return pooled
+            if dpam_from is not None and i >= dpam_from:
+                x, vv = _block_forward_dpam(blk, x, x if vv is None else vv)
+            else:
+                x = self._run_block(blk, x)
+            if i + 1 in keep:
+                kept[i + 1] = x if vv is None else vv
+        return x, n_patch, kept
 
     def _vision_embed(self, images: torch.Tensor) -> torch.Tensor:
         """Class + patch tokens with positional embeddings, before the pre-LayerNorm: [B, 1 + P, Wv]."""
         if self.backend == "hf":
-            return self.model.vision_model.embeddings(images)
+            other_size = tuple(images.shape[-2:]) != (self.image_size, self.image_size)
+            return self.model.vision_model.embeddings(images, interpolate_pos_encoding=other_size)  # HF: bicubic
         v = self.model.visual
-        x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, P, Wv]
+        x = v.conv1(images)  # [B, Wv, gh, gw]
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)  # [B, P, Wv]
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return torch.cat([cls, x], dim=1) + _resize_pos_embed(v.positional_embedding, grid).to(x.dtype)
 
     def _vision_ln_pre(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.vision_model.pre_layrnorm(x) if self.backend == "hf" else self.model.visual.ln_pre(x)
 
-    def _vision_post(self, x: torch.Tensor) -> torch.Tensor:
-        """Final LayerNorm and projection into the joint space, for the class token or patch tokens."""
+    def _vision_post(self, x: torch.Tensor, ln: bool = True) -> torch.Tensor:
+        """Final LayerNorm (unless ``ln=False``) and projection into the joint space, for class or patch tokens."""
         if self.backend == "hf":
-            return self.model.visual_projection(self.model.vision_model.post_layernorm(x))
+            return self.model.visual_projection(self.model.vision_model.post_layernorm(x) if ln else x)
         v = self.model.visual
-        x = v.ln_post(x)
+        x = v.ln_post(x) if ln else x
         return x @ v.proj if v.proj is not None else x
+
+
+def _resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[1 + P, W] positional embeddings for another patch grid: bilinear on the patch part, class kept.
+
+    The pre-training grid is returned unchanged; otherwise the patch embeddings are resampled as
+    zqhang/AnomalyCLIP does at 518 px (``F.interpolate(mode="bilinear")``, align_corners=False).
+    """
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    if (side, side) == tuple(grid):
+        return pos
+    patch = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, W, s, s]
+    patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)
+    return torch.cat([pos[:1], patch.flatten(2).transpose(1, 2)[0].to(pos.dtype)], dim=0)  # [1 + gh*gw, W]
 
 
 def _expand(p: torch.Tensor, batch: int) -> torch.Tensor:
@@ -572,3 +697,34 @@ def load_clip(
         tokenizer = open_clip.get_tokenizer(arch)
     model = model.to(device=device, dtype=_DTYPES[precision])
     return FrozenCLIP(model, arch=name, pretrained=pretrained, tokenizer=tokenizer)
+
+
+def save_clip(clip: FrozenCLIP, path: str | Path) -> Path:
+    """Write the backbone's current weights as a checkpoint folder :func:`load_clip` reads back.
+
+    An open_clip model becomes an open_clip ``local-dir`` folder (``open_clip_config.json`` +
+    ``open_clip_model.safetensors``; load with ``model.pretrained=<folder>``), a Hugging Face model a
+    ``save_pretrained`` folder. This is how a fine-tuned backbone (ViFi-CLIP's bridge stage) becomes
+    the frozen backbone of any method.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if clip.backend == "hf":
+        clip.model.save_pretrained(str(path))
+        return path
+    if clip.arch in TINY_CONFIGS:
+        cfg = json.loads(json.dumps(TINY_CONFIGS[clip.arch]))
+    elif clip.arch in open_clip.list_models():
+        cfg = dict(open_clip.get_model_config(clip.arch))
+    else:
+        raise ValueError(f"save_clip: no open_clip configuration known for arch {clip.arch!r}; pass model.arch by name")
+    if any(isinstance(m, open_clip.transformer.QuickGELU) for m in clip.model.modules()):
+        cfg["quick_gelu"] = True  # OpenAI weights: the activation is part of the model
+    meta = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(clip.image_mean), "std": list(clip.image_std)}}
+    (path / "open_clip_config.json").write_text(json.dumps(meta, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in clip.model.state_dict().items()}
+    save_file(state, str(path / "open_clip_model.safetensors"))
+    return path

@@ -39,6 +39,7 @@ __all__ = [
     "ModelConfig",
     "RecipeConfig",
     "TrainConfig",
+    "VideoConfig",
     "component_kwargs",
     "epochs_for",
     "instantiate",
@@ -87,6 +88,7 @@ class DataConfig:
     root: str = field(metadata={"path": True})  # $DATA in CoOp's DATASETS.md layout; must exist
     name: str  # a dataset under datasets/ (oxford_pets, imagenet, ..., synthetic)
     num_workers: int = 4  # DataLoader workers
+    fold: int = 1  # official split 1..3 of video datasets (UCF101, HMDB51): fills `{fold}` in their list names
 
 
 @dataclass
@@ -106,6 +108,20 @@ class TrainConfig:
     aug_views: int = 10  # augmented views per training image encoded once for the feature cache
     checkpoint_every: int = 1  # epochs between checkpoints
     log_every: int = 20  # steps between log lines
+    grad_accum_steps: int = 1  # optimizer step every N batches (effective batch = N x batch_size)
+
+
+@dataclass
+class VideoConfig:
+    """Clips of video datasets (``modality: video``; see ``promptlab.video``). Ignored for images."""
+
+    num_frames: int = 8  # T frames per clip, one per temporal segment (ViFi-CLIP: 32)
+    test_clips: int = 1  # temporal views per test video (ViFi-CLIP multi-view test: 4)
+    test_crops: int = 1  # spatial views per test clip: 1 (centre) or 3 (ViFi-CLIP multi-view test)
+    normalize: Literal["clip", "imagenet"] = "clip"  # pixel mean/std; ViFi-CLIP normalises with ImageNet's
+    mixup: float = 0.0  # mixup Beta alpha on training batches; 0 = off (ViFi-CLIP: 0.8)
+    cutmix: float = 0.0  # CutMix Beta alpha; 0 = off (ViFi-CLIP: 1.0)
+    mix_switch_prob: float = 0.5  # probability of CutMix rather than mixup when both are on
 
 
 @dataclass
@@ -137,6 +153,7 @@ class RecipeConfig:
     optimizer: dict[str, Any] | None = field(default=None, metadata={"component": ("params",)})
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -167,6 +167,7 @@ def train(
     log_every: int = 20,
     resume: bool = False,
     writer: Any = None,
+    grad_accum_steps: int = 1,
 ) -> TrainResult:
     """Train the method's learnable tensors for ``epochs`` epochs; the last epoch's model is kept.
 
@@ -176,7 +177,8 @@ def train(
     uninterrupted run. A non-finite loss stops the run before the step is applied, so the
     last good checkpoint survives. Under ``torchrun`` (see :mod:`promptlab.distributed`) each
     process trains on its part of every global batch, gradients are averaged over processes,
-    and only rank 0 writes checkpoints.
+    and only rank 0 writes checkpoints. With ``grad_accum_steps = N`` the optimizer steps once per N
+    batches on their mean gradient (the epoch's last, shorter group steps too).
     """
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     start = 0
@@ -189,14 +191,15 @@ def train(
         log.info("resumed from %s at epoch %d/%d", ckpt_path, start, epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
     params = module.trainable_parameters()
-    step, loss_value = start * len(batches), float("nan")
+    accum = max(1, int(grad_accum_steps))
+    step, loss_value, n_local = start * len(batches), float("nan"), 0
     module.train()
     for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=epochs == 0):
         lr = lr_fn(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         correct = seen = 0
-        for inputs, labels in tqdm(batches, desc=f"epoch {epoch + 1}", leave=False):
+        for i, (inputs, labels) in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", leave=False)):
             inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
             labels = labels.to(device)
             with autocast(device, amp):
@@ -208,14 +211,18 @@ def train(
                     f"update; the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'} "
                     "(lower the learning rate, use amp=fp32 or set train.grad_clip)"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            distributed.average_gradients(params, labels.numel())  # DDP: the global batch's gradient; no-op in one process
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            if i % accum == 0:  # first batch of an accumulation group
+                optimizer.zero_grad(set_to_none=True)
+                n_local = 0
+            scaler.scale(loss / accum).backward()
+            n_local += labels.numel()
+            if (i + 1) % accum == 0 or i + 1 == len(batches):
+                distributed.average_gradients(params, n_local)  # DDP: the global batch's gradient; no-op in one process
+                if grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
             loss_value = loss.item()
             correct += (logits.argmax(-1) == labels).sum().item()
             seen += labels.numel()

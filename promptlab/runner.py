@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import promptlab
 from promptlab import distributed
-from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.clip import FrozenCLIP, load_clip, save_clip
 from promptlab.config import epochs_for, instantiate, load_recipe, resolve_component
 from promptlab.data import (
     DatasetSplits,
@@ -87,7 +87,8 @@ def ensure_data(cfg: DictConfig) -> None:
 
 def prepare_data(cfg: DictConfig) -> DatasetSplits:
     """The dataset, its few-shot draw for (shots, seed) and its base/new half, as the protocol says."""
-    ds = load_dataset(cfg.data.name, Path(cfg.data.root).expanduser())
+    params = {"fold": int(cfg.data.get("fold", 1)), "seed": int(cfg.seed), "shots": int(cfg.shots)}  # video list names
+    ds = load_dataset(cfg.data.name, Path(cfg.data.root).expanduser(), params=params)
     if int(cfg.shots) > 0:
         ds = fewshot_split(ds, int(cfg.shots), int(cfg.seed), cache_dir=Path(cfg.cache_dir).expanduser())
     return subsample_classes(ds, cfg.subsample)
@@ -104,8 +105,11 @@ class _Setup:
 
 
 def _batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch.Generator):
-    """Cached features when the method's image side is frozen (and the recipe allows it), else images."""
+    """Cached features when the method's image side is frozen (and the recipe allows it), else images;
+    clips for a video dataset."""
     cfg, clip, module = s.cfg, s.clip, s.module
+    if get_spec(cfg.data.name).modality == "video":
+        return _video_batches(s, items, train_mode=train_mode, generator=generator)
     batch_size = cfg.train.batch_size if train_mode else cfg.eval.batch_size
     labels = torch.tensor([it.label for it in items], dtype=torch.long)
     if module.image_side_frozen and (cfg.train.feature_cache or not train_mode):
@@ -122,6 +126,21 @@ def _batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch
     return ImageBatches(
         ImageDataset(items, transform), batch_size, generator, shuffle=train_mode, num_workers=cfg.data.num_workers,
         shard=distributed.current_shard(),
+    )
+
+
+def _video_batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch.Generator):
+    """Clips of T frames (``video`` section of the recipe); test batches hold every view of a video."""
+    from promptlab.video.data import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, VideoBatches, VideoDataset
+
+    cfg, clip, v = s.cfg, s.clip, s.cfg.video
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if v.normalize == "imagenet" else (clip.image_mean, clip.image_std)
+    transform = ClipTransform(clip.image_size, mean, std, train=train_mode, crops=1 if train_mode else int(v.test_crops))
+    dataset = VideoDataset(items, int(v.num_frames), transform, clips=1 if train_mode else int(v.test_clips))
+    return VideoBatches(
+        dataset, cfg.train.batch_size if train_mode else cfg.eval.batch_size, generator, shuffle=train_mode,
+        num_workers=cfg.data.num_workers, shard=distributed.current_shard(), num_classes=len(s.ds.classnames),
+        mixup=float(v.mixup), cutmix=float(v.cutmix), switch_prob=float(v.mix_switch_prob),
     )
 
 
@@ -174,6 +193,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     lr_fn=lambda e: lr_at(e, base_lr, epochs, tc.warmup_epochs, tc.warmup_lr, tc.warmup_type),
                     generator=g, run_dir=run_dir, device=device, amp=tc.amp, grad_clip=tc.grad_clip,
                     checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, resume=bool(cfg.resume), writer=writer,
+                    grad_accum_steps=tc.grad_accum_steps,
                 )
                 train_info.update(last_loss=result.last_loss, resumed_from_epoch=result.resumed_from)
                 metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g), device=device, amp=tc.amp)
@@ -184,6 +204,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         export_dir = run_dir / "prompts"
         if is_main:
             save_prompts(module, export_dir, extra={"dataset": ds.name, "seed": int(cfg.seed), "shots": int(cfg.shots)})
+            if module.trainable_backbone_parts and "last_loss" in train_info:  # tuned backbone: a checkpoint load_clip reads
+                log.info("tuned backbone -> %s (use it as model.pretrained)", save_clip(clip, run_dir / "backbone"))
         out = {
             "dataset": ds.name, "split": cfg.eval.split, "subsample": cfg.subsample, "shots": int(cfg.shots), "seed": int(cfg.seed),
             **metrics, "train": train_info, "method": type(module).__name__, "arch": clip.arch,

@@ -22,6 +22,7 @@ EXTRA_KWARGS: dict[str, dict[str, Any]] = {
     # the tiny CLIP has 2 blocks per tower: the papers' depths (9, 12) are refused there
     "ivlp": {"prompt_depth_text": 2, "prompt_depth_vision": 2},
     "maple": {"prompt_depth": 2},
+    "vificlip": {"prompt_depth_text": 2, "prompt_depth_vision": 2},  # prompt stage (the default)
 }
 
 NAMES = sorted(METHODS)

@@ -15,8 +15,10 @@ from promptlab.config import ConfigError, epochs_for, load_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # Files with a top-level `kind: pretrain` (recipes/sandbox/pretrain.yaml) are backbone pretraining
-# recipes with their own schema, validated in tests/test_sandbox.py.
-RECIPES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if (yaml.safe_load(p.read_text()) or {}).get("kind") != "pretrain")
+# recipes with their own schema, validated in tests/test_sandbox.py; `kind: anomaly` recipes
+# (recipes/anomaly/) have theirs, validated in tests/test_anomaly.py.
+OTHER_KINDS = ("pretrain", "anomaly")
+RECIPES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if (yaml.safe_load(p.read_text()) or {}).get("kind") not in OTHER_KINDS)
 
 
 def test_recipes_exist() -> None:

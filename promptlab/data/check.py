@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 from dataclasses import dataclass, field
@@ -10,7 +11,25 @@ from pathlib import Path
 from promptlab.data.images import ImageReadError, read_image
 from promptlab.data.items import SPLITS
 from promptlab.data.readers import fix_hint
-from promptlab.data.registry import get_spec, load_dataset
+from promptlab.data.registry import fill_list_names, get_spec, load_dataset
+
+# Placeholder values `data check` reads video list names with (fold 1, seed 1, 16 shots).
+CHECK_LIST_PARAMS = {"fold": 1, "seed": 1, "shots": 16}
+
+
+def _probe(path: str, video: bool) -> None:
+    """Decode an image, or the first frame of a video (file or frame folder)."""
+    if not video:
+        read_image(path)
+        return
+    from promptlab.video.data import VideoReadError, count_frames, read_frames
+
+    try:
+        if count_frames(path) < 1:
+            raise VideoReadError(f"video {path} has no frames")
+        read_frames(path, [0])
+    except VideoReadError as e:
+        raise ImageReadError(str(e)) from e
 
 
 @dataclass
@@ -48,7 +67,8 @@ def check_dataset(name: str | Path, root: str | Path, *, full: bool = False, sam
         full: Decode every image instead of a sample (slow on the large datasets).
         sample: Images decoded per split when not `full` (a fixed-seed sample, so reruns agree).
     """
-    spec = get_spec(name)
+    spec = fill_list_names(get_spec(name), CHECK_LIST_PARAMS)
+    video = spec.modality == "video"
     report = CheckReport(spec.name, expected_classes=spec.num_classes)
     root = Path(os.path.abspath(os.path.expanduser(str(root))))
     dataset_dir = root / spec.folder
@@ -57,12 +77,12 @@ def check_dataset(name: str | Path, root: str | Path, *, full: bool = False, sam
         report.problems.append(f"folder {dataset_dir} not found.{fix_hint(spec, '*')}")
         return report
     for rel, what in spec.required_paths():
-        if not (dataset_dir / rel).exists():
+        if not (dataset_dir / rel).exists() and not (video and glob.glob(str(dataset_dir / rel))):
             report.problems.append(f"{what} missing: {dataset_dir / rel}.{fix_hint(spec, rel)}")
     if report.problems:
         return report
     try:
-        ds = load_dataset(spec.yaml_path, root, check_files=False)
+        ds = load_dataset(spec.yaml_path, root, check_files=False, params=CHECK_LIST_PARAMS)
     except (OSError, ValueError) as e:
         report.problems.append(str(e))
         return report
@@ -83,7 +103,8 @@ def check_dataset(name: str | Path, root: str | Path, *, full: bool = False, sam
     rng = random.Random(0)
     for split in SPLITS:
         items = ds.split(split)
-        missing = [it.path for it in items if not os.path.isfile(it.path)]
+        exists = os.path.exists if video else os.path.isfile  # a video may be a frame folder
+        missing = [it.path for it in items if not exists(it.path)]
         if missing:
             report.problems.append(
                 f"{split}: {len(missing)} of {len(items)} images missing, e.g. {missing[:3]}."
@@ -95,7 +116,7 @@ def check_dataset(name: str | Path, root: str | Path, *, full: bool = False, sam
         bad = []
         for it in chosen:
             try:
-                read_image(it.path)
+                _probe(it.path, video)
             except ImageReadError as e:
                 bad.append(str(e))
         if bad:

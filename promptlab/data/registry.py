@@ -51,6 +51,8 @@ class DatasetSpec:
         download: File or folder (relative to `folder`, or "*") -> how to obtain it.
         generator: Procedural datasets only: `{_component_: dotted.path, **kwargs}`, called as
             `fn(data_root, **kwargs)` to write the dataset on first use (`runner.ensure_data`).
+        modality: "image", or "video" (items are video files or frame folders, read by
+            `promptlab.video`); `reader` may then be a dotted path to a reader function.
         yaml_path: Where this spec was read from (for error messages).
     """
 
@@ -72,6 +74,7 @@ class DatasetSpec:
     expected: dict[str, int] = field(default_factory=dict)
     download: dict[str, str] = field(default_factory=dict)
     generator: dict | None = None
+    modality: str = "image"
     yaml_path: Path | None = None
 
     def required_paths(self) -> list[tuple[str, str]]:
@@ -127,9 +130,9 @@ def parse_spec(path: Path) -> DatasetSpec:
     missing = [k for k in ("name", "reader", "folder", "template") if k not in raw]
     if missing:
         raise ValueError(f"dataset YAML {path}: missing key(s) {missing}.")
-    if raw["reader"] not in READERS:
+    if raw["reader"] not in READERS and "." not in str(raw["reader"]):  # dotted: a reader function
         raise ValueError(f"dataset YAML {path}: reader {raw['reader']!r} is not one of {sorted(READERS)}.")
-    for key in _REQUIRED_BY_READER[raw["reader"]]:
+    for key in _REQUIRED_BY_READER.get(raw["reader"], ()):
         if not raw.get(key):
             raise ValueError(f"dataset YAML {path}: reader {raw['reader']!r} needs key '{key}'.")
     if "{}" not in str(raw["template"]):
@@ -141,6 +144,8 @@ def parse_spec(path: Path) -> DatasetSpec:
     )
     if bad:
         raise ValueError(f"dataset YAML {path}: unknown split name(s) {bad}; use {list(SPLITS)}.")
+    if raw.get("modality", "image") not in ("image", "video"):
+        raise ValueError(f"dataset YAML {path}: modality must be 'image' or 'video'.")
     if raw.get("folder_names", "wnid") not in ("wnid", "index"):
         raise ValueError(f"dataset YAML {path}: folder_names must be 'wnid' or 'index'.")
     spec = DatasetSpec(**raw, yaml_path=path)
@@ -167,8 +172,29 @@ def get_spec(name_or_yaml_path: str | Path) -> DatasetSpec:
     return parse_spec(path)
 
 
+def reader_for(spec: DatasetSpec):
+    """The reader function of a spec: a name in `READERS` or a dotted path (video readers)."""
+    if spec.reader in READERS:
+        return READERS[spec.reader]
+    from promptlab.config import resolve_component
+
+    return resolve_component(spec.reader)
+
+
+def fill_list_names(spec: DatasetSpec, params: dict | None) -> DatasetSpec:
+    """Fill `{fold}` / `{seed}` / `{shots}` in the split and list file names (official video splits
+    1..3, ViFi-CLIP's per-seed and per-K lists); other names pass unchanged."""
+    if not params:
+        return spec
+    fill = lambda v: v.format_map(params) if v and "{" in v else v  # noqa: E731
+    return dataclasses.replace(
+        spec, split_file=fill(spec.split_file), classnames_file=fill(spec.classnames_file),
+        splits={k: fill(v) for k, v in spec.splits.items()},
+    )
+
+
 def load_dataset(
-    name_or_yaml_path: str | Path, root: str | Path, *, check_files: bool = True
+    name_or_yaml_path: str | Path, root: str | Path, *, check_files: bool = True, params: dict | None = None
 ) -> DatasetSplits:
     """Read a dataset's full train / val / test splits from the user's data root.
 
@@ -177,6 +203,7 @@ def load_dataset(
         root: The data root (`$DATA`) holding the dataset folders in CoOp's DATASETS.md layout.
         check_files: Check that every image listed by a split or list file exists, so a missing
             image fails here, naming itself, instead of deep inside a training epoch.
+        params: values of the `{fold}`, `{seed}`, `{shots}` placeholders in list file names.
 
     Returns:
         All items (no few-shot draw yet; see `fewshot_split`), class names and prompt template.
@@ -186,7 +213,7 @@ def load_dataset(
             message names the path, the dataset YAML and how to obtain the file.
         ValueError: A malformed split file, label out of range, class-name mismatch or empty class.
     """
-    spec = get_spec(name_or_yaml_path)
+    spec = fill_list_names(get_spec(name_or_yaml_path), params)
     root = Path(os.path.abspath(os.path.expanduser(str(root))))
     if not root.is_dir():
         raise FileNotFoundError(f"{where(spec)}: data root {root} does not exist.")
@@ -195,7 +222,7 @@ def load_dataset(
         raise FileNotFoundError(
             f"{where(spec)}: dataset folder {dataset_dir} not found under the data root.{fix_hint(spec, '*')}"
         )
-    splits, classnames = READERS[spec.reader](spec, dataset_dir, check_files)
+    splits, classnames = reader_for(spec)(spec, dataset_dir, check_files)
     if spec.num_classes is not None and len(classnames) != spec.num_classes:
         if len(classnames) > spec.num_classes:
             raise ValueError(

@@ -6,6 +6,7 @@ from promptlab.methods.ivlp import IVLP
 from promptlab.methods.kgcoop import KgCoOp
 from promptlab.methods.maple import MaPLe
 from promptlab.methods.mocoop import MoCoOp
+from promptlab.methods.vificlip import ViFiCLIP
 from promptlab.methods.zeroshot import ZeroShotCLIP
 from promptlab.prompts import PromptModule
 
@@ -17,9 +18,10 @@ METHODS: dict[str, type[PromptModule]] = {
     "ivlp": IVLP,
     "maple": MaPLe,
     "mocoop": MoCoOp,
+    "vificlip": ViFiCLIP,
 }
 
-__all__ = ["METHODS", "CoCoOp", "CoOp", "IVLP", "KgCoOp", "MaPLe", "MoCoOp", "ZeroShotCLIP", "method_name"]
+__all__ = ["METHODS", "CoCoOp", "CoOp", "IVLP", "KgCoOp", "MaPLe", "MoCoOp", "ViFiCLIP", "ZeroShotCLIP", "method_name"]
 
 
 def method_name(module: PromptModule | type[PromptModule]) -> str:

@@ -32,8 +32,9 @@ ALL = [
 
 
 def test_every_dataset_has_a_valid_yaml():
-    assert dataset_names() == ALL
-    for name in ALL:
+    names = dataset_names()
+    assert names == sorted(names) and set(ALL) <= set(names)  # adding a dataset is adding a YAML
+    for name in names:
         spec = get_spec(name)
         assert spec.name == name and "{}" in spec.template
 

@@ -1,0 +1,315 @@
+"""Video clips for CLIP: decode, sample T frames, augment every frame alike, batch, skip bad files.
+
+A video item is an ``Item`` whose path is a video file (decoded with PyAV) or a folder of frames
+(images sorted by name, as extracted by ffmpeg). Frame sampling follows ViFi-CLIP / mmaction2's
+``SampleFrames(clip_len=1, num_clips=T)`` (muzairkhattak/ViFi-CLIP ``datasets/pipeline.py``):
+
+- training: the video is cut into T equal segments and one frame is drawn at a random offset in
+  each (TSN sampling); a video shorter than T frames repeats frames evenly;
+- testing: the middle frame of each segment. With ``clips`` temporal views, view v takes the
+  frame at (v + 0.5) / clips of each segment. ViFi-CLIP's multi-view test draws its 4 clips with the
+  *training* sampler (random offsets); ours are deterministic, so a test score does not depend on RNG.
+
+Spatial augmentation is drawn once per clip and applied to all its frames (ViFi-CLIP's colour jitter
+is drawn per frame; a clip should look like one video, so we do not). A file that cannot be decoded
+is logged by path and dropped from its batch; the batches count what they skipped. An epoch never
+stops on a bad video.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torchvision.transforms.v2 import functional as TF
+
+from promptlab import distributed
+from promptlab.data.items import Item
+
+log = logging.getLogger(__name__)
+
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# ViFi-CLIP normalises with ImageNet statistics (its img_norm_cfg), not CLIP's.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)  # MultiScaleCrop scales of ViFi-CLIP's train pipeline
+
+
+class VideoReadError(OSError):
+    """A video file or frame folder is missing, empty or undecodable; the message names the path."""
+
+
+# ---------------------------------------------------------------------- sampling
+def sample_frame_indices(
+    n_frames: int, num: int, *, train: bool, generator: torch.Generator | None = None, view: int = 0, views: int = 1
+) -> list[int]:
+    """Indices of ``num`` frames out of ``n_frames`` (segment sampling; see the module docstring).
+
+    Args:
+        n_frames: frames in the video (>= 1).
+        num: T, frames to sample.
+        train: random offset per segment (else the fixed offset of ``view``).
+        generator: RNG of the training offsets.
+        view: which temporal test clip (0..views-1).
+        views: number of temporal test clips.
+    """
+    if n_frames < 1:
+        raise ValueError("a video needs at least one frame")
+    seg = n_frames // num
+    if train and seg > 0:
+        jitter = torch.randint(seg, (num,), generator=generator)
+        return [i * seg + int(j) for i, j in enumerate(jitter)]
+    if train:  # fewer frames than T: repeat frames evenly (mmaction2's avg_interval == 0 branch)
+        return [min(n_frames - 1, round(i * n_frames / num)) for i in range(num)]
+    step = n_frames / num
+    return [min(n_frames - 1, int(i * step + step * (view + 0.5) / views)) for i in range(num)]
+
+
+# ---------------------------------------------------------------------- decoding
+def _frame_files(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTENSIONS) and not f.startswith("."))
+
+
+def count_frames(path: str) -> int:
+    """Number of frames of a video file or frame folder (decodes nothing when the container says)."""
+    if os.path.isdir(path):
+        return len(_frame_files(path))
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"no video stream in {path}")
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            return sum(1 for p in container.demux(stream) if p.size)  # count packets, no decoding
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise VideoReadError(f"cannot read video {path}: {e}") from e
+
+
+def read_frames(path: str, indices: Sequence[int]) -> torch.Tensor:
+    """Frames ``indices`` of a video file or frame folder as uint8 [len(indices), 3, H, W].
+
+    Files are decoded sequentially up to the last wanted frame (no seeking: exact for every codec).
+    When the container over-reports its length, indices past the end take the last decoded frame.
+    """
+    if not os.path.exists(path):
+        raise VideoReadError(f"video not found: {path}")
+    if os.path.isdir(path):
+        files = _frame_files(path)
+        if not files:
+            raise VideoReadError(f"frame folder {path} holds no images")
+        try:
+            frames = [np.asarray(Image.open(os.path.join(path, files[min(i, len(files) - 1)])).convert("RGB")) for i in indices]
+        except (OSError, ValueError, SyntaxError) as e:
+            raise VideoReadError(f"cannot read a frame of {path}: {e}") from e
+        return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    import av
+
+    wanted = set(indices)
+    stop = max(wanted)
+    got: dict[int, np.ndarray] = {}
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"no video stream in {path}")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    got[i] = frame.to_ndarray(format="rgb24")
+                if i >= stop:
+                    break
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise VideoReadError(f"cannot decode video {path}: {e}") from e
+    if not got:
+        raise VideoReadError(f"video {path} has no decodable frames")
+    last = got[max(got)]  # frames past the real end (over-reported length) repeat the last one
+    frames = [got.get(i, last) for i in indices]
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------- transforms
+@dataclass
+class ClipTransform:
+    """One augmentation per clip, applied to all its frames: uint8 [T, 3, H, W] -> float clips.
+
+    Training (ViFi-CLIP's pipeline): short side to 256/224 of ``size``, multi-scale crop from fixed
+    positions, resize to ``size`` x ``size``, horizontal flip (p 0.5), colour jitter (p 0.8:
+    brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), grayscale (p 0.2), normalise.
+    Returns [T, 3, S, S]. Evaluation: short side to 256/224 of ``size`` and a centre crop, or with
+    ``crops=3`` short side to ``size`` and three crops along the long side; returns [crops, T, 3, S, S].
+    """
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: bool
+    crops: int = 1
+
+    def __call__(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.train:
+            return self._normalize(self._augment(frames, generator))
+        if self.crops == 1:
+            x = TF.resize(frames, [int(256 / 224 * self.size)], antialias=True)
+            return self._normalize(TF.center_crop(x, [self.size, self.size])).unsqueeze(0)
+        if self.crops != 3:
+            raise ValueError(f"test crops must be 1 or 3, got {self.crops}")
+        x = TF.resize(frames, [self.size], antialias=True)
+        H, W = x.shape[-2:]
+        step_h, step_w = (H - self.size) // 2, (W - self.size) // 2
+        tops_lefts = [(0, 0), (2 * step_h, 2 * step_w), (step_h, step_w)]  # ThreeCrop: start, end, middle
+        return torch.stack([self._normalize(TF.crop(x, t, left, self.size, self.size)) for t, left in tops_lefts])
+
+    def _augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        def rand() -> float:
+            return float(torch.rand((), generator=g))
+
+        x = TF.resize(x, [int(256 / 224 * self.size)], antialias=True)
+        H, W = x.shape[-2:]
+        sizes = [int(min(H, W) * s) for s in TRAIN_SCALES]
+        pairs = [(w, h) for i, w in enumerate(sizes) for j, h in enumerate(sizes) if abs(i - j) <= 1]
+        cw, ch = pairs[int(torch.randint(len(pairs), (), generator=g))]
+        sw, sh = (W - cw) // 4, (H - ch) // 4
+        left, top = [(0, 0), (4 * sw, 0), (0, 4 * sh), (4 * sw, 4 * sh), (2 * sw, 2 * sh)][int(torch.randint(5, (), generator=g))]
+        x = TF.resize(TF.crop(x, top, left, ch, cw), [self.size, self.size], antialias=True)
+        if rand() < 0.5:
+            x = TF.horizontal_flip(x)
+        if rand() < 0.8:
+            x = TF.adjust_brightness(x, 0.6 + 0.8 * rand())
+            x = TF.adjust_contrast(x, 0.6 + 0.8 * rand())
+            x = TF.adjust_saturation(x, 0.8 + 0.4 * rand())
+            x = TF.adjust_hue(x, -0.1 + 0.2 * rand())
+        if rand() < 0.2:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        return x
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return TF.normalize(x.float() / 255.0, list(self.mean), list(self.std))
+
+
+# ---------------------------------------------------------------------- dataset and batches
+class VideoDataset(Dataset):
+    """Items as ``(clip, label, index, bad_path)``; a bad video gives ``clip=None`` and its path.
+
+    Training clips are [T, 3, S, S]; test clips are [clips * crops, T, 3, S, S] (all views of one
+    video). Offsets and augmentation come from a per-sample generator seeded from torch's global RNG,
+    which the DataLoader seeds per worker from the run's generator: runs are reproducible.
+    """
+
+    def __init__(self, items: Sequence[Item], num_frames: int, transform: ClipTransform, *, clips: int = 1):
+        self.items, self.num_frames, self.transform, self.clips = list(items), num_frames, transform, clips
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, int, str | None]:
+        item = self.items[index]
+        g = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        try:
+            n = count_frames(item.path)
+            if n < 1:
+                raise VideoReadError(f"video {item.path} has no frames")
+            if self.transform.train:
+                idx = sample_frame_indices(n, self.num_frames, train=True, generator=g)
+                return self.transform(read_frames(item.path, idx), g), item.label, index, None
+            views = []
+            for v in range(self.clips):
+                idx = sample_frame_indices(n, self.num_frames, train=False, view=v, views=self.clips)
+                views.append(self.transform(read_frames(item.path, idx)))  # [crops, T, 3, S, S]
+            return torch.cat(views), item.label, index, None
+        except VideoReadError as e:
+            log.warning("skipping unreadable video: %s", e)
+            return None, item.label, index, item.path
+
+
+def collate_clips(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Stack the readable clips; return the paths of the unreadable ones beside them."""
+    good = [s for s in samples if s[0] is not None]
+    bad = [s[3] for s in samples if s[0] is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad
+    clips = torch.stack([s[0] for s in good])
+    return clips, torch.tensor([s[1] for s in good]), torch.tensor([s[2] for s in good]), bad
+
+
+def mix_batch(
+    clips: torch.Tensor, labels: torch.Tensor, num_classes: int, *, mixup: float, cutmix: float,
+    switch_prob: float, generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix over a batch of clips [B, T, 3, H, W] (ViFi-CLIP's CutmixMixupBlending).
+
+    One of the two is chosen per batch (CutMix with probability ``switch_prob`` when both are on);
+    the same box / weight applies to every frame of a clip. Returns the mixed clips and soft
+    targets [B, C]; label smoothing is the method's loss's business.
+    """
+    rng = np.random.default_rng(int(torch.randint(2**62, (), generator=generator)))
+    perm = torch.randperm(clips.shape[0], generator=generator)
+    onehot = F.one_hot(labels, num_classes).float()
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
+    if use_cutmix:
+        lam = float(rng.beta(cutmix, cutmix))
+        H, W = clips.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        cy, cx = int(rng.integers(H)), int(rng.integers(W))
+        y1, y2 = max(cy - int(H * cut) // 2, 0), min(cy + int(H * cut) // 2, H)
+        x1, x2 = max(cx - int(W * cut) // 2, 0), min(cx + int(W * cut) // 2, W)
+        clips = clips.clone()
+        clips[..., y1:y2, x1:x2] = clips[perm][..., y1:y2, x1:x2]
+        lam = 1 - (y2 - y1) * (x2 - x1) / (H * W)
+    else:
+        lam = float(rng.beta(mixup, mixup))
+        clips = lam * clips + (1 - lam) * clips[perm]
+    return clips, lam * onehot + (1 - lam) * onehot[perm]
+
+
+class VideoBatches:
+    """Mini-batches of clips, like ``engine.ImageBatches``; counts and logs skipped videos.
+
+    Training batches may be mixed (``mixup`` / ``cutmix`` > 0), adding soft ``targets`` [B, C] to the
+    forward inputs. ``skipped`` lists every unreadable path met so far (all epochs).
+    """
+
+    def __init__(
+        self, dataset: VideoDataset, batch_size: int, generator: torch.Generator, *, shuffle: bool = True,
+        num_workers: int = 0, shard: tuple[int, int] = (0, 1), num_classes: int = 0, mixup: float = 0.0,
+        cutmix: float = 0.0, switch_prob: float = 0.5,
+    ):
+        drop_last = shuffle and len(dataset) >= batch_size
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        batches = distributed.ShardedBatchSampler(BatchSampler(sampler, batch_size, drop_last), shard)
+        self.loader = DataLoader(
+            dataset, batch_sampler=batches, num_workers=num_workers, generator=generator,
+            collate_fn=collate_clips, pin_memory=torch.cuda.is_available(),
+        )
+        self.g, self.num_classes = generator, num_classes
+        self.mixup, self.cutmix, self.switch_prob = (mixup, cutmix, switch_prob) if shuffle else (0.0, 0.0, 0.0)
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        for clips, labels, _, bad in self.loader:
+            if bad:
+                self.skipped.extend(bad)
+                log.warning("%d unreadable video(s) skipped so far (latest: %s)", len(self.skipped), bad[-1])
+            if labels.numel() == 0:
+                continue
+            if (self.mixup > 0 or self.cutmix > 0) and labels.numel() > 1:
+                clips, targets = mix_batch(
+                    clips, labels, self.num_classes, mixup=self.mixup, cutmix=self.cutmix,
+                    switch_prob=self.switch_prob, generator=self.g,
+                )
+                yield {"images": clips, "targets": targets}, labels
+            else:
+                yield {"images": clips}, labels

@@ -1,0 +1,101 @@
+"""promptlab.metrics against scikit-learn (AUROC, AP) and a plain loop reference of AUPRO."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from sklearn.metrics import auc, average_precision_score, roc_auc_score
+
+from promptlab.metrics import aupro, auroc, average_precision, connected_components
+
+
+def _random(seed: int, n: int = 400, ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, 10, (n,), generator=g).float() if ties else torch.rand(n, generator=g)
+    y = torch.rand(n, generator=g) < 0.3
+    return s + 0.3 * y, y
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, True)])
+def test_auroc_ap_match_sklearn(seed: int, ties: bool) -> None:
+    s, y = _random(seed, ties=ties)
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y.numpy(), s.numpy()), abs=1e-12)
+    assert average_precision(s, y) == pytest.approx(average_precision_score(y.numpy(), s.numpy()), abs=1e-12)
+
+
+def test_auroc_hand_made() -> None:
+    assert auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1])) == 1.0
+    assert auroc(torch.tensor([0.5, 0.5]), torch.tensor([0, 1])) == 0.5
+    with pytest.raises(ValueError):
+        auroc(torch.rand(4), torch.zeros(4))
+
+
+def _reference_aupro(maps: np.ndarray, masks: np.ndarray, steps: int = 200, limit: float = 0.3) -> float:
+    """The published definition, written as plainly as possible (loops over thresholds and regions)."""
+    lo, hi = maps.min(), maps.max()
+    delta = (hi - lo) / steps
+    pros, fprs = [], []
+    for th in np.arange(lo, hi, delta):
+        binary = maps > th
+        overlaps = []
+        for b, m in zip(binary, masks):
+            lab, n = ndimage.label(m, structure=np.ones((3, 3)))
+            for r in range(1, n + 1):
+                region = lab == r
+                overlaps.append(b[region].sum() / region.sum())
+        pros.append(np.mean(overlaps))
+        fprs.append(np.logical_and(binary, ~masks).sum() / (~masks).sum())
+    pros, fprs = np.array(pros), np.array(fprs)
+    keep = fprs < limit
+    f = fprs[keep]
+    return auc((f - f.min()) / (f.max() - f.min()), pros[keep])
+
+
+def _masks() -> np.ndarray:
+    m = np.zeros((3, 24, 24), bool)
+    m[0, 2:6, 2:6] = True
+    m[0, 6, 6] = True  # touches the square diagonally: same region under 8-connectivity
+    m[0, 15:20, 10:22] = True
+    m[1, 0:3, 20:24] = True
+    return m  # image 2 is normal
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_aupro_matches_plain_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    masks = _masks()
+    maps = (rng.random(masks.shape) + 0.6 * masks).astype(np.float32)
+    ours = aupro(torch.from_numpy(maps), torch.from_numpy(masks))
+    assert ours == pytest.approx(_reference_aupro(maps, masks), abs=1e-6)
+
+
+def test_aupro_random_masks_match_reference() -> None:
+    rng = np.random.default_rng(3)
+    masks = ndimage.binary_opening(rng.random((2, 20, 20)) < 0.35, structure=np.ones((1, 2, 2)))
+    maps = (rng.random(masks.shape) + 0.4 * masks).astype(np.float32)
+    assert aupro(torch.from_numpy(maps), torch.from_numpy(masks)) == pytest.approx(_reference_aupro(maps, masks), abs=1e-6)
+
+
+def test_aupro_hand_made_values() -> None:
+    masks = torch.from_numpy(_masks())
+    perfect = masks.float() + 0.01 * torch.rand(masks.shape, generator=torch.Generator().manual_seed(0))
+    # published convention: every kept FPR is 0, so the rescaling divides by zero (as the reference does)
+    assert math.isnan(aupro(perfect, masks))
+    assert aupro(perfect, masks, convention="fpr_limit") == pytest.approx(1.0, abs=1e-9)
+    inverted = -perfect
+    assert aupro(inverted, masks, convention="fpr_limit") == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError):
+        aupro(perfect, masks, convention="other")
+
+
+def test_connected_components_8_connectivity() -> None:
+    masks = torch.from_numpy(_masks())
+    lab = connected_components(masks)
+    ref = [ndimage.label(m, structure=np.ones((3, 3)))[1] for m in _masks()]
+    assert int(lab.max()) == sum(ref) == 3
+    assert lab[0, 2, 2] == lab[0, 6, 6] != lab[0, 16, 12]
+    assert bool((lab[2] == 0).all())

@@ -1,0 +1,252 @@
+"""Video data: real tiny videos written with PyAV's encoder and frame folders, frame sampling,
+per-clip augmentation, multi-view averaging, bad-file skipping and the dataset layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from promptlab.data import load_dataset
+from promptlab.data.check import check_dataset
+from promptlab.video.data import (
+    ClipTransform,
+    VideoBatches,
+    VideoDataset,
+    VideoReadError,
+    count_frames,
+    read_frames,
+    sample_frame_indices,
+)
+
+av = pytest.importorskip("av")
+N_FRAMES, SIZE = 16, 32
+
+
+def frame_value(i: int) -> int:
+    return 8 + 15 * i  # frame i is a flat grey of this level: decoding shows which frame came back
+
+
+def write_video(path: Path, n: int = N_FRAMES, size: int = SIZE) -> Path:
+    """A real video file (MPEG-4 part 2 in AVI or MP4) whose frame i is a flat grey ``frame_value(i)``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qscale": "1"}
+        for i in range(n):
+            img = np.full((size, size, 3), frame_value(i), dtype=np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def write_frames(folder: Path, n: int = N_FRAMES, size: int = SIZE) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size, size, 3), frame_value(i), dtype=np.uint8)).save(folder / f"img_{i + 1:05d}.png")
+    return folder
+
+
+# ---------------------------------------------------------------------- sampling
+def test_train_sampling_one_frame_per_segment_and_seeded() -> None:
+    g = torch.Generator().manual_seed(3)
+    for n, T in [(16, 4), (300, 8), (33, 32)]:
+        idx = sample_frame_indices(n, T, train=True, generator=g)
+        seg = n // T
+        assert len(idx) == T
+        assert all(i * seg <= f < (i + 1) * seg for i, f in enumerate(idx)), (n, T, idx)
+    a = sample_frame_indices(300, 8, train=True, generator=torch.Generator().manual_seed(5))
+    b = sample_frame_indices(300, 8, train=True, generator=torch.Generator().manual_seed(5))
+    c = sample_frame_indices(300, 8, train=True, generator=torch.Generator().manual_seed(6))
+    assert a == b and a != c
+    # a video shorter than T repeats frames evenly, in order
+    short = sample_frame_indices(5, 8, train=True, generator=g)
+    assert len(short) == 8 and short == sorted(short) and set(short) == set(range(5))
+
+
+def test_test_sampling_middle_frames_and_views() -> None:
+    assert sample_frame_indices(16, 4, train=False) == [2, 6, 10, 14]  # middle of each 4-frame segment
+    views = [sample_frame_indices(16, 4, train=False, view=v, views=2) for v in range(2)]
+    assert views == [[1, 5, 9, 13], [3, 7, 11, 15]]
+    assert sample_frame_indices(3, 4, train=False) == [0, 1, 1, 2]
+
+
+# ---------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("suffix", [".avi", ".mp4"])
+def test_read_video_file(tmp_path: Path, suffix: str) -> None:
+    path = write_video(tmp_path / f"v{suffix}")
+    assert count_frames(str(path)) == N_FRAMES
+    frames = read_frames(str(path), [0, 5, 15, 5])
+    assert frames.shape == (4, 3, SIZE, SIZE) and frames.dtype == torch.uint8
+    levels = frames.float().mean(dim=(1, 2, 3))
+    expected = torch.tensor([frame_value(i) for i in (0, 5, 15, 5)], dtype=torch.float)
+    torch.testing.assert_close(levels, expected, atol=3.0, rtol=0)  # lossy codec: close, not exact
+
+
+def test_read_frame_folder_exact(tmp_path: Path) -> None:
+    folder = write_frames(tmp_path / "clip")
+    assert count_frames(str(folder)) == N_FRAMES
+    frames = read_frames(str(folder), [3, 9])
+    assert frames[0].unique().tolist() == [frame_value(3)] and frames[1].unique().tolist() == [frame_value(9)]
+
+
+def test_unreadable_inputs_raise_naming_the_path(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.avi"
+    bad.write_bytes(b"not a video at all" * 10)
+    empty = tmp_path / "empty_frames"
+    empty.mkdir()
+    for p in (bad, empty, tmp_path / "missing.mp4"):
+        with pytest.raises(VideoReadError, match=p.name):
+            read_frames(str(p), [0])
+    with pytest.raises(VideoReadError, match=bad.name):
+        count_frames(str(bad))
+
+
+# ---------------------------------------------------------------------- transforms and batches
+def test_one_augmentation_per_clip() -> None:
+    g = torch.Generator().manual_seed(0)
+    frame = torch.randint(0, 255, (1, 3, 40, 48), generator=g, dtype=torch.uint8)
+    clip = frame.expand(6, -1, -1, -1).contiguous()  # six identical frames
+    t = ClipTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True)
+    outs = [t(clip, torch.Generator().manual_seed(s)) for s in range(6)]
+    for out in outs:
+        assert out.shape == (6, 3, 32, 32)
+        assert torch.equal(out, out[:1].expand_as(out))  # every frame got the same crop, flip and colour
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # but clips differ
+    three = ClipTransform(32, (0.5,) * 3, (0.25,) * 3, train=False, crops=3)(clip)
+    assert three.shape == (3, 6, 3, 32, 32)
+    assert not torch.equal(three[0], three[1])  # left and right crops of a 48-wide frame differ
+
+
+def _items(paths, labels):
+    from promptlab.data import Item
+
+    return [Item(str(p), y, f"c{y}") for p, y in zip(paths, labels)]
+
+
+def test_video_dataset_views_and_skip_bad_files(tmp_path: Path) -> None:
+    good = [write_video(tmp_path / f"g{i}.avi") for i in range(3)] + [write_frames(tmp_path / "frames")]
+    bad = tmp_path / "bad.avi"
+    bad.write_bytes(b"\x00" * 100)
+    items = _items(good[:2] + [bad] + good[2:], [0, 1, 0, 1, 0])
+    tr = ClipTransform(SIZE, (0.5,) * 3, (0.25,) * 3, train=True)
+    batches = VideoBatches(VideoDataset(items, 4, tr), 2, torch.Generator().manual_seed(0), shuffle=True)
+    seen = 0
+    for _ in range(2):  # two epochs: the bad file never stops one
+        for inputs, labels in batches:
+            assert inputs["images"].shape[1:] == (4, 3, SIZE, SIZE)
+            seen += labels.numel()
+    # drop_last: 2 batches of 2 per epoch; the bad file's batch goes on without it
+    assert set(batches.skipped) == {str(bad)} and 1 <= len(batches.skipped) <= 2
+    assert seen == 2 * 4 - len(batches.skipped)
+    ev = ClipTransform(SIZE, (0.5,) * 3, (0.25,) * 3, train=False, crops=3)
+    test = VideoBatches(VideoDataset(items, 4, ev, clips=2), 2, torch.Generator(), shuffle=False)
+    shapes = [(inputs["images"].shape, labels.tolist()) for inputs, labels in test]
+    assert [s[0][1:] for s in shapes] == [(6, 4, 3, SIZE, SIZE)] * 3  # 2 clips x 3 crops per video
+    assert sum(len(lab) for _, lab in shapes) == 4 and test.skipped == [str(bad)]
+
+
+def test_training_clips_deterministic_under_seed(tmp_path: Path) -> None:
+    items = _items([write_video(tmp_path / f"v{i}.avi") for i in range(2)], [0, 1])
+    tr = ClipTransform(SIZE, (0.5,) * 3, (0.25,) * 3, train=True)
+
+    def epoch(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        b = VideoBatches(VideoDataset(items, 4, tr), 1, torch.Generator().manual_seed(seed), shuffle=True)
+        return [inputs["images"] for inputs, _ in b]
+
+    a, b, c = epoch(1), epoch(1), epoch(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert any(not torch.equal(x, y) for x, y in zip(a, c))
+
+
+# ---------------------------------------------------------------------- dataset layouts
+@pytest.fixture
+def video_root(tmp_path: Path) -> Path:
+    """UCF101, HMDB51, Kinetics-400 and ViFi-CLIP list layouts with tiny videos and frame folders."""
+    root = tmp_path / "data"
+    ucf = root / "ucf101"
+    classes = ["ApplyEyeMakeup", "Archery", "Basketball"]
+    (ucf / "ucfTrainTestlist").mkdir(parents=True)
+    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    train, test = [], []
+    for i, c in enumerate(classes):
+        for g in (1, 2):
+            rel = f"{c}/v_{c}_g0{g}_c01.avi"
+            if (i, g) == (1, 2):
+                write_frames(ucf / "UCF-101" / c / f"v_{c}_g0{g}_c01", n=8)  # a frame folder instead of a file
+            else:
+                write_video(ucf / "UCF-101" / rel, n=8)
+            (train if g == 1 else test).append(rel)
+        train_lines = "".join(f"{r} {classes.index(r.split('/')[0]) + 1}\n" for r in train)
+    for fold in (1, 2):
+        (ucf / "ucfTrainTestlist" / f"trainlist0{fold}.txt").write_text(train_lines if fold == 1 else "".join(f"{r} 1\n" for r in test))
+        (ucf / "ucfTrainTestlist" / f"testlist0{fold}.txt").write_text("".join(f"{r}\n" for r in (test if fold == 1 else train)))
+    hmdb = root / "hmdb51"
+    (hmdb / "testTrainMulti_7030_splits").mkdir(parents=True)
+    for c in ("brush_hair", "cartwheel"):
+        lines = []
+        for k, tag in enumerate("120"):
+            write_video(hmdb / "hmdb51_org" / c / f"{c}_clip{k}.avi", n=6)
+            lines.append(f"{c}_clip{k}.avi {tag}\n")
+        (hmdb / "testTrainMulti_7030_splits" / f"{c}_test_split1.txt").write_text("".join(lines))
+    k4 = root / "k400"
+    (k4 / "annotations").mkdir(parents=True)
+    rows = {"train": [("abseiling", "aaa", 0, 10), ("air drumming", "bbb", 5, 15), ("abseiling", "gone", 0, 10)],
+            "val": [("air drumming", "ccc", 1, 11)]}
+    for split, rs in rows.items():
+        lines = ["label,youtube_id,time_start,time_end,split"]
+        for lab, yid, s, e in rs:
+            lines.append(f"{lab},{yid},{s},{e},{split}")
+            if yid != "gone":
+                write_video(k4 / split / f"{yid}_{s:06d}_{e:06d}.mp4", n=6)
+        (k4 / "annotations" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    vifi = root / "vificlip"
+    (vifi / "labels").mkdir(parents=True)
+    (vifi / "labels" / "ucf_101_labels.csv").write_text("id,name\n" + "".join(f"{i},{c}\n" for i, c in enumerate(classes)))
+    (vifi / "datasets_splits" / "ucf_splits").mkdir(parents=True)
+    (vifi / "datasets_splits" / "ucf_splits" / "train1_few_shot_2.txt").write_text(
+        "".join(f"{Path(r).name} {classes.index(r.split('/')[0])}\n" for r in train + test))  # bare names, as ViFi-CLIP's
+    (vifi / "datasets_splits" / "ucf_splits" / "train1_few_shot_16.txt").write_text("")  # `data check` reads K=16
+    (vifi / "datasets_splits" / "ucf_splits" / "val1.txt").write_text("".join(f"{Path(r).name} {classes.index(r.split('/')[0])}\n" for r in test))
+    return root
+
+
+def test_ucf101_official_splits(video_root: Path) -> None:
+    ds = load_dataset("ucf101_video", video_root, params={"fold": 1})
+    assert ds.classnames == ["ApplyEyeMakeup", "Archery", "Basketball"]
+    assert [it.label for it in ds.train] == [0, 1, 2] and [it.label for it in ds.test] == [0, 1, 2]
+    assert ds.test[1].path.endswith("v_Archery_g02_c01") and Path(ds.test[1].path).is_dir()  # frame folder
+    ds2 = load_dataset("ucf101_video", video_root, params={"fold": 2})
+    assert [Path(it.path).name for it in ds2.test] == [Path(it.path).name for it in ds.train]
+
+
+def test_hmdb51_kinetics_and_vifi_lists(video_root: Path) -> None:
+    hm = load_dataset("hmdb51", video_root, params={"fold": 1})
+    assert hm.classnames == ["brush hair", "cartwheel"]
+    assert (len(hm.train), len(hm.test)) == (2, 2) and all("clip0" in it.path for it in hm.train)  # 1 = train, 0 unused
+    k4 = load_dataset("kinetics400", video_root)
+    assert k4.classnames == ["abseiling", "air drumming"]
+    assert (len(k4.train), len(k4.test)) == (2, 1)  # the clip gone from YouTube is left out, not an error
+    fs = load_dataset("ucf101_vifi_fewshot", video_root, params={"shots": 2, "fold": 1, "seed": 1})
+    assert len(fs.train) == 6 and len(fs.test) == 3 and all(Path(it.path).exists() for it in fs.train)
+    assert Path(fs.test[1].path).is_dir()  # a bare list name found as a frame folder under a class folder
+
+
+def test_data_check_covers_video(video_root: Path) -> None:
+    for name in ("ucf101_video", "hmdb51", "ucf101_vifi_fewshot"):
+        report = check_dataset(name, video_root, full=True)
+        assert report.found and report.counts["test"] >= 2, name
+        # the tiny layout has 3 of the 101 classes: the only complaint is the class count
+        assert all("classes found" in p for p in report.problems), (name, report.problems)
+    broken = video_root / "hmdb51" / "hmdb51_org" / "cartwheel" / "cartwheel_clip1.avi"
+    broken.write_bytes(b"garbage")
+    report = check_dataset("hmdb51", video_root, full=True)
+    assert not report.ok and "unreadable" in " ".join(report.problems) and "cartwheel_clip1.avi" in " ".join(report.problems)
+    assert json.dumps(report.counts)  # plain data
