@@ -34,8 +34,8 @@ def test_auroc_hand_made() -> None:
         auroc(torch.rand(4), torch.zeros(4))
 
 
-def _reference_aupro(maps: np.ndarray, masks: np.ndarray, steps: int = 200, limit: float = 0.3) -> float:
-    """The published definition, written as plainly as possible (loops over thresholds and regions)."""
+def _reference_curve(maps: np.ndarray, masks: np.ndarray, steps: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """PRO and FPR per threshold, written as plainly as possible (loops over thresholds and regions)."""
     lo, hi = maps.min(), maps.max()
     delta = (hi - lo) / steps
     pros, fprs = [], []
@@ -49,7 +49,12 @@ def _reference_aupro(maps: np.ndarray, masks: np.ndarray, steps: int = 200, limi
                 overlaps.append(b[region].sum() / region.sum())
         pros.append(np.mean(overlaps))
         fprs.append(np.logical_and(binary, ~masks).sum() / (~masks).sum())
-    pros, fprs = np.array(pros), np.array(fprs)
+    return np.array(pros), np.array(fprs)
+
+
+def _reference_aupro(maps: np.ndarray, masks: np.ndarray, steps: int = 200, limit: float = 0.3) -> float:
+    """The published definition: FPRs below the limit rescaled by their own min and max."""
+    pros, fprs = _reference_curve(maps, masks, steps)
     keep = fprs < limit
     f = fprs[keep]
     return auc((f - f.min()) / (f.max() - f.min()), pros[keep])
@@ -78,6 +83,47 @@ def test_aupro_random_masks_match_reference() -> None:
     masks = ndimage.binary_opening(rng.random((2, 20, 20)) < 0.35, structure=np.ones((1, 2, 2)))
     maps = (rng.random(masks.shape) + 0.4 * masks).astype(np.float32)
     assert aupro(torch.from_numpy(maps), torch.from_numpy(masks)) == pytest.approx(_reference_aupro(maps, masks), abs=1e-6)
+
+
+def _reference_aupro_fpr_limit(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
+    """The MVTec AD normalisation: curve closed at (0, 0), cut at the limit, area divided by it."""
+    pros, fprs = _reference_curve(maps, masks)
+    f, p = np.r_[0.0, fprs[::-1]], np.r_[0.0, pros[::-1]]
+    inside = f <= limit
+    f, p = np.r_[f[inside], limit], np.r_[p[inside], np.interp(limit, f, p)]
+    return auc(f, p) / limit
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_aupro_larger_random_batch_matches_reference(seed: int) -> None:
+    # blobs of every size (many regions, some touching only diagonally), half the images normal, noisy maps
+    rng = np.random.default_rng(seed)
+    seeds = rng.random((10, 48, 40)) < 0.004
+    masks = ndimage.binary_dilation(seeds, structure=np.ones((1, 3, 3)), iterations=2)
+    masks |= rng.random(masks.shape) < 0.01  # single pixels: regions of area 1
+    masks[1::2] = False
+    # float64 maps, so the reference's thresholds are float64 like promptlab's: agreement to 1e-12
+    maps = ndimage.gaussian_filter(rng.random(masks.shape), (0, 1, 1)) + 0.05 * masks
+    n_regions = sum(ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks)
+    assert int(connected_components(torch.from_numpy(masks)).max()) == n_regions > 50
+    m, k = torch.from_numpy(maps), torch.from_numpy(masks)
+    assert aupro(m, k) == pytest.approx(_reference_aupro(maps, masks), abs=1e-12)
+    ref = _reference_aupro_fpr_limit(maps, masks)
+    assert aupro(m, k, convention="fpr_limit") == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64])
+def test_auroc_ap_signs_zeros_and_dtypes(dtype: torch.dtype) -> None:
+    # scores are sorted as integer keys: negatives, -0.0 == +0.0, extremes and ties must order like floats
+    g = torch.Generator().manual_seed(7)
+    s = torch.randint(-6, 6, (500,), generator=g).double() / (1 if dtype == torch.int64 else 2)
+    s[:6] = torch.tensor([-0.0, 0.0, 6e4, -6e4, -0.0, 0.0])
+    y = torch.rand(500, generator=g) < 0.4 + 0.05 * s.clamp(-4, 4)
+    s = s.to(dtype)
+    ref = s.double().numpy()
+    assert (y & (s == 0)).any() and (~y & (s == 0)).any()  # the tie across -0.0 / +0.0 is exercised
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y.numpy(), ref), abs=1e-12)
+    assert average_precision(s, y) == pytest.approx(average_precision_score(y.numpy(), ref), abs=1e-12)
 
 
 def test_aupro_hand_made_values() -> None:
