@@ -121,11 +121,15 @@ def _block_forward_prefixed(b: _Block, xp: torch.Tensor, xs: torch.Tensor) -> tu
     qp, kp, vp = (_heads(t, H) for t in b.qkv(b.ln_1(xp)))  # [G, H, P, d]
     qs, ks, vs = (_heads(t, H) for t in b.qkv(b.ln_1(xs)))  # [G, C, H, S, d]
     op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-    k = torch.cat([kp.unsqueeze(1).expand(G, C, *kp.shape[1:]), ks], dim=-2)  # [G, C, H, P+S, d]
-    v = torch.cat([vp.unsqueeze(1).expand(G, C, *vp.shape[1:]), vs], dim=-2)
-    mask = torch.ones(S, P + S, dtype=torch.bool, device=xs.device)
-    mask[:, P:] = torch.ones(S, S, dtype=torch.bool, device=xs.device).tril()
-    os_ = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)  # [G, C, H, S, d]
+    # Suffix queries attend to [prefix keys | own keys]. The prefix part is one matmul for all C*S
+    # queries of a group (no per-class copy of the prefix's keys and values).
+    scale = qs.shape[-1] ** -0.5
+    q_flat = qs.transpose(1, 2).reshape(G, H, C * S, -1)  # [G, H, C*S, d]
+    s_pre = (q_flat @ kp.transpose(-1, -2)).reshape(G, H, C, S, P).transpose(1, 2)  # [G, C, H, S, P]
+    s_own = (qs @ ks.transpose(-1, -2)).masked_fill(~torch.ones(S, S, dtype=torch.bool, device=xs.device).tril(), float("-inf"))
+    a = torch.softmax(torch.cat([s_pre, s_own], dim=-1) * scale, dim=-1)  # [G, C, H, S, P+S]
+    a_pre = a[..., :P].transpose(1, 2).reshape(G, H, C * S, P)
+    os_ = (a_pre @ vp).reshape(G, H, C, S, -1).transpose(1, 2) + a[..., P:] @ vs  # [G, C, H, S, d]
     xp = xp + b.ls_1(b.out_proj(op.transpose(-3, -2).flatten(-2)))
     xs = xs + b.ls_1(b.out_proj(os_.transpose(-3, -2).flatten(-2)))
     return xp + b.ls_2(b.mlp(b.ln_2(xp))), xs + b.ls_2(b.mlp(b.ln_2(xs)))
