@@ -371,3 +371,26 @@ def deep_prompt_tokens(n_layers: int, depth: int, n: int, width: int, what: str 
 def layer_prompts(deep: torch.Tensor | Sequence[torch.Tensor] | None) -> dict[int, torch.Tensor]:
     """[depth - 1, n, W] (or a list of [n, W]) -> {1: [n, W], ..., depth - 1: [n, W]}, FrozenCLIP's deep-prompt keys."""
     return {} if deep is None else {i + 1: t for i, t in enumerate(deep)}
+
+
+def independent_vl_prompts(
+    clip: FrozenCLIP, n_ctx_text: int, n_ctx_vision: int, ctx_init: str, depth_text: int, depth_vision: int, what: str
+) -> tuple[str, dict[str, nn.Parameter | None]]:
+    """IVLP-style prompts in both towers: the prompt prefix text and the learned tensors.
+
+    Returns ``(prefix, {"ctx": [n_t, W], "text_deep": [d_t - 1, n_t, W] | None,
+    "vis_ctx": [n_v, Wv] | None, "vis_deep": [d_v - 1, n_v, Wv] | None})`` for a module to set as
+    attributes (IVLP, ViFi-CLIP's prompt stage).
+    """
+    if depth_text < 1:
+        raise ValueError(f"{what} needs prompt_depth_text >= 1 (the text prompt is what it classifies with)")
+    if depth_vision > 0 and not clip.vision_layers:
+        raise ValueError(f"{clip.arch}: visual prompts need a ViT image tower")
+    ctx, prefix = leading_context(clip, n_ctx_text, ctx_init)
+    vis_ctx = nn.init.normal_(torch.empty(n_ctx_vision, clip.vision_width), std=0.02) if depth_vision > 0 else None
+    return prefix, {
+        "ctx": nn.Parameter(ctx),
+        "text_deep": deep_prompt_tokens(clip.text_layers, depth_text, n_ctx_text, clip.width, "text"),
+        "vis_ctx": nn.Parameter(vis_ctx) if vis_ctx is not None else None,
+        "vis_deep": deep_prompt_tokens(clip.vision_layers, depth_vision, n_ctx_vision, clip.vision_width or 0, "vision"),
+    }

@@ -16,16 +16,14 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-import torch.nn as nn
 
 from promptlab.clip import FrozenCLIP
 from promptlab.prompts import (
     PromptModule,
-    deep_prompt_tokens,
     encode_prompts,
+    independent_vl_prompts,
     insert_context,
     layer_prompts,
-    leading_context,
     prompt_buffers,
 )
 
@@ -55,20 +53,12 @@ class IVLP(PromptModule):
         prompt_depth_vision: int = 12,
     ):
         super().__init__(clip, classnames)
-        if prompt_depth_text < 1:
-            raise ValueError("IVLP needs prompt_depth_text >= 1 (the text prompt is what it classifies with)")
-        ctx, self.prefix = leading_context(clip, n_ctx_text, ctx_init)
         self.n_ctx_text = n_ctx_text
-        self.ctx = nn.Parameter(ctx)  # [n_ctx_text, W]
-        self.text_deep = deep_prompt_tokens(clip.text_layers, prompt_depth_text, n_ctx_text, clip.width, "text")
-        if prompt_depth_vision > 0 and not clip.vision_layers:
-            raise ValueError(f"{clip.arch}: visual prompts need a ViT image tower")
-        self.vis_ctx = (
-            nn.Parameter(nn.init.normal_(torch.empty(n_ctx_vision, clip.vision_width), std=0.02))
-            if prompt_depth_vision > 0
-            else None
-        )  # [n_ctx_vision, Wv]
-        self.vis_deep = deep_prompt_tokens(clip.vision_layers, prompt_depth_vision, n_ctx_vision, clip.vision_width or 0, "vision")
+        self.prefix, learned = independent_vl_prompts(
+            clip, n_ctx_text, n_ctx_vision, ctx_init, prompt_depth_text, prompt_depth_vision, "IVLP"
+        )
+        for name, p in learned.items():  # ctx [n_t, W], text_deep, vis_ctx [n_v, Wv], vis_deep
+            setattr(self, name, p)
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:

@@ -21,18 +21,16 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from promptlab.clip import FrozenCLIP
 from promptlab.prompts import (
     PromptModule,
     clean_classname,
-    deep_prompt_tokens,
     encode_prompts,
+    independent_vl_prompts,
     insert_context,
     layer_prompts,
-    leading_context,
     prompt_buffers,
 )
 
@@ -83,21 +81,12 @@ class ViFiCLIP(PromptModule):
             self.trainable_backbone_parts = clip.tower_parts(tune)
             clip.unfreeze(self.trainable_backbone_parts)
         else:
-            if prompt_depth_text < 1:
-                raise ValueError("the prompt stage needs prompt_depth_text >= 1")
-            ctx, self.prefix = leading_context(clip, n_ctx_text, ctx_init)
             self.n_ctx_text = n_ctx_text
-            self.ctx = nn.Parameter(ctx)  # [n_ctx_text, W]
-            self.text_deep = deep_prompt_tokens(clip.text_layers, prompt_depth_text, n_ctx_text, clip.width, "text")
-            if prompt_depth_vision > 0 and not clip.vision_layers:
-                raise ValueError(f"{clip.arch}: visual prompts need a ViT image tower")
-            self.vis_ctx = (
-                nn.Parameter(nn.init.normal_(torch.empty(n_ctx_vision, clip.vision_width), std=0.02))
-                if prompt_depth_vision > 0 else None
-            )  # [n_ctx_vision, Wv]
-            self.vis_deep = deep_prompt_tokens(
-                clip.vision_layers, prompt_depth_vision, n_ctx_vision, clip.vision_width or 0, "vision"
+            self.prefix, learned = independent_vl_prompts(
+                clip, n_ctx_text, n_ctx_vision, ctx_init, prompt_depth_text, prompt_depth_vision, "the prompt stage"
             )
+            for name, p in learned.items():  # ctx [n_t, W], text_deep, vis_ctx [n_v, Wv], vis_deep
+                setattr(self, name, p)
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -106,8 +95,7 @@ class ViFiCLIP(PromptModule):
             ids = self.clip.tokenize([self.template.format(clean_classname(c)) for c in self.classnames])
             self.register_buffer("_ids", ids, persistent=False)  # [C, 77]
             return
-        for name, t in prompt_buffers(self.clip, self.classnames, self.n_ctx_text, prefix=self.prefix).items():
-            self.register_buffer(name, t, persistent=False)
+        self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx_text, prefix=self.prefix))
 
     # ------------------------------------------------------------------ features
     def text_features(self) -> torch.Tensor:
