@@ -212,8 +212,8 @@ def test_cached_text_features(name: str, tiny_clip: FrozenCLIP, images: torch.Te
     with m.cached_text_features(), torch.no_grad():
         cached = m(images)
         cached_again = m(images[:1])
-    torch.testing.assert_close(cached, plain, atol=1e-6, rtol=0)
-    torch.testing.assert_close(cached_again, plain[:1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached_again, plain[:1], atol=1e-5, rtol=0)
     if not m.text_depends_on_image:
         assert len(calls) == 1, "text features must be computed once inside cached_text_features()"
     n = len(calls)
