@@ -1,0 +1,185 @@
+"""The offline sandbox: procedural world, generated datasets, pretraining recipe, shipped weights."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from promptlab.clip import load_clip
+from promptlab.data import load_dataset, subsample_classes
+from promptlab.runner import ensure_data
+from promptlab.sandbox import METADATA, WEIGHTS, load_sandbox_model, sandbox_metadata
+from promptlab.sandbox.datasets import (
+    check_set,
+    checkerboard_classnames,
+    make_sandbox_dataset,
+    zeroshot_accuracy,
+)
+from promptlab.sandbox.pretrain import PretrainConfig, load_pretrain_config, pretrain
+from promptlab.sandbox.world import COLOURS, PATTERNS, SHAPES, Scene, Style, caption, render, sample_scene
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN_RECIPE = REPO / "recipes" / "sandbox" / "pretrain.yaml"
+
+
+# ------------------------------------------------------------------------------------------ world
+def test_render_is_deterministic_per_seed() -> None:
+    def draw(key: str) -> bytes:
+        rng = random.Random(key)
+        return render(sample_scene(rng), rng, size=32, style=Style(noise=5, clutter=2, cast=0.2)).tobytes()
+
+    assert draw("a/1") == draw("a/1")
+    assert draw("a/1") != draw("a/2")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_object_has_its_colour(shape: str) -> None:
+    """A large plain centred object: the centre pixel is the object's colour, the corner the background's."""
+    img = np.asarray(render(Scene(shape, "blue", size="large", background="white"), random.Random(0), size=64), dtype=float)
+    assert np.abs(img[32, 32] - COLOURS["blue"]).max() < 45
+    assert np.abs(img[1, 1] - (235, 235, 235)).max() < 30
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_patterns_render(pattern: str) -> None:
+    img = np.asarray(render(Scene("square", "red", size="large", pattern=pattern, background="black"), random.Random(1), size=64))
+    centre = img[20:44, 20:44].reshape(-1, 3).astype(int)
+    light = (centre.sum(1) > 600).mean()  # the pattern's second colour is white on a dark object
+    assert (light > 0.1) == (pattern != "plain")
+
+
+def test_captions_name_colour_and_shape() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = sample_scene(rng)
+        text = caption(scene, rng)
+        assert scene.colour in text and scene.shape in text
+        assert " a orange" not in text and not text.startswith("a orange")
+    assert len({caption(Scene("star", "red"), random.Random(i)) for i in range(50)}) > 10  # varied wordings
+
+
+# --------------------------------------------------------------------------------------- datasets
+def test_checkerboard_halves_hold_every_colour_and_shape() -> None:
+    colours, shapes = ["red", "green", "blue", "pink"], ["circle", "star", "heart", "square"]
+    names = checkerboard_classnames(colours, shapes)
+    assert len(set(names)) == 16
+    for half in (names[:8], names[8:]):
+        assert {n.split()[0] for n in half} == set(colours)
+        assert {n.split()[1] for n in half} == set(shapes)
+    with pytest.raises(ValueError, match="unknown"):
+        checkerboard_classnames(["mauve"], shapes)
+
+
+def _tiny_yaml(tmp_path: Path) -> Path:
+    spec = yaml.safe_load((REPO / "datasets" / "sandbox_shapes.yaml").read_text())
+    spec.update(name="sandbox_tiny", folder="sandbox_tiny", split_file="split_sandbox_tiny.json", num_classes=4, expected={})
+    spec["generator"].update(name="sandbox_tiny", colours=["red", "blue"], shapes=["circle", "star"], train_per_class=3, val_per_class=1, test_per_class=2, image_size=24)
+    path = tmp_path / "sandbox_tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_generated_dataset_loads_in_split_file_layout(tmp_path: Path) -> None:
+    yml = _tiny_yaml(tmp_path)
+    cfg = OmegaConf.create({"data": {"name": str(yml), "root": str(tmp_path / "data")}})
+    ensure_data(cfg)  # data-driven: the YAML's `generator` writes the files
+    ds = load_dataset(yml, tmp_path / "data")
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (12, 4, 8)
+    assert ds.classnames == ["red circle", "blue star", "red star", "blue circle"]
+    assert subsample_classes(ds, "new").classnames == ["red star", "blue circle"]
+    first = (tmp_path / "data" / "sandbox_tiny" / "images" / "red_circle" / "train_000.png").read_bytes()
+    ensure_data(cfg)  # complete: nothing rewritten
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")
+    ensure_data(OmegaConf.create({"data": {"name": str(yml), "root": str(tmp_path / "again")}}))
+    assert (tmp_path / "again" / "sandbox_tiny" / "images" / "red_circle" / "train_000.png").read_bytes() == first
+
+
+def test_dataset_style_changes_the_pixels(tmp_path: Path) -> None:
+    kw = dict(colours=["red"], shapes=["star"], train_per_class=1, val_per_class=1, test_per_class=1, image_size=24)
+    a = make_sandbox_dataset(tmp_path, name="a", **kw)
+    b = make_sandbox_dataset(tmp_path, name="b", style={"noise": 20.0, "clutter": 3}, **kw)
+    rel = "images/red_star/test_000.png"
+    assert (a / rel).read_bytes() != (b / rel).read_bytes()
+
+
+# --------------------------------------------------------------------------------------- pretrain
+def test_pretrain_recipe_validates() -> None:
+    cfg = load_pretrain_config(PRETRAIN_RECIPE)
+    assert cfg.kind == "pretrain" and cfg.steps > 0 and cfg.out.endswith(".safetensors")
+    assert yaml.safe_load(PRETRAIN_RECIPE.read_text())["kind"] == "pretrain"
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_pretrain_config(PRETRAIN_RECIPE, ["stepz=3"])
+
+
+def test_recipe_matches_the_shipped_weights() -> None:
+    """The weights were produced by the recipe as shipped (same architecture and schedule)."""
+    meta = sandbox_metadata()
+    recipe = vars(load_pretrain_config(PRETRAIN_RECIPE))
+    assert {k: v for k, v in meta["recipe"].items() if k not in ("workdir", "out")} == {
+        k: v for k, v in recipe.items() if k not in ("workdir", "out")
+    }
+
+
+def test_pretrain_export_and_load_round_trip(tmp_path: Path) -> None:
+    """A 2-step run end to end: the export loads through load_clip, and a corrupted file is refused."""
+    cfg = PretrainConfig(
+        image_size=16, embed_dim=16, vision=dict(layers=1, width=32, head_width=16, patch_size=8),
+        text=dict(layers=1, width=32, heads=2, context_length=32), steps=2, batch_size=4, warmup_steps=1,
+        eval_every=100, checkpoint_every=1, workdir=str(tmp_path / "work"), out=str(tmp_path / "w.safetensors"),
+    )
+    out = pretrain(cfg)
+    assert (tmp_path / "work" / "last.pt").is_file()
+    clip = load_clip("sandbox", str(out))
+    ids = clip.tokenize(["a photo of a red star."])
+    assert clip.encode_text(ids).shape == (1, 16)
+    assert clip.token_embedding_table.shape[0] == 49408
+    assert clip.token_embedding_table[1000:1010].abs().sum() == 0  # tokens the world never uses stay zero
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 1
+    out.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        load_sandbox_model(out)
+
+
+# --------------------------------------------------------------------------------- shipped weights
+def test_shipped_weights_are_small_and_described() -> None:
+    assert WEIGHTS.is_file() and METADATA.is_file()
+    assert WEIGHTS.stat().st_size < 20 * 2**20
+    meta = json.loads(METADATA.read_text())
+    assert {"sha256", "model_config", "fingerprint", "zeroshot_check", "zeroshot_test"} <= set(meta)
+
+
+def test_shipped_weights_reproduce_recorded_zero_shot_accuracy() -> None:
+    """load_clip("sandbox") loads offline, has the recorded fingerprint and zero-shot accuracy."""
+    meta = sandbox_metadata()
+    clip = load_clip("sandbox")
+    assert clip.fingerprint() == meta["fingerprint"]
+    images, labels, names, template = check_set("sandbox_shapes")
+    rec = meta["zeroshot_check"]["sandbox_shapes"]
+    acc = zeroshot_accuracy(clip, images, labels, names, template)
+    assert len(labels) == rec["n"]
+    assert acc == pytest.approx(rec["accuracy"], abs=1.5 / rec["n"])  # one image may flip across BLAS builds
+    assert acc > 3 / len(names)  # clearly above chance
+
+
+@pytest.mark.slow
+def test_shipped_weights_reproduce_recorded_test_split_accuracy(tmp_path: Path) -> None:
+    """Zero-shot through the real runner on the generated sandbox_shapes test split."""
+    from promptlab.config import load_recipe
+    from promptlab.runner import run
+
+    meta = sandbox_metadata()
+    cfg = load_recipe(REPO / "recipes" / "sandbox" / "zeroshot.yaml", [f"cache_dir={tmp_path}", f"output_dir={tmp_path / 'run'}"], check_paths=False)
+    torch.set_num_threads(2)
+    ensure_data(cfg)  # as the CLI does before a run
+    out = run(cfg)
+    rec = meta["zeroshot_test"]["sandbox_shapes"]
+    assert out["accuracy"] / 100 == pytest.approx(rec["accuracy"], abs=1.5 / rec["n"])
