@@ -274,7 +274,11 @@ class FrozenCLIP(nn.Module):
 
     @property
     def train_transform(self) -> Callable:
-        return train_transform(self.image_size, self.image_mean, self.image_std)
+        return self.make_train_transform()
+
+    def make_train_transform(self, crop_scale: Sequence[float] = (0.08, 1.0)) -> Callable:
+        """The protocol's training transform at this model's size and normalisation (crop area range adjustable)."""
+        return train_transform(self.image_size, self.image_mean, self.image_std, crop_scale)
 
     @property
     def eval_transform(self) -> Callable:

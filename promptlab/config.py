@@ -88,6 +88,9 @@ class DataConfig:
     root: str = field(metadata={"path": True})  # $DATA in CoOp's DATASETS.md layout; must exist
     name: str  # a dataset under datasets/ (oxford_pets, imagenet, ..., synthetic)
     num_workers: int = 4  # DataLoader workers
+    # RandomResizedCrop area range of the training transform; CoOp/Dassl: [0.08, 1.0]. Tiny images
+    # (the 48 px sandbox) lose their content at 8 % crops and use a milder range.
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     fold: int = 1  # official split 1..3 of video datasets (UCF101, HMDB51): fills `{fold}` in their list names
 
 

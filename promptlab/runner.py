@@ -112,8 +112,9 @@ def _batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch
         return _video_batches(s, items, train_mode=train_mode, generator=generator)
     batch_size = cfg.train.batch_size if train_mode else cfg.eval.batch_size
     labels = torch.tensor([it.label for it in items], dtype=torch.long)
+    train_tf = clip.make_train_transform(cfg.data.crop_scale)
     if module.image_side_frozen and (cfg.train.feature_cache or not train_mode):
-        transform = clip.train_transform if train_mode else clip.eval_transform
+        transform = train_tf if train_mode else clip.eval_transform
         views = int(cfg.train.aug_views) if train_mode else 1
         with distributed.main_first():  # DDP: rank 0 encodes and caches, the others read the cache
             feats = cached_features(
@@ -122,7 +123,7 @@ def _batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch
                 num_workers=cfg.data.num_workers, device=s.device, desc="train features" if train_mode else "test features",
             )
         return FeatureBatches(feats, labels, batch_size, generator, shuffle=train_mode, shard=distributed.current_shard())
-    transform = clip.train_transform if train_mode else clip.eval_transform
+    transform = train_tf if train_mode else clip.eval_transform
     return ImageBatches(
         ImageDataset(items, transform), batch_size, generator, shuffle=train_mode, num_workers=cfg.data.num_workers,
         shard=distributed.current_shard(),

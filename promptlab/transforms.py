@@ -25,12 +25,14 @@ class _ToRGB:
         return "ToRGB()"
 
 
-def train_transform(size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> T.Compose:
+def train_transform(
+    size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD, scale: Sequence[float] = (0.08, 1.0)
+) -> T.Compose:
     """Dassl's ``random_resized_crop, random_flip, normalize`` at the model's input size."""
     return T.Compose(
         [
             _ToRGB(),
-            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(mean, std),
