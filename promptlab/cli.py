@@ -44,6 +44,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from promptlab.runner import ensure_data, run
 
     name, overrides = _split_recipe_args(args.args)
+    if args.profile:
+        overrides.append(f"train.profile_steps={args.profile}")
     path = find_recipe(name)
     cfg = load_recipe(path, overrides, check_paths=False)
     ensure_data(cfg)
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train and evaluate a recipe ([RECIPE] [key=value ...]; default: the demo)")
     r.add_argument("args", nargs="*", metavar="RECIPE|key=value")
+    r.add_argument("--profile", type=int, nargs="?", const=5, default=0, metavar="STEPS",
+                   help="profile STEPS training steps (default 5) and print where a step's time goes")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("eval", help="evaluate a run directory or an exported prompts directory")

@@ -110,7 +110,8 @@ class TrainConfig:
     feature_cache: bool = True  # train on cached image features when the method's image side is frozen
     aug_views: int = 10  # augmented views per training image encoded once for the feature cache
     checkpoint_every: int = 1  # epochs between checkpoints
-    log_every: int = 20  # steps between log lines
+    log_every: int = 20
+    profile_steps: int = 0  # > 0: profile that many training steps (after 2 warm-up steps) and log where time goes  # steps between log lines
     grad_accum_steps: int = 1  # optimizer step every N batches (effective batch = N x batch_size)
 
 
@@ -599,10 +600,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_paths:
         raise ConfigError(f"cannot parse YAML: {e}", source=source) from e
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"a recipe must be a mapping, got {type(cfg).__name__}", source=source)
+    _fill_defaults(cfg, RecipeConfig)  # first, so optional keys a recipe leaves out can be overridden too
     for item in overrides:
         parts, value = _parse_override(item, source)
         _apply_override(cfg, parts, value, source)
-    _fill_defaults(cfg, RecipeConfig)
+    _fill_defaults(cfg, RecipeConfig)  # again, for sections an override replaced wholesale
     validate_recipe(cfg, source, check_paths=check_paths)
     try:
         OmegaConf.resolve(cfg)

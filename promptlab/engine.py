@@ -168,6 +168,7 @@ def train(
     resume: bool = False,
     writer: Any = None,
     grad_accum_steps: int = 1,
+    profile_steps: int = 0,
 ) -> TrainResult:
     """Train the method's learnable tensors for ``epochs`` epochs; the last epoch's model is kept.
 
@@ -194,6 +195,7 @@ def train(
     accum = max(1, int(grad_accum_steps))
     step, loss_value, n_local = start * len(batches), float("nan"), 0
     module.train()
+    prof = _Profiler(profile_steps)
     for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=epochs == 0):
         lr = lr_fn(epoch)
         for group in optimizer.param_groups:
@@ -226,6 +228,7 @@ def train(
             loss_value = loss.item()
             correct += (logits.argmax(-1) == labels).sum().item()
             seen += labels.numel()
+            prof.step()
             if writer is not None and step % log_every == 0:
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/lr", lr, step)
@@ -241,8 +244,36 @@ def train(
                 {"prompt_state": module.prompt_state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "rng": _rng_state(generator)},
                 ckpt_path,
             )
+    prof.stop()
     module.eval()
     return TrainResult(epochs_run=epochs - start, last_loss=loss_value, resumed_from=start)
+
+
+class _Profiler:
+    """``promptlab run --profile``: torch.profiler over a few training steps, then a table of where time went."""
+
+    def __init__(self, steps: int):
+        self.prof = None
+        if steps > 0:
+            sched = torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1)
+            self.prof = torch.profiler.profile(schedule=sched, on_trace_ready=self._report)
+            self.prof.start()
+
+    def step(self) -> None:
+        if self.prof is not None:
+            self.prof.step()
+
+    def stop(self) -> None:
+        if self.prof is not None:
+            self.prof.stop()
+            self.prof = None
+
+    @staticmethod
+    def _report(prof: torch.profiler.profile) -> None:
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=25)
+        log.info("profile of the training steps (per operator, sorted by self time):\n%s", table)
+        print(table)
 
 
 # ---------------------------------------------------------------------- evaluate

@@ -194,7 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     lr_fn=lambda e: lr_at(e, base_lr, epochs, tc.warmup_epochs, tc.warmup_lr, tc.warmup_type),
                     generator=g, run_dir=run_dir, device=device, amp=tc.amp, grad_clip=tc.grad_clip,
                     checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, resume=bool(cfg.resume), writer=writer,
-                    grad_accum_steps=tc.grad_accum_steps,
+                    grad_accum_steps=tc.grad_accum_steps, profile_steps=tc.profile_steps,
                 )
                 train_info.update(last_loss=result.last_loss, resumed_from_epoch=result.resumed_from)
                 metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g), device=device, amp=tc.amp)

@@ -85,3 +85,10 @@ def test_bad_override_names_the_key(capsys):
 def test_missing_data_root_names_the_key(tmp_path, capsys):
     code = main(["run", "fewshot/coop_vit_b16", f"data.root={tmp_path / 'nope'}", "model.arch=tiny", "model.pretrained=null"])
     assert code == 2 and "data.root" in capsys.readouterr().err
+
+
+def test_profile_prints_where_time_goes(tmp_path, capsys):
+    args = ["run", "--profile", "2", f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "train.epochs=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Self CPU" in out and "aten::" in out  # torch.profiler's operator table
