@@ -135,6 +135,23 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_training_state(path: Path, module: PromptModule, optimizer: torch.optim.Optimizer, epoch: int, generator: torch.Generator) -> None:
+    """Atomically write what ``restore_training_state`` needs to continue exactly: learned tensors, optimizer, RNGs."""
+    atomic_save_torch(
+        {"prompt_state": module.prompt_state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": _rng_state(generator)},
+        path,
+    )
+
+
+def restore_training_state(path: Path, module: PromptModule, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+    """Load a checkpoint written by :func:`save_training_state`; returns the number of epochs already done."""
+    ckpt = load_checkpoint(path)
+    module.load_prompt_state_dict(ckpt["prompt_state"], source=str(path))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    _set_rng_state(ckpt["rng"], generator)
+    return int(ckpt["epoch"])
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a training checkpoint, saying which file failed."""
     try:
@@ -184,11 +201,7 @@ def train(
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     start = 0
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        module.load_prompt_state_dict(ckpt["prompt_state"], source=str(ckpt_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], generator)
-        start = int(ckpt["epoch"])
+        start = restore_training_state(ckpt_path, module, optimizer, generator)
         log.info("resumed from %s at epoch %d/%d", ckpt_path, start, epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
     params = module.trainable_parameters()
@@ -240,10 +253,7 @@ def train(
             writer.add_scalar("train/epoch_accuracy", acc, epoch + 1)
             writer.add_scalar("train/epoch_lr", lr, epoch + 1)
         if distributed.is_main() and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
-            atomic_save_torch(
-                {"prompt_state": module.prompt_state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "rng": _rng_state(generator)},
-                ckpt_path,
-            )
+            save_training_state(ckpt_path, module, optimizer, epoch + 1, generator)
     prof.stop()
     module.eval()
     return TrainResult(epochs_run=epochs - start, last_loss=loss_value, resumed_from=start)

@@ -27,7 +27,7 @@ from promptlab import io
 from promptlab.anomaly.data import LAYOUTS, AnomalyDataset, load_items
 from promptlab.anomaly.method import AnomalyCLIP
 from promptlab.clip import FrozenCLIP, load_clip
-from promptlab.engine import autocast, load_checkpoint, seed_everything
+from promptlab.engine import autocast, restore_training_state, save_training_state, seed_everything
 from promptlab.metrics import AUPRO_CONVENTIONS, aupro, auroc, average_precision
 
 log = logging.getLogger(__name__)
@@ -137,11 +137,7 @@ def train_anomaly(
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     start = 0
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        module.load_prompt_state_dict(ckpt["prompt_state"], source=str(ckpt_path))
-        opt.load_state_dict(ckpt["optimizer"])
-        generator.set_state(ckpt["generator"])
-        start = int(ckpt["epoch"])
+        start = restore_training_state(ckpt_path, module, opt, generator)  # also restores the global RNGs
     module.to(device).train()
     stats = {"map_loss": float("nan"), "image_loss": float("nan")}
     for epoch in range(start, epochs):
@@ -161,11 +157,7 @@ def train_anomaly(
             img_sum += float(image_loss.detach())
         stats = {"map_loss": map_sum / len(loader), "image_loss": img_sum / len(loader)}
         log.info("epoch %d/%d  map loss %.4f  image loss %.4f", epoch + 1, epochs, stats["map_loss"], stats["image_loss"])
-        io.atomic_save_torch(
-            {"prompt_state": module.prompt_state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-             "generator": generator.get_state()},
-            ckpt_path,
-        )
+        save_training_state(ckpt_path, module, opt, epoch + 1, generator)
     module.eval()
     return stats
 
