@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import classnames, coop_loss, median_time, reference_text_features, vit_b16
-
-from promptlab.methods import CoOp
+from common import coop_loss, coop_problem, median_time, reference_text_features
 
 
 def main() -> None:
@@ -25,11 +23,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    clip = vit_b16()
-    torch.manual_seed(1)
-    module = CoOp(clip, classnames(args.classes), n_ctx=args.n_ctx)
-    feats = torch.randn(args.batch, clip.embed_dim)
-    labels = torch.randint(args.classes, (args.batch,))
+    clip, module, feats, labels = coop_problem(args.classes, args.n_ctx, args.batch)
     scale = clip.logit_scale
 
     def step(text_fn):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import classnames, coop_loss, reference_text_features, saved_activation_bytes, vit_b16
+from common import coop_loss, coop_problem, reference_text_features, saved_activation_bytes
 
 from promptlab.methods import CoOp
 
@@ -25,11 +25,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--n-ctx", type=int, default=16)
     args = ap.parse_args()
-    clip = vit_b16()
-    torch.manual_seed(1)
-    module = CoOp(clip, classnames(args.classes), n_ctx=args.n_ctx)
-    feats = torch.randn(32, clip.embed_dim)
-    labels = torch.randint(args.classes, (32,))
+    clip, module, feats, labels = coop_problem(args.classes, args.n_ctx, 32)
     params = list(clip.parameters())
 
     def loss_of(text_fn):

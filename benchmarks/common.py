@@ -27,6 +27,16 @@ def classnames(n: int) -> list[str]:
     return [IMAGENET_CLASSNAMES[i % 1000] for i in range(n)]
 
 
+def coop_problem(classes: int, n_ctx: int, batch: int):
+    """A CoOp module on the ViT-B/16-shaped CLIP plus a batch of image features and labels."""
+    from promptlab.methods import CoOp
+
+    clip = vit_b16()
+    torch.manual_seed(1)
+    module = CoOp(clip, classnames(classes), n_ctx=n_ctx)
+    return clip, module, torch.randn(batch, clip.embed_dim), torch.randint(classes, (batch,))
+
+
 def reference_text_features(clip: FrozenCLIP, module) -> torch.Tensor:
     """CoOp's formulation: [SOS][ctx][class . EOT pad] at the full context length, open_clip's transformer."""
     m = clip.model
