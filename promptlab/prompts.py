@@ -179,8 +179,8 @@ def word_embeddings(clip: FrozenCLIP, words: str) -> torch.Tensor:
         return clip.embed_tokens(ids)[0, 1 : 1 + n].float().clone()
 
 
-def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str = "") -> torch.Tensor:
-    """Initial context vectors [n, W]: the embeddings of ``ctx_init``'s tokens, or N(0, 0.02) when empty.
+def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None = "") -> torch.Tensor:
+    """Initial context vectors [n, W]: the embeddings of ``ctx_init``'s tokens, or N(0, 0.02) when empty or None.
 
     With words, ``n`` is their token count (CoOp counts words; the two agree for "a photo of a").
     """
@@ -317,7 +317,7 @@ def hand_crafted_features(clip: FrozenCLIP, classnames: Sequence[str], templates
     return F.normalize(feats.mean(0), dim=-1)
 
 
-def leading_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str) -> tuple[torch.Tensor, str]:
+def leading_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None) -> tuple[torch.Tensor, str]:
     """Context vectors [n_ctx, W] and the prompt prefix text, the IVLP / MaPLe way.
 
     With ``ctx_init`` the context is the embedding of its first ``n_ctx`` tokens and the prefix is the
@@ -374,7 +374,7 @@ def layer_prompts(deep: torch.Tensor | Sequence[torch.Tensor] | None) -> dict[in
 
 
 def independent_vl_prompts(
-    clip: FrozenCLIP, n_ctx_text: int, n_ctx_vision: int, ctx_init: str, depth_text: int, depth_vision: int, what: str
+    clip: FrozenCLIP, n_ctx_text: int, n_ctx_vision: int, ctx_init: str | None, depth_text: int, depth_vision: int, what: str
 ) -> tuple[str, dict[str, nn.Parameter | None]]:
     """IVLP-style prompts in both towers: the prompt prefix text and the learned tensors.
 

@@ -257,3 +257,14 @@ def test_resolve_component() -> None:
     assert resolve_component("torch.optim.SGD") is torch.optim.SGD
     with pytest.raises(ConfigError, match="torch.optim.NoSuchOptim"):
         resolve_component("torch.optim.NoSuchOptim")
+
+
+@pytest.mark.parametrize("recipe", ["recipes/sandbox/coop_base2new.yaml", "recipes/base2new/cocoop_vit_b16.yaml"])
+def test_ctx_init_null_override_means_random_context(recipe: str, tiny_clip) -> None:
+    """`method.ctx_init=null` (and `method.ctx_init=`, which YAML also reads as null) selects N(0, 0.02) context."""
+    repo = Path(__file__).resolve().parents[1]
+    for override in ("method.ctx_init=null", "method.ctx_init="):
+        cfg = load_recipe(repo / recipe, [override, "method.n_ctx=3"], check_paths=False)
+        assert cfg.method.ctx_init is None
+        module = instantiate(cfg.method, clip=tiny_clip, classnames=["cat", "dog"])
+        assert module.ctx.shape == (3, tiny_clip.width) and 0.005 < float(module.ctx.detach().std()) < 0.05

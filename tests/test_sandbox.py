@@ -183,3 +183,19 @@ def test_shipped_weights_reproduce_recorded_test_split_accuracy(tmp_path: Path) 
     out = run(cfg)
     rec = meta["zeroshot_test"]["sandbox_shapes"]
     assert out["accuracy"] / 100 == pytest.approx(rec["accuracy"], abs=1.5 / rec["n"])
+
+
+@pytest.mark.slow
+def test_coop_beats_zero_shot_on_sandbox_base_classes(tmp_path: Path) -> None:
+    """The sandbox's reason to exist: 16-shot CoOp (the shipped recipe, one seed) gains >= 5 points on base."""
+    from promptlab.config import load_recipe
+    from promptlab.runner import run
+
+    torch.set_num_threads(2)
+    acc = {}
+    for name, recipe in (("zeroshot", "zeroshot.yaml"), ("coop", "coop_base2new.yaml")):
+        overrides = [f"cache_dir={tmp_path}", f"output_dir={tmp_path / name}", "subsample=base"]
+        cfg = load_recipe(REPO / "recipes" / "sandbox" / recipe, overrides, check_paths=False)
+        ensure_data(cfg)
+        acc[name] = run(cfg)["accuracy"]
+    assert acc["coop"] >= acc["zeroshot"] + 5, acc

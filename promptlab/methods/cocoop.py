@@ -31,7 +31,7 @@ class CoCoOp(PromptModule):
 
     Args:
         n_ctx: number of context vectors (ignored when ``ctx_init`` gives the words).
-        ctx_init: words to initialise the context from; empty: N(0, 0.02).
+        ctx_init: words to initialise the context from; empty or null: N(0, 0.02).
     """
 
     text_depends_on_image: ClassVar[bool] = True
@@ -39,7 +39,7 @@ class CoCoOp(PromptModule):
     #: into chunks of whole images so that memory stays bounded (the result does not change).
     max_prompts_per_call: ClassVar[int] = 8192
 
-    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int = 4, ctx_init: str = "a photo of a"):
+    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int = 4, ctx_init: str | None = "a photo of a"):
         super().__init__(clip, classnames)
         self.ctx = nn.Parameter(init_context(clip, n_ctx, ctx_init))  # [n_ctx, W]
         self.n_ctx = self.ctx.shape[0]

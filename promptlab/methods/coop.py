@@ -29,7 +29,7 @@ class CoOp(PromptModule):
 
     Args:
         n_ctx: number of context vectors (ignored when ``ctx_init`` gives the words).
-        ctx_init: words to initialise the context from (``"a photo of a"``); empty: N(0, 0.02).
+        ctx_init: words to initialise the context from (``"a photo of a"``); empty or null: N(0, 0.02).
         csc: class-specific context, ``ctx`` of shape [C, n_ctx, W] instead of [n_ctx, W].
         class_token_position: ``"end"``, ``"middle"`` or ``"front"``.
     """
@@ -39,7 +39,7 @@ class CoOp(PromptModule):
         clip: FrozenCLIP,
         classnames: Sequence[str],
         n_ctx: int = 16,
-        ctx_init: str = "",
+        ctx_init: str | None = "",
         csc: bool = False,
         class_token_position: Literal["end", "middle", "front"] = "end",
     ):

@@ -48,7 +48,7 @@ class IVLP(PromptModule):
         classnames: Sequence[str],
         n_ctx_text: int = 2,
         n_ctx_vision: int = 2,
-        ctx_init: str = "a photo of a",
+        ctx_init: str | None = "a photo of a",
         prompt_depth_text: int = 12,
         prompt_depth_vision: int = 12,
     ):

@@ -33,7 +33,7 @@ class KgCoOp(PromptModule):
 
     Args:
         n_ctx: number of context vectors (ignored when ``ctx_init`` gives the words).
-        ctx_init: words to initialise the context from; empty: N(0, 0.02).
+        ctx_init: words to initialise the context from; empty or null: N(0, 0.02).
         w: weight of the knowledge-guided term (the paper's lambda, 8.0 for base-to-new).
         templates: hand-crafted prompts for the guidance features: ``"dataset"`` (the dataset's
             template, as the reference), ``"imagenet80"``, ``"imagenet7"`` or a list (ensembled).
@@ -45,7 +45,7 @@ class KgCoOp(PromptModule):
         clip: FrozenCLIP,
         classnames: Sequence[str],
         n_ctx: int = 4,
-        ctx_init: str = "a photo of a",
+        ctx_init: str | None = "a photo of a",
         w: float = 8.0,
         templates: str | list[str] = "dataset",
         template: str | None = None,

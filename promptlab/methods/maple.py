@@ -48,7 +48,7 @@ class MaPLe(PromptModule):
         clip: FrozenCLIP,
         classnames: Sequence[str],
         n_ctx: int = 2,
-        ctx_init: str = "a photo of a",
+        ctx_init: str | None = "a photo of a",
         prompt_depth: int = 9,
     ):
         super().__init__(clip, classnames)

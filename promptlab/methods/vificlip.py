@@ -67,7 +67,7 @@ class ViFiCLIP(PromptModule):
         template: str = "a photo of a {}.",
         n_ctx_text: int = 16,
         n_ctx_vision: int = 16,
-        ctx_init: str = "",
+        ctx_init: str | None = "",
         prompt_depth_text: int = 9,
         prompt_depth_vision: int = 9,
         label_smoothing: float = 0.1,

@@ -6,8 +6,9 @@ ordered so that the base half (the first ``ceil(n/2)`` labels) and the new half 
 a checkerboard over the colour x shape grid: every colour and every shape occurs in both halves, so
 "new" classes are new *combinations* of known words, the compositional generalisation that
 base-to-new evaluation measures. Images are rendered in a shifted :class:`~promptlab.sandbox.world.Style`
-(clutter, noise, colour casts, outlines) unlike the clean pretraining renders: zero-shot CLIP is far
-above chance but below the ceiling, and prompt learning has a real shift to adapt to.
+(``sandbox_shapes``: outlines instead of filled objects, plus noise) unlike the clean pretraining
+renders: zero-shot CLIP is far above chance but below the ceiling, and prompt learning has a real
+shift to adapt to.
 """
 
 from __future__ import annotations
