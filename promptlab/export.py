@@ -195,6 +195,7 @@ def load_prompts(
     classnames: Sequence[str] | None = None,
     *,
     strict_weights: bool = True,
+    hparams: dict[str, Any] | None = None,
 ) -> PromptModule:
     """Rebuild a prompt module from an export directory onto ``clip``.
 
@@ -205,6 +206,8 @@ def load_prompts(
         strict_weights: refuse a backbone whose weights fingerprint differs from the one the prompts
             were learned on. Prompts are tied to the weights, not only to the shapes; pass ``False``
             to transfer them deliberately (a warning is logged).
+        hparams: replace some recorded hyperparameters when rebuilding, e.g. the dataset's
+            ``template`` when the prompts are evaluated on another dataset.
 
     Returns:
         The rebuilt module, on ``clip``'s device, with the learned tensors loaded.
@@ -256,7 +259,7 @@ def load_prompts(
     try:
         # The method's random init is overwritten below; it must not move the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
-            module = METHODS[method](clip, saved_names, **dict(cfg.get("hparams") or {}))
+            module = METHODS[method](clip, saved_names, **{**(cfg.get("hparams") or {}), **(hparams or {})})
     except TypeError as e:
         raise ValueError(f"{cfg_path}: cannot rebuild {method} from its hparams ({e})") from e
     module.load_prompt_state_dict(state, source=str(tensors_path))

@@ -267,11 +267,25 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
-def load_prompts_dir(prompts_dir: Path, pretrained: str | None = None, device: str | torch.device = "cpu") -> PromptModule:
+def load_prompts_dir(
+    prompts_dir: Path, pretrained: str | None = None, device: str | torch.device = "cpu", hparams: dict[str, Any] | None = None
+) -> PromptModule:
     """A prompts directory on the backbone recorded in it (or on ``pretrained`` weights given instead)."""
     meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
     clip = load_clip(meta["arch"], pretrained or meta.get("pretrained"), device=device)
-    return load_prompts(prompts_dir, clip, strict_weights=pretrained is None)
+    return load_prompts(prompts_dir, clip, strict_weights=pretrained is None, hparams=hparams)
+
+
+def _eval_dataset_hparams(prompts_dir: Path, method_cfg: DictConfig, ds: DatasetSplits) -> dict[str, Any]:
+    """The target dataset's ``template`` for a method that took its source dataset's (zero-shot CLIP,
+    KgCoOp, ViFi-CLIP), when prompts are evaluated on another dataset and the recipe did not fix it.
+
+    ``dataset_name`` is not refilled: it selects learned structure (MoCoOp's experts per template group).
+    """
+    meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
+    if meta.get("dataset") in (None, ds.name) or "template" not in (meta.get("hparams") or {}):
+        return {}
+    return {} if method_cfg.get("template") is not None else {"template": ds.template}
 
 
 def _need(path: Path) -> Path:
@@ -306,7 +320,7 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
     eval_cfg = cfg.copy()
     eval_cfg.shots = 0 if cfg.eval.split == "test" else cfg.shots  # the test split is never subsampled by shots
     ds = prepare_data(eval_cfg)
-    module = load_prompts_dir(prompts_dir, device=device).to(device)
+    module = load_prompts_dir(prompts_dir, device=device, hparams=_eval_dataset_hparams(prompts_dir, cfg.method, ds)).to(device)
     module.set_classnames(ds.classnames)
     s = _Setup(cfg, path, device, module.clip, ds, module)
     metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=torch.Generator()), device=device)

@@ -224,3 +224,26 @@ def test_job_json_round_trip(world, tmp_path):
     job = plan_sweep(RECIPE, ["protocol=base2new", "datasets=shapes_a", "seeds=1", *_common(world)], tmp_path).jobs[0]
     assert Job.from_json(json.loads(json.dumps(job.to_json()))) == job
     assert dataclasses.replace(job, seed=2) != job
+
+
+def test_crossdataset_zero_shot_uses_the_target_template(world, tmp_path, monkeypatch):
+    """Zero-shot prompts evaluated on another dataset take that dataset's template, not the source's."""
+    yamls = tmp_path / "datasets"
+    yamls.mkdir()
+    for name, template in (("shapes_a", "a photo of a {}."), ("shapes_d", "a blurry drawing of the {}, a shape.")):
+        (yamls / f"{name}.yaml").write_text(
+            f"name: {name}\nreader: split_file\nfolder: shapes_a/synthetic\nimage_dir: images\n"
+            f"split_file: split_synthetic.json\ntemplate: '{template}'\n"
+        )
+    monkeypatch.setenv("PROMPTLAB_DATASETS_DIR", str(yamls))
+    zs = Path(__file__).resolve().parent.parent / "recipes" / "zeroshot" / "clip_vit_b16.yaml"
+    common = ["model.arch=tiny", "model.pretrained=null", f"data.root={world / 'data'}", f"cache_dir={tmp_path / 'cache'}", "data.num_workers=0"]
+    acc = {}
+    for name in ("shapes_a", "shapes_d"):
+        cfg = load_recipe(zs, [*common, f"data.name={name}", f"output_dir={tmp_path / name}"], check_paths=False)
+        acc[name] = promptlab.runner.run(cfg)["accuracy"]
+    assert acc["shapes_a"] != acc["shapes_d"], "the two templates must give different classifiers for this test to bite"
+    cross = promptlab.runner.eval_prompts(tmp_path / "shapes_a", ["data.name=shapes_d"])
+    assert cross["accuracy"] == pytest.approx(acc["shapes_d"])
+    same = promptlab.runner.eval_prompts(tmp_path / "shapes_a", [])
+    assert same["accuracy"] == pytest.approx(acc["shapes_a"])
