@@ -13,29 +13,13 @@ shift to adapt to.
 
 from __future__ import annotations
 
-import json
-import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from promptlab.data.items import dump_split_json
-from promptlab.sandbox.world import (
-    BACKGROUNDS,
-    COLOURS,
-    PATTERNS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    Scene,
-    Style,
-    render,
-)
-
-log = logging.getLogger(__name__)
-
-PARAMS_FILE = "sandbox_params.json"
+from promptlab.data.generated import write_split_dataset
+from promptlab.sandbox.world import COLOURS, SHAPES, Style, class_scene, render
 
 
 def checkerboard_classnames(colours: Sequence[str], shapes: Sequence[str]) -> list[str]:
@@ -52,22 +36,10 @@ def checkerboard_classnames(colours: Sequence[str], shapes: Sequence[str]) -> li
     return [f"{colours[i]} {shapes[j]}" for i, j in ordered]
 
 
-def _scene(classname: str, rng: random.Random) -> Scene:
-    colour, shape = classname.split(" ", 1)
-    return Scene(
-        shape=shape,
-        colour=colour,
-        size=rng.choice(tuple(SIZES)),
-        pattern=rng.choice(PATTERNS) if rng.random() < 0.5 else "plain",
-        position=rng.choice(POSITIONS),
-        background=rng.choice([b for b in BACKGROUNDS if b != colour]),
-    )
-
-
 def render_item(classname: str, key: str, *, seed: int, image_size: int, style: Style):
     """The image of one dataset item; every bit of randomness comes from ``Random(f"{seed}/{key}")``."""
     rng = random.Random(f"{seed}/{key}")
-    return render(_scene(classname, rng), rng, size=image_size, style=style)
+    return render(class_scene(classname, rng), rng, size=image_size, style=style)
 
 
 def make_sandbox_dataset(
@@ -86,7 +58,7 @@ def make_sandbox_dataset(
     """Write a sandbox dataset to ``root/name/`` (skipped when already complete with these arguments).
 
     Layout: ``images/<colour>_<shape>/<split>_<i>.png`` and ``split_<name>.json`` (CoOp's split-file
-    format), plus ``sandbox_params.json`` recording the arguments. The split file is written last
+    format), plus the recorded arguments (:mod:`promptlab.data.generated`). The split file is written last
     and atomically, so an interrupted run is redone on the next call.
 
     Args:
@@ -104,34 +76,15 @@ def make_sandbox_dataset(
     Returns:
         The dataset folder ``root/name``.
     """
-    folder = Path(root).expanduser() / name
-    image_dir = folder / "images"
     classnames = checkerboard_classnames(colours, shapes)
     st = Style(**(style or {}))
     counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
-    split = {
-        s: [[f"{c.replace(' ', '_')}/{s}_{i:03d}.png", y, c] for y, c in enumerate(classnames) for i in range(n)]
-        for s, n in counts.items()
-    }
-    params = dict(name=name, colours=list(colours), shapes=list(shapes), style=vars(st), counts=counts, image_size=image_size, seed=seed)
-    split_path, params_path = folder / f"split_{name}.json", folder / PARAMS_FILE
-    if (
-        split_path.is_file()
-        and params_path.is_file()
-        and json.loads(params_path.read_text()) == json.loads(json.dumps(params))
-        and all((image_dir / r[0]).is_file() for rows in split.values() for r in rows)
-    ):
-        return folder
-    for rows in split.values():
-        for rel, _, classname in rows:
-            (image_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            render_item(classname, rel, seed=seed, image_size=image_size, style=st).save(image_dir / rel)
-    params_path.write_text(json.dumps(params, indent=1) + "\n")
-    tmp = split_path.with_suffix(".tmp")
-    tmp.write_text(dump_split_json(split))
-    tmp.replace(split_path)
-    log.info("wrote sandbox dataset %s (%d classes) to %s", name, len(classnames), folder)
-    return folder
+    params = dict(generator="sandbox", name=name, colours=list(colours), shapes=list(shapes), style=vars(st), image_size=image_size, seed=seed)
+
+    def draw(classname: str, rel: str):
+        return render_item(classname, rel, seed=seed, image_size=image_size, style=st)
+
+    return write_split_dataset(Path(root).expanduser() / name, f"split_{name}.json", classnames, counts, params, draw)
 
 
 def check_set(dataset: str = "sandbox_shapes", per_class: int = 5) -> tuple[list, list[int], list[str], str]:

@@ -100,6 +100,20 @@ def sample_scene(
     )
 
 
+def class_scene(classname: str, rng: random.Random) -> Scene:
+    """A scene of the class ``"<colour> <shape>"``: random size, pattern, position, and a background
+    of another colour. What the sandbox and synthetic datasets draw for each image."""
+    colour, shape = classname.split(" ", 1)
+    return Scene(
+        shape=shape,
+        colour=colour,
+        size=rng.choice(tuple(SIZES)),
+        pattern=rng.choice(PATTERNS) if rng.random() < 0.5 else "plain",
+        position=rng.choice(POSITIONS),
+        background=rng.choice([b for b in BACKGROUNDS if b != colour]),
+    )
+
+
 def _clip(v: float) -> int:
     return int(min(255, max(0, round(v))))
 

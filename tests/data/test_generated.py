@@ -1,0 +1,59 @@
+"""Write-once bookkeeping of generated datasets: skip when complete, redo after a crash or a change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from promptlab.data.generated import PARAMS_FILE, write_split_dataset
+
+COUNTS = {"train": 2, "val": 1, "test": 1}
+
+
+class Renderer:
+    """Counts renders; optionally crashes after ``fail_after`` of them."""
+
+    def __init__(self, fail_after: int | None = None, value: int = 0) -> None:
+        self.calls, self.fail_after, self.value = 0, fail_after, value
+
+    def __call__(self, classname: str, rel: str) -> Image.Image:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("crash while rendering")
+        self.calls += 1
+        return Image.new("RGB", (4, 4), (self.value, 0, 0))
+
+
+def write(folder: Path, render: Renderer, seed: int = 0) -> Path:
+    return write_split_dataset(folder, "split_x.json", ["a b", "c d"], COUNTS, {"seed": seed}, render)
+
+
+def test_second_call_with_same_arguments_renders_nothing(tmp_path: Path) -> None:
+    first, again = Renderer(), Renderer()
+    write(tmp_path, first)
+    write(tmp_path, again)
+    assert first.calls == 8 and again.calls == 0
+    assert (tmp_path / "images" / "a_b" / "train_001.png").is_file()
+
+
+def test_crash_leaves_no_index_and_the_next_call_finishes(tmp_path: Path) -> None:
+    write(tmp_path, Renderer(value=1), seed=1)
+    with pytest.raises(RuntimeError):
+        write(tmp_path, Renderer(fail_after=3, value=2), seed=2)
+    assert not (tmp_path / "split_x.json").exists() and not (tmp_path / PARAMS_FILE).exists()
+    # the old arguments must not be trusted either: some of their files were overwritten
+    redo = Renderer(value=1)
+    write(tmp_path, redo, seed=1)
+    assert redo.calls == 8 and (tmp_path / "split_x.json").is_file()
+
+
+def test_changed_arguments_or_missing_file_regenerate(tmp_path: Path) -> None:
+    write(tmp_path, Renderer())
+    changed = Renderer()
+    write(tmp_path, changed, seed=5)
+    assert changed.calls == 8
+    (tmp_path / "images" / "c_d" / "test_000.png").unlink()
+    missing = Renderer()
+    write(tmp_path, missing, seed=5)
+    assert missing.calls == 8
