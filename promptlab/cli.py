@@ -14,7 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+from promptlab.resources import resource_dir
+
+RECIPES_DIR = resource_dir("recipes")
 DEFAULT_RECIPE = "demo/coop_tiny"
 
 log = logging.getLogger("promptlab")

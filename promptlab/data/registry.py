@@ -19,6 +19,7 @@ import yaml
 
 from promptlab.data.items import SPLITS, DatasetSplits, hash_splits
 from promptlab.data.readers import READERS, fix_hint, where
+from promptlab.resources import resource_dir
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,9 @@ _REQUIRED_BY_READER = {
 
 
 def datasets_dir() -> Path:
-    """The folder holding the dataset YAMLs ($PROMPTLAB_DATASETS_DIR or the repo's `datasets/`)."""
+    """The folder holding the dataset YAMLs ($PROMPTLAB_DATASETS_DIR, else promptlab's `datasets/`)."""
     env = os.environ.get(DATASETS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "datasets"
+    return Path(env) if env else resource_dir("datasets")
 
 
 def dataset_names() -> list[str]:

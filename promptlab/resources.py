@@ -1,0 +1,41 @@
+"""Where promptlab's data folders live: ``datasets/`` (dataset YAMLs, template groups) and ``recipes/``.
+
+They sit at the top of the source tree, beside the package, so that researchers edit them as files.
+In a source checkout (the README's editable install) they are used in place; a wheel installs a
+copy under ``<prefix>/share/promptlab/`` (``[tool.setuptools.data-files]`` in pyproject.toml).
+A checkout is recognised by ``pyproject.toml`` beside the package: in site-packages the parent folder
+is shared with every other distribution (Hugging Face's ``datasets`` package lives there too).
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+FOLDERS = ("datasets", "recipes")
+
+
+def _installed_candidates(name: str) -> list[Path]:
+    """``<prefix>/share/promptlab/<name>`` for this environment's prefix, then for ``pip install --user``."""
+    prefixes = [sysconfig.get_path("data")]
+    try:
+        prefixes.append(sysconfig.get_path("data", sysconfig.get_preferred_scheme("user")))
+    except KeyError:  # a platform without a user scheme
+        pass
+    return [Path(p) / "share" / "promptlab" / name for p in prefixes]
+
+
+def resource_dir(name: str, package_root: Path = PACKAGE_ROOT) -> Path:
+    """The ``datasets`` or ``recipes`` folder: the checkout's, else the installed copy.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`FOLDERS`.
+    """
+    if name not in FOLDERS:
+        raise ValueError(f"unknown resource folder {name!r}; known: {FOLDERS}")
+    checkout = package_root.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / name).is_dir():
+        return checkout / name
+    candidates = _installed_candidates(name)
+    return next((p for p in candidates if p.is_dir()), candidates[0])
