@@ -34,6 +34,18 @@ def list_recipes() -> list[str]:
     return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
 
 
+def recipe_kind(path: Path) -> str:
+    """A recipe's ``kind``: ``prompt`` (prompt learning, the default), ``anomaly`` or ``pretrain``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # a malformed file: load_recipe reports it with its location
+        log.debug("could not peek at %s: %s", path, e)
+        return "prompt"
+    return str(raw.get("kind", "prompt")) if isinstance(raw, DictConfig) else "prompt"
+
+
 def _split_recipe_args(args: Sequence[str]) -> tuple[str, list[str]]:
     """``[RECIPE] [k=v ...]``: without a recipe the embedded demo runs."""
     if args and "=" not in args[0]:
@@ -46,9 +58,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from promptlab.runner import ensure_data, run
 
     name, overrides = _split_recipe_args(args.args)
+    path = find_recipe(name)
+    kind = recipe_kind(path)
+    if kind == "anomaly":  # the anomaly loop has its own schema and loop (promptlab anomaly train)
+        from promptlab.anomaly.cli import cmd_train
+
+        return cmd_train(argparse.Namespace(recipe=str(path), overrides=overrides, resume=False))
+    if kind == "pretrain":
+        from promptlab.sandbox.pretrain import main as pretrain_main
+
+        pretrain_main([str(path), *overrides])
+        return 0
     if args.profile:
         overrides.append(f"train.profile_steps={args.profile}")
-    path = find_recipe(name)
     cfg = load_recipe(path, overrides, check_paths=False)
     ensure_data(cfg)
     cfg = load_recipe(path, overrides, check_paths=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -92,3 +93,14 @@ def test_profile_prints_where_time_goes(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Self CPU" in out and "aten::" in out  # torch.profiler's operator table
+
+
+def test_run_dispatches_a_pretrain_recipe(monkeypatch) -> None:
+    """`promptlab run` on a `kind: pretrain` recipe hands it to the sandbox pretraining, overrides included."""
+    import promptlab.sandbox.pretrain as pretrain
+
+    seen = []
+    monkeypatch.setattr(pretrain, "main", lambda argv: seen.append(argv))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "sandbox" / "pretrain.yaml"
+    assert main(["run", str(recipe), "steps=3"]) == 0
+    assert seen == [[str(recipe), "steps=3"]]

@@ -27,6 +27,7 @@ from promptlab import io
 from promptlab.anomaly.data import LAYOUTS, AnomalyDataset, load_items
 from promptlab.anomaly.method import AnomalyCLIP
 from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.config import resolve_component
 from promptlab.engine import autocast, restore_training_state, save_training_state, seed_everything
 from promptlab.metrics import AUPRO_CONVENTIONS, aupro, auroc, average_precision
 
@@ -41,6 +42,9 @@ class DataSpec:
     root: str = "data/mvtec"
     split: str = "test"
     categories: list[str] | None = None
+    # Procedural data only (the sandbox): {_component_: dotted.path, **kwargs}, called as
+    # fn(root, **kwargs) to write the dataset at `root` on first use; it skips work when complete.
+    generator: dict[str, Any] | None = None
 
 
 @dataclass
@@ -253,7 +257,11 @@ def load_anomaly_prompts(prompts_dir: str | Path, clip: FrozenCLIP | None = None
 
 # ---------------------------------------------------------------------- one run
 def _dataset(spec: Any, size: int, clip: FrozenCLIP) -> AnomalyDataset:
-    items = load_items(spec.layout, spec.root, spec.split, list(spec.categories) if spec.categories else None)
+    root = Path(spec.root).expanduser()
+    if spec.generator:  # generated on first use, like runner.ensure_data for classification
+        kwargs = OmegaConf.to_container(spec.generator)
+        resolve_component(kwargs.pop("_component_"))(root, **kwargs)
+    items = load_items(spec.layout, root, spec.split, list(spec.categories) if spec.categories else None)
     return AnomalyDataset(items, size, clip.image_mean, clip.image_std)
 
 

@@ -29,16 +29,22 @@ def _normalised(params: dict[str, Any]) -> Any:
     return json.loads(json.dumps(params))  # tuples -> lists, int keys -> str: compare as JSON would
 
 
+def recorded_params(folder: Path) -> dict[str, Any] | None:
+    """The arguments ``folder`` was last committed with, or None (never, or a generation was interrupted)."""
+    params_path = Path(folder) / PARAMS_FILE
+    try:
+        return json.loads(params_path.read_text()) if params_path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def up_to_date(folder: Path, params: dict[str, Any], index: Iterable[Path], files: Iterable[Path]) -> bool:
     """True when ``folder`` was committed with these ``params`` and every index file and data file exists."""
-    params_path = Path(folder) / PARAMS_FILE
-    if not params_path.is_file():
-        return False
-    try:
-        saved = json.loads(params_path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return saved == _normalised(params) and all(p.is_file() for p in index) and all(p.is_file() for p in files)
+    return (
+        recorded_params(folder) == _normalised(params)
+        and all(p.is_file() for p in index)
+        and all(p.is_file() for p in files)
+    )
 
 
 def begin(folder: Path, index: Iterable[Path]) -> None:
