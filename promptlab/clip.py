@@ -666,7 +666,7 @@ def load_clip(
     tokenizer = None
     if isinstance(arch, nn.Module):
         model, name = arch, type(arch).__name__
-    elif arch == SANDBOX_ARCH:
+    elif arch == SANDBOX_ARCH and not (pretrained and Path(pretrained).expanduser().is_dir()):  # a dir: save_clip's
         from promptlab.sandbox import WEIGHTS, load_sandbox_model
 
         model, name = load_sandbox_model(Path(pretrained).expanduser() if pretrained else WEIGHTS), arch
@@ -725,6 +725,11 @@ def save_clip(clip: FrozenCLIP, path: str | Path) -> Path:
         return path
     if clip.arch in TINY_CONFIGS:
         cfg = json.loads(json.dumps(TINY_CONFIGS[clip.arch]))
+    elif clip.arch == SANDBOX_ARCH:  # e.g. bridged on sandbox videos; loads back as load_clip("sandbox", path)
+        from promptlab.sandbox import WEIGHTS, sandbox_metadata
+
+        src = Path(clip.pretrained).expanduser() if clip.pretrained else WEIGHTS
+        cfg = json.loads((src / "open_clip_config.json").read_text())["model_cfg"] if src.is_dir() else sandbox_metadata(src)["model_config"]
     elif clip.arch in open_clip.list_models():
         cfg = dict(open_clip.get_model_config(clip.arch))
     else:

@@ -199,3 +199,20 @@ def test_coop_beats_zero_shot_on_sandbox_base_classes(tmp_path: Path) -> None:
         ensure_data(cfg)
         acc[name] = run(cfg)["accuracy"]
     assert acc["coop"] >= acc["zeroshot"] + 5, acc
+
+
+def test_sandbox_clip_saved_and_reloaded_is_the_same_model(tmp_path: Path) -> None:
+    """A tuned sandbox backbone (e.g. ViFi-CLIP's bridge) is saved as a folder that load_clip("sandbox", dir) reads."""
+    from promptlab.clip import save_clip
+
+    clip = load_clip("sandbox")
+    with torch.no_grad():
+        clip.model.visual.proj.add_(0.01)  # stands in for fine-tuning
+    save_clip(clip, tmp_path / "backbone")
+    again = load_clip("sandbox", str(tmp_path / "backbone"))
+    x = torch.rand(2, 3, 48, 48)
+    ids = clip.tokenize(["a photo of a red star.", "a blue circle"])
+    with torch.no_grad():
+        assert torch.allclose(again.encode_image(x), clip.encode_image(x), atol=1e-6)
+        assert torch.allclose(again.encode_text(ids), clip.encode_text(ids), atol=1e-6)
+    assert again.fingerprint() == clip.fingerprint() != load_clip("sandbox").fingerprint()
