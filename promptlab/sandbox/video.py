@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from promptlab.data import generated
 from promptlab.data.items import SPLITS
-from promptlab.sandbox.world import BACKGROUNDS, COLOURS, SHAPES, Style, _draw_shape, _jitter
+from promptlab.sandbox.world import BACKGROUNDS, COLOURS, SHAPES, Style, _draw_shape, _jitter, backdrop
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +110,7 @@ def trajectory(motion: str, t: float, p: dict[str, float]) -> tuple[float, float
 def _background(colour: str, s: int, style: Style, rng: random.Random) -> Image.Image:
     """The still backdrop of one clip at ``s`` px: jittered colour, optional texture, static clutter."""
     bg_name = rng.choice([b for b in BACKGROUNDS if b != colour])
-    img = Image.new("RGB", (s, s), _jitter(BACKGROUNDS[bg_name], 12, rng))
-    if style.texture > 0:
-        coarse = np.random.default_rng(rng.getrandbits(63)).normal(128, 64, (8, 8)).clip(0, 255).astype(np.uint8)
-        tex = np.asarray(Image.fromarray(coarse).resize((s, s), Image.Resampling.BICUBIC), dtype=np.float32) - 128
-        arr = np.asarray(img, dtype=np.float32) + style.texture * rng.uniform(0.3, 1.0) * tex[..., None]
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(0, style.clutter)):
-        other = rng.choice([c for c in COLOURS if c not in (colour, bg_name)])
-        rr = rng.uniform(0.05, 0.09) * s
-        _draw_shape(draw, rng.choice(SHAPES), rng.uniform(rr, s - rr), rng.uniform(rr, s - rr), rr, _jitter(COLOURS[other], 20, rng), rot=rng.uniform(0, 0.5))
-    return img
+    return backdrop(bg_name, colour, s, style, rng, clutter_size=(0.05, 0.09))
 
 
 def render_clip(

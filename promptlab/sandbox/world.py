@@ -208,6 +208,25 @@ def _centre(position: str, r: float, s: int, rng: random.Random) -> tuple[float,
     return cx, cy
 
 
+def backdrop(
+    background: str, colour: str, s: int, style: Style, rng: random.Random, *, clutter_size: tuple[float, float] = (0.05, 0.1)
+) -> Image.Image:
+    """The ``s`` x ``s`` background behind an object of ``colour``: jittered, optionally textured,
+    with up to ``style.clutter`` small distractor shapes of other colours (radius ``clutter_size`` x ``s``)."""
+    img = Image.new("RGB", (s, s), _jitter(BACKGROUNDS[background], 12, rng))
+    if style.texture > 0:
+        coarse = np.random.default_rng(rng.getrandbits(63)).normal(128, 64, (8, 8)).clip(0, 255).astype(np.uint8)
+        tex = np.asarray(Image.fromarray(coarse).resize((s, s), Image.Resampling.BICUBIC), dtype=np.float32) - 128
+        arr = np.asarray(img, dtype=np.float32) + style.texture * rng.uniform(0.3, 1.0) * tex[..., None]
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(0, style.clutter)):
+        other = rng.choice([c for c in COLOURS if c not in (colour, background)])
+        rr = rng.uniform(*clutter_size) * s
+        _draw_shape(draw, rng.choice(SHAPES), rng.uniform(rr, s - rr), rng.uniform(rr, s - rr), rr, _jitter(COLOURS[other], 20, rng), rot=rng.uniform(0, 0.5))
+    return img
+
+
 def render(scene: Scene, rng: random.Random, *, size: int = 64, style: Style = CLEAN) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB image.
 
@@ -216,18 +235,8 @@ def render(scene: Scene, rng: random.Random, *, size: int = 64, style: Style = C
     """
     scale = 4
     s = size * scale
-    bg = _jitter(BACKGROUNDS[scene.background], 12, rng)
-    img = Image.new("RGB", (s, s), bg)
-    if style.texture > 0:
-        coarse = np.random.default_rng(rng.getrandbits(63)).normal(128, 64, (8, 8)).clip(0, 255).astype(np.uint8)
-        tex = np.asarray(Image.fromarray(coarse).resize((s, s), Image.Resampling.BICUBIC), dtype=np.float32) - 128
-        arr = np.asarray(img, dtype=np.float32) + style.texture * rng.uniform(0.3, 1.0) * tex[..., None]
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    img = backdrop(scene.background, scene.colour, s, style, rng)
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(0, style.clutter)):
-        other = rng.choice([c for c in COLOURS if c not in (scene.colour, scene.background)])
-        rr = rng.uniform(0.05, 0.1) * s
-        _draw_shape(draw, rng.choice(SHAPES), rng.uniform(rr, s - rr), rng.uniform(rr, s - rr), rr, _jitter(COLOURS[other], 20, rng), rot=rng.uniform(0, 0.5))
 
     lo, hi = SIZES[scene.size]
     r = rng.uniform(lo, hi) * s
