@@ -300,6 +300,7 @@ def evaluate(module: PromptModule, batches: Iterable[Batch], *, device: torch.de
             if labels.numel() == 0:  # DDP: a process's part of the last, small batch
                 continue
             logits = module(**{k: v.to(device) for k, v in inputs.items()})
+            module.observe_eval(logits, labels)
             ok = (logits.argmax(-1).cpu() == labels).float()
             hits.index_add_(0, labels, ok)
             counts.index_add_(0, labels, torch.ones_like(ok))

@@ -134,6 +134,10 @@ class PromptModule(nn.Module):
     def begin_eval(self) -> None:
         """Called before an evaluation pass: reset any statistics the method collects (e.g. routing)."""
 
+    def observe_eval(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Called by the evaluation loop after each batch's forward pass, with the batch's true labels
+        (the forward pass never sees them): lets a method keep statistics per true class."""
+
     def end_eval(self) -> dict[str, Any]:
         """Called after an evaluation pass: statistics to report beside the accuracy (JSON-able)."""
         return {}

@@ -201,6 +201,9 @@ def test_evaluate_counts_correctly():
         def begin_eval(self):
             pass
 
+        def observe_eval(self, logits, labels):
+            pass
+
         def end_eval(self):
             return {}
 

@@ -183,6 +183,7 @@ class MoCoOp(PromptModule):
         self._expert_cache: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._stats: torch.Tensor | None = None
+        self._chosen: torch.Tensor | None = None  # [B, E] experts chosen for the last evaluation batch
         if tune_layernorm:
             # Pin the backbone's identity (cached) before its LayerNorms learn: exports and caches
             # name the pretrained weights; the tuned LayerNorms travel in prompt_state_dict.
@@ -242,9 +243,8 @@ class MoCoOp(PromptModule):
         per_expert = self.clip.logit_scale * torch.einsum("bd,ecd->bec", img, feats)  # [B, E, C]
         logits = mix_expert_logits(per_expert, weights, idx)
         self._last = (img, router_logits, feats)  # for loss(): the engine calls it right after forward
-        if self._stats is not None:
-            hits = torch.zeros_like(router_logits, dtype=torch.long).scatter_(1, idx, 1)  # [B, E]
-            self._stats.index_add_(0, logits.argmax(-1).cpu(), hits.cpu())
+        if self._stats is not None:  # evaluation: observe_eval files the choices under the true classes
+            self._chosen = torch.zeros_like(router_logits, dtype=torch.long).scatter_(1, idx, 1).cpu()  # [B, E]
         return logits
 
     # ------------------------------------------------------------------ objective
@@ -273,12 +273,15 @@ class MoCoOp(PromptModule):
     # ------------------------------------------------------------------ routing statistics
     def begin_eval(self) -> None:
         self._stats = torch.zeros(len(self.classnames), len(self.expert_names), dtype=torch.long)
+        self._chosen = None
+
+    def observe_eval(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if self._stats is not None and self._chosen is not None:
+            self._stats.index_add_(0, labels.cpu(), self._chosen)
+            self._chosen = None
 
     def end_eval(self) -> dict[str, Any]:
-        """How often each expert is among the chosen top-k, overall and per *predicted* class.
-
-        The engine does not pass labels to the forward pass, so classes are the predicted ones.
-        """
+        """How often each expert is among the chosen top-k, overall and per (true) class."""
         counts, self._stats = self._stats, None
         if counts is None:
             return {}
@@ -289,7 +292,7 @@ class MoCoOp(PromptModule):
                 "top_k": self.top_k,
                 "images": n,
                 "chosen_fraction": [round(float(c) / max(n, 1), 4) for c in counts.sum(0)],
-                "per_predicted_class": {name: row.tolist() for name, row in zip(self.classnames, counts)},
+                "per_class": {name: row.tolist() for name, row in zip(self.classnames, counts)},
             }
         }
 
