@@ -33,6 +33,7 @@ from promptlab.data import (
     load_dataset,
     subsample_classes,
 )
+from promptlab.data.generated import run_generator
 from promptlab.engine import (
     FeatureBatches,
     ImageBatches,
@@ -81,8 +82,7 @@ def ensure_data(cfg: DictConfig) -> None:
     ``sandbox_*``); the generator skips work when the files are complete. Real datasets are never touched."""
     spec = get_spec(cfg.data.name)
     if spec.generator:
-        kwargs = dict(spec.generator)
-        resolve_component(kwargs.pop("_component_"))(Path(cfg.data.root).expanduser(), **kwargs)
+        run_generator(dict(spec.generator), Path(cfg.data.root))
 
 
 def prepare_data(cfg: DictConfig) -> DatasetSplits:

@@ -27,7 +27,7 @@ from promptlab import io
 from promptlab.anomaly.data import LAYOUTS, AnomalyDataset, load_items
 from promptlab.anomaly.method import AnomalyCLIP
 from promptlab.clip import FrozenCLIP, load_clip
-from promptlab.config import resolve_component
+from promptlab.data.generated import run_generator
 from promptlab.engine import autocast, restore_training_state, save_training_state, seed_everything
 from promptlab.metrics import AUPRO_CONVENTIONS, aupro, auroc, average_precision
 
@@ -259,8 +259,7 @@ def load_anomaly_prompts(prompts_dir: str | Path, clip: FrozenCLIP | None = None
 def _dataset(spec: Any, size: int, clip: FrozenCLIP) -> AnomalyDataset:
     root = Path(spec.root).expanduser()
     if spec.generator:  # generated on first use, like runner.ensure_data for classification
-        kwargs = OmegaConf.to_container(spec.generator)
-        resolve_component(kwargs.pop("_component_"))(root, **kwargs)
+        run_generator(OmegaConf.to_container(spec.generator), root)
     items = load_items(spec.layout, root, spec.split, list(spec.categories) if spec.categories else None)
     return AnomalyDataset(items, size, clip.image_mean, clip.image_std)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,41 @@ def write_split_dataset(
     commit(folder, params, {split_path: dump_split_json(split)})
     log.info("wrote %s (%d classes) to %s", split_file, len(classnames), folder)
     return folder
+
+
+LOCK_FILE = ".promptlab-generate.lock"
+
+
+@contextmanager
+def generation_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``root`` while generating into it.
+
+    Processes that start together (torchrun ranks, ``promptlab sweep --jobs N``) would otherwise
+    render the same files at the same time; with the lock the first one writes them and the others
+    find them complete. Advisory ``flock`` (POSIX); elsewhere no lock is taken.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(root / LOCK_FILE, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_generator(spec: dict[str, Any], root: Path) -> Any:
+    """Call a dataset YAML's or recipe's ``generator:`` (``{_component_: dotted.path, **kwargs}``) as
+    ``fn(root, **kwargs)`` under :func:`generation_lock`; generators skip work when complete."""
+    from promptlab.config import resolve_component
+
+    kwargs = dict(spec)
+    fn = resolve_component(kwargs.pop("_component_"))
+    root = Path(root).expanduser()
+    with generation_lock(root):
+        return fn(root, **kwargs)
