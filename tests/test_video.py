@@ -4,6 +4,9 @@ per-clip augmentation, multi-view averaging, bad-file skipping and the dataset l
 from __future__ import annotations
 
 import json
+import logging
+import random
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from PIL import Image
 
 from promptlab.data import load_dataset
 from promptlab.data.check import check_dataset
+from promptlab.video import decode as video_decode
 from promptlab.video.data import (
     ClipTransform,
     VideoBatches,
@@ -106,6 +110,176 @@ def test_unreadable_inputs_raise_naming_the_path(tmp_path: Path) -> None:
             read_frames(str(p), [0])
     with pytest.raises(VideoReadError, match=bad.name):
         count_frames(str(bad))
+
+
+# ---------------------------------------------------------------------- keyframe seeking
+def write_textured(path: Path, n: int = 120, gop: int = 12, bframes: int = 0, vfr: bool = False) -> Path:
+    """MPEG-4 part 2 with keyframes exactly every ``gop`` frames (no scene-cut keyframes) and textured,
+    moving frames that all differ, so a frame decoded from the wrong reference would show."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    gaps = random.Random(1).choices([20, 40, 40, 100], k=n)  # ms between frames when vfr
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.gop_size = gop
+        stream.codec_context.max_b_frames = bframes
+        stream.options = {"sc_threshold": "1000000000"}
+        if vfr:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i in range(n):
+            img = np.roll(base, (i, 2 * i), axis=(0, 1))
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if vfr:
+                frame.pts, frame.time_base = sum(gaps[:i]), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def keyframes(path: Path) -> list[int]:
+    """Frame indices (presentation order) of the keyframe packets."""
+    with av.open(str(path)) as c:
+        packets = sorted((p.pts, p.is_keyframe) for p in c.demux(c.streams.video[0]) if p.size)
+    return [i for i, (_, key) in enumerate(packets) if key]
+
+
+@pytest.fixture
+def decode_spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts decoding runs (one per seek, or per pass from the start) and the frames they gave."""
+    counts = {"runs": 0, "frames": 0}
+    real = video_decode._decode_from
+
+    def spy(container, stream):
+        counts["runs"] += 1
+        for frame in real(container, stream):
+            counts["frames"] += 1
+            yield frame
+
+    monkeypatch.setattr(video_decode, "_decode_from", spy)
+    return counts
+
+
+CLIPS = {  # name -> (writer kwargs, expected keyframes)
+    "gop12.avi": ({"gop": 12}, list(range(0, 120, 12))),
+    "one_keyframe.avi": ({"gop": 300}, [0]),
+    "bframes.mp4": ({"gop": 12, "bframes": 2}, None),  # B-frames: pts != dts; MP4 seeks by pts
+    "vfr_bframes.mkv": ({"gop": 12, "bframes": 2, "vfr": True}, None),  # irregular frame durations
+}
+
+
+@pytest.mark.parametrize("name", list(CLIPS))
+def test_seeking_gives_the_frames_of_sequential_decoding(
+    tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture, decode_spy: dict[str, int]
+) -> None:
+    kwargs, expected_keys = CLIPS[name]
+    path = write_textured(tmp_path / name, **kwargs)
+    keys = keyframes(path)
+    assert keys == expected_keys if expected_keys else len(keys) >= 10, keys
+    n = 120
+    rng = random.Random(name)
+    index_sets = [[0, n - 1], [n - 1, 0, 60, 60], list(range(n))[::-1]]  # ends, duplicates, unsorted
+    index_sets += [[rng.randrange(n) for _ in range(8)] + [0, n - 1] for _ in range(3)]
+    index_sets += [sorted(rng.sample(range(n), 8)) for _ in range(3)]  # segment-sampling-like
+    with caplog.at_level(logging.DEBUG, logger="promptlab.video.decode"):
+        for idx in index_sets:
+            seeking, sequential = read_frames(str(path), idx), read_frames(str(path), idx, seek=False)
+            assert seeking.shape == (len(idx), 3, 48, 64)
+            assert torch.equal(seeking, sequential), (name, idx)
+    assert "from the start" not in caplog.text  # the seeking path answered every time
+    decode_spy.update(runs=0, frames=0)
+    read_frames(str(path), [75, 5, 110, 40])
+    # seeks land on the keyframe at or before each target (by pts in MP4 / Matroska, by dts in AVI):
+    # frames 0-5, 36-40, 72-75 and 108-110; with one keyframe, frames 0-110 in one run
+    assert decode_spy == ({"runs": 1, "frames": 111} if len(keys) == 1 else {"runs": 4, "frames": 18})
+    frames = read_frames(str(path), list(range(n)), seek=False)
+    assert all(not torch.equal(frames[i], frames[i + 1]) for i in range(n - 1))  # a wrong frame would show
+
+
+def test_seeking_skips_gops_it_does_not_need(tmp_path: Path, decode_spy: dict[str, int]) -> None:
+    gop12 = str(write_textured(tmp_path / "gop12.avi", gop=12))
+    one_key = str(write_textured(tmp_path / "one_keyframe.avi", gop=300))
+    idx = [75, 5, 110, 40]  # one frame in each of four GOPs, unsorted
+    expected = read_frames(gop12, idx, seek=False)
+    assert decode_spy == {"runs": 1, "frames": 111}  # sequential: frames 0..110
+    decode_spy.update(runs=0, frames=0)
+    assert torch.equal(read_frames(gop12, idx), expected)
+    # keyframes 0, 36, 72, 108: one run per target, decoding frames 0-5, 36-40, 72-75 and 108-110
+    assert decode_spy == {"runs": 4, "frames": 6 + 5 + 4 + 3}
+    decode_spy.update(runs=0, frames=0)
+    read_frames(gop12, [5, 7])  # 7 is 2 frames past 5: decoding on beats a seek
+    assert decode_spy == {"runs": 1, "frames": 8}
+    decode_spy.update(runs=0, frames=0)
+    assert torch.equal(read_frames(one_key, idx), read_frames(one_key, idx, seek=False))
+    assert decode_spy == {"runs": 2, "frames": 2 * 111}  # one keyframe: nothing to skip, no extra work
+
+
+def test_first_frames_need_no_frame_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(write_textured(tmp_path / "gop12.avi", gop=12))
+    expected = read_frames(path, [0, 3, 3])
+
+    def no_table(container, stream):
+        raise AssertionError("no seek can pay off before frame SEEK_MIN_SKIP: the file is not demuxed first")
+
+    monkeypatch.setattr(video_decode, "_frame_table", no_table)
+    assert torch.equal(read_frames(path, [0, 3, 3]), expected)  # e.g. `data check` reading frame 0
+    with pytest.raises(AssertionError, match="not demuxed"):
+        read_frames(path, [60])
+
+
+def test_indices_past_the_end_take_the_last_frame(tmp_path: Path) -> None:
+    path = str(write_textured(tmp_path / "gop12.avi", gop=12))
+    last = read_frames(path, [119], seek=False)[0]
+    for seek in (True, False):
+        frames = read_frames(path, [3, 130, 119, 125], seek=seek)  # an over-reported length asks for 130
+        assert torch.equal(frames[1], last) and torch.equal(frames[2], last) and torch.equal(frames[3], last)
+        assert not torch.equal(frames[0], last)
+    assert torch.equal(read_frames(path, [200])[0], last) and torch.equal(read_frames(path, [200], seek=False)[0], last)
+
+
+def test_seeking_falls_back_when_timestamps_cannot_be_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, decode_spy: dict[str, int]
+) -> None:
+    path = str(write_textured(tmp_path / "gop12.avi", gop=12))
+    idx = [5, 40, 75, 110]
+    expected = read_frames(path, idx, seek=False)
+    real_table = video_decode._frame_table
+
+    def seeks_land_late(container, stream):
+        table = real_table(container, stream)
+        table.seek_to = table.seek_to[1:] + table.seek_to[-1:]  # every seek lands on the next keyframe
+        return table
+
+    def unknown_pts(container, stream):
+        table = real_table(container, stream)
+        del table.index[next(pts for pts, i in table.index.items() if i == 3)]  # frame 3's pts: in no packet
+        return table
+
+    for fake, reason in [(seeks_land_late, "expected frame 0, decoded frame 12"), (unknown_pts, "which no packet has")]:
+        monkeypatch.setattr(video_decode, "_frame_table", fake)
+        decode_spy.update(runs=0, frames=0)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="promptlab.video.decode"):
+            assert torch.equal(read_frames(path, idx), expected)
+        assert "from the start" in caplog.text and reason in caplog.text
+        assert decode_spy["runs"] == 2 and decode_spy["frames"] > 111  # a failed try, then 0..110 from the start
+
+
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="this PyAV build has no H.264 encoder")
+def test_stream_without_timestamps_decodes_from_the_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    raw = tmp_path / "clip.h264"  # a raw H.264 stream: its packets have no pts
+    with av.open(str(raw), "w", format="h264") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.gop_size = 12
+        for i in range(48):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    with caplog.at_level(logging.DEBUG, logger="promptlab.video.decode"):
+        frames = read_frames(str(raw), [40, 10])
+    assert torch.equal(frames, read_frames(str(raw), [40, 10], seek=False))
+    assert abs(frames[0].float().mean().item() - 200) < 4 and abs(frames[1].float().mean().item() - 50) < 4
+    assert "a packet has no pts" in caplog.text
 
 
 # ---------------------------------------------------------------------- transforms and batches

@@ -22,7 +22,7 @@ def _probe(path: str, video: bool) -> None:
     if not video:
         read_image(path)
         return
-    from promptlab.video.data import VideoReadError, count_frames, read_frames
+    from promptlab.video.decode import VideoReadError, count_frames, read_frames
 
     try:
         if count_frames(path) < 1:

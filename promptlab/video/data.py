@@ -1,4 +1,5 @@
-"""Video clips for CLIP: decode, sample T frames, augment every frame alike, batch, skip bad files.
+"""Video clips for CLIP: sample T frames, decode them (:mod:`promptlab.video.decode`), augment every
+frame alike, batch, skip bad files.
 
 A video item is an ``Item`` whose path is a video file (decoded with PyAV) or a folder of frames
 (images sorted by name, as extracted by ffmpeg). Frame sampling follows ViFi-CLIP / mmaction2's
@@ -20,31 +21,25 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from torchvision.transforms.v2 import functional as TF
 
 from promptlab import distributed
 from promptlab.data.items import Item
+from promptlab.video.decode import VideoReadError, count_frames, read_frames
 
 log = logging.getLogger(__name__)
 
-FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # ViFi-CLIP normalises with ImageNet statistics (its img_norm_cfg), not CLIP's.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)  # MultiScaleCrop scales of ViFi-CLIP's train pipeline
-
-
-class VideoReadError(OSError):
-    """A video file or frame folder is missing, empty or undecodable; the message names the path."""
 
 
 # ---------------------------------------------------------------------- sampling
@@ -71,71 +66,6 @@ def sample_frame_indices(
         return [min(n_frames - 1, round(i * n_frames / num)) for i in range(num)]
     step = n_frames / num
     return [min(n_frames - 1, int(i * step + step * (view + 0.5) / views)) for i in range(num)]
-
-
-# ---------------------------------------------------------------------- decoding
-def _frame_files(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTENSIONS) and not f.startswith("."))
-
-
-def count_frames(path: str) -> int:
-    """Number of frames of a video file or frame folder (decodes nothing when the container says)."""
-    if os.path.isdir(path):
-        return len(_frame_files(path))
-    import av
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"no video stream in {path}")
-            stream = container.streams.video[0]
-            if stream.frames:
-                return int(stream.frames)
-            return sum(1 for p in container.demux(stream) if p.size)  # count packets, no decoding
-    except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise VideoReadError(f"cannot read video {path}: {e}") from e
-
-
-def read_frames(path: str, indices: Sequence[int]) -> torch.Tensor:
-    """Frames ``indices`` of a video file or frame folder as uint8 [len(indices), 3, H, W].
-
-    Files are decoded sequentially up to the last wanted frame (no seeking: exact for every codec).
-    When the container over-reports its length, indices past the end take the last decoded frame.
-    """
-    if not os.path.exists(path):
-        raise VideoReadError(f"video not found: {path}")
-    if os.path.isdir(path):
-        files = _frame_files(path)
-        if not files:
-            raise VideoReadError(f"frame folder {path} holds no images")
-        try:
-            frames = [np.asarray(Image.open(os.path.join(path, files[min(i, len(files) - 1)])).convert("RGB")) for i in indices]
-        except (OSError, ValueError, SyntaxError) as e:
-            raise VideoReadError(f"cannot read a frame of {path}: {e}") from e
-        return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
-    import av
-
-    wanted = set(indices)
-    stop = max(wanted)
-    got: dict[int, np.ndarray] = {}
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"no video stream in {path}")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    got[i] = frame.to_ndarray(format="rgb24")
-                if i >= stop:
-                    break
-    except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise VideoReadError(f"cannot decode video {path}: {e}") from e
-    if not got:
-        raise VideoReadError(f"video {path} has no decodable frames")
-    last = got[max(got)]  # frames past the real end (over-reported length) repeat the last one
-    frames = [got.get(i, last) for i in indices]
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
 
 # ---------------------------------------------------------------------- transforms
