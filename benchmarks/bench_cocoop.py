@@ -29,12 +29,43 @@ from promptlab.clip import load_clip  # noqa: E402
 from promptlab.methods import CoCoOp  # noqa: E402
 
 PET_NAMES = [
-    "Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle", "Bengal",
-    "Birman", "Bombay", "boxer", "British_Shorthair", "chihuahua", "Egyptian_Mau", "english_cocker_spaniel",
-    "english_setter", "german_shorthaired", "great_pyrenees", "havanese", "japanese_chin", "keeshond",
-    "leonberger", "Maine_Coon", "miniature_pinscher", "newfoundland", "Persian", "pomeranian", "pug",
-    "Ragdoll", "Russian_Blue", "saint_bernard", "samoyed", "scottish_terrier", "shiba_inu", "Siamese",
-    "Sphynx", "staffordshire_bull_terrier", "wheaten_terrier", "yorkshire_terrier",
+    "Abyssinian",
+    "american_bulldog",
+    "american_pit_bull_terrier",
+    "basset_hound",
+    "beagle",
+    "Bengal",
+    "Birman",
+    "Bombay",
+    "boxer",
+    "British_Shorthair",
+    "chihuahua",
+    "Egyptian_Mau",
+    "english_cocker_spaniel",
+    "english_setter",
+    "german_shorthaired",
+    "great_pyrenees",
+    "havanese",
+    "japanese_chin",
+    "keeshond",
+    "leonberger",
+    "Maine_Coon",
+    "miniature_pinscher",
+    "newfoundland",
+    "Persian",
+    "pomeranian",
+    "pug",
+    "Ragdoll",
+    "Russian_Blue",
+    "saint_bernard",
+    "samoyed",
+    "scottish_terrier",
+    "shiba_inu",
+    "Siamese",
+    "Sphynx",
+    "staffordshire_bull_terrier",
+    "wheaten_terrier",
+    "yorkshire_terrier",
 ]
 
 
@@ -81,9 +112,11 @@ def main() -> None:
         logits = ref_cocoop_logits(clip.model, names, "a photo of a", m.ctx, m.meta_net, feats)
         return (logits.detach(), *torch.autograd.grad(F.cross_entropy(logits, labels), params))
 
-    print(f"CoCoOp step, ViT-B/16 text tower (random weights), B={args.batch} images x C={args.classes} classes, "
-          f"{args.threads} threads, mean of {args.repeats} after a warm-up; longest prompt "
-          f"{int(m._eot.max()) + 1} of 77 tokens")
+    print(
+        f"CoCoOp step, ViT-B/16 text tower (random weights), B={args.batch} images x C={args.classes} classes, "
+        f"{args.threads} threads, mean of {args.repeats} after a warm-up; longest prompt "
+        f"{int(m._eot.max()) + 1} of 77 tokens"
+    )
     t_ref, out_ref = timed(reference, args.repeats)
     t_loop, out_loop = timed(loop, args.repeats)
     t_bat, out_bat = timed(batched, args.repeats)
@@ -92,9 +125,13 @@ def main() -> None:
         assert err < 1e-4, f"{what} disagrees with the reference: max relative error {err:.2e}"
         print(f"  {what:9s} agrees with the reference: max relative error over logits and grads {err:.1e}")
     print(f"  reference (per-image loop, 77 tokens): {t_ref * 1e3:9.1f} ms")
-    print(f"  loop      (per image, truncated):      {t_loop * 1e3:9.1f} ms   {t_ref / t_loop:5.2f}x faster than reference")
-    print(f"  batched   (one call, truncated):       {t_bat * 1e3:9.1f} ms   {t_ref / t_bat:5.2f}x faster than reference, "
-          f"{t_loop / t_bat:5.2f}x faster than the truncated loop")
+    print(
+        f"  loop      (per image, truncated):      {t_loop * 1e3:9.1f} ms   {t_ref / t_loop:5.2f}x faster than reference"
+    )
+    print(
+        f"  batched   (one call, truncated):       {t_bat * 1e3:9.1f} ms   {t_ref / t_bat:5.2f}x faster than reference, "
+        f"{t_loop / t_bat:5.2f}x faster than the truncated loop"
+    )
 
 
 if __name__ == "__main__":

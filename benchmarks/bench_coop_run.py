@@ -37,7 +37,9 @@ def main() -> None:
     steps = n_images // args.batch
 
     with torch.no_grad():
-        t_encode = median_time(lambda: clip.encode_image(images), args.repeats)  # one batch through the image tower
+        t_encode = median_time(
+            lambda: clip.encode_image(images), args.repeats
+        )  # one batch through the image tower
     feats = clip.encode_image(images).detach()
 
     def our_step():
@@ -55,12 +57,18 @@ def main() -> None:
     batches_to_cache = args.views * n_images / args.batch
     ours = batches_to_cache * t_encode + args.epochs * steps * t_ours
     ref = args.epochs * steps * t_ref
-    print(f"16-shot CoOp, {args.classes} classes ({n_images} images), {args.epochs} epochs x {steps} steps, ViT-B/16, "
-          f"{torch.get_num_threads()} threads")
-    print(f"  image tower: {t_encode / args.batch * 1000:.1f} ms/image; text step: promptlab {t_ours * 1000:.0f} ms, "
-          f"incumbent step (encode + 77-token text) {t_ref * 1000:.0f} ms")
-    print(f"  promptlab: cache {batches_to_cache * t_encode / 60:.1f} min + training {args.epochs * steps * t_ours / 60:.1f} min "
-          f"= {ours / 3600:.2f} h")
+    print(
+        f"16-shot CoOp, {args.classes} classes ({n_images} images), {args.epochs} epochs x {steps} steps, ViT-B/16, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"  image tower: {t_encode / args.batch * 1000:.1f} ms/image; text step: promptlab {t_ours * 1000:.0f} ms, "
+        f"incumbent step (encode + 77-token text) {t_ref * 1000:.0f} ms"
+    )
+    print(
+        f"  promptlab: cache {batches_to_cache * t_encode / 60:.1f} min + training {args.epochs * steps * t_ours / 60:.1f} min "
+        f"= {ours / 3600:.2f} h"
+    )
     print(f"  incumbent: {ref / 3600:.2f} h")
     print(f"  speed-up (projected whole run): {ref / ours:.1f}x")
 

@@ -39,8 +39,12 @@ def main() -> None:
     t_ref = median_time(lambda: step(lambda: reference_text_features(clip, module)), args.repeats)
     t_ours = median_time(lambda: step(module.text_features), args.repeats)
     L = int(module._eot.max()) + 1
-    print(f"CoOp text step, {args.classes} classes, n_ctx {args.n_ctx}, ViT-B/16 text tower, {torch.get_num_threads()} threads")
-    print(f"  loss ref {ref_loss.item():.6f} ours {our_loss.item():.6f}; max |grad diff| {(our_grad - ref_grad).abs().max().item():.2e}")
+    print(
+        f"CoOp text step, {args.classes} classes, n_ctx {args.n_ctx}, ViT-B/16 text tower, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"  loss ref {ref_loss.item():.6f} ours {our_loss.item():.6f}; max |grad diff| {(our_grad - ref_grad).abs().max().item():.2e}"
+    )
     print(f"  incumbent (77 tokens):                     {t_ref * 1000:8.1f} ms/step")
     print(f"  promptlab (cut to {L} tokens, shared prefix): {t_ours * 1000:8.1f} ms/step")
     print(f"  speed-up: {t_ref / t_ours:.1f}x")

@@ -54,12 +54,25 @@ def main() -> None:
             bare = args.n / (time.perf_counter() - t)
 
         t = time.perf_counter()
-        feats = cached_features(module.encode_image, items, clip.eval_transform, fingerprint="bench", cache_dir=None,
-                                batch_size=args.batch, num_workers=args.workers)
+        feats = cached_features(
+            module.encode_image,
+            items,
+            clip.eval_transform,
+            fingerprint="bench",
+            cache_dir=None,
+            batch_size=args.batch,
+            num_workers=args.workers,
+        )
         labels = torch.tensor([it.label for it in items])
-        metrics = evaluate(module, FeatureBatches(feats, labels, args.batch, torch.Generator(), shuffle=False), device=torch.device("cpu"))
+        metrics = evaluate(
+            module,
+            FeatureBatches(feats, labels, args.batch, torch.Generator(), shuffle=False),
+            device=torch.device("cpu"),
+        )
         ours = args.n / (time.perf_counter() - t)
-    print(f"evaluation of {args.n} JPEG test images, {args.arch}, {torch.get_num_threads()} threads, {args.workers} workers")
+    print(
+        f"evaluation of {args.n} JPEG test images, {args.arch}, {torch.get_num_threads()} threads, {args.workers} workers"
+    )
     print(f"  bare encode_image on in-memory tensors: {bare:7.1f} images/s")
     print(f"  promptlab evaluate (decode+transform+encode+classify): {ours:7.1f} images/s (n={metrics['n']})")
     print(f"  ratio: {ours / bare:.2f}")

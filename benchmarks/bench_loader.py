@@ -33,7 +33,9 @@ def main() -> None:
         items = []
         for i in range(args.n):
             p = Path(tmp) / f"{i}.jpg"
-            Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)).save(p, quality=90)
+            Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)).save(
+                p, quality=90
+            )
             items.append(Item(str(p), i % 10, f"c{i % 10}"))
 
         t = time.perf_counter()
@@ -49,15 +51,19 @@ def main() -> None:
                 tf(im)
         serial = args.n / (time.perf_counter() - t)
 
-        loader = make_loader(ImageDataset(items, eval_transform(224)), args.batch, train=False, num_workers=args.workers)
+        loader = make_loader(
+            ImageDataset(items, eval_transform(224)), args.batch, train=False, num_workers=args.workers
+        )
         t = time.perf_counter()
         n = sum(x.shape[0] for x, _, _ in loader)
         ours = n / (time.perf_counter() - t)
     print(f"raw PIL decode (1 process):            {raw:8.1f} images/s")
     print(f"decode + eval transform (1 process):   {serial:8.1f} images/s")
     print(f"promptlab loader ({args.workers} workers, +transform): {ours:8.1f} images/s")
-    print(f"ratio loader / raw decode: {ours / raw:.2f}; loader / serial decode+transform: {ours / serial:.2f} "
-          f"(torch threads {torch.get_num_threads()})")
+    print(
+        f"ratio loader / raw decode: {ours / raw:.2f}; loader / serial decode+transform: {ours / serial:.2f} "
+        f"(torch threads {torch.get_num_threads()})"
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def main() -> None:
     def loss_of(text_fn):
         return lambda: coop_loss(clip.logit_scale, text_fn(), feats, labels)
 
-    ref_loss, ref_bytes = saved_activation_bytes(loss_of(lambda: reference_text_features(clip, module)), params, keep=False)
+    ref_loss, ref_bytes = saved_activation_bytes(
+        loss_of(lambda: reference_text_features(clip, module)), params, keep=False
+    )
     variants = {}
     for name, ckpt in (("truncation + shared prefix", False), ("+ activation checkpointing", True)):
         clip.grad_checkpointing = ckpt
@@ -41,10 +43,14 @@ def main() -> None:
         variants[name] = (loss.item(), nbytes)
     clip.grad_checkpointing = False
     gib = 2**30
-    print(f"CoOp step, {args.classes} classes, n_ctx {args.n_ctx}, ViT-B/16 text tower: activation memory held for backward")
+    print(
+        f"CoOp step, {args.classes} classes, n_ctx {args.n_ctx}, ViT-B/16 text tower: activation memory held for backward"
+    )
     print(f"  incumbent (77 tokens):        {ref_bytes / gib:7.2f} GiB  loss {ref_loss.item():.6f}")
     for name, (loss, nbytes) in variants.items():
-        print(f"  promptlab {name:28s} {nbytes / gib:7.3f} GiB  loss {loss:.6f}  ratio {ref_bytes / nbytes:6.1f}x lower")
+        print(
+            f"  promptlab {name:28s} {nbytes / gib:7.3f} GiB  loss {loss:.6f}  ratio {ref_bytes / nbytes:6.1f}x lower"
+        )
     if torch.cuda.is_available():
         cuda_peaks(module, feats, labels)
 
@@ -55,7 +61,10 @@ def cuda_peaks(module: CoOp, feats: torch.Tensor, labels: torch.Tensor) -> None:
     clip = module.clip
     feats, labels = feats.cuda(), labels.cuda()
     peaks = {}
-    for name, fn, ckpt in (("incumbent", lambda: reference_text_features(clip, module), False), ("promptlab", module.text_features, True)):
+    for name, fn, ckpt in (
+        ("incumbent", lambda: reference_text_features(clip, module), False),
+        ("promptlab", module.text_features, True),
+    ):
         clip.grad_checkpointing = ckpt
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -67,8 +76,10 @@ def cuda_peaks(module: CoOp, feats: torch.Tensor, labels: torch.Tensor) -> None:
             peaks[name] = float("inf")
         module.ctx.grad = None
     clip.grad_checkpointing = False
-    print(f"  CUDA peak above weights: incumbent {peaks['incumbent']:.2f} GiB, promptlab {peaks['promptlab']:.3f} GiB, "
-          f"ratio {peaks['incumbent'] / peaks['promptlab']:.1f}x")
+    print(
+        f"  CUDA peak above weights: incumbent {peaks['incumbent']:.2f} GiB, promptlab {peaks['promptlab']:.3f} GiB, "
+        f"ratio {peaks['incumbent'] / peaks['promptlab']:.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,13 @@ READER_CASES = {  # name -> (file suffix, codec, GOP, B-frames)
 
 
 def write_clip(
-    path: Path, frames_dir: Path | None, n: int, seed: int, codec: str = "mpeg4", gop: int = 12, bframes: int = 0
+    path: Path,
+    frames_dir: Path | None,
+    n: int,
+    seed: int,
+    codec: str = "mpeg4",
+    gop: int = 12,
+    bframes: int = 0,
 ) -> None:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
@@ -87,7 +93,9 @@ def reader_rates(paths: list[str], n: int, frames: int, rounds: int) -> tuple[fl
 
 def loader_rate(items: list[Item], frames: int, size: int, workers: int) -> float:
     t = ClipTransform(size, IMAGENET_MEAN, IMAGENET_STD, train=True)
-    batches = VideoBatches(VideoDataset(items, frames, t), 2, torch.Generator().manual_seed(0), num_workers=workers)
+    batches = VideoBatches(
+        VideoDataset(items, frames, t), 2, torch.Generator().manual_seed(0), num_workers=workers
+    )
     start, n = time.perf_counter(), 0
     for _, labels in batches:
         n += labels.numel()
@@ -127,7 +135,9 @@ def main() -> None:
             write_clip(Path(tmp) / f"v{i}.avi", Path(tmp) / f"v{i}", 250, i)
             files.append(Item(str(Path(tmp) / f"v{i}.avi"), i % 2, "x"))
             folders.append(Item(str(Path(tmp) / f"v{i}"), i % 2, "x"))
-        print(f"read_frames, T={args.frames} training offsets, 250-frame 320x240 videos, median of {args.rounds} passes:")
+        print(
+            f"read_frames, T={args.frames} training offsets, 250-frame 320x240 videos, median of {args.rounds} passes:"
+        )
         for name, (suffix, codec, gop, bframes) in READER_CASES.items():
             if codec not in av.codecs_available:
                 print(f"  {name:26s}: no {codec} encoder in this PyAV build")
@@ -137,7 +147,9 @@ def main() -> None:
                 paths.append(str(Path(tmp) / f"r{gop}_{codec}_{i}{suffix}"))
                 write_clip(Path(paths[-1]), None, 250, i, codec, gop, bframes)
             seek, seq = reader_rates(paths, 250, args.frames, args.rounds)
-            print(f"  {name:26s}: seeking {seek:7.2f} clips/s, sequential {seq:7.2f} clips/s   (seeking / sequential = {seek / seq:.2f}x)")
+            print(
+                f"  {name:26s}: seeking {seek:7.2f} clips/s, sequential {seq:7.2f} clips/s   (seeking / sequential = {seek / seq:.2f}x)"
+            )
         f_rates, s_rates = [], []
         for _ in range(args.loader_rounds):  # alternating, as above: augmentation dominates and is noisy
             f_rates.append(loader_rate(files, args.frames, 224, args.workers))
@@ -150,8 +162,12 @@ def main() -> None:
         f" (median of {args.loader_rounds} passes):"
     )
     print(f"  PyAV video files, sequential: {s_rate:7.2f} clips/s")
-    print(f"  PyAV video files, seeking   : {f_rate:7.2f} clips/s   (seeking / sequential = {f_rate / s_rate:.2f}x)")
-    print(f"  JPEG frame folder           : {d_rate:7.2f} clips/s   (folder / seeking file = {d_rate / f_rate:.2f}x)")
+    print(
+        f"  PyAV video files, seeking   : {f_rate:7.2f} clips/s   (seeking / sequential = {f_rate / s_rate:.2f}x)"
+    )
+    print(
+        f"  JPEG frame folder           : {d_rate:7.2f} clips/s   (folder / seeking file = {d_rate / f_rate:.2f}x)"
+    )
     name = "ViT-B/16-shaped CLIP" if args.vit else "tiny CLIP"
     b = step_rate("bridge", args.vit, args.frames, 2)
     p = step_rate("prompt", args.vit, args.frames, 2)

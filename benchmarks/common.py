@@ -51,7 +51,9 @@ def reference_text_features(clip: FrozenCLIP, module) -> torch.Tensor:
     return x @ m.text_projection
 
 
-def coop_loss(logit_scale: torch.Tensor, text: torch.Tensor, image_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def coop_loss(
+    logit_scale: torch.Tensor, text: torch.Tensor, image_features: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text, dim=-1).t()
     return F.cross_entropy(logits, labels)
 
@@ -67,7 +69,9 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times)
 
 
-def saved_activation_bytes(fn: Callable[[], torch.Tensor], params: list[torch.Tensor], keep: bool) -> tuple[torch.Tensor, int]:
+def saved_activation_bytes(
+    fn: Callable[[], torch.Tensor], params: list[torch.Tensor], keep: bool
+) -> tuple[torch.Tensor, int]:
     """Bytes the autograd graph holds for backward while ``fn`` builds it (weights excluded).
 
     With ``keep=False`` the saved tensors are dropped as they are packed, so a graph too large

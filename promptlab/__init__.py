@@ -1,9 +1,9 @@
 """promptlab: prompt learning on frozen CLIP-family models.
 
-    import promptlab
-    clip = promptlab.load_clip("ViT-B-16", "openai")
-    module = promptlab.methods.CoOp(clip, ["cat", "dog"], n_ctx=16)
-    module = promptlab.load_prompts("runs/.../prompts", clip)
+import promptlab
+clip = promptlab.load_clip("ViT-B-16", "openai")
+module = promptlab.methods.CoOp(clip, ["cat", "dog"], n_ctx=16)
+module = promptlab.load_prompts("runs/.../prompts", clip)
 """
 
 __version__ = "0.1.0"

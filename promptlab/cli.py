@@ -27,7 +27,9 @@ def find_recipe(name: str) -> Path:
     for cand in (Path(name), RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
         if cand.is_file():
             return cand
-    raise SystemExit(f"promptlab: recipe {name!r} not found (as a path or under {RECIPES_DIR}); `promptlab ls` lists them")
+    raise SystemExit(
+        f"promptlab: recipe {name!r} not found (as a path or under {RECIPES_DIR}); `promptlab ls` lists them"
+    )
 
 
 def list_recipes() -> list[str]:
@@ -75,7 +77,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_data(cfg)
     cfg = load_recipe(path, overrides, check_paths=True)
     metrics = run(cfg)
-    print(f"{metrics['dataset']} {metrics['split']} accuracy: {metrics['accuracy']:.2f}% (n={metrics['n']}) -> {cfg.output_dir}")
+    print(
+        f"{metrics['dataset']} {metrics['split']} accuracy: {metrics['accuracy']:.2f}% (n={metrics['n']}) -> {cfg.output_dir}"
+    )
     print(f"prompts exported to {metrics['prompts']}")
     return 0
 
@@ -84,7 +88,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from promptlab.runner import eval_prompts
 
     metrics = eval_prompts(Path(args.path), args.overrides)
-    print(json.dumps({k: metrics[k] for k in ("dataset", "subsample", "split", "accuracy", "mean_per_class_accuracy", "n")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: metrics[k]
+                for k in ("dataset", "subsample", "split", "accuracy", "mean_per_class_accuracy", "n")
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -129,7 +141,9 @@ def cmd_import_coop(args: argparse.Namespace) -> int:
 
     ds = load_dataset(args.dataset, args.root)
     clip = load_clip(args.arch, args.pretrained)
-    module = import_coop_checkpoint(args.checkpoint, clip, ds.classnames, class_token_position=args.class_token_position)
+    module = import_coop_checkpoint(
+        args.checkpoint, clip, ds.classnames, class_token_position=args.class_token_position
+    )
     print(save_prompts(module, args.out, extra={"dataset": ds.name, "imported_from": str(args.checkpoint)}))
     return 0
 
@@ -139,15 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="train and evaluate a recipe ([RECIPE] [key=value ...]; default: the demo)")
+    r = sub.add_parser(
+        "run", help="train and evaluate a recipe ([RECIPE] [key=value ...]; default: the demo)"
+    )
     r.add_argument("args", nargs="*", metavar="RECIPE|key=value")
-    r.add_argument("--profile", type=int, nargs="?", const=5, default=0, metavar="STEPS",
-                   help="profile STEPS training steps (default 5) and print where a step's time goes")
+    r.add_argument(
+        "--profile",
+        type=int,
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="STEPS",
+        help="profile STEPS training steps (default 5) and print where a step's time goes",
+    )
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("eval", help="evaluate a run directory or an exported prompts directory")
     e.add_argument("path", help="RUN_DIR (has config.yaml) or PROMPTS_DIR (has prompt_config.json)")
-    e.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.name=dtd subsample=new data.root=$DATA")
+    e.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. data.name=dtd subsample=new data.root=$DATA"
+    )
     e.set_defaults(func=cmd_eval)
 
     sub.add_parser("ls", help="list the recipes").set_defaults(func=cmd_ls)
@@ -169,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pretrained", help="weights to load if not the ones recorded in prompt_config.json")
     i.set_defaults(func=cmd_interpret)
 
-    m = sub.add_parser("import-coop", help="convert a CoOp/Dassl prompt_learner checkpoint into a prompts directory")
+    m = sub.add_parser(
+        "import-coop", help="convert a CoOp/Dassl prompt_learner checkpoint into a prompts directory"
+    )
     m.add_argument("checkpoint", help="prompt_learner/model.pth.tar-N, or its run directory")
     m.add_argument("--dataset", required=True, help="dataset name (for its class names)")
     m.add_argument("--root", required=True, help="data root ($DATA)")
@@ -193,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from promptlab.config import ConfigError
 
     try:

@@ -104,7 +104,9 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(-3, -2)
 
 
-def _block_forward_prefixed(b: _Block, xp: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_forward_prefixed(
+    b: _Block, xp: torch.Tensor, xs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One causal block over prompts that share a prefix, computing the prefix once.
 
     Args:
@@ -126,7 +128,9 @@ def _block_forward_prefixed(b: _Block, xp: torch.Tensor, xs: torch.Tensor) -> tu
     scale = qs.shape[-1] ** -0.5
     q_flat = qs.transpose(1, 2).reshape(G, H, C * S, -1)  # [G, H, C*S, d]
     s_pre = (q_flat @ kp.transpose(-1, -2)).reshape(G, H, C, S, P).transpose(1, 2)  # [G, C, H, S, P]
-    s_own = (qs @ ks.transpose(-1, -2)).masked_fill(~torch.ones(S, S, dtype=torch.bool, device=xs.device).tril(), float("-inf"))
+    s_own = (qs @ ks.transpose(-1, -2)).masked_fill(
+        ~torch.ones(S, S, dtype=torch.bool, device=xs.device).tril(), float("-inf")
+    )
     a = torch.softmax(torch.cat([s_pre, s_own], dim=-1) * scale, dim=-1)  # [G, C, H, S, P+S]
     a_pre = a[..., :P].transpose(1, 2).reshape(G, H, C * S, P)
     os_ = (a_pre @ vp).reshape(G, H, C, S, -1).transpose(1, 2) + a[..., P:] @ vs  # [G, C, H, S, d]
@@ -148,7 +152,9 @@ def _open_clip_blocks(transformer: nn.Module) -> list[_Block]:
         def qkv(h: torch.Tensor, a: nn.MultiheadAttention = attn):
             return F.linear(h, a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
 
-        blocks.append(_Block(blk.ln_1, blk.ln_2, blk.mlp, attn.out_proj, attn.num_heads, qkv, blk.ls_1, blk.ls_2))
+        blocks.append(
+            _Block(blk.ln_1, blk.ln_2, blk.mlp, attn.out_proj, attn.num_heads, qkv, blk.ls_1, blk.ls_2)
+        )
     return blocks
 
 
@@ -161,7 +167,11 @@ def _hf_blocks(encoder: nn.Module) -> list[_Block]:
             return a.q_proj(h), a.k_proj(h), a.v_proj(h)
 
         ident = nn.Identity()
-        blocks.append(_Block(layer.layer_norm1, layer.layer_norm2, layer.mlp, a.out_proj, a.num_heads, qkv, ident, ident))
+        blocks.append(
+            _Block(
+                layer.layer_norm1, layer.layer_norm2, layer.mlp, a.out_proj, a.num_heads, qkv, ident, ident
+            )
+        )
     return blocks
 
 
@@ -214,7 +224,11 @@ class FrozenCLIP(nn.Module):
         self.width = t.transformer.width
         self.vision_width = getattr(v, "transformer", None).width if self.vision_is_transformer else None
         proj = self._text_proj_w
-        self.embed_dim = (proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]) if proj is not None else self.width
+        self.embed_dim = (
+            (proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+            if proj is not None
+            else self.width
+        )
         self.context_length = t.positional_embedding.shape[0]
 
     def _init_hf(self, m: nn.Module) -> None:
@@ -305,7 +319,11 @@ class FrozenCLIP(nn.Module):
             return self.tower_parts("image") + self.tower_parts("text")
         m = self.model
         if tower == "image":
-            return ("model.vision_model", "model.visual_projection") if self.backend == "hf" else ("model.visual",)
+            return (
+                ("model.vision_model", "model.visual_projection")
+                if self.backend == "hf"
+                else ("model.visual",)
+            )
         if tower != "text":
             raise ValueError(f"tower={tower!r}: expected 'image', 'text' or 'both'")
         if self.backend == "hf":
@@ -344,7 +362,9 @@ class FrozenCLIP(nn.Module):
 
     def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Text features [N, D] of token ids, through the same loop as learned prompts."""
-        return self.encode_text_embeddings(self.embed_tokens(ids), self.eot_index(ids.to(self.device)), normalize=normalize)
+        return self.encode_text_embeddings(
+            self.embed_tokens(ids), self.eot_index(ids.to(self.device)), normalize=normalize
+        )
 
     def encode_text_embeddings(
         self,
@@ -448,11 +468,17 @@ class FrozenCLIP(nn.Module):
         """
         images = images.to(self.device, self.dtype)
         if deep_prompts and prompts is None:
-            raise ValueError("encode_image: deep_prompts replace appended visual prompts; pass the first layer's `prompts` too")
+            raise ValueError(
+                "encode_image: deep_prompts replace appended visual prompts; pass the first layer's `prompts` too"
+            )
         if not self.vision_is_transformer:
             if prompts is not None or deep_prompts or return_tokens:
                 raise ValueError(f"{self.arch}: visual prompts and patch tokens need a ViT image tower")
-            pooled = self.model.encode_image(images) if self.backend == "open_clip" else self.model.get_image_features(images)
+            pooled = (
+                self.model.encode_image(images)
+                if self.backend == "open_clip"
+                else self.model.get_image_features(images)
+            )
             return F.normalize(pooled, dim=-1) if normalize else pooled
         x, n_patch, _ = self._vision_forward(images, prompts, deep_prompts)
         pooled = self._vision_post(x[:, 0])
@@ -491,7 +517,9 @@ class FrozenCLIP(nn.Module):
         bad = [i for i in layers if not 1 <= int(i) <= self.vision_layers]
         if bad:
             raise ValueError(f"layers {bad}: expected 1..{self.vision_layers} (1-based block outputs)")
-        x, n_patch, kept = self._vision_forward(images.to(self.device, self.dtype), None, None, dpam_from, layers)
+        x, n_patch, kept = self._vision_forward(
+            images.to(self.device, self.dtype), None, None, dpam_from, layers
+        )
         pooled = self._vision_post(x[:, 0], ln=pooled_ln_post)
         return pooled, [self._vision_post(kept[int(i)][:, 1 : 1 + n_patch]) for i in layers]
 
@@ -542,7 +570,9 @@ class FrozenCLIP(nn.Module):
         """Class + patch tokens with positional embeddings, before the pre-LayerNorm: [B, 1 + P, Wv]."""
         if self.backend == "hf":
             other_size = tuple(images.shape[-2:]) != (self.image_size, self.image_size)
-            return self.model.vision_model.embeddings(images, interpolate_pos_encoding=other_size)  # HF: bicubic
+            return self.model.vision_model.embeddings(
+                images, interpolate_pos_encoding=other_size
+            )  # HF: bicubic
         v = self.model.visual
         x = v.conv1(images)  # [B, Wv, gh, gw]
         grid = tuple(x.shape[-2:])
@@ -551,7 +581,9 @@ class FrozenCLIP(nn.Module):
         return torch.cat([cls, x], dim=1) + _resize_pos_embed(v.positional_embedding, grid).to(x.dtype)
 
     def _vision_ln_pre(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.vision_model.pre_layrnorm(x) if self.backend == "hf" else self.model.visual.ln_pre(x)
+        return (
+            self.model.vision_model.pre_layrnorm(x) if self.backend == "hf" else self.model.visual.ln_pre(x)
+        )
 
     def _vision_post(self, x: torch.Tensor, ln: bool = True) -> torch.Tensor:
         """Final LayerNorm (unless ``ln=False``) and projection into the joint space, for class or patch tokens."""
@@ -666,7 +698,9 @@ def load_clip(
     tokenizer = None
     if isinstance(arch, nn.Module):
         model, name = arch, type(arch).__name__
-    elif arch == SANDBOX_ARCH and not (pretrained and Path(pretrained).expanduser().is_dir()):  # a dir: save_clip's
+    elif arch == SANDBOX_ARCH and not (
+        pretrained and Path(pretrained).expanduser().is_dir()
+    ):  # a dir: save_clip's
         from promptlab.sandbox import WEIGHTS, load_sandbox_model
 
         model, name = load_sandbox_model(Path(pretrained).expanduser() if pretrained else WEIGHTS), arch
@@ -676,7 +710,11 @@ def load_clip(
             torch.manual_seed(0)
             model = open_clip.model.CLIP(**TINY_CONFIGS[arch])
         name = arch
-    elif pretrained is not None and (Path(pretrained).expanduser().exists() or "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+    elif pretrained is not None and (
+        Path(pretrained).expanduser().exists()
+        or "/" in pretrained
+        or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    ):
         p = Path(pretrained).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"pretrained={pretrained!r}: no such file or directory")
@@ -694,11 +732,15 @@ def load_clip(
             model, name = _load_file(arch, p)
     else:
         if arch not in open_clip.list_models():
-            raise ValueError(f"model.arch={arch!r} is not an open_clip model; known: {', '.join(open_clip.list_models()[:20])}, ...")
+            raise ValueError(
+                f"model.arch={arch!r} is not an open_clip model; known: {', '.join(open_clip.list_models()[:20])}, ..."
+            )
         if pretrained is not None:
             tags = open_clip.list_pretrained_tags_by_model(arch)
             if pretrained not in tags:
-                raise ValueError(f"model.pretrained={pretrained!r} is not a tag of {arch} (tags: {tags}) nor an existing path")
+                raise ValueError(
+                    f"model.pretrained={pretrained!r} is not a tag of {arch} (tags: {tags}) nor an existing path"
+                )
         quick = pretrained == "openai"  # OpenAI weights were trained with QuickGELU
         model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", force_quick_gelu=quick)
         name = arch
@@ -725,15 +767,23 @@ def save_clip(clip: FrozenCLIP, path: str | Path) -> Path:
         return path
     if clip.arch in TINY_CONFIGS:
         cfg = json.loads(json.dumps(TINY_CONFIGS[clip.arch]))
-    elif clip.arch == SANDBOX_ARCH:  # e.g. bridged on sandbox videos; loads back as load_clip("sandbox", path)
+    elif (
+        clip.arch == SANDBOX_ARCH
+    ):  # e.g. bridged on sandbox videos; loads back as load_clip("sandbox", path)
         from promptlab.sandbox import WEIGHTS, sandbox_metadata
 
         src = Path(clip.pretrained).expanduser() if clip.pretrained else WEIGHTS
-        cfg = json.loads((src / "open_clip_config.json").read_text())["model_cfg"] if src.is_dir() else sandbox_metadata(src)["model_config"]
+        cfg = (
+            json.loads((src / "open_clip_config.json").read_text())["model_cfg"]
+            if src.is_dir()
+            else sandbox_metadata(src)["model_config"]
+        )
     elif clip.arch in open_clip.list_models():
         cfg = dict(open_clip.get_model_config(clip.arch))
     else:
-        raise ValueError(f"save_clip: no open_clip configuration known for arch {clip.arch!r}; pass model.arch by name")
+        raise ValueError(
+            f"save_clip: no open_clip configuration known for arch {clip.arch!r}; pass model.arch by name"
+        )
     if any(isinstance(m, open_clip.transformer.QuickGELU) for m in clip.model.modules()):
         cfg["quick_gelu"] = True  # OpenAI weights: the activation is part of the model
     meta = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(clip.image_mean), "std": list(clip.image_std)}}

@@ -146,7 +146,11 @@ def shard_slice(n: int, shard: tuple[int, int]) -> slice:
 
 def _reduce_device() -> torch.device:
     # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def all_sum(*values: torch.Tensor | float) -> list[torch.Tensor]:

@@ -39,15 +39,28 @@ class FeatureBatches:
     """
 
     def __init__(
-        self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
-        shuffle: bool = True, shard: tuple[int, int] = (0, 1),
+        self,
+        feats: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+        shuffle: bool = True,
+        shard: tuple[int, int] = (0, 1),
     ):
-        self.feats, self.labels, self.batch_size, self.g, self.shuffle = feats, labels, batch_size, generator, shuffle
+        self.feats, self.labels, self.batch_size, self.g, self.shuffle = (
+            feats,
+            labels,
+            batch_size,
+            generator,
+            shuffle,
+        )
         self.shard = shard
 
     def __len__(self) -> int:
         n = self.labels.shape[0]
-        return n // self.batch_size if self.shuffle and n >= self.batch_size else math.ceil(n / self.batch_size)
+        return (
+            n // self.batch_size if self.shuffle and n >= self.batch_size else math.ceil(n / self.batch_size)
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         V, N = self.feats.shape[:2]
@@ -55,7 +68,9 @@ class FeatureBatches:
         order = torch.randperm(N, generator=self.g) if self.shuffle else torch.arange(N)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            idx = idx[distributed.shard_slice(len(idx), self.shard)]  # this process's part of the global batch
+            idx = idx[
+                distributed.shard_slice(len(idx), self.shard)
+            ]  # this process's part of the global batch
             yield {"image_features": self.feats[view[idx], idx]}, self.labels[idx]
 
 
@@ -67,14 +82,23 @@ class ImageBatches:
     """
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, generator: torch.Generator, shuffle: bool = True,
-        num_workers: int = 0, shard: tuple[int, int] = (0, 1),
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        generator: torch.Generator,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ):
         drop_last = shuffle and len(dataset) >= batch_size
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         batches = distributed.ShardedBatchSampler(BatchSampler(sampler, batch_size, drop_last), shard)
         self.loader = DataLoader(
-            dataset, batch_sampler=batches, num_workers=num_workers, generator=generator, persistent_workers=False,
+            dataset,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            generator=generator,
+            persistent_workers=False,
         )
 
     def __len__(self) -> int:
@@ -86,7 +110,14 @@ class ImageBatches:
 
 
 # ---------------------------------------------------------------------- schedule
-def lr_at(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 0, warmup_lr: float = 1e-5, warmup_type: str = "constant") -> float:
+def lr_at(
+    epoch: int,
+    base_lr: float,
+    epochs: int,
+    warmup_epochs: int = 0,
+    warmup_lr: float = 1e-5,
+    warmup_type: str = "constant",
+) -> float:
     """Dassl's cosine schedule (stepped per epoch) behind a warm-up.
 
     During the ``warmup_epochs`` first epochs the lr is ``warmup_lr`` (constant, CoOp) or rises
@@ -135,15 +166,24 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path: Path, module: PromptModule, optimizer: torch.optim.Optimizer, epoch: int, generator: torch.Generator) -> None:
+def save_training_state(
+    path: Path, module: PromptModule, optimizer: torch.optim.Optimizer, epoch: int, generator: torch.Generator
+) -> None:
     """Atomically write what ``restore_training_state`` needs to continue exactly: learned tensors, optimizer, RNGs."""
     atomic_save_torch(
-        {"prompt_state": module.prompt_state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": _rng_state(generator)},
+        {
+            "prompt_state": module.prompt_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "rng": _rng_state(generator),
+        },
         path,
     )
 
 
-def restore_training_state(path: Path, module: PromptModule, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+def restore_training_state(
+    path: Path, module: PromptModule, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> int:
     """Load a checkpoint written by :func:`save_training_state`; returns the number of epochs already done."""
     ckpt = load_checkpoint(path)
     module.load_prompt_state_dict(ckpt["prompt_state"], source=str(path))
@@ -157,7 +197,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same actionable message
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}; delete it to restart the run from scratch") from e
+        raise RuntimeError(
+            f"cannot read checkpoint {path}: {e}; delete it to restart the run from scratch"
+        ) from e
 
 
 @dataclass
@@ -232,7 +274,9 @@ def train(
             scaler.scale(loss / accum).backward()
             n_local += labels.numel()
             if (i + 1) % accum == 0 or i + 1 == len(batches):
-                distributed.average_gradients(params, n_local)  # DDP: the global batch's gradient; no-op in one process
+                distributed.average_gradients(
+                    params, n_local
+                )  # DDP: the global batch's gradient; no-op in one process
                 if grad_clip:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -288,7 +332,9 @@ class _Profiler:
 
 # ---------------------------------------------------------------------- evaluate
 @torch.no_grad()
-def evaluate(module: PromptModule, batches: Iterable[Batch], *, device: torch.device, amp: str = "fp32") -> dict[str, Any]:
+def evaluate(
+    module: PromptModule, batches: Iterable[Batch], *, device: torch.device, amp: str = "fp32"
+) -> dict[str, Any]:
     """Top-1 accuracy and mean per-class accuracy (in %), with text features computed once."""
     module.eval()
     n_cls = len(module.classnames)
@@ -308,7 +354,9 @@ def evaluate(module: PromptModule, batches: Iterable[Batch], *, device: torch.de
     present = counts > 0
     out: dict[str, Any] = {
         "accuracy": float(100.0 * hits.sum() / counts.sum().clamp(min=1)),
-        "mean_per_class_accuracy": float(100.0 * (hits[present] / counts[present]).mean()) if present.any() else 0.0,
+        "mean_per_class_accuracy": float(100.0 * (hits[present] / counts[present]).mean())
+        if present.any()
+        else 0.0,
         "n": int(counts.sum()),
     }
     stats = module.end_eval()

@@ -30,7 +30,9 @@ from promptlab.io import atomic_save_safetensors
 log = logging.getLogger(__name__)
 
 
-def feature_key(fingerprint: str, transform: Callable, views: int, items: Sequence[Item], tag: str = "") -> str:
+def feature_key(
+    fingerprint: str, transform: Callable, views: int, items: Sequence[Item], tag: str = ""
+) -> str:
     """Content key of a cache entry: anything that changes the features changes the key."""
     h = hashlib.sha256()
     h.update(json.dumps([fingerprint, repr(transform), views, tag]).encode())
@@ -60,10 +62,17 @@ def encode_items(
     ds = ImageDataset(list(items), transform)
     with torch.random.fork_rng(devices=[]):  # a cache miss must not change the run's RNG stream
         for v in range(views):
-            torch.manual_seed(seed + v)  # transforms draw from the global RNG (workers: from the loader's generator)
+            torch.manual_seed(
+                seed + v
+            )  # transforms draw from the global RNG (workers: from the loader's generator)
             g = torch.Generator().manual_seed(seed + v)
-            loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=g)
-            feats = [encode(x.to(device)).float().cpu() for x, _, _ in tqdm(loader, desc=f"{desc} view {v + 1}/{views}", leave=False)]
+            loader = DataLoader(
+                ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=g
+            )
+            feats = [
+                encode(x.to(device)).float().cpu()
+                for x, _, _ in tqdm(loader, desc=f"{desc} view {v + 1}/{views}", leave=False)
+            ]
             out.append(torch.cat(feats) if feats else torch.empty(0))
     return torch.stack(out)
 
@@ -90,10 +99,18 @@ def cached_features(
             if feats.shape[:2] == (views, len(items)):
                 log.info("feature cache hit: %s", path)
                 return feats
-            log.warning("feature cache %s has shape %s, expected (%d, %d, D): rebuilding", path, tuple(feats.shape), views, len(items))
+            log.warning(
+                "feature cache %s has shape %s, expected (%d, %d, D): rebuilding",
+                path,
+                tuple(feats.shape),
+                views,
+                len(items),
+            )
         except (SafetensorError, KeyError, OSError, RuntimeError) as e:
             log.warning("feature cache %s is unreadable (%s): rebuilding", path, e)
     feats = encode_items(encode, items, transform, views=views, **kw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors({"features": feats.contiguous()}, path, metadata={"key": key, "n": str(len(items))})
+    atomic_save_safetensors(
+        {"features": feats.contiguous()}, path, metadata={"key": key, "n": str(len(items))}
+    )
     return feats

@@ -175,7 +175,9 @@ def aupro(
         f = (f - f.min()) / (f.max() - f.min())
         return float(abs(torch.trapezoid(p, f)))
     # fpr_limit: ascending FPR, closed at (0, 0), cut at the limit by linear interpolation.
-    f = torch.cat([fpr.new_zeros(1), fpr.flip(0)])  # thresholds ascending -> FPR descending; flipped: ascending
+    f = torch.cat(
+        [fpr.new_zeros(1), fpr.flip(0)]
+    )  # thresholds ascending -> FPR descending; flipped: ascending
     p = torch.cat([pro.new_zeros(1), pro.flip(0)])
     inside = f <= fpr_limit
     fi, pi = f[inside], p[inside]

@@ -92,7 +92,9 @@ class PromptModule(nn.Module):
         return self.clip.logit_scale * img @ txt.t()
 
     # ------------------------------------------------------------------ shared behaviour
-    def forward(self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits [B, C] from images [B, 3, H, W] or from precomputed image features [B, D]."""
         if image_features is None:
             if images is None:
@@ -153,7 +155,9 @@ class PromptModule(nn.Module):
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """The learned tensors only: the method's parameters and any unfrozen backbone part."""
         learned = {n for n, p in self.named_parameters() if p.requires_grad or not n.startswith("clip.")}
-        return {k: v.detach() for k, v in self.state_dict().items() if k in learned or not k.startswith("clip.")}
+        return {
+            k: v.detach() for k, v in self.state_dict().items() if k in learned or not k.startswith("clip.")
+        }
 
     def load_prompt_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "state dict") -> None:
         """Load learned tensors, with errors that say which tensor and why."""
@@ -227,12 +231,19 @@ def build_prompt_layout(
         position = "middle"
     names = [clean_classname(c) for c in classnames]
     prefix = " ".join(["X"] * n_ctx)
-    ids = clip.tokenize([f"{prefix} {name}{suffix}" if n_ctx else f"{name}{suffix}" for name in names])  # [C, L]
+    ids = clip.tokenize(
+        [f"{prefix} {name}{suffix}" if n_ctx else f"{name}{suffix}" for name in names]
+    )  # [C, L]
     name_lens = [n_tokens(clip, name) for name in names]
     half = n_ctx // 2 if n_before is None else n_before
     rows, pos = [], []
     for row, n in zip(ids, name_lens):
-        sos, ctx, name, rest = row[:1], row[1 : 1 + n_ctx], row[1 + n_ctx : 1 + n_ctx + n], row[1 + n_ctx + n :]
+        sos, ctx, name, rest = (
+            row[:1],
+            row[1 : 1 + n_ctx],
+            row[1 + n_ctx : 1 + n_ctx + n],
+            row[1 + n_ctx + n :],
+        )
         if position == "end":
             parts, p = [sos, ctx, name, rest], list(range(1, 1 + n_ctx))
         elif position == "middle":
@@ -308,7 +319,9 @@ def prompt_buffers(
 
 
 @torch.no_grad()
-def hand_crafted_features(clip: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def hand_crafted_features(
+    clip: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
     """[C, D] L2-normalised text features of hand-written prompts, averaged over ``templates``.
 
     Each template's features are normalised before the mean and the mean is normalised again (CLIP's
@@ -316,7 +329,10 @@ def hand_crafted_features(clip: FrozenCLIP, classnames: Sequence[str], templates
     """
     names = [clean_classname(c) for c in classnames]
     feats = torch.stack(
-        [F.normalize(clip.encode_text(clip.tokenize([t.format(n) for n in names])).float(), dim=-1) for t in templates]
+        [
+            F.normalize(clip.encode_text(clip.tokenize([t.format(n) for n in names])).float(), dim=-1)
+            for t in templates
+        ]
     )  # [T, C, D]
     return F.normalize(feats.mean(0), dim=-1)
 
@@ -337,7 +353,9 @@ def leading_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None) -> tuple
     return nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02), " ".join(["X"] * n_ctx)
 
 
-def encode_context_prefix(clip: FrozenCLIP, base: torch.Tensor, ctx: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+def encode_context_prefix(
+    clip: FrozenCLIP, base: torch.Tensor, ctx: torch.Tensor, eot: torch.Tensor
+) -> torch.Tensor:
     """Text features of "[SOS] ctx [class tokens]" prompts whose context is shared by every class.
 
     The start token and the context form a prefix common to all C prompts (of one image, for
@@ -366,7 +384,9 @@ def deep_prompt_tokens(n_layers: int, depth: int, n: int, width: int, what: str 
     the input prompt plus replacements before blocks 1..8. Depth beyond the tower is an error.
     """
     if not 0 <= depth <= n_layers:
-        raise ValueError(f"{what} prompt depth {depth}: expected 0..{n_layers} (the tower has {n_layers} blocks)")
+        raise ValueError(
+            f"{what} prompt depth {depth}: expected 0..{n_layers} (the tower has {n_layers} blocks)"
+        )
     if depth <= 1:
         return None
     return nn.Parameter(nn.init.normal_(torch.empty(depth - 1, n, width), std=0.02))
@@ -378,7 +398,13 @@ def layer_prompts(deep: torch.Tensor | Sequence[torch.Tensor] | None) -> dict[in
 
 
 def independent_vl_prompts(
-    clip: FrozenCLIP, n_ctx_text: int, n_ctx_vision: int, ctx_init: str | None, depth_text: int, depth_vision: int, what: str
+    clip: FrozenCLIP,
+    n_ctx_text: int,
+    n_ctx_vision: int,
+    ctx_init: str | None,
+    depth_text: int,
+    depth_vision: int,
+    what: str,
 ) -> tuple[str, dict[str, nn.Parameter | None]]:
     """IVLP-style prompts in both towers: the prompt prefix text and the learned tensors.
 
@@ -391,10 +417,14 @@ def independent_vl_prompts(
     if depth_vision > 0 and not clip.vision_layers:
         raise ValueError(f"{clip.arch}: visual prompts need a ViT image tower")
     ctx, prefix = leading_context(clip, n_ctx_text, ctx_init)
-    vis_ctx = nn.init.normal_(torch.empty(n_ctx_vision, clip.vision_width), std=0.02) if depth_vision > 0 else None
+    vis_ctx = (
+        nn.init.normal_(torch.empty(n_ctx_vision, clip.vision_width), std=0.02) if depth_vision > 0 else None
+    )
     return prefix, {
         "ctx": nn.Parameter(ctx),
         "text_deep": deep_prompt_tokens(clip.text_layers, depth_text, n_ctx_text, clip.width, "text"),
         "vis_ctx": nn.Parameter(vis_ctx) if vis_ctx is not None else None,
-        "vis_deep": deep_prompt_tokens(clip.vision_layers, depth_vision, n_ctx_vision, clip.vision_width or 0, "vision"),
+        "vis_deep": deep_prompt_tokens(
+            clip.vision_layers, depth_vision, n_ctx_vision, clip.vision_width or 0, "vision"
+        ),
     }

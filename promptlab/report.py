@@ -83,8 +83,10 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
         runs = manifest["runs"]
     else:
         manifest = {}
-        runs = [{"dir": p.parent.relative_to(sweep_dir).as_posix(), "evaluations": None}
-                for p in sorted(sweep_dir.rglob("metrics.json"))]
+        runs = [
+            {"dir": p.parent.relative_to(sweep_dir).as_posix(), "evaluations": None}
+            for p in sorted(sweep_dir.rglob("metrics.json"))
+        ]
         if not runs:
             raise FileNotFoundError(f"{sweep_dir} has no {MANIFEST} and no metrics.json below it")
     records, missing = [], []
@@ -96,8 +98,11 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
         m = json.loads((d / "metrics.json").read_text())
         rec = RunRecord(m["dataset"], int(m["shots"]), int(m["seed"]), d, m)
         evals = run["evaluations"]
-        files = [(e["name"], d / e["file"]) for e in evals] if evals is not None else [
-            (json.loads(p.read_text())["dataset"], p) for p in sorted(d.glob("eval_*_test.json"))]
+        files = (
+            [(e["name"], d / e["file"]) for e in evals]
+            if evals is not None
+            else [(json.loads(p.read_text())["dataset"], p) for p in sorted(d.glob("eval_*_test.json"))]
+        )
         for name, path in files:
             if path.is_file():
                 rec.evals[name] = float(json.loads(path.read_text())["accuracy"])
@@ -105,8 +110,12 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
                 missing.append(f"{run['dir']}/{path.name}")
         records.append(rec)
     protocol = manifest.get("protocol") or (
-        "base2new" if any(r.metrics.get("subsample") == "base" for r in records) else
-        "crossdataset" if any(r.evals for r in records) else "fewshot")
+        "base2new"
+        if any(r.metrics.get("subsample") == "base" for r in records)
+        else "crossdataset"
+        if any(r.evals for r in records)
+        else "fewshot"
+    )
     return SweepData(protocol, records, missing, manifest)
 
 
@@ -114,7 +123,7 @@ def _order(names: Sequence[str]) -> list[str]:
     """The papers' column order for known datasets, then the others in order of appearance."""
     known = [*BENCHMARK_DATASETS, *DOMAIN_SHIFT_DATASETS]
     unique = list(dict.fromkeys(names))
-    return sorted(unique, key=lambda n: (known.index(n) if n in known else len(known) + unique.index(n)))
+    return sorted(unique, key=lambda n: known.index(n) if n in known else len(known) + unique.index(n))
 
 
 # ---------------------------------------------------------------------- tables (rows of plain dicts)
@@ -131,14 +140,35 @@ def base2new_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
             new = [r.evals[ds] for r in runs]
             (b, b_sd), (n, n_sd) = mean_std(base), mean_std(new)
             hm_sd = mean_std([harmonic_mean(x, y) for x, y in zip(base, new)])[1]
-            per_ds.append({"dataset": ds, "shots": shots, "seeds": ",".join(str(r.seed) for r in runs),
-                           "base": b, "base_std": b_sd, "new": n, "new_std": n_sd, "hm": harmonic_mean(b, n), "hm_std": hm_sd})
+            per_ds.append(
+                {
+                    "dataset": ds,
+                    "shots": shots,
+                    "seeds": ",".join(str(r.seed) for r in runs),
+                    "base": b,
+                    "base_std": b_sd,
+                    "new": n,
+                    "new_std": n_sd,
+                    "hm": harmonic_mean(b, n),
+                    "hm_std": hm_sd,
+                }
+            )
         if per_ds:
             b = sum(r["base"] for r in per_ds) / len(per_ds)
             n = sum(r["new"] for r in per_ds) / len(per_ds)
-            rows += per_ds + [{"dataset": f"Average ({len(per_ds)} datasets)", "shots": shots, "seeds": "",
-                               "base": b, "base_std": math.nan, "new": n, "new_std": math.nan,
-                               "hm": harmonic_mean(b, n), "hm_std": math.nan}]
+            rows += per_ds + [
+                {
+                    "dataset": f"Average ({len(per_ds)} datasets)",
+                    "shots": shots,
+                    "seeds": "",
+                    "base": b,
+                    "base_std": math.nan,
+                    "new": n,
+                    "new_std": math.nan,
+                    "hm": harmonic_mean(b, n),
+                    "hm_std": math.nan,
+                }
+            ]
     return rows
 
 
@@ -149,12 +179,28 @@ def fewshot_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
         for shots in sorted({r.shots for r in records if r.dataset == ds}):
             runs = [r for r in records if r.dataset == ds and r.shots == shots]
             m, sd = mean_std([float(r.metrics["accuracy"]) for r in runs])
-            rows.append({"dataset": ds, "shots": shots, "seeds": ",".join(str(r.seed) for r in runs), "accuracy": m, "accuracy_std": sd})
+            rows.append(
+                {
+                    "dataset": ds,
+                    "shots": shots,
+                    "seeds": ",".join(str(r.seed) for r in runs),
+                    "accuracy": m,
+                    "accuracy_std": sd,
+                }
+            )
     n_ds = len({r["dataset"] for r in rows})
     for shots in sorted({r["shots"] for r in rows}):
         vals = [r["accuracy"] for r in rows if r["shots"] == shots]
-        rows.append({"dataset": "Average", "shots": shots, "seeds": "", "accuracy": sum(vals) / len(vals), "accuracy_std": math.nan,
-                     "datasets": f"{len(vals)} of {n_ds}"})
+        rows.append(
+            {
+                "dataset": "Average",
+                "shots": shots,
+                "seeds": "",
+                "accuracy": sum(vals) / len(vals),
+                "accuracy_std": math.nan,
+                "datasets": f"{len(vals)} of {n_ds}",
+            }
+        )
     return rows
 
 
@@ -166,17 +212,46 @@ def crossdataset_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
             runs = [r for r in records if r.dataset == source and r.shots == shots]
             seeds = ",".join(str(r.seed) for r in runs)
             m, sd = mean_std([float(r.metrics["accuracy"]) for r in runs])
-            group = [{"source": source, "shots": shots, "dataset": source, "role": "source", "seeds": seeds, "accuracy": m, "accuracy_std": sd}]
+            group = [
+                {
+                    "source": source,
+                    "shots": shots,
+                    "dataset": source,
+                    "role": "source",
+                    "seeds": seeds,
+                    "accuracy": m,
+                    "accuracy_std": sd,
+                }
+            ]
             for target in _order([t for r in runs for t in r.evals]):
                 vals = [r.evals[target] for r in runs if target in r.evals]
                 m, sd = mean_std(vals)
                 role = "domain shift" if target in DOMAIN_SHIFT_DATASETS else "target"
-                group.append({"source": source, "shots": shots, "dataset": target, "role": role, "seeds": seeds, "accuracy": m, "accuracy_std": sd})
+                group.append(
+                    {
+                        "source": source,
+                        "shots": shots,
+                        "dataset": target,
+                        "role": role,
+                        "seeds": seeds,
+                        "accuracy": m,
+                        "accuracy_std": sd,
+                    }
+                )
             for role, label in (("target", "targets"), ("domain shift", "domain shifts")):
                 vals = [g["accuracy"] for g in group if g["role"] == role]
                 if vals:
-                    group.append({"source": source, "shots": shots, "dataset": f"Average ({len(vals)} {label})", "role": "average",
-                                  "seeds": "", "accuracy": sum(vals) / len(vals), "accuracy_std": math.nan})
+                    group.append(
+                        {
+                            "source": source,
+                            "shots": shots,
+                            "dataset": f"Average ({len(vals)} {label})",
+                            "role": "average",
+                            "seeds": "",
+                            "accuracy": sum(vals) / len(vals),
+                            "accuracy_std": math.nan,
+                        }
+                    )
             rows += group
     return rows
 
@@ -186,13 +261,16 @@ def load_published(path: Path = PUBLISHED_FILE) -> dict[str, dict[str, Any]]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def find_published(protocol: str, records: Sequence[RunRecord], key: str | None = None,
-                   path: Path = PUBLISHED_FILE) -> tuple[str, dict[str, Any]] | None:
+def find_published(
+    protocol: str, records: Sequence[RunRecord], key: str | None = None, path: Path = PUBLISHED_FILE
+) -> tuple[str, dict[str, Any]] | None:
     """The published entry to compare with: ``key`` if given, else the one whose method and arch match the runs."""
     table = load_published(path).get(protocol, {})
     if key is not None:
         if key not in table:
-            raise KeyError(f"no published {protocol} entry {key!r} in {path}; known: {', '.join(table) or '(none)'}")
+            raise KeyError(
+                f"no published {protocol} entry {key!r} in {path}; known: {', '.join(table) or '(none)'}"
+            )
         return key, table[key]
     if not records:
         return None
@@ -218,25 +296,55 @@ def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 def base2new_markdown(rows: Sequence[dict[str, Any]], published: tuple[str, dict[str, Any]] | None) -> str:
     out = []
     for shots in dict.fromkeys(r["shots"] for r in rows):
-        body = [[r["dataset"], r["seeds"], _pm(r["base"], r["base_std"]), _pm(r["new"], r["new_std"]), _pm(r["hm"], r["hm_std"])]
-                for r in rows if r["shots"] == shots]
+        body = [
+            [
+                r["dataset"],
+                r["seeds"],
+                _pm(r["base"], r["base_std"]),
+                _pm(r["new"], r["new_std"]),
+                _pm(r["hm"], r["hm_std"]),
+            ]
+            for r in rows
+            if r["shots"] == shots
+        ]
         if published is not None:
             key, entry = published
             avg = next(r for r in rows if r["shots"] == shots and r["dataset"].startswith("Average"))
             pub = entry["average"]
-            body.append([f"Published: {key} ({entry.get('arch', '?')}, 11 datasets)", "", f"{pub['base']:.2f}", f"{pub['new']:.2f}", f"{pub['hm']:.2f}"])
-            body.append(["Δ (average − published)", "", f"{avg['base'] - pub['base']:+.2f}", f"{avg['new'] - pub['new']:+.2f}", f"{avg['hm'] - pub['hm']:+.2f}"])
+            body.append(
+                [
+                    f"Published: {key} ({entry.get('arch', '?')}, 11 datasets)",
+                    "",
+                    f"{pub['base']:.2f}",
+                    f"{pub['new']:.2f}",
+                    f"{pub['hm']:.2f}",
+                ]
+            )
+            body.append(
+                [
+                    "Δ (average − published)",
+                    "",
+                    f"{avg['base'] - pub['base']:+.2f}",
+                    f"{avg['new'] - pub['new']:+.2f}",
+                    f"{avg['hm'] - pub['hm']:+.2f}",
+                ]
+            )
         out.append(f"### {shots} shots\n\n" + _md_table(["dataset", "seeds", "Base", "New", "HM"], body))
     if published is not None:
         n_ds = len({r["dataset"] for r in rows if not r["dataset"].startswith("Average")})
-        caveat = "" if n_ds == len(BENCHMARK_DATASETS) else (
-            f" Caution: the sweep's average covers {n_ds} datasets, the published one {len(BENCHMARK_DATASETS)}.")
+        caveat = (
+            ""
+            if n_ds == len(BENCHMARK_DATASETS)
+            else (
+                f" Caution: the sweep's average covers {n_ds} datasets, the published one {len(BENCHMARK_DATASETS)}."
+            )
+        )
         out.append(f"Published numbers: {published[1]['citation']} ({published[1].get('url', '')}).{caveat}")
     return "\n\n".join(out)
 
 
 def _partial(row: dict[str, Any]) -> str:
-    """" (2 of 3)" after an average over fewer datasets than the table has."""
+    """ " (2 of 3)" after an average over fewer datasets than the table has."""
     n, _, total = str(row.get("datasets", "")).partition(" of ")
     return f" ({n} of {total})" if total and n != total else ""
 
@@ -245,7 +353,11 @@ def fewshot_markdown(rows: Sequence[dict[str, Any]]) -> str:
     shots = sorted({r["shots"] for r in rows})
     body = []
     for name in dict.fromkeys(r["dataset"] for r in rows):
-        cells = {r["shots"]: _pm(r["accuracy"], r["accuracy_std"]) + _partial(r) for r in rows if r["dataset"] == name}
+        cells = {
+            r["shots"]: _pm(r["accuracy"], r["accuracy_std"]) + _partial(r)
+            for r in rows
+            if r["dataset"] == name
+        }
         body.append([name, *[cells.get(k, "—") for k in shots]])
     return _md_table(["dataset", *[f"{k} shot{'s' * (k != 1)}" for k in shots]], body)
 
@@ -253,14 +365,21 @@ def fewshot_markdown(rows: Sequence[dict[str, Any]]) -> str:
 def crossdataset_markdown(rows: Sequence[dict[str, Any]]) -> str:
     out = []
     for source, shots in dict.fromkeys((r["source"], r["shots"]) for r in rows):
-        body = [[r["dataset"], r["role"], r["seeds"], _pm(r["accuracy"], r["accuracy_std"])]
-                for r in rows if (r["source"], r["shots"]) == (source, shots)]
-        out.append(f"### source {source}, {shots} shots\n\n" + _md_table(["dataset", "role", "seeds", "accuracy"], body))
+        body = [
+            [r["dataset"], r["role"], r["seeds"], _pm(r["accuracy"], r["accuracy_std"])]
+            for r in rows
+            if (r["source"], r["shots"]) == (source, shots)
+        ]
+        out.append(
+            f"### source {source}, {shots} shots\n\n"
+            + _md_table(["dataset", "role", "seeds", "accuracy"], body)
+        )
     return "\n\n".join(out)
 
 
 def provenance_markdown(data: SweepData) -> str:
     """Who made these numbers: method, backbone, weights, code versions, wall time."""
+
     def values(key: str) -> str:
         return ", ".join(sorted({str(r.metrics.get(key)) for r in data.records})) or "—"
 
@@ -278,7 +397,9 @@ def provenance_markdown(data: SweepData) -> str:
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)) or ["dataset"], restval="")
+        w = csv.DictWriter(
+            f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)) or ["dataset"], restval=""
+        )
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
@@ -296,18 +417,28 @@ def plot(protocol: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
     if protocol == "fewshot":
         names = list(dict.fromkeys(r["dataset"] for r in rows))
         cols = min(4, len(names))
-        fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(3.2 * cols, 2.8 * math.ceil(len(names) / cols)), squeeze=False)
+        fig, axes = plt.subplots(
+            math.ceil(len(names) / cols),
+            cols,
+            figsize=(3.2 * cols, 2.8 * math.ceil(len(names) / cols)),
+            squeeze=False,
+        )
         for ax, name in zip(axes.flat, names):
             pts = [r for r in rows if r["dataset"] == name]
-            ax.errorbar([r["shots"] for r in pts], [r["accuracy"] for r in pts],
-                        yerr=[0 if math.isnan(r["accuracy_std"]) else r["accuracy_std"] for r in pts], marker="o", capsize=3)
+            ax.errorbar(
+                [r["shots"] for r in pts],
+                [r["accuracy"] for r in pts],
+                yerr=[0 if math.isnan(r["accuracy_std"]) else r["accuracy_std"] for r in pts],
+                marker="o",
+                capsize=3,
+            )
             ax.set_xscale("log", base=2)
             ax.set_xticks([r["shots"] for r in pts], [str(r["shots"]) for r in pts])
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("shots per class")
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(names):]:
+        for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")
     else:
         import numpy as np
@@ -324,7 +455,14 @@ def plot(protocol: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
         width = 0.8 / len(series)
         for i, (label, key, sd) in enumerate(series):
             err = [0 if math.isnan(r[sd]) else r[sd] for r in rows]
-            ax.bar(x + (i - (len(series) - 1) / 2) * width, [r[key] for r in rows], width, yerr=err, capsize=2, label=label)
+            ax.bar(
+                x + (i - (len(series) - 1) / 2) * width,
+                [r[key] for r in rows],
+                width,
+                yerr=err,
+                capsize=2,
+                label=label,
+            )
         ax.set_xticks(x, labels, rotation=30, ha="right")
         ax.set_ylabel("accuracy (%)")
         ax.legend()
@@ -345,7 +483,9 @@ class Report:
     plot: Path | None
 
 
-def write_report(sweep_dir: str | Path, out: str | Path | None = None, published: str | None = None) -> Report:
+def write_report(
+    sweep_dir: str | Path, out: str | Path | None = None, published: str | None = None
+) -> Report:
     """Write ``report.md``, ``<protocol>.csv`` and ``<protocol>.png`` for a sweep directory.
 
     Args:
@@ -369,7 +509,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, published
         table = crossdataset_markdown(rows)
     notes = {
         "base2new": "Mean ± population std over seeds. HM: harmonic mean of the seed-averaged Base and New (± std of the "
-                    "per-seed HMs); the average row's HM is the HM of the averaged Base and New, as in the papers.",
+        "per-seed HMs); the average row's HM is the HM of the averaged Base and New, as in the papers.",
         "fewshot": "Top-1 accuracy (%), mean ± population std over seeds; the average is over the datasets run with that shot count.",
         "crossdataset": "Top-1 accuracy (%), mean ± population std over seeds; averages over the targets, source excluded.",
     }[data.protocol]
@@ -390,8 +530,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_report_command(sub: Any) -> None:
     """Register ``promptlab report`` on the CLI's subparsers."""
-    r = sub.add_parser("report", help="Markdown/CSV tables and PNG plots of a sweep (mean ± std over seeds, HM, published deltas)")
+    r = sub.add_parser(
+        "report",
+        help="Markdown/CSV tables and PNG plots of a sweep (mean ± std over seeds, HM, published deltas)",
+    )
     r.add_argument("sweep_dir")
-    r.add_argument("--out", help="where to write report.md, <protocol>.csv, <protocol>.png (default: SWEEP_DIR)")
-    r.add_argument("--published", help="published.yaml entry to compare with (e.g. coop), or 'none' (default: match by method and backbone)")
+    r.add_argument(
+        "--out", help="where to write report.md, <protocol>.csv, <protocol>.png (default: SWEEP_DIR)"
+    )
+    r.add_argument(
+        "--published",
+        help="published.yaml entry to compare with (e.g. coop), or 'none' (default: match by method and backbone)",
+    )
     r.set_defaults(func=cmd_report)

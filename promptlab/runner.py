@@ -87,7 +87,11 @@ def ensure_data(cfg: DictConfig) -> None:
 
 def prepare_data(cfg: DictConfig) -> DatasetSplits:
     """The dataset, its few-shot draw for (shots, seed) and its base/new half, as the protocol says."""
-    params = {"fold": int(cfg.data.get("fold", 1)), "seed": int(cfg.seed), "shots": int(cfg.shots)}  # video list names
+    params = {
+        "fold": int(cfg.data.get("fold", 1)),
+        "seed": int(cfg.seed),
+        "shots": int(cfg.shots),
+    }  # video list names
     ds = load_dataset(cfg.data.name, Path(cfg.data.root).expanduser(), params=params)
     if int(cfg.shots) > 0:
         ds = fewshot_split(ds, int(cfg.shots), int(cfg.seed), cache_dir=Path(cfg.cache_dir).expanduser())
@@ -118,14 +122,27 @@ def _batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch
         views = int(cfg.train.aug_views) if train_mode else 1
         with distributed.main_first():  # DDP: rank 0 encodes and caches, the others read the cache
             feats = cached_features(
-                module.encode_image, items, transform, fingerprint=f"{clip.arch}:{clip.fingerprint()}",
-                cache_dir=Path(cfg.cache_dir).expanduser(), views=views, batch_size=cfg.eval.batch_size,
-                num_workers=cfg.data.num_workers, device=s.device, desc="train features" if train_mode else "test features",
+                module.encode_image,
+                items,
+                transform,
+                fingerprint=f"{clip.arch}:{clip.fingerprint()}",
+                cache_dir=Path(cfg.cache_dir).expanduser(),
+                views=views,
+                batch_size=cfg.eval.batch_size,
+                num_workers=cfg.data.num_workers,
+                device=s.device,
+                desc="train features" if train_mode else "test features",
             )
-        return FeatureBatches(feats, labels, batch_size, generator, shuffle=train_mode, shard=distributed.current_shard())
+        return FeatureBatches(
+            feats, labels, batch_size, generator, shuffle=train_mode, shard=distributed.current_shard()
+        )
     transform = train_tf if train_mode else clip.eval_transform
     return ImageBatches(
-        ImageDataset(items, transform), batch_size, generator, shuffle=train_mode, num_workers=cfg.data.num_workers,
+        ImageDataset(items, transform),
+        batch_size,
+        generator,
+        shuffle=train_mode,
+        num_workers=cfg.data.num_workers,
         shard=distributed.current_shard(),
     )
 
@@ -135,13 +152,24 @@ def _video_batches(s: _Setup, items: list[Item], *, train_mode: bool, generator:
     from promptlab.video.data import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, VideoBatches, VideoDataset
 
     cfg, clip, v = s.cfg, s.clip, s.cfg.video
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if v.normalize == "imagenet" else (clip.image_mean, clip.image_std)
-    transform = ClipTransform(clip.image_size, mean, std, train=train_mode, crops=1 if train_mode else int(v.test_crops))
+    mean, std = (
+        (IMAGENET_MEAN, IMAGENET_STD) if v.normalize == "imagenet" else (clip.image_mean, clip.image_std)
+    )
+    transform = ClipTransform(
+        clip.image_size, mean, std, train=train_mode, crops=1 if train_mode else int(v.test_crops)
+    )
     dataset = VideoDataset(items, int(v.num_frames), transform, clips=1 if train_mode else int(v.test_clips))
     return VideoBatches(
-        dataset, cfg.train.batch_size if train_mode else cfg.eval.batch_size, generator, shuffle=train_mode,
-        num_workers=cfg.data.num_workers, shard=distributed.current_shard(), num_classes=len(s.ds.classnames),
-        mixup=float(v.mixup), cutmix=float(v.cutmix), switch_prob=float(v.mix_switch_prob),
+        dataset,
+        cfg.train.batch_size if train_mode else cfg.eval.batch_size,
+        generator,
+        shuffle=train_mode,
+        num_workers=cfg.data.num_workers,
+        shard=distributed.current_shard(),
+        num_classes=len(s.ds.classnames),
+        mixup=float(v.mixup),
+        cutmix=float(v.cutmix),
+        switch_prob=float(v.mix_switch_prob),
     )
 
 
@@ -176,8 +204,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seed_everything(int(cfg.seed))  # model init draws (random context) depend on the seed only
         module = build_method(cfg, clip, ds).to(device)
         s = _Setup(cfg, run_dir, device, clip, ds, module)
-        log.info("run %s: %s on %s (%d classes, %d train / %d test images), %s", run_dir, type(module).__name__,
-                 ds.name, len(ds.classnames), len(ds.train), len(getattr(ds, cfg.eval.split)), device)
+        log.info(
+            "run %s: %s on %s (%d classes, %d train / %d test images), %s",
+            run_dir,
+            type(module).__name__,
+            ds.name,
+            len(ds.classnames),
+            len(ds.train),
+            len(getattr(ds, cfg.eval.split)),
+            device,
+        )
 
         epochs = epochs_for(cfg)
         g = torch.Generator().manual_seed(int(cfg.seed))
@@ -188,37 +224,83 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             optimizer = instantiate(cfg.optimizer, module.trainable_parameters())
             base_lr = optimizer.param_groups[0]["lr"]
             tc = cfg.train
-            with (SummaryWriter(str(run_dir / "tb")) if is_main else nullcontext()) as writer:
+            with SummaryWriter(str(run_dir / "tb")) if is_main else nullcontext() as writer:
                 result = train(
-                    module, _batches(s, ds.train, train_mode=True, generator=g), optimizer, epochs=epochs,
+                    module,
+                    _batches(s, ds.train, train_mode=True, generator=g),
+                    optimizer,
+                    epochs=epochs,
                     lr_fn=lambda e: lr_at(e, base_lr, epochs, tc.warmup_epochs, tc.warmup_lr, tc.warmup_type),
-                    generator=g, run_dir=run_dir, device=device, amp=tc.amp, grad_clip=tc.grad_clip,
-                    checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, resume=bool(cfg.resume), writer=writer,
-                    grad_accum_steps=tc.grad_accum_steps, profile_steps=tc.profile_steps,
+                    generator=g,
+                    run_dir=run_dir,
+                    device=device,
+                    amp=tc.amp,
+                    grad_clip=tc.grad_clip,
+                    checkpoint_every=tc.checkpoint_every,
+                    log_every=tc.log_every,
+                    resume=bool(cfg.resume),
+                    writer=writer,
+                    grad_accum_steps=tc.grad_accum_steps,
+                    profile_steps=tc.profile_steps,
                 )
                 train_info.update(last_loss=result.last_loss, resumed_from_epoch=result.resumed_from)
-                metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g), device=device, amp=tc.amp)
+                metrics = evaluate(
+                    module,
+                    _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g),
+                    device=device,
+                    amp=tc.amp,
+                )
                 if writer is not None:
                     writer.add_scalar(f"{cfg.eval.split}/accuracy", metrics["accuracy"], epochs)
         else:
-            metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g), device=device, amp=cfg.train.amp)
+            metrics = evaluate(
+                module,
+                _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g),
+                device=device,
+                amp=cfg.train.amp,
+            )
         export_dir = run_dir / "prompts"
         if is_main:
-            save_prompts(module, export_dir, extra={"dataset": ds.name, "seed": int(cfg.seed), "shots": int(cfg.shots)})
-            if module.trainable_backbone_parts and "last_loss" in train_info:  # tuned backbone: a checkpoint load_clip reads
-                log.info("tuned backbone -> %s (use it as model.pretrained)", save_clip(clip, run_dir / "backbone"))
+            save_prompts(
+                module, export_dir, extra={"dataset": ds.name, "seed": int(cfg.seed), "shots": int(cfg.shots)}
+            )
+            if (
+                module.trainable_backbone_parts and "last_loss" in train_info
+            ):  # tuned backbone: a checkpoint load_clip reads
+                log.info(
+                    "tuned backbone -> %s (use it as model.pretrained)", save_clip(clip, run_dir / "backbone")
+                )
         out = {
-            "dataset": ds.name, "split": cfg.eval.split, "subsample": cfg.subsample, "shots": int(cfg.shots), "seed": int(cfg.seed),
-            **metrics, "train": train_info, "method": type(module).__name__, "arch": clip.arch,
-            "pretrained": clip.pretrained, "weights_fingerprint": clip.fingerprint(),
-            "split_hash": getattr(ds, "split_hash", None), "promptlab_version": promptlab.__version__,
-            "torch": torch.__version__, "python": platform.python_version(), "wall_time_s": round(time.time() - t0, 2),
-            "peak_memory_mb": _peak_memory_mb(device), "prompts": str(export_dir),
-            "git_commit": git_commit(), "world_size": dist_info.world_size,
+            "dataset": ds.name,
+            "split": cfg.eval.split,
+            "subsample": cfg.subsample,
+            "shots": int(cfg.shots),
+            "seed": int(cfg.seed),
+            **metrics,
+            "train": train_info,
+            "method": type(module).__name__,
+            "arch": clip.arch,
+            "pretrained": clip.pretrained,
+            "weights_fingerprint": clip.fingerprint(),
+            "split_hash": getattr(ds, "split_hash", None),
+            "promptlab_version": promptlab.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "wall_time_s": round(time.time() - t0, 2),
+            "peak_memory_mb": _peak_memory_mb(device),
+            "prompts": str(export_dir),
+            "git_commit": git_commit(),
+            "world_size": dist_info.world_size,
         }
         if is_main:
             atomic_write_json(run_dir / "metrics.json", out)
-        log.info("%s accuracy %.2f%% (n=%d) -> %s", cfg.eval.split, metrics["accuracy"], metrics["n"], run_dir / "metrics.json")
+        log.info(
+            "%s accuracy %.2f%% (n=%d) -> %s",
+            cfg.eval.split,
+            metrics["accuracy"],
+            metrics["n"],
+            run_dir / "metrics.json",
+        )
         return out
     finally:
         if handler is not None:
@@ -238,7 +320,11 @@ def git_commit() -> str | None:
     try:
         if git.is_file():  # a worktree or submodule: ".git" names the real git directory
             git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
-        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() else git
+        common = (
+            (git / (git / "commondir").read_text().strip()).resolve()
+            if (git / "commondir").is_file()
+            else git
+        )
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref:"):
             return head  # detached HEAD
@@ -268,7 +354,10 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_prompts_dir(
-    prompts_dir: Path, pretrained: str | None = None, device: str | torch.device = "cpu", hparams: dict[str, Any] | None = None
+    prompts_dir: Path,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    hparams: dict[str, Any] | None = None,
 ) -> PromptModule:
     """A prompts directory on the backbone recorded in it (or on ``pretrained`` weights given instead)."""
     meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
@@ -307,26 +396,47 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
         cfg = load_recipe(run_cfg, overrides, check_paths=False)
     else:
         meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
-        base = OmegaConf.create({
-            "output_dir": str(path), "model": {"arch": meta["arch"], "pretrained": meta.get("pretrained")},
-            "method": {"_component_": "promptlab.methods.ZeroShotCLIP"}, "data": {"root": "", "name": meta.get("dataset", ""), "num_workers": 0},
-            "shots": 0,
-        })
+        base = OmegaConf.create(
+            {
+                "output_dir": str(path),
+                "model": {"arch": meta["arch"], "pretrained": meta.get("pretrained")},
+                "method": {"_component_": "promptlab.methods.ZeroShotCLIP"},
+                "data": {"root": "", "name": meta.get("dataset", ""), "num_workers": 0},
+                "shots": 0,
+            }
+        )
         with tempfile.TemporaryDirectory() as tmp:  # load_recipe reads files: give it the base config as one
             (Path(tmp) / "eval.yaml").write_text(OmegaConf.to_yaml(base))
             cfg = load_recipe(Path(tmp) / "eval.yaml", overrides, check_paths=False)
     ensure_data(cfg)
     device = resolve_device(cfg.device)
     eval_cfg = cfg.copy()
-    eval_cfg.shots = 0 if cfg.eval.split == "test" else cfg.shots  # the test split is never subsampled by shots
+    eval_cfg.shots = (
+        0 if cfg.eval.split == "test" else cfg.shots
+    )  # the test split is never subsampled by shots
     ds = prepare_data(eval_cfg)
-    module = load_prompts_dir(prompts_dir, device=device, hparams=_eval_dataset_hparams(prompts_dir, cfg.method, ds)).to(device)
+    module = load_prompts_dir(
+        prompts_dir, device=device, hparams=_eval_dataset_hparams(prompts_dir, cfg.method, ds)
+    ).to(device)
     module.set_classnames(ds.classnames)
     s = _Setup(cfg, path, device, module.clip, ds, module)
-    metrics = evaluate(module, _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=torch.Generator()), device=device)
-    out = {"dataset": ds.name, "subsample": cfg.subsample, "split": cfg.eval.split, **metrics, "prompts": str(prompts_dir),
-           "arch": module.clip.arch, "weights_fingerprint": module.clip.fingerprint(), "split_hash": ds.split_hash,
-           "promptlab_version": promptlab.__version__, "git_commit": git_commit()}
+    metrics = evaluate(
+        module,
+        _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=torch.Generator()),
+        device=device,
+    )
+    out = {
+        "dataset": ds.name,
+        "subsample": cfg.subsample,
+        "split": cfg.eval.split,
+        **metrics,
+        "prompts": str(prompts_dir),
+        "arch": module.clip.arch,
+        "weights_fingerprint": module.clip.fingerprint(),
+        "split_hash": ds.split_hash,
+        "promptlab_version": promptlab.__version__,
+        "git_commit": git_commit(),
+    }
     atomic_write_json(path / f"eval_{ds.name}_{cfg.subsample}_{cfg.eval.split}.json", out)
     return out
 
@@ -339,4 +449,6 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     clip = load_clip(cfg.model.arch, cfg.model.pretrained, precision=cfg.model.precision)
     module = build_method(cfg, clip, ds)
     module.load_prompt_state_dict(ckpt["prompt_state"], source=str(run_dir / "checkpoints" / "last.pt"))
-    return save_prompts(module, out or run_dir / "prompts", extra={"dataset": ds.name, "epoch": int(ckpt["epoch"])})
+    return save_prompts(
+        module, out or run_dir / "prompts", extra={"dataset": ds.name, "epoch": int(ckpt["epoch"])}
+    )

@@ -55,8 +55,17 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("base2new", "fewshot", "crossdataset")
 # The 11 datasets of the base-to-new and cross-dataset tables, in the papers' column order.
 BENCHMARK_DATASETS = (
-    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+    "imagenet",
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "fgvc_aircraft",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
 )
 DOMAIN_SHIFT_DATASETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
@@ -206,7 +215,9 @@ def plan_sweep(recipe: str | Path, args: Sequence[str] = (), out: str | Path | N
     if datasets == ["all"]:
         datasets = list(BENCHMARK_DATASETS)
     seeds = _ints(own.get("seeds"), "seeds") or list(DEFAULT_SEEDS)
-    shots = _ints(own.get("shots"), "shots") or (list(FEWSHOT_SHOTS) if protocol == "fewshot" else [int(base.shots)])
+    shots = _ints(own.get("shots"), "shots") or (
+        list(FEWSHOT_SHOTS) if protocol == "fewshot" else [int(base.shots)]
+    )
     targets: list[str] = []
     if protocol == "crossdataset":
         targets = _list(own.get("targets")) or ["all"]
@@ -226,11 +237,29 @@ def plan_sweep(recipe: str | Path, args: Sequence[str] = (), out: str | Path | N
         for k in shots:
             for seed in seeds:
                 run_dir = out / name / f"shots{k}" / f"seed{seed}"
-                job_overrides = [*overrides, f"data.name={dataset}", f"shots={k}", f"seed={seed}",
-                                 f"subsample={subsample}", f"output_dir={run_dir}", "resume=true"]
+                job_overrides = [
+                    *overrides,
+                    f"data.name={dataset}",
+                    f"shots={k}",
+                    f"seed={seed}",
+                    f"subsample={subsample}",
+                    f"output_dir={run_dir}",
+                    "resume=true",
+                ]
                 cfg = load_recipe(recipe, job_overrides, check_paths=False)
-                sweep.jobs.append(Job(str(recipe), name, k, seed, str(run_dir), tuple(job_overrides), tuple(evals),
-                                      epochs_for(cfg), str(cfg.eval.split)))
+                sweep.jobs.append(
+                    Job(
+                        str(recipe),
+                        name,
+                        k,
+                        seed,
+                        str(run_dir),
+                        tuple(job_overrides),
+                        tuple(evals),
+                        epochs_for(cfg),
+                        str(cfg.eval.split),
+                    )
+                )
     return sweep
 
 
@@ -249,9 +278,15 @@ def config_conflicts(job: Job) -> list[str]:
     if not saved.is_file():
         return []
     old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
-    new = _flat(OmegaConf.to_container(load_recipe(job.recipe, job.overrides, check_paths=False), resolve=True))
+    new = _flat(
+        OmegaConf.to_container(load_recipe(job.recipe, job.overrides, check_paths=False), resolve=True)
+    )
     keys = sorted(set(old) | set(new), key=str)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if k not in _IGNORED_KEYS and old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in keys
+        if k not in _IGNORED_KEYS and old.get(k) != new.get(k)
+    ]
 
 
 def write_manifest(sweep: Sweep) -> Path:
@@ -264,16 +299,31 @@ def write_manifest(sweep: Sweep) -> Path:
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("protocol") != sweep.protocol:
-            raise ConfigError(f"{path} holds a {old.get('protocol')} sweep, not {sweep.protocol}; choose another --out")
+            raise ConfigError(
+                f"{path} holds a {old.get('protocol')} sweep, not {sweep.protocol}; choose another --out"
+            )
         runs = {r["dir"]: r for r in old.get("runs", [])}
     for job in sweep.jobs:
         rel = Path(job.run_dir).relative_to(sweep.out).as_posix()
-        runs[rel] = {"dir": rel, "dataset": job.dataset, "shots": job.shots, "seed": job.seed,
-                     "evaluations": [dataclasses.asdict(e) | {"file": e.result_file(job.split)} for e in job.evaluations]}
+        runs[rel] = {
+            "dir": rel,
+            "dataset": job.dataset,
+            "shots": job.shots,
+            "seed": job.seed,
+            "evaluations": [
+                dataclasses.asdict(e) | {"file": e.result_file(job.split)} for e in job.evaluations
+            ],
+        }
     manifest = {
-        "protocol": sweep.protocol, "recipe": sweep.recipe, "overrides": sweep.overrides,
-        "datasets": sweep.datasets, "seeds": sweep.seeds, "shots": sweep.shots, "targets": sweep.targets,
-        "promptlab_version": __version__, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "protocol": sweep.protocol,
+        "recipe": sweep.recipe,
+        "overrides": sweep.overrides,
+        "datasets": sweep.datasets,
+        "seeds": sweep.seeds,
+        "shots": sweep.shots,
+        "targets": sweep.targets,
+        "promptlab_version": __version__,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "runs": sorted(runs.values(), key=lambda r: r["dir"]),
     }
     return atomic_write_json(path, manifest)
@@ -317,8 +367,12 @@ class _Launcher:
             with open(run_dir / JOB_LOG, "ab") as logf, self.lock:
                 if self.stopping:
                     return -1
-                proc = subprocess.Popen([sys.executable, "-m", "promptlab.sweep", str(run_dir / JOB_FILE)],
-                                        env=env, stdout=logf, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "promptlab.sweep", str(run_dir / JOB_FILE)],
+                    env=env,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                )
                 self.running.add(proc)
             rc = proc.wait()
             with self.lock:
@@ -388,8 +442,10 @@ def run_sweep(
     for job, status in statuses:
         conflicts = config_conflicts(job) if status != "new" else []
         if conflicts:
-            raise ConfigError(f"{job.run_dir} holds a run of a different configuration ({'; '.join(conflicts)}); "
-                              "delete it or sweep into another --out")
+            raise ConfigError(
+                f"{job.run_dir} holds a run of a different configuration ({'; '.join(conflicts)}); "
+                "delete it or sweep into another --out"
+            )
     if dry_run:
         return result
     sweep.out.mkdir(parents=True, exist_ok=True)
@@ -411,8 +467,16 @@ def run_sweep(
                 log.error("cannot start %s: %s", job.run_dir, e)
                 rc = -1
             ok = rc == 0 and job.status() == "done"
-            log.info("[%d/%d] %s %s shots=%d seed=%d%s", i, len(todo), "done" if ok else "FAILED", job.dataset,
-                     job.shots, job.seed, "" if ok else f" (exit {rc}; see {Path(job.run_dir) / JOB_LOG})")
+            log.info(
+                "[%d/%d] %s %s shots=%d seed=%d%s",
+                i,
+                len(todo),
+                "done" if ok else "FAILED",
+                job.dataset,
+                job.shots,
+                job.seed,
+                "" if ok else f" (exit {rc}; see {Path(job.run_dir) / JOB_LOG})",
+            )
             if not ok:
                 result.failed.append(job)
     except KeyboardInterrupt:
@@ -428,8 +492,12 @@ def format_plan(result: SweepResult) -> str:
     """The dry-run listing: one line per run with its status, epochs and directory."""
     lines = [f"{'status':9} {'dataset':16} {'shots':>5} {'seed':>4} {'epochs':>6}  run directory"]
     for job, status in result.statuses:
-        lines.append(f"{status:9} {job.dataset:16} {job.shots:5d} {job.seed:4d} {job.epochs:6d}  {job.run_dir}")
-    counts = {s: sum(1 for _, st in result.statuses if st == s) for s in ("new", "resume", "evaluate", "done")}
+        lines.append(
+            f"{status:9} {job.dataset:16} {job.shots:5d} {job.seed:4d} {job.epochs:6d}  {job.run_dir}"
+        )
+    counts = {
+        s: sum(1 for _, st in result.statuses if st == s) for s in ("new", "resume", "evaluate", "done")
+    }
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
     return "\n".join(lines)
 
@@ -440,7 +508,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = plan_sweep(find_recipe(args.recipe), args.args, args.out)
     devices = _list(args.devices) if args.devices else None
-    result = run_sweep(sweep, jobs=args.jobs, devices=devices, in_process=args.in_process, dry_run=args.dry_run)
+    result = run_sweep(
+        sweep, jobs=args.jobs, devices=devices, in_process=args.in_process, dry_run=args.dry_run
+    )
     if args.dry_run:
         print(f"{sweep.protocol} sweep of {sweep.recipe} into {sweep.out}")
         print(format_plan(result))
@@ -457,16 +527,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def add_sweep_command(sub: Any) -> None:
     """Register ``promptlab sweep`` on the CLI's subparsers."""
-    s = sub.add_parser("sweep", help="run a protocol's grid (datasets x shots x seeds) from a recipe: resumable, parallel")
+    s = sub.add_parser(
+        "sweep", help="run a protocol's grid (datasets x shots x seeds) from a recipe: resumable, parallel"
+    )
     s.add_argument("recipe", help="recipe path or name under recipes/")
-    s.add_argument("args", nargs="*", metavar="key=value",
-                   help="protocol=base2new|fewshot|crossdataset datasets=all|a,b seeds=1,2,3 shots=1,2,4,8,16 "
-                        "targets=all|a,b (crossdataset), and any recipe override")
+    s.add_argument(
+        "args",
+        nargs="*",
+        metavar="key=value",
+        help="protocol=base2new|fewshot|crossdataset datasets=all|a,b seeds=1,2,3 shots=1,2,4,8,16 "
+        "targets=all|a,b (crossdataset), and any recipe override",
+    )
     s.add_argument("--out", help="sweep directory (default runs/sweeps/<recipe>-<protocol>)")
-    s.add_argument("--jobs", type=int, help="runs side by side, one process each (default: one per device, or 1)")
-    s.add_argument("--devices", help="GPU ids, e.g. 0,1,2,3: each job process sees one (CUDA_VISIBLE_DEVICES)")
+    s.add_argument(
+        "--jobs", type=int, help="runs side by side, one process each (default: one per device, or 1)"
+    )
+    s.add_argument(
+        "--devices", help="GPU ids, e.g. 0,1,2,3: each job process sees one (CUDA_VISIBLE_DEVICES)"
+    )
     s.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
-    s.add_argument("--in-process", action="store_true", help="run the jobs one by one in this process (debugging)")
+    s.add_argument(
+        "--in-process", action="store_true", help="run the jobs one by one in this process (debugging)"
+    )
     s.set_defaults(func=cmd_sweep)
 
 

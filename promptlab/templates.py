@@ -15,11 +15,19 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 def resolve_templates(templates: str | list[str], dataset_template: str | None) -> list[str]:
     """``"dataset"`` (the dataset's own template), ``"imagenet80"``, ``"imagenet7"`` or an explicit list."""
     if isinstance(templates, str):
-        named = {"dataset": [dataset_template or DEFAULT_TEMPLATE], "imagenet80": IMAGENET80, "imagenet7": IMAGENET7}
+        named = {
+            "dataset": [dataset_template or DEFAULT_TEMPLATE],
+            "imagenet80": IMAGENET80,
+            "imagenet7": IMAGENET7,
+        }
         if templates not in named:
-            raise ValueError(f"templates={templates!r}: expected one of {sorted(named)} or a list of templates")
+            raise ValueError(
+                f"templates={templates!r}: expected one of {sorted(named)} or a list of templates"
+            )
         return list(named[templates])
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise ValueError(f"templates: each template needs a '{{}}' for the class name; got {bad or templates}")
+        raise ValueError(
+            f"templates: each template needs a '{{}}' for the class name; got {bad or templates}"
+        )
     return list(templates)

@@ -26,7 +26,10 @@ class _ToRGB:
 
 
 def train_transform(
-    size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD, scale: Sequence[float] = (0.08, 1.0)
+    size: int,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+    scale: Sequence[float] = (0.08, 1.0),
 ) -> T.Compose:
     """Dassl's ``random_resized_crop, random_flip, normalize`` at the model's input size."""
     return T.Compose(
@@ -40,7 +43,9 @@ def train_transform(
     )
 
 
-def eval_transform(size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> T.Compose:
+def eval_transform(
+    size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD
+) -> T.Compose:
     """Resize the shorter side to ``size`` (bicubic), centre crop, normalise."""
     return T.Compose(
         [

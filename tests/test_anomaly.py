@@ -72,7 +72,9 @@ def test_dpam_matches_dual_path_definition(tiny_clip, images) -> None:
         w = (val_h @ val_h.transpose(-1, -2) * val_h.shape[-1] ** -0.5).softmax(-1)
         vv_res = a.out_proj((w @ val_h).transpose(1, 2).flatten(2))
         vv = (x if vv is None else vv) + vv_res
-        x = x + a.out_proj(F.scaled_dot_product_attention(heads(q), heads(k), val_h).transpose(1, 2).flatten(2))
+        x = x + a.out_proj(
+            F.scaled_dot_product_attention(heads(q), heads(k), val_h).transpose(1, 2).flatten(2)
+        )
         x = x + blk.mlp(blk.ln_2(x))
     ref = v.ln_post(vv[:, 1:]) @ v.proj
     _, (ours,) = tiny_clip.encode_image_dense(images, [tiny_clip.vision_layers], dpam_from=0)
@@ -133,12 +135,19 @@ def test_anomaly_recipes_validate(path: Path) -> None:
 
 def test_train_evaluate_predict_end_to_end(tmp_path: Path, tiny_clip) -> None:
     train_root = write_synthetic(tmp_path / "visa", "visa", categories=("a",), n_good=2, n_defect=2, size=32)
-    test_root = write_synthetic(tmp_path / "mvtec", "mvtec", categories=("x", "y"), n_good=2, n_defect=2, size=32, seed=1)
+    test_root = write_synthetic(
+        tmp_path / "mvtec", "mvtec", categories=("x", "y"), n_good=2, n_defect=2, size=32, seed=1
+    )
     module = AnomalyCLIP(tiny_clip, **SMALL)
     before = module.ctx_anomalous.detach().clone()
     stats = train_anomaly(
-        module, AnomalyDataset(load_items("visa", train_root), 32), epochs=2, batch_size=2, lr=1e-3,
-        run_dir=tmp_path / "run", device=torch.device("cpu"),
+        module,
+        AnomalyDataset(load_items("visa", train_root), 32),
+        epochs=2,
+        batch_size=2,
+        lr=1e-3,
+        run_dir=tmp_path / "run",
+        device=torch.device("cpu"),
     )
     assert (module.ctx_anomalous - before).abs().max() > 0 and stats["map_loss"] > 0
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
@@ -146,7 +155,13 @@ def test_train_evaluate_predict_end_to_end(tmp_path: Path, tiny_clip) -> None:
     again = load_anomaly_prompts(tmp_path / "run" / "prompts", tiny_clip)
     torch.testing.assert_close(again.text_features(), module.text_features())
 
-    metrics = evaluate_anomaly(again, AnomalyDataset(load_items("mvtec", test_root), 32), device=torch.device("cpu"), batch_size=4, sigma=1.0)
+    metrics = evaluate_anomaly(
+        again,
+        AnomalyDataset(load_items("mvtec", test_root), 32),
+        device=torch.device("cpu"),
+        batch_size=4,
+        sigma=1.0,
+    )
     assert set(metrics["categories"]) == {"x", "y"} and metrics["n"] == 8
     for k in ("pixel_auroc", "image_auroc", "image_ap"):
         assert 0 <= metrics["mean"][k] <= 100

@@ -37,7 +37,9 @@ def test_run_writes_everything(demo_run):
 def test_resume_of_a_finished_run_reproduces_its_metrics(demo_run, tmp_path):
     tmp, out = demo_run
     before = json.loads((out / "metrics.json").read_text())
-    assert main(["run", f"output_dir={out}", f"cache_dir={tmp / 'cache'}", "train.epochs=3", "resume=true"]) == 0
+    assert (
+        main(["run", f"output_dir={out}", f"cache_dir={tmp / 'cache'}", "train.epochs=3", "resume=true"]) == 0
+    )
     after = json.loads((out / "metrics.json").read_text())
     assert after["train"]["resumed_from_epoch"] == 3
     assert after["accuracy"] == before["accuracy"]
@@ -84,12 +86,27 @@ def test_bad_override_names_the_key(capsys):
 
 
 def test_missing_data_root_names_the_key(tmp_path, capsys):
-    code = main(["run", "fewshot/coop_vit_b16", f"data.root={tmp_path / 'nope'}", "model.arch=tiny", "model.pretrained=null"])
+    code = main(
+        [
+            "run",
+            "fewshot/coop_vit_b16",
+            f"data.root={tmp_path / 'nope'}",
+            "model.arch=tiny",
+            "model.pretrained=null",
+        ]
+    )
     assert code == 2 and "data.root" in capsys.readouterr().err
 
 
 def test_profile_prints_where_time_goes(tmp_path, capsys):
-    args = ["run", "--profile", "2", f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "train.epochs=2"]
+    args = [
+        "run",
+        "--profile",
+        "2",
+        f"output_dir={tmp_path / 'run'}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "train.epochs=2",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Self CPU" in out and "aten::" in out  # torch.profiler's operator table

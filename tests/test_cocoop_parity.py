@@ -23,7 +23,12 @@ CLASSNAMES = ["cat", "sea_lion", "Yorkshire_terrier", "a very long class name wi
 
 
 def ref_cocoop_logits(
-    model: nn.Module, classnames: list[str], ctx_init: str, ctx: torch.Tensor, meta_net: nn.Module, image_features: torch.Tensor
+    model: nn.Module,
+    classnames: list[str],
+    ctx_init: str,
+    ctx: torch.Tensor,
+    meta_net: nn.Module,
+    image_features: torch.Tensor,
 ) -> torch.Tensor:
     """CustomCLIP.forward of the reference, from the image features on: [B, C] logits."""
     n_ctx = ctx.shape[0]
@@ -82,7 +87,14 @@ def test_from_images_equals_reference(tiny_clip: FrozenCLIP, images: torch.Tenso
     """End to end from pixels: the reference's image encoder is open_clip's own ``encode_image``."""
     m = _module(tiny_clip)
     with torch.no_grad():
-        ref = ref_cocoop_logits(tiny_clip.model, CLASSNAMES, "a photo of a", m.ctx, m.meta_net, tiny_clip.model.encode_image(images))
+        ref = ref_cocoop_logits(
+            tiny_clip.model,
+            CLASSNAMES,
+            "a photo of a",
+            m.ctx,
+            m.meta_net,
+            tiny_clip.model.encode_image(images),
+        )
         torch.testing.assert_close(m(images), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -103,7 +115,9 @@ def test_one_text_tower_call_per_batch(tiny_clip: FrozenCLIP, monkeypatch: pytes
         torch.testing.assert_close(m(image_features=feats), expected, atol=0, rtol=0)
     n_prefix = 1 + m.n_ctx  # [SOS] + the image's context: run once per image, shared by its C prompts
     assert len(calls) == 1 and calls[0][0] == (4, n_prefix, tiny_clip.width)
-    assert calls[0][1][-3] == len(CLASSNAMES)  # the C class suffixes, shared by the 4 images, in the same call
+    assert calls[0][1][-3] == len(
+        CLASSNAMES
+    )  # the C class suffixes, shared by the 4 images, in the same call
 
     calls.clear()
     m.max_prompts_per_call = 2 * len(CLASSNAMES)  # chunks of 2 images: same logits, 2 calls

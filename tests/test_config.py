@@ -259,7 +259,9 @@ def test_resolve_component() -> None:
         resolve_component("torch.optim.NoSuchOptim")
 
 
-@pytest.mark.parametrize("recipe", ["recipes/sandbox/coop_base2new.yaml", "recipes/base2new/cocoop_vit_b16.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["recipes/sandbox/coop_base2new.yaml", "recipes/base2new/cocoop_vit_b16.yaml"]
+)
 def test_ctx_init_null_override_means_random_context(recipe: str, tiny_clip) -> None:
     """`method.ctx_init=null` (and `method.ctx_init=`, which YAML also reads as null) selects N(0, 0.02) context."""
     repo = Path(__file__).resolve().parents[1]

@@ -41,7 +41,10 @@ def _features():
 def test_feature_batch_shards_reassemble_the_global_batch():
     feats, labels = _features()
     whole = list(FeatureBatches(feats, labels, BATCH, torch.Generator().manual_seed(3)))
-    parts = [list(FeatureBatches(feats, labels, BATCH, torch.Generator().manual_seed(3), shard=(r, 2))) for r in range(2)]
+    parts = [
+        list(FeatureBatches(feats, labels, BATCH, torch.Generator().manual_seed(3), shard=(r, 2)))
+        for r in range(2)
+    ]
     assert len(whole) == len(parts[0]) == len(parts[1]) == N_ITEMS // BATCH
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *parts):
         assert torch.equal(torch.cat([x0["image_features"], x1["image_features"]]), x["image_features"])
@@ -50,14 +53,20 @@ def test_feature_batch_shards_reassemble_the_global_batch():
 
 def test_image_batches_are_the_dataloaders_and_shard_the_same_way():
     """One process: exactly the batches of DataLoader(shuffle=True, drop_last) (no change in behaviour)."""
-    data = TensorDataset(torch.arange(N_ITEMS).float().view(-1, 1), torch.arange(N_ITEMS) % N_CLASSES, torch.arange(N_ITEMS))
-    ref = DataLoader(data, batch_size=BATCH, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(5))
+    data = TensorDataset(
+        torch.arange(N_ITEMS).float().view(-1, 1), torch.arange(N_ITEMS) % N_CLASSES, torch.arange(N_ITEMS)
+    )
+    ref = DataLoader(
+        data, batch_size=BATCH, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(5)
+    )
     ours = ImageBatches(data, BATCH, torch.Generator().manual_seed(5))
     ref_batches = [y for _, y, _ in ref]
     our_batches = [y for _, y in ours]
     assert len(our_batches) == len(ref_batches) == len(ours) == N_ITEMS // BATCH
     assert all(torch.equal(a, b) for a, b in zip(our_batches, ref_batches))
-    parts = [list(ImageBatches(data, BATCH, torch.Generator().manual_seed(5), shard=(r, 2))) for r in range(2)]
+    parts = [
+        list(ImageBatches(data, BATCH, torch.Generator().manual_seed(5), shard=(r, 2))) for r in range(2)
+    ]
     for y, (_, y0), (_, y1) in zip(ref_batches, *parts):
         assert torch.equal(torch.cat([y0, y1]), y)
 
@@ -68,7 +77,9 @@ def test_helpers_are_no_ops_in_one_process():
     distributed.average_gradients([p], n_local=5)
     assert torch.equal(p.grad, torch.full((3,), 2.0))
     assert distributed.current_shard() == (0, 1) and distributed.is_main()
-    assert distributed.all_finite(torch.tensor(1.0)) and not distributed.all_finite(torch.tensor(float("nan")))
+    assert distributed.all_finite(torch.tensor(1.0)) and not distributed.all_finite(
+        torch.tensor(float("nan"))
+    )
     assert distributed.init_from_env() == distributed.DistInfo()  # no WORLD_SIZE: nothing to join
 
 
@@ -90,9 +101,21 @@ def _train_tiny_coop(run_dir: Path, shard: tuple[int, int], batch: int = BATCH) 
     feats, labels = _features()
     g = torch.Generator().manual_seed(1)
     opt = torch.optim.SGD(module.trainable_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    train(module, FeatureBatches(feats, labels, batch, g, shard=shard), opt, epochs=EPOCHS,
-          lr_fn=lambda e: lr_at(e, 0.05, EPOCHS, 1, 1e-5), generator=g, run_dir=run_dir, device=torch.device("cpu"))
-    metrics = evaluate(module, FeatureBatches(feats[:1], labels, 7, g, shuffle=False, shard=shard), device=torch.device("cpu"))
+    train(
+        module,
+        FeatureBatches(feats, labels, batch, g, shard=shard),
+        opt,
+        epochs=EPOCHS,
+        lr_fn=lambda e: lr_at(e, 0.05, EPOCHS, 1, 1e-5),
+        generator=g,
+        run_dir=run_dir,
+        device=torch.device("cpu"),
+    )
+    metrics = evaluate(
+        module,
+        FeatureBatches(feats[:1], labels, 7, g, shuffle=False, shard=shard),
+        device=torch.device("cpu"),
+    )
     return module.ctx.detach().clone(), metrics
 
 
@@ -119,7 +142,9 @@ def test_two_gloo_processes_match_one(tmp_path):
     local_batch, _ = _train_tiny_coop(tmp_path / "local", (0, 1), batch=BATCH // 2)
     assert (local_batch - ctx1).abs().max() > 1e-3  # what a wrong (per-process) batch would have given
     torch.testing.assert_close(r1["ctx"], r0["ctx"], rtol=0, atol=0)  # every process holds the same weights
-    assert torch.equal(load_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")["prompt_state"]["ctx"], ctx1)
+    assert torch.equal(
+        load_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")["prompt_state"]["ctx"], ctx1
+    )
     assert r0["metrics"]["n"] == r1["metrics"]["n"] == N_ITEMS  # evaluation counted every test item once
     assert r0["metrics"]["accuracy"] == pytest.approx(metrics1["accuracy"])
     assert (tmp_path / "rank0" / "checkpoints" / "last.pt").is_file()
@@ -131,12 +156,31 @@ def test_torchrun_promptlab_run_matches_one_process(tmp_path):
     """The whole `promptlab run` under torchrun (2 CPU processes, gloo) against a plain run."""
     common = [f"cache_dir={tmp_path / 'cache'}", "train.epochs=3", "train.batch_size=8", "device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "promptlab.cli", "run", f"output_dir={tmp_path / 'one'}", *common],
-                         env=env, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-m", "promptlab.cli", "run", f"output_dir={tmp_path / 'one'}", *common],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "promptlab.cli", "run", f"output_dir={tmp_path / 'two'}", *common],
-                         env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "promptlab.cli",
+            "run",
+            f"output_dir={tmp_path / 'two'}",
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(tmp_path / "one" / "prompts" / "prompts.safetensors")["ctx"]
     b = load_file(tmp_path / "two" / "prompts" / "prompts.safetensors")["ctx"]

@@ -21,7 +21,9 @@ from promptlab.methods import IVLP, MaPLe
 CLASSNAMES = ["cat", "sea_lion", "a very long class name with many words"]
 
 
-def ref_text(model: nn.Module, prompts: torch.Tensor, tokenized: torch.Tensor, deep: list[torch.Tensor]) -> torch.Tensor:
+def ref_text(
+    model: nn.Module, prompts: torch.Tensor, tokenized: torch.Tensor, deep: list[torch.Tensor]
+) -> torch.Tensor:
     """TextEncoder + ResidualAttentionBlock_MaPLe: 77-token prompts, deep[j] goes in before block j + 1."""
     x = prompts + model.positional_embedding
     for i, blk in enumerate(model.transformer.resblocks):
@@ -33,11 +35,16 @@ def ref_text(model: nn.Module, prompts: torch.Tensor, tokenized: torch.Tensor, d
     return x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ model.text_projection
 
 
-def ref_image(model: nn.Module, images: torch.Tensor, shallow: torch.Tensor | None, deep: list[torch.Tensor]) -> torch.Tensor:
+def ref_image(
+    model: nn.Module, images: torch.Tensor, shallow: torch.Tensor | None, deep: list[torch.Tensor]
+) -> torch.Tensor:
     """VisionTransformer_MaPLe.forward: prompts appended before ln_pre, replaced before blocks 1..len(deep)."""
     v = model.visual
     x = v.conv1(images).reshape(images.shape[0], v.conv1.out_channels, -1).permute(0, 2, 1)
-    x = torch.cat([v.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1]), x], dim=1) + v.positional_embedding
+    x = (
+        torch.cat([v.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1]), x], dim=1)
+        + v.positional_embedding
+    )
     if shallow is not None:
         x = torch.cat([x, shallow.expand(x.shape[0], -1, -1)], dim=1)
     x = v.ln_pre(x)
@@ -79,16 +86,29 @@ def test_depth_zero_is_the_plain_encoder(any_clip: FrozenCLIP, images: torch.Ten
     plain = any_clip.encode_text(ids)
     x, eot = any_clip.embed_tokens(ids), any_clip.eot_index(ids)
     assert torch.equal(any_clip.encode_text_embeddings(x, eot, deep_prompts={}), plain)
-    assert torch.equal(any_clip.encode_image(images, prompts=None, deep_prompts={}), any_clip.encode_image(images))
-    if any_clip.backend == "open_clip":  # and the plain loop is the library's own forward (test_clip covers HF)
+    assert torch.equal(
+        any_clip.encode_image(images, prompts=None, deep_prompts={}), any_clip.encode_image(images)
+    )
+    if (
+        any_clip.backend == "open_clip"
+    ):  # and the plain loop is the library's own forward (test_clip covers HF)
         torch.testing.assert_close(plain, any_clip.model.encode_text(ids), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(any_clip.encode_image(images), any_clip.model.encode_image(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            any_clip.encode_image(images), any_clip.model.encode_image(images), atol=1e-5, rtol=1e-5
+        )
 
 
 @torch.no_grad()
 def test_methods_at_depth_zero_reproduce_plain_clip(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
     """IVLP with text depth 1 (shallow only, context = the init words) and no vision prompts is plain CLIP."""
-    m = IVLP(tiny_clip, CLASSNAMES, n_ctx_text=2, ctx_init="a photo of a", prompt_depth_text=1, prompt_depth_vision=0)
+    m = IVLP(
+        tiny_clip,
+        CLASSNAMES,
+        n_ctx_text=2,
+        ctx_init="a photo of a",
+        prompt_depth_text=1,
+        prompt_depth_vision=0,
+    )
     assert m.text_deep is None and m.vis_ctx is None and m.vis_deep is None
     ids = tiny_clip.tokenize([f"a photo of a {c.replace('_', ' ')}." for c in CLASSNAMES])
     assert torch.equal(m.text_features(), tiny_clip.encode_text(ids))
@@ -129,7 +149,12 @@ def test_ivlp_equals_reference(tiny_clip: FrozenCLIP, images: torch.Tensor) -> N
     m = IVLP(tiny_clip, CLASSNAMES, n_ctx_text=2, n_ctx_vision=3, prompt_depth_text=2, prompt_depth_vision=2)
     _perturb(m)
     prompts, tokenized = ref_prompts(tiny_clip.model, "a photo of a", m.ctx)
-    torch.testing.assert_close(m.text_features(), ref_text(tiny_clip.model, prompts, tokenized, list(m.text_deep)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        m.text_features(),
+        ref_text(tiny_clip.model, prompts, tokenized, list(m.text_deep)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     ref_i = ref_image(tiny_clip.model, images, m.vis_ctx, list(m.vis_deep))
     torch.testing.assert_close(m.encode_image(images), ref_i, atol=1e-5, rtol=1e-5)
     assert (ref_image(tiny_clip.model, images, m.vis_ctx, []) - ref_i).abs().max() > 1e-4
@@ -148,8 +173,12 @@ def test_maple_couples_vision_to_text(tiny_clip: FrozenCLIP, images: torch.Tenso
 
 def test_maple_deep_maps_start_as_copies(make_openclip) -> None:
     """The reference clones one Linear for F_1..F_{d-1} (``_get_clones``); a 3-block tower has two."""
-    clip = load_clip(make_openclip(vision_cfg=dict(layers=3, width=32, head_width=16, patch_size=8, image_size=32),
-                                   text_cfg=dict(layers=3, width=32, heads=2)))
+    clip = load_clip(
+        make_openclip(
+            vision_cfg=dict(layers=3, width=32, head_width=16, patch_size=8, image_size=32),
+            text_cfg=dict(layers=3, width=32, heads=2),
+        )
+    )
     m = MaPLe(clip, CLASSNAMES, prompt_depth=3)
     assert len(m.deep_proj) == 2 and m.text_deep.shape == (2, 2, clip.width)
     assert torch.equal(m.deep_proj[0].weight, m.deep_proj[1].weight)

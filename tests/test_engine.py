@@ -84,8 +84,17 @@ def _run(clip, tmp_path, epochs=4, resume=False, stop_after=None, loss_hook=None
     opt = torch.optim.SGD(module.trainable_parameters(), lr=0.1, momentum=0.9)
     if stop_after is not None:
         batches = _Interrupting(batches, stop_after)
-    train(module, batches, opt, epochs=epochs, lr_fn=lambda e: lr_at(e, 0.1, epochs, 1, 1e-3), generator=g,
-          run_dir=tmp_path, device=torch.device("cpu"), resume=resume)
+    train(
+        module,
+        batches,
+        opt,
+        epochs=epochs,
+        lr_fn=lambda e: lr_at(e, 0.1, epochs, 1, 1e-3),
+        generator=g,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        resume=resume,
+    )
     return module
 
 
@@ -136,7 +145,14 @@ def test_feature_batches_drop_last_like_dassl():
 def test_feature_cache_equals_direct_encoding_and_is_reused(clip, synth, tmp_path):
     items = synth.test[:10]
     direct = encode_items(clip.encode_image, items, clip.eval_transform, batch_size=4)
-    a = cached_features(clip.encode_image, items, clip.eval_transform, fingerprint=clip.fingerprint(), cache_dir=tmp_path, batch_size=4)
+    a = cached_features(
+        clip.encode_image,
+        items,
+        clip.eval_transform,
+        fingerprint=clip.fingerprint(),
+        cache_dir=tmp_path,
+        batch_size=4,
+    )
     torch.testing.assert_close(a, direct, rtol=0, atol=0)
     files = list((tmp_path / "features").glob("*.safetensors"))
     assert len(files) == 1
@@ -147,10 +163,14 @@ def test_feature_cache_equals_direct_encoding_and_is_reused(clip, synth, tmp_pat
         calls["n"] += 1
         return clip.encode_image(x)
 
-    b = cached_features(counting, items, clip.eval_transform, fingerprint=clip.fingerprint(), cache_dir=tmp_path, batch_size=4)
+    b = cached_features(
+        counting, items, clip.eval_transform, fingerprint=clip.fingerprint(), cache_dir=tmp_path, batch_size=4
+    )
     assert calls["n"] == 0 and torch.equal(a, b) and files[0].stat().st_mtime_ns == mtime
     # a different item list is a different entry
-    cached_features(clip.encode_image, items[:5], clip.eval_transform, fingerprint=clip.fingerprint(), cache_dir=tmp_path)
+    cached_features(
+        clip.encode_image, items[:5], clip.eval_transform, fingerprint=clip.fingerprint(), cache_dir=tmp_path
+    )
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
 
 
@@ -186,7 +206,11 @@ def test_evaluate_from_cache_equals_evaluate_from_images(clip, synth):
     feats = encode_items(clip.encode_image, items, clip.eval_transform)
     g = torch.Generator()
     m1 = evaluate(module, FeatureBatches(feats, labels, 7, g, shuffle=False), device=torch.device("cpu"))
-    m2 = evaluate(module, ImageBatches(ImageDataset(items, clip.eval_transform), 7, g, shuffle=False), device=torch.device("cpu"))
+    m2 = evaluate(
+        module,
+        ImageBatches(ImageDataset(items, clip.eval_transform), 7, g, shuffle=False),
+        device=torch.device("cpu"),
+    )
     assert m1 == m2 and m1["n"] == len(items)
     assert 0.0 <= m1["accuracy"] <= 100.0
 
@@ -225,8 +249,17 @@ def _one_epoch(clip, tmp_path, **kw):
     feats, labels = _features()
     g = torch.Generator().manual_seed(1)
     opt = torch.optim.SGD(module.trainable_parameters(), lr=1.0)
-    res = train(module, FeatureBatches(feats, labels, 8, g), opt, epochs=1, lr_fn=lambda e: 1.0, generator=g,
-                run_dir=tmp_path, device=torch.device("cpu"), **kw)
+    res = train(
+        module,
+        FeatureBatches(feats, labels, 8, g),
+        opt,
+        epochs=1,
+        lr_fn=lambda e: 1.0,
+        generator=g,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        **kw,
+    )
     return module, start, res
 
 

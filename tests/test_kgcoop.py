@@ -36,7 +36,9 @@ def test_hand_features_are_the_dataset_template(tiny_clip: FrozenCLIP) -> None:
     assert "_hand" not in m.state_dict() and "_hand" not in m.prompt_state_dict()  # never saved
     m.set_classnames(["airliner", "fire_truck"])  # recomputed for the new classes
     with torch.no_grad():
-        t = tiny_clip.model.encode_text(tiny_clip.tokenize([PETS.format("airliner"), PETS.format("fire truck")]))
+        t = tiny_clip.model.encode_text(
+            tiny_clip.tokenize([PETS.format("airliner"), PETS.format("fire truck")])
+        )
     torch.testing.assert_close(m._hand, F.normalize(t, dim=-1), atol=1e-5, rtol=0)
 
 
@@ -68,7 +70,9 @@ def test_term_vanishes_when_prompt_is_the_template(tiny_clip: FrozenCLIP) -> Non
         assert float(m_pets.knowledge_loss()) > 1e-4  # a different template: not zero
 
 
-def test_weight_scales_the_term_and_text_pass_is_reused(tiny_clip: FrozenCLIP, images: torch.Tensor, monkeypatch) -> None:
+def test_weight_scales_the_term_and_text_pass_is_reused(
+    tiny_clip: FrozenCLIP, images: torch.Tensor, monkeypatch
+) -> None:
     labels = torch.tensor([0, 1, 2])
     losses, ces = {}, {}
     for w in (0.0, 8.0):

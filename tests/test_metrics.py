@@ -82,7 +82,9 @@ def test_aupro_random_masks_match_reference() -> None:
     rng = np.random.default_rng(3)
     masks = ndimage.binary_opening(rng.random((2, 20, 20)) < 0.35, structure=np.ones((1, 2, 2)))
     maps = (rng.random(masks.shape) + 0.4 * masks).astype(np.float32)
-    assert aupro(torch.from_numpy(maps), torch.from_numpy(masks)) == pytest.approx(_reference_aupro(maps, masks), abs=1e-6)
+    assert aupro(torch.from_numpy(maps), torch.from_numpy(masks)) == pytest.approx(
+        _reference_aupro(maps, masks), abs=1e-6
+    )
 
 
 def _reference_aupro_fpr_limit(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:

@@ -18,7 +18,11 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # recipes with their own schema, validated in tests/test_sandbox.py; `kind: anomaly` recipes
 # (recipes/anomaly/) have theirs, validated in tests/test_anomaly.py.
 OTHER_KINDS = ("pretrain", "anomaly")
-RECIPES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if (yaml.safe_load(p.read_text()) or {}).get("kind") not in OTHER_KINDS)
+RECIPES = sorted(
+    p
+    for p in RECIPES_DIR.rglob("*.yaml")
+    if (yaml.safe_load(p.read_text()) or {}).get("kind") not in OTHER_KINDS
+)
 
 
 def test_recipes_exist() -> None:

@@ -21,14 +21,39 @@ B2N = {
 }
 
 
-def _write_run(sweep: Path, dataset: str, shots: int, seed: int, acc: float, evals: dict[str, tuple[str, float]],
-               method: str = "CoOp", arch: str = "ViT-B-16", subsample: str = "base") -> dict:
+def _write_run(
+    sweep: Path,
+    dataset: str,
+    shots: int,
+    seed: int,
+    acc: float,
+    evals: dict[str, tuple[str, float]],
+    method: str = "CoOp",
+    arch: str = "ViT-B-16",
+    subsample: str = "base",
+) -> dict:
     d = sweep / dataset / f"shots{shots}" / f"seed{seed}"
     d.mkdir(parents=True)
-    metrics = {"dataset": dataset, "shots": shots, "seed": seed, "accuracy": acc, "subsample": subsample,
-               "method": method, "arch": arch, "pretrained": "openai", "wall_time_s": 60.0, "git_commit": "abc"}
+    metrics = {
+        "dataset": dataset,
+        "shots": shots,
+        "seed": seed,
+        "accuracy": acc,
+        "subsample": subsample,
+        "method": method,
+        "arch": arch,
+        "pretrained": "openai",
+        "wall_time_s": 60.0,
+        "git_commit": "abc",
+    }
     (d / "metrics.json").write_text(json.dumps(metrics))
-    run = {"dir": d.relative_to(sweep).as_posix(), "dataset": dataset, "shots": shots, "seed": seed, "evaluations": []}
+    run = {
+        "dir": d.relative_to(sweep).as_posix(),
+        "dataset": dataset,
+        "shots": shots,
+        "seed": seed,
+        "evaluations": [],
+    }
     for name, (sub, value) in evals.items():
         file = f"eval_{name}_{sub}_test.json"
         (d / file).write_text(json.dumps({"dataset": name, "subsample": sub, "accuracy": value}))
@@ -37,12 +62,18 @@ def _write_run(sweep: Path, dataset: str, shots: int, seed: int, acc: float, eva
 
 
 def _manifest(sweep: Path, protocol: str, runs: list[dict]) -> None:
-    (sweep / "sweep.json").write_text(json.dumps({"protocol": protocol, "recipe": "r.yaml", "overrides": [], "runs": runs}))
+    (sweep / "sweep.json").write_text(
+        json.dumps({"protocol": protocol, "recipe": "r.yaml", "overrides": [], "runs": runs})
+    )
 
 
 @pytest.fixture
 def b2n_sweep(tmp_path) -> Path:
-    runs = [_write_run(tmp_path, ds, 16, s, b, {ds: ("new", n)}) for ds, seeds in B2N.items() for s, (b, n) in seeds.items()]
+    runs = [
+        _write_run(tmp_path, ds, 16, s, b, {ds: ("new", n)})
+        for ds, seeds in B2N.items()
+        for s, (b, n) in seeds.items()
+    ]
     _manifest(tmp_path, "base2new", runs)
     return tmp_path
 
@@ -53,12 +84,22 @@ def test_base2new_table_against_hand_values(b2n_sweep):
         rows = {r["dataset"]: r for r in csv.DictReader(f)}
     pets, dtd, avg = rows["oxford_pets"], rows["dtd"], rows["Average (2 datasets)"]
     # oxford_pets: base 80, 82 -> 81 ± 1; new 60, 64 -> 62 ± 2; HM(81, 62) = 10044 / 143
-    assert (float(pets["base"]), float(pets["base_std"]), float(pets["new"]), float(pets["new_std"])) == (81.0, 1.0, 62.0, 2.0)
+    assert (float(pets["base"]), float(pets["base_std"]), float(pets["new"]), float(pets["new_std"])) == (
+        81.0,
+        1.0,
+        62.0,
+        2.0,
+    )
     assert float(pets["hm"]) == pytest.approx(10044 / 143)
     hm1, hm2 = 2 * 80 * 60 / 140, 2 * 82 * 64 / 146
     assert float(pets["hm_std"]) == pytest.approx(abs(hm1 - hm2) / 2)
     # dtd: base 92 ± 2, new 30 ± 0, HM(92, 30) = 5520 / 122
-    assert (float(dtd["base"]), float(dtd["base_std"]), float(dtd["new"]), float(dtd["new_std"])) == (92.0, 2.0, 30.0, 0.0)
+    assert (float(dtd["base"]), float(dtd["base_std"]), float(dtd["new"]), float(dtd["new_std"])) == (
+        92.0,
+        2.0,
+        30.0,
+        0.0,
+    )
     assert float(dtd["hm"]) == pytest.approx(5520 / 122)
     # average: base (81 + 92) / 2 = 86.5, new (62 + 30) / 2 = 46, HM(86.5, 46) = 7958 / 132.5 = 60.06,
     # not the mean of the per-dataset HMs (57.74)
@@ -76,7 +117,9 @@ def test_published_numbers_are_data_with_citations_and_deltas(b2n_sweep):
     assert table["coop"]["average"] == {"base": 82.69, "new": 63.22, "hm": 71.66}
     assert all(e["citation"] and e["url"].startswith("https://arxiv.org/") for e in table.values())
     for e in table.values():  # each published HM is the HM of its published averages (to rounding)
-        assert harmonic_mean(e["average"]["base"], e["average"]["new"]) == pytest.approx(e["average"]["hm"], abs=0.011)
+        assert harmonic_mean(e["average"]["base"], e["average"]["new"]) == pytest.approx(
+            e["average"]["hm"], abs=0.011
+        )
     records = load_sweep(b2n_sweep).records
     assert find_published("base2new", records)[0] == "coop"  # matched by method and backbone
     md = write_report(b2n_sweep).markdown.read_text()
@@ -87,26 +130,45 @@ def test_published_numbers_are_data_with_citations_and_deltas(b2n_sweep):
 
 
 def test_fewshot_table_and_curves(tmp_path):
-    accs = {"oxford_pets": {1: (85.0, 87.0), 16: (90.0, 91.0)}, "dtd": {1: (40.0, 44.0), 16: (60.0, 62.0)}, "eurosat": {1: (50.0, 44.0)}}
-    runs = [_write_run(tmp_path, ds, k, s + 1, a, {}, subsample="all") for ds, by_k in accs.items()
-            for k, vals in by_k.items() for s, a in enumerate(vals)]
+    accs = {
+        "oxford_pets": {1: (85.0, 87.0), 16: (90.0, 91.0)},
+        "dtd": {1: (40.0, 44.0), 16: (60.0, 62.0)},
+        "eurosat": {1: (50.0, 44.0)},
+    }
+    runs = [
+        _write_run(tmp_path, ds, k, s + 1, a, {}, subsample="all")
+        for ds, by_k in accs.items()
+        for k, vals in by_k.items()
+        for s, a in enumerate(vals)
+    ]
     _manifest(tmp_path, "fewshot", runs)
     rep = write_report(tmp_path)
     rows = {(r["dataset"], r["shots"]): r for r in rep.rows}
     assert (rows["dtd", 1]["accuracy"], rows["dtd", 1]["accuracy_std"]) == (42.0, 2.0)
-    assert rows["Average", 1]["accuracy"] == (86.0 + 42.0 + 47.0) / 3 and rows["Average", 16]["accuracy"] == (90.5 + 61.0) / 2
+    assert (
+        rows["Average", 1]["accuracy"] == (86.0 + 42.0 + 47.0) / 3
+        and rows["Average", 16]["accuracy"] == (90.5 + 61.0) / 2
+    )
     md = rep.markdown.read_text()
     assert "| dataset | 1 shot | 16 shots |" in md and "| eurosat | 47.00 ± 3.00 | — |" in md
     assert "| Average | 58.33 | 75.75 (2 of 3) |" in md  # an average over fewer datasets says so
     pixels = np.asarray(Image.open(rep.plot).convert("L"))
-    assert pixels.shape[0] > 100 and (pixels < 128).mean() > 0.005  # curves and axes were drawn, not a blank canvas
+    assert (
+        pixels.shape[0] > 100 and (pixels < 128).mean() > 0.005
+    )  # curves and axes were drawn, not a blank canvas
 
 
 def test_crossdataset_averages_targets_and_domain_shifts_apart(tmp_path):
-    evals = {1: {"dtd": 40.0, "eurosat": 50.0, "imagenetv2": 60.0, "imagenet_a": 50.0},
-             2: {"dtd": 42.0, "eurosat": 52.0, "imagenetv2": 62.0, "imagenet_a": 48.0}}
-    runs = [_write_run(tmp_path, "imagenet", 16, s, 70.0 + s, {k: ("all", v) for k, v in ev.items()}, subsample="all")
-            for s, ev in evals.items()]
+    evals = {
+        1: {"dtd": 40.0, "eurosat": 50.0, "imagenetv2": 60.0, "imagenet_a": 50.0},
+        2: {"dtd": 42.0, "eurosat": 52.0, "imagenetv2": 62.0, "imagenet_a": 48.0},
+    }
+    runs = [
+        _write_run(
+            tmp_path, "imagenet", 16, s, 70.0 + s, {k: ("all", v) for k, v in ev.items()}, subsample="all"
+        )
+        for s, ev in evals.items()
+    ]
     _manifest(tmp_path, "crossdataset", runs)
     rows = {r["dataset"]: r for r in write_report(tmp_path).rows}
     assert rows["imagenet"]["role"] == "source" and rows["imagenet"]["accuracy"] == 71.5
@@ -121,7 +183,10 @@ def test_missing_results_are_reported_not_averaged(b2n_sweep, capsys):
     assert main(["report", str(b2n_sweep), "--published", "none"]) == 0
     out = capsys.readouterr().out
     assert "incomplete**: 2 result(s) missing" in out
-    assert "| oxford_pets | 1 | 80.00 ± 0.00 | 60.00 ± 0.00 |" in out and "| dtd | 1 | 90.00 ± 0.00 | 30.00 ± 0.00 |" in out
+    assert (
+        "| oxford_pets | 1 | 80.00 ± 0.00 | 60.00 ± 0.00 |" in out
+        and "| dtd | 1 | 90.00 ± 0.00 | 30.00 ± 0.00 |" in out
+    )
 
 
 def test_runs_without_a_manifest_are_found(tmp_path):

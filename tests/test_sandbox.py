@@ -43,14 +43,22 @@ def test_render_is_deterministic_per_seed() -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_object_has_its_colour(shape: str) -> None:
     """A large plain centred object: the centre pixel is the object's colour, the corner the background's."""
-    img = np.asarray(render(Scene(shape, "blue", size="large", background="white"), random.Random(0), size=64), dtype=float)
+    img = np.asarray(
+        render(Scene(shape, "blue", size="large", background="white"), random.Random(0), size=64), dtype=float
+    )
     assert np.abs(img[32, 32] - COLOURS["blue"]).max() < 45
     assert np.abs(img[1, 1] - (235, 235, 235)).max() < 30
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_patterns_render(pattern: str) -> None:
-    img = np.asarray(render(Scene("square", "red", size="large", pattern=pattern, background="black"), random.Random(1), size=64))
+    img = np.asarray(
+        render(
+            Scene("square", "red", size="large", pattern=pattern, background="black"),
+            random.Random(1),
+            size=64,
+        )
+    )
     centre = img[20:44, 20:44].reshape(-1, 3).astype(int)
     light = (centre.sum(1) > 600).mean()  # the pattern's second colour is white on a dark object
     assert (light > 0.1) == (pattern != "plain")
@@ -80,8 +88,22 @@ def test_checkerboard_halves_hold_every_colour_and_shape() -> None:
 
 def _tiny_yaml(tmp_path: Path) -> Path:
     spec = yaml.safe_load((REPO / "datasets" / "sandbox_shapes.yaml").read_text())
-    spec.update(name="sandbox_tiny", folder="sandbox_tiny", split_file="split_sandbox_tiny.json", num_classes=4, expected={})
-    spec["generator"].update(name="sandbox_tiny", colours=["red", "blue"], shapes=["circle", "star"], train_per_class=3, val_per_class=1, test_per_class=2, image_size=24)
+    spec.update(
+        name="sandbox_tiny",
+        folder="sandbox_tiny",
+        split_file="split_sandbox_tiny.json",
+        num_classes=4,
+        expected={},
+    )
+    spec["generator"].update(
+        name="sandbox_tiny",
+        colours=["red", "blue"],
+        shapes=["circle", "star"],
+        train_per_class=3,
+        val_per_class=1,
+        test_per_class=2,
+        image_size=24,
+    )
     path = tmp_path / "sandbox_tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -99,11 +121,15 @@ def test_generated_dataset_loads_in_split_file_layout(tmp_path: Path) -> None:
     ensure_data(cfg)  # complete: nothing rewritten
     shutil.copytree(tmp_path / "data", tmp_path / "copy")
     ensure_data(OmegaConf.create({"data": {"name": str(yml), "root": str(tmp_path / "again")}}))
-    assert (tmp_path / "again" / "sandbox_tiny" / "images" / "red_circle" / "train_000.png").read_bytes() == first
+    assert (
+        tmp_path / "again" / "sandbox_tiny" / "images" / "red_circle" / "train_000.png"
+    ).read_bytes() == first
 
 
 def test_dataset_style_changes_the_pixels(tmp_path: Path) -> None:
-    kw = dict(colours=["red"], shapes=["star"], train_per_class=1, val_per_class=1, test_per_class=1, image_size=24)
+    kw = dict(
+        colours=["red"], shapes=["star"], train_per_class=1, val_per_class=1, test_per_class=1, image_size=24
+    )
     a = make_sandbox_dataset(tmp_path, name="a", **kw)
     b = make_sandbox_dataset(tmp_path, name="b", style={"noise": 20.0, "clutter": 3}, **kw)
     rel = "images/red_star/test_000.png"
@@ -131,9 +157,17 @@ def test_recipe_matches_the_shipped_weights() -> None:
 def test_pretrain_export_and_load_round_trip(tmp_path: Path) -> None:
     """A 2-step run end to end: the export loads through load_clip, and a corrupted file is refused."""
     cfg = PretrainConfig(
-        image_size=16, embed_dim=16, vision=dict(layers=1, width=32, head_width=16, patch_size=8),
-        text=dict(layers=1, width=32, heads=2, context_length=32), steps=2, batch_size=4, warmup_steps=1,
-        eval_every=100, checkpoint_every=1, workdir=str(tmp_path / "work"), out=str(tmp_path / "w.safetensors"),
+        image_size=16,
+        embed_dim=16,
+        vision=dict(layers=1, width=32, head_width=16, patch_size=8),
+        text=dict(layers=1, width=32, heads=2, context_length=32),
+        steps=2,
+        batch_size=4,
+        warmup_steps=1,
+        eval_every=100,
+        checkpoint_every=1,
+        workdir=str(tmp_path / "work"),
+        out=str(tmp_path / "w.safetensors"),
     )
     out = pretrain(cfg)
     assert (tmp_path / "work" / "last.pt").is_file()
@@ -177,7 +211,11 @@ def test_shipped_weights_reproduce_recorded_test_split_accuracy(tmp_path: Path) 
     from promptlab.runner import run
 
     meta = sandbox_metadata()
-    cfg = load_recipe(REPO / "recipes" / "sandbox" / "zeroshot.yaml", [f"cache_dir={tmp_path}", f"output_dir={tmp_path / 'run'}"], check_paths=False)
+    cfg = load_recipe(
+        REPO / "recipes" / "sandbox" / "zeroshot.yaml",
+        [f"cache_dir={tmp_path}", f"output_dir={tmp_path / 'run'}"],
+        check_paths=False,
+    )
     torch.set_num_threads(2)
     ensure_data(cfg)  # as the CLI does before a run
     out = run(cfg)

@@ -31,7 +31,10 @@ TINY = dict(train_good=1, test_good=2, test_defect=2)
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.png"))
+    }
 
 
 # ------------------------------------------------------------------------------------------ renders
@@ -58,7 +61,9 @@ def test_masks_mark_exactly_what_the_defect_changed(category: str) -> None:
             diff = np.abs(a - g).max(-1)  # [48, 48]
             assert mask.sum() >= 6
             assert diff[mask].mean() > 25, (category, defect, i)
-            near = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(9))) > 0
+            near = (
+                np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(9))) > 0
+            )
             assert diff[~near].max() == 0  # the anti-aliasing filter reaches < 4 px beyond the defect
             if defect == "hole":  # the background shows through
                 bg = np.array(BACKGROUNDS[obj.background], dtype=float)
@@ -70,7 +75,9 @@ def test_defects_stay_marked_at_any_scale() -> None:
     for scale in (0.1, 0.5, 2.0):
         sizes = []
         for defect in DEFECTS:
-            img, mask, good = render_sample(CATEGORIES["green_square"], defect, random.Random(f"{scale}/{defect}"), defect_scale=scale)
+            img, mask, good = render_sample(
+                CATEGORIES["green_square"], defect, random.Random(f"{scale}/{defect}"), defect_scale=scale
+            )
             assert mask.any() and (np.asarray(img) != np.asarray(good))[mask].any()
             sizes.append(mask.sum())
         assert scale < 1 or min(sizes) >= 10
@@ -107,7 +114,9 @@ def test_generation_is_deterministic_and_skipped_when_complete(tmp_path: Path) -
     make_anomaly_dataset(a, categories=SET_B[:2], **{**TINY, "seed": 1})
     assert _digest(a) != _digest(b)  # other arguments: regenerated
     make_anomaly_dataset(a, categories=SET_B[:1], **TINY)
-    assert sorted(it.category for it in load_items("mvtec", a)) == [SET_B[0]] * (2 + 2 * len(DEFECTS))  # no stale files
+    assert sorted(it.category for it in load_items("mvtec", a)) == [SET_B[0]] * (
+        2 + 2 * len(DEFECTS)
+    )  # no stale files
     with pytest.raises(ValueError, match="unknown categories"):
         make_anomaly_dataset(tmp_path / "z", categories=["green_dodecahedron"])
 
@@ -127,11 +136,22 @@ def test_recipe_is_zero_shot_on_the_sandbox_clip() -> None:
         assert set(spec.generator) - {"_component_"} <= allowed
 
 
-@pytest.mark.parametrize("command", [["anomaly", "train"], ["run"]])  # `promptlab run` dispatches on `kind: anomaly`
-def test_recipe_runs_end_to_end_and_generates_its_data(tmp_path: Path, capsys: pytest.CaptureFixture, command: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command", [["anomaly", "train"], ["run"]]
+)  # `promptlab run` dispatches on `kind: anomaly`
+def test_recipe_runs_end_to_end_and_generates_its_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: list[str]
+) -> None:
     small = [f"{d}.generator.{k}={v}" for d in ("train_data", "eval_data") for k, v in TINY.items()]
     out = tmp_path / "run"
-    args = [*command, str(RECIPE), f"data_root={tmp_path / 'data'}", f"output_dir={out}", "train.epochs=1", *small]
+    args = [
+        *command,
+        str(RECIPE),
+        f"data_root={tmp_path / 'data'}",
+        f"output_dir={out}",
+        "train.epochs=1",
+        *small,
+    ]
     assert main(args) == 0
     for name in ("sandbox_anomaly_a", "sandbox_anomaly_b"):
         assert (tmp_path / "data" / name / PARAMS_FILE).is_file()

@@ -60,7 +60,14 @@ def test_clips_are_deterministic_per_seed_and_key() -> None:
     style = Style(noise=8.0, clutter=2, texture=0.3, cast=0.2, outline=0.5, blur=0.5)
 
     def clip(key: str, seed: int = 0) -> np.ndarray:
-        return np.stack([np.asarray(f) for f in render_clip("star bouncing", key, seed=seed, num_frames=6, image_size=32, style=style)])
+        return np.stack(
+            [
+                np.asarray(f)
+                for f in render_clip(
+                    "star bouncing", key, seed=seed, num_frames=6, image_size=32, style=style
+                )
+            ]
+        )
 
     a = clip("k/1")
     assert a.shape == (6, 32, 32, 3) and a.dtype == np.uint8
@@ -80,7 +87,11 @@ def _track(classname: str, key: str, trail: int = 0) -> tuple[np.ndarray, np.nda
     frames = render_clip(classname, key, num_frames=16, image_size=64, style=Style(jitter=0), trail=trail)
     masks = [_object_mask(np.asarray(f)) for f in frames]
     ys, xs = zip(*(np.nonzero(m) for m in masks))
-    return np.array([y.mean() for y in ys]), np.array([x.mean() for x in xs]), np.array([m.sum() for m in masks], dtype=float)
+    return (
+        np.array([y.mean() for y in ys]),
+        np.array([x.mean() for x in xs]),
+        np.array([m.sum() for m in masks], dtype=float),
+    )
 
 
 @pytest.mark.parametrize("key", ["m/0", "m/1", "m/2"])
@@ -96,7 +107,12 @@ def test_motion_is_in_the_pixels(key: str) -> None:
     assert area[0] > 4 * area[-1] and np.all(np.diff(area) < 3)
     y, x, area = _track("triangle spinning", key)
     assert np.ptp(y) < 3 and np.ptp(x) < 3 and np.ptp(area) < 0.25 * area.mean()  # turns in place ...
-    masks = [_object_mask(np.asarray(f)) for f in render_clip("triangle spinning", key, num_frames=16, image_size=64, style=Style(jitter=0), trail=0)]
+    masks = [
+        _object_mask(np.asarray(f))
+        for f in render_clip(
+            "triangle spinning", key, num_frames=16, image_size=64, style=Style(jitter=0), trail=0
+        )
+    ]
     assert (masks[0] ^ masks[8]).sum() > 0.2 * masks[0].sum()  # ... but does turn
     y, _, _ = _track("heart bouncing", key)
     dy = np.sign(np.diff(y)[np.abs(np.diff(y)) > 0.5])
@@ -114,7 +130,9 @@ def test_trail_points_where_the_object_came_from() -> None:
         assert ghost.sum() > 20
         assert sign * (np.nonzero(ghost)[0].mean() - obj_y) > 5  # below a rising object, above a falling one
     p = {"x": 0.5, "y": 0.5, "r": 0.15, "rot": 0.0, "spin": 3.0, "y0": 0.75, "dist": 0.5}
-    assert trajectory("moving up", -0.2, p)[1] > trajectory("moving up", 0.0, p)[1]  # the trail extends before t=0
+    assert (
+        trajectory("moving up", -0.2, p)[1] > trajectory("moving up", 0.0, p)[1]
+    )  # the trail extends before t=0
 
 
 # ----------------------------------------------------------------------------------------- dataset
@@ -122,8 +140,16 @@ def _tiny_yaml(tmp_path: Path) -> Path:
     spec = yaml.safe_load((REPO / "datasets" / "sandbox_video.yaml").read_text())
     spec.update(name="sbv_tiny", folder="sbv_tiny", num_classes=4, expected={})
     spec["splits"]["val"] = "lists/val.txt"  # the shipped YAML has none: check a val list is read too
-    spec["generator"].update(name="sbv_tiny", motions=["moving up", "growing"], shapes=["star", "heart"], train_per_class=3,
-                             val_per_class=1, test_per_class=2, num_frames=4, image_size=48)
+    spec["generator"].update(
+        name="sbv_tiny",
+        motions=["moving up", "growing"],
+        shapes=["star", "heart"],
+        train_per_class=3,
+        val_per_class=1,
+        test_per_class=2,
+        num_frames=4,
+        image_size=48,
+    )
     path = tmp_path / "sbv_tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -141,15 +167,28 @@ def test_dataset_loads_through_the_video_reader(tmp_path: Path) -> None:
         assert Path(it.path).is_dir() and Path(it.path).parent.name == it.classname.replace(" ", "_")
         assert ds.classnames[it.label] == it.classname
     base, new = subsample_classes(ds, "base"), subsample_classes(ds, "new")
-    assert base.classnames == ["star moving up", "heart growing"] and new.classnames == ["heart moving up", "star growing"]
+    assert base.classnames == ["star moving up", "heart growing"] and new.classnames == [
+        "heart moving up",
+        "star growing",
+    ]
     assert [it.label for it in new.test] == [0, 0, 1, 1]
 
     clip_dir = ds.test[0].path
     frames = read_frames(clip_dir, [0, 1, 2, 3])  # uint8 [T, 3, H, W], as the training loader reads it
     assert frames.shape == (4, 3, 48, 48) and frames.dtype == torch.uint8
     rel = Path(clip_dir).relative_to(tmp_path / "data" / "sbv_tiny" / "videos")
-    expected = np.stack([np.asarray(f) for f in render_clip(ds.test[0].classname, rel.as_posix(), num_frames=4, image_size=48,
-                                                            style=Style(**yaml.safe_load(yml.read_text())["generator"]["style"]))])
+    expected = np.stack(
+        [
+            np.asarray(f)
+            for f in render_clip(
+                ds.test[0].classname,
+                rel.as_posix(),
+                num_frames=4,
+                image_size=48,
+                style=Style(**yaml.safe_load(yml.read_text())["generator"]["style"]),
+            )
+        ]
+    )
     assert np.array_equal(frames.permute(0, 2, 3, 1).numpy(), expected)  # lossless: the files are the renders
 
     stamp = (Path(clip_dir) / "000.png").stat().st_mtime_ns
@@ -168,9 +207,14 @@ def test_changed_arguments_regenerate(tmp_path: Path) -> None:
     assert len(list((folder / "videos" / "star_bouncing" / "test_000").glob("*.png"))) == 3  # no stale frames
     params = json.loads((folder / PARAMS_FILE).read_text())
     assert params["num_frames"] == 3 and params["style"]["noise"] == 0.0
-    assert sorted(p.name for p in (folder / "lists").iterdir()) == ["test.txt", "train.txt"]  # no empty val list
+    assert sorted(p.name for p in (folder / "lists").iterdir()) == [
+        "test.txt",
+        "train.txt",
+    ]  # no empty val list
     assert (folder / "labels.csv").read_text() == "id,name\n0,star bouncing\n"
-    (folder / "videos" / "star_bouncing" / "train_000" / "001.png").unlink()  # a lost frame: the folder is redone
+    (
+        folder / "videos" / "star_bouncing" / "train_000" / "001.png"
+    ).unlink()  # a lost frame: the folder is redone
     make_sandbox_video_dataset(tmp_path, name="v", num_frames=3, **kw)
     assert (folder / "videos" / "star_bouncing" / "train_000" / "001.png").is_file()
 
@@ -180,7 +224,9 @@ def test_shipped_dataset_yaml_matches_its_generator() -> None:
     gen = spec["generator"]
     names = video_classnames(gen["motions"], gen["shapes"])
     assert spec["num_classes"] == len(names)
-    assert spec["expected"] == {s: gen[f"{s}_per_class"] * len(names) for s in ("train", "val", "test") if gen[f"{s}_per_class"]}
+    assert spec["expected"] == {
+        s: gen[f"{s}_per_class"] * len(names) for s in ("train", "val", "test") if gen[f"{s}_per_class"]
+    }
     assert set(spec["splits"]) == set(spec["expected"])
 
 
@@ -188,13 +234,31 @@ def test_shipped_dataset_yaml_matches_its_generator() -> None:
 def test_bridge_and_prompt_recipes_end_to_end(tmp_path: Path, one_thread) -> None:
     """Both sandbox ViFi-CLIP recipes, shrunk: bridge on base, eval on new, prompt on the bridged CLIP."""
     yml = _tiny_yaml(tmp_path)
-    common = [f"data.name={yml}", f"cache_dir={tmp_path / 'cache'}", "device=cpu", "train.epochs=1", "train.warmup_epochs=0",
-              "train.batch_size=3", "video.num_frames=2", "eval.batch_size=4", "shots=2"]
+    common = [
+        f"data.name={yml}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "device=cpu",
+        "train.epochs=1",
+        "train.warmup_epochs=0",
+        "train.batch_size=3",
+        "video.num_frames=2",
+        "eval.batch_size=4",
+        "shots=2",
+    ]
     bridge = tmp_path / "bridge"
-    assert main(["run", str(RECIPES / "vificlip_bridge_base2novel.yaml"), *common, f"output_dir={bridge}"]) == 0
+    assert (
+        main(["run", str(RECIPES / "vificlip_bridge_base2novel.yaml"), *common, f"output_dir={bridge}"]) == 0
+    )
     metrics = json.loads((bridge / "metrics.json").read_text())
-    assert metrics["method"] == "ViFiCLIP" and metrics["arch"] == "sandbox" and metrics["subsample"] == "base" and metrics["n"] == 4
-    assert (tmp_path / "cache" / "data" / "sbv_tiny" / "lists" / "train.txt").is_file()  # generated on first use
+    assert (
+        metrics["method"] == "ViFiCLIP"
+        and metrics["arch"] == "sandbox"
+        and metrics["subsample"] == "base"
+        and metrics["n"] == 4
+    )
+    assert (
+        tmp_path / "cache" / "data" / "sbv_tiny" / "lists" / "train.txt"
+    ).is_file()  # generated on first use
     bridged = load_clip("sandbox", str(bridge / "backbone"))
     assert bridged.fingerprint() != load_clip("sandbox").fingerprint()  # the towers moved and were saved
 
@@ -203,8 +267,18 @@ def test_bridge_and_prompt_recipes_end_to_end(tmp_path: Path, one_thread) -> Non
     assert novel["subsample"] == "new" and novel["n"] == 4
 
     prompt = tmp_path / "prompt"
-    assert main(["run", str(RECIPES / "vificlip_prompt_base2novel.yaml"), *common, f"output_dir={prompt}",
-                 f"model.pretrained={bridge / 'backbone'}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(RECIPES / "vificlip_prompt_base2novel.yaml"),
+                *common,
+                f"output_dir={prompt}",
+                f"model.pretrained={bridge / 'backbone'}",
+            ]
+        )
+        == 0
+    )
     out = json.loads((prompt / "metrics.json").read_text())
     assert out["weights_fingerprint"] == bridged.fingerprint() and out["n"] == 4
     assert not (prompt / "backbone").exists()  # the prompt stage tunes no backbone weight

@@ -31,7 +31,9 @@ def world(tmp_path_factory):
     yamls = tmp / "datasets"
     yamls.mkdir()
     for name, (n, seed) in DATASETS.items():
-        make_synthetic_dataset(tmp / "data" / name, n_classes=n, train_per_class=4, val_per_class=1, test_per_class=3, seed=seed)
+        make_synthetic_dataset(
+            tmp / "data" / name, n_classes=n, train_per_class=4, val_per_class=1, test_per_class=3, seed=seed
+        )
         (yamls / f"{name}.yaml").write_text(
             f"name: {name}\nreader: split_file\nfolder: {name}/synthetic\nimage_dir: images\n"
             "split_file: split_synthetic.json\ntemplate: 'a photo of a {}.'\n"
@@ -42,7 +44,12 @@ def world(tmp_path_factory):
 
 
 def _common(world: Path) -> list[str]:
-    return [f"data.root={world / 'data'}", f"cache_dir={world / 'cache'}", "train.epochs=3", "train.aug_views=1"]
+    return [
+        f"data.root={world / 'data'}",
+        f"cache_dir={world / 'cache'}",
+        "train.epochs=3",
+        "train.aug_views=1",
+    ]
 
 
 def _acc(path: Path) -> float:
@@ -50,15 +57,47 @@ def _acc(path: Path) -> float:
 
 
 def test_plan_grid_protocols_and_dirs(world, tmp_path):
-    sweep = plan_sweep(RECIPE, ["protocol=base2new", "datasets=shapes_a,shapes_b", "seeds=1,2", *_common(world)], tmp_path)
-    assert [(j.dataset, j.seed) for j in sweep.jobs] == [("shapes_a", 1), ("shapes_a", 2), ("shapes_b", 1), ("shapes_b", 2)]
-    assert {j.run_dir for j in sweep.jobs} == {str(tmp_path / d / "shots4" / f"seed{s}") for d in DATASETS for s in (1, 2)}
-    assert all("subsample=base" in j.overrides and [e.subsample for e in j.evaluations] == ["new"] for j in sweep.jobs)
+    sweep = plan_sweep(
+        RECIPE, ["protocol=base2new", "datasets=shapes_a,shapes_b", "seeds=1,2", *_common(world)], tmp_path
+    )
+    assert [(j.dataset, j.seed) for j in sweep.jobs] == [
+        ("shapes_a", 1),
+        ("shapes_a", 2),
+        ("shapes_b", 1),
+        ("shapes_b", 2),
+    ]
+    assert {j.run_dir for j in sweep.jobs} == {
+        str(tmp_path / d / "shots4" / f"seed{s}") for d in DATASETS for s in (1, 2)
+    }
+    assert all(
+        "subsample=base" in j.overrides and [e.subsample for e in j.evaluations] == ["new"]
+        for j in sweep.jobs
+    )
     # few-shot is the default for a recipe without subsample=base, with the per-shot epochs of the recipe
-    fs = plan_sweep(RECIPE, ["datasets=shapes_b", "seeds=1", "shots=1,2", "train.epochs_by_shots={1: 2, 2: 5}", *_common(world)], tmp_path / "fs")
-    assert fs.protocol == "fewshot" and [(j.shots, j.epochs) for j in fs.jobs] == [(1, 2), (2, 5)] and not fs.jobs[0].evaluations
-    xd = plan_sweep(RECIPE, ["protocol=crossdataset", "datasets=shapes_a", "targets=shapes_a,shapes_b", "seeds=1", *_common(world)], tmp_path / "x")
-    assert [(e.name, e.subsample) for e in xd.jobs[0].evaluations] == [("shapes_b", "all")]  # the source is not a target
+    fs = plan_sweep(
+        RECIPE,
+        ["datasets=shapes_b", "seeds=1", "shots=1,2", "train.epochs_by_shots={1: 2, 2: 5}", *_common(world)],
+        tmp_path / "fs",
+    )
+    assert (
+        fs.protocol == "fewshot"
+        and [(j.shots, j.epochs) for j in fs.jobs] == [(1, 2), (2, 5)]
+        and not fs.jobs[0].evaluations
+    )
+    xd = plan_sweep(
+        RECIPE,
+        [
+            "protocol=crossdataset",
+            "datasets=shapes_a",
+            "targets=shapes_a,shapes_b",
+            "seeds=1",
+            *_common(world),
+        ],
+        tmp_path / "x",
+    )
+    assert [(e.name, e.subsample) for e in xd.jobs[0].evaluations] == [
+        ("shapes_b", "all")
+    ]  # the source is not a target
     with pytest.raises(KeyError, match="nope"):
         plan_sweep(RECIPE, ["datasets=nope", *_common(world)], tmp_path)
     with pytest.raises(ConfigError, match="protocol"):
@@ -100,9 +139,13 @@ def test_base2new_sweep_interrupted_resumed_and_reported(world, tmp_path, monkey
     assert calls == []  # everything done: nothing runs
 
     # the interrupted-and-resumed run ends exactly where an uninterrupted one does
-    ref = plan_sweep(RECIPE, [*args[:1], "datasets=shapes_b", "seeds=1", *_common(world)], tmp_path / "ref").jobs[0]
+    ref = plan_sweep(
+        RECIPE, [*args[:1], "datasets=shapes_b", "seeds=1", *_common(world)], tmp_path / "ref"
+    ).jobs[0]
     execute_job(ref)
-    ctx = [load_file(Path(d) / "prompts" / "prompts.safetensors")["ctx"] for d in (victim.run_dir, ref.run_dir)]
+    ctx = [
+        load_file(Path(d) / "prompts" / "prompts.safetensors")["ctx"] for d in (victim.run_dir, ref.run_dir)
+    ]
     assert torch.equal(ctx[0], ctx[1])
     for name in ("metrics.json", "eval_shapes_b_new_test.json"):
         assert _acc(Path(victim.run_dir) / name) == _acc(Path(ref.run_dir) / name)
@@ -115,7 +158,9 @@ def test_base2new_sweep_interrupted_resumed_and_reported(world, tmp_path, monkey
         b = [_acc(out / name / "shots4" / f"seed{s}" / "metrics.json") for s in (1, 2)]
         n = [_acc(out / name / "shots4" / f"seed{s}" / f"eval_{name}_new_test.json") for s in (1, 2)]
         bases[name], news[name] = sum(b) / 2, sum(n) / 2
-        assert rows[name]["base"] == pytest.approx(bases[name]) and rows[name]["new"] == pytest.approx(news[name])
+        assert rows[name]["base"] == pytest.approx(bases[name]) and rows[name]["new"] == pytest.approx(
+            news[name]
+        )
         assert rows[name]["base_std"] == pytest.approx(abs(b[0] - b[1]) / 2)  # population std of two values
         assert rows[name]["hm"] == pytest.approx(harmonic_mean(bases[name], news[name]))
     avg_b, avg_n = sum(bases.values()) / 2, sum(news.values()) / 2
@@ -128,7 +173,11 @@ def test_base2new_sweep_interrupted_resumed_and_reported(world, tmp_path, monkey
 
 def test_crossdataset_evaluates_the_source_prompts_on_each_target(world, tmp_path):
     out = tmp_path / "xd"
-    sweep = plan_sweep(RECIPE, ["protocol=crossdataset", "datasets=shapes_a", "targets=shapes_b", "seeds=1", *_common(world)], out)
+    sweep = plan_sweep(
+        RECIPE,
+        ["protocol=crossdataset", "datasets=shapes_a", "targets=shapes_b", "seeds=1", *_common(world)],
+        out,
+    )
     run_sweep(sweep, in_process=True)
     run_dir = Path(sweep.jobs[0].run_dir)
     target = json.loads((run_dir / "eval_shapes_b_all_test.json").read_text())
@@ -139,10 +188,14 @@ def test_crossdataset_evaluates_the_source_prompts_on_each_target(world, tmp_pat
     assert rows[0]["accuracy"] == pytest.approx(_acc(run_dir / "metrics.json"))
 
 
-def _fake_run(job: Job, *, metrics: bool, evals: bool = False, checkpoint: bool = False, **cfg_overrides) -> None:
+def _fake_run(
+    job: Job, *, metrics: bool, evals: bool = False, checkpoint: bool = False, **cfg_overrides
+) -> None:
     d = Path(job.run_dir)
     d.mkdir(parents=True)
-    cfg = load_recipe(job.recipe, [*job.overrides, *(f"{k}={v}" for k, v in cfg_overrides.items())], check_paths=False)
+    cfg = load_recipe(
+        job.recipe, [*job.overrides, *(f"{k}={v}" for k, v in cfg_overrides.items())], check_paths=False
+    )
     OmegaConf.save(cfg, d / "config.yaml")
     if metrics:
         (d / "metrics.json").write_text("{}")
@@ -176,7 +229,12 @@ def test_a_run_dir_of_another_config_is_never_resumed_into(world, tmp_path):
 
 def test_devices_and_jobs_give_parallel_processes_their_gpu(world, tmp_path, monkeypatch):
     """--jobs 2 --devices 0,1: two job processes at once, each with its own CUDA_VISIBLE_DEVICES."""
-    assert device_slots(None, ["0", "1"]) == ["0", "1"] and device_slots(4, ["0", "1"]) == ["0", "1", "0", "1"]
+    assert device_slots(None, ["0", "1"]) == ["0", "1"] and device_slots(4, ["0", "1"]) == [
+        "0",
+        "1",
+        "0",
+        "1",
+    ]
     assert device_slots(None, None) == [None] and device_slots(3, None) == [None] * 3
     together = threading.Barrier(2, timeout=30)
     seen = []
@@ -208,8 +266,19 @@ def test_fewshot_sweep_in_job_processes_then_report(world, tmp_path, capsys):
     stand-in processes.
     """
     out = tmp_path / "fs"
-    args = ["sweep", str(RECIPE), "datasets=shapes_b", "seeds=1", "shots=1,2", "train.epochs_by_shots={1: 1, 2: 2}",
-            *_common(world), "--out", str(out), "--jobs", "2"]
+    args = [
+        "sweep",
+        str(RECIPE),
+        "datasets=shapes_b",
+        "seeds=1",
+        "shots=1,2",
+        "train.epochs_by_shots={1: 1, 2: 2}",
+        *_common(world),
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     for k, epochs in ((1, 1), (2, 2)):
         m = json.loads((out / "shapes_b" / f"shots{k}" / "seed1" / "metrics.json").read_text())
@@ -221,7 +290,9 @@ def test_fewshot_sweep_in_job_processes_then_report(world, tmp_path, capsys):
 
 
 def test_job_json_round_trip(world, tmp_path):
-    job = plan_sweep(RECIPE, ["protocol=base2new", "datasets=shapes_a", "seeds=1", *_common(world)], tmp_path).jobs[0]
+    job = plan_sweep(
+        RECIPE, ["protocol=base2new", "datasets=shapes_a", "seeds=1", *_common(world)], tmp_path
+    ).jobs[0]
     assert Job.from_json(json.loads(json.dumps(job.to_json()))) == job
     assert dataclasses.replace(job, seed=2) != job
 
@@ -230,19 +301,32 @@ def test_crossdataset_zero_shot_uses_the_target_template(world, tmp_path, monkey
     """Zero-shot prompts evaluated on another dataset take that dataset's template, not the source's."""
     yamls = tmp_path / "datasets"
     yamls.mkdir()
-    for name, template in (("shapes_a", "a photo of a {}."), ("shapes_d", "a blurry drawing of the {}, a shape.")):
+    for name, template in (
+        ("shapes_a", "a photo of a {}."),
+        ("shapes_d", "a blurry drawing of the {}, a shape."),
+    ):
         (yamls / f"{name}.yaml").write_text(
             f"name: {name}\nreader: split_file\nfolder: shapes_a/synthetic\nimage_dir: images\n"
             f"split_file: split_synthetic.json\ntemplate: '{template}'\n"
         )
     monkeypatch.setenv("PROMPTLAB_DATASETS_DIR", str(yamls))
     zs = Path(__file__).resolve().parent.parent / "recipes" / "zeroshot" / "clip_vit_b16.yaml"
-    common = ["model.arch=tiny", "model.pretrained=null", f"data.root={world / 'data'}", f"cache_dir={tmp_path / 'cache'}", "data.num_workers=0"]
+    common = [
+        "model.arch=tiny",
+        "model.pretrained=null",
+        f"data.root={world / 'data'}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "data.num_workers=0",
+    ]
     acc = {}
     for name in ("shapes_a", "shapes_d"):
-        cfg = load_recipe(zs, [*common, f"data.name={name}", f"output_dir={tmp_path / name}"], check_paths=False)
+        cfg = load_recipe(
+            zs, [*common, f"data.name={name}", f"output_dir={tmp_path / name}"], check_paths=False
+        )
         acc[name] = promptlab.runner.run(cfg)["accuracy"]
-    assert acc["shapes_a"] != acc["shapes_d"], "the two templates must give different classifiers for this test to bite"
+    assert acc["shapes_a"] != acc["shapes_d"], (
+        "the two templates must give different classifiers for this test to bite"
+    )
     cross = promptlab.runner.eval_prompts(tmp_path / "shapes_a", ["data.name=shapes_d"])
     assert cross["accuracy"] == pytest.approx(acc["shapes_d"])
     same = promptlab.runner.eval_prompts(tmp_path / "shapes_a", [])

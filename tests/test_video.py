@@ -53,7 +53,9 @@ def write_video(path: Path, n: int = N_FRAMES, size: int = SIZE) -> Path:
 def write_frames(folder: Path, n: int = N_FRAMES, size: int = SIZE) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        Image.fromarray(np.full((size, size, 3), frame_value(i), dtype=np.uint8)).save(folder / f"img_{i + 1:05d}.png")
+        Image.fromarray(np.full((size, size, 3), frame_value(i), dtype=np.uint8)).save(
+            folder / f"img_{i + 1:05d}.png"
+        )
     return folder
 
 
@@ -234,11 +236,16 @@ def test_indices_past_the_end_take_the_last_frame(tmp_path: Path) -> None:
         frames = read_frames(path, [3, 130, 119, 125], seek=seek)  # an over-reported length asks for 130
         assert torch.equal(frames[1], last) and torch.equal(frames[2], last) and torch.equal(frames[3], last)
         assert not torch.equal(frames[0], last)
-    assert torch.equal(read_frames(path, [200])[0], last) and torch.equal(read_frames(path, [200], seek=False)[0], last)
+    assert torch.equal(read_frames(path, [200])[0], last) and torch.equal(
+        read_frames(path, [200], seek=False)[0], last
+    )
 
 
 def test_seeking_falls_back_when_timestamps_cannot_be_trusted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, decode_spy: dict[str, int]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    decode_spy: dict[str, int],
 ) -> None:
     path = str(write_textured(tmp_path / "gop12.avi", gop=12))
     idx = [5, 40, 75, 110]
@@ -255,25 +262,36 @@ def test_seeking_falls_back_when_timestamps_cannot_be_trusted(
         del table.index[next(pts for pts, i in table.index.items() if i == 3)]  # frame 3's pts: in no packet
         return table
 
-    for fake, reason in [(seeks_land_late, "expected frame 0, decoded frame 12"), (unknown_pts, "which no packet has")]:
+    for fake, reason in [
+        (seeks_land_late, "expected frame 0, decoded frame 12"),
+        (unknown_pts, "which no packet has"),
+    ]:
         monkeypatch.setattr(video_decode, "_frame_table", fake)
         decode_spy.update(runs=0, frames=0)
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="promptlab.video.decode"):
             assert torch.equal(read_frames(path, idx), expected)
         assert "from the start" in caplog.text and reason in caplog.text
-        assert decode_spy["runs"] == 2 and decode_spy["frames"] > 111  # a failed try, then 0..110 from the start
+        assert (
+            decode_spy["runs"] == 2 and decode_spy["frames"] > 111
+        )  # a failed try, then 0..110 from the start
 
 
 @pytest.mark.skipif("libx264" not in av.codecs_available, reason="this PyAV build has no H.264 encoder")
-def test_stream_without_timestamps_decodes_from_the_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_stream_without_timestamps_decodes_from_the_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     raw = tmp_path / "clip.h264"  # a raw H.264 stream: its packets have no pts
     with av.open(str(raw), "w", format="h264") as out:
         stream = out.add_stream("libx264", rate=25)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.gop_size = 12
         for i in range(48):
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), format="rgb24")))
+            out.mux(
+                stream.encode(
+                    av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), format="rgb24")
+                )
+            )
         out.mux(stream.encode())
     with caplog.at_level(logging.DEBUG, logger="promptlab.video.decode"):
         frames = read_frames(str(raw), [40, 10])
@@ -348,20 +366,28 @@ def video_root(tmp_path: Path) -> Path:
     ucf = root / "ucf101"
     classes = ["ApplyEyeMakeup", "Archery", "Basketball"]
     (ucf / "ucfTrainTestlist").mkdir(parents=True)
-    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text(
+        "".join(f"{i + 1} {c}\n" for i, c in enumerate(classes))
+    )
     train, test = [], []
     for i, c in enumerate(classes):
         for g in (1, 2):
             rel = f"{c}/v_{c}_g0{g}_c01.avi"
             if (i, g) == (1, 2):
-                write_frames(ucf / "UCF-101" / c / f"v_{c}_g0{g}_c01", n=8)  # a frame folder instead of a file
+                write_frames(
+                    ucf / "UCF-101" / c / f"v_{c}_g0{g}_c01", n=8
+                )  # a frame folder instead of a file
             else:
                 write_video(ucf / "UCF-101" / rel, n=8)
             (train if g == 1 else test).append(rel)
         train_lines = "".join(f"{r} {classes.index(r.split('/')[0]) + 1}\n" for r in train)
     for fold in (1, 2):
-        (ucf / "ucfTrainTestlist" / f"trainlist0{fold}.txt").write_text(train_lines if fold == 1 else "".join(f"{r} 1\n" for r in test))
-        (ucf / "ucfTrainTestlist" / f"testlist0{fold}.txt").write_text("".join(f"{r}\n" for r in (test if fold == 1 else train)))
+        (ucf / "ucfTrainTestlist" / f"trainlist0{fold}.txt").write_text(
+            train_lines if fold == 1 else "".join(f"{r} 1\n" for r in test)
+        )
+        (ucf / "ucfTrainTestlist" / f"testlist0{fold}.txt").write_text(
+            "".join(f"{r}\n" for r in (test if fold == 1 else train))
+        )
     hmdb = root / "hmdb51"
     (hmdb / "testTrainMulti_7030_splits").mkdir(parents=True)
     for c in ("brush_hair", "cartwheel"):
@@ -372,8 +398,10 @@ def video_root(tmp_path: Path) -> Path:
         (hmdb / "testTrainMulti_7030_splits" / f"{c}_test_split1.txt").write_text("".join(lines))
     k4 = root / "k400"
     (k4 / "annotations").mkdir(parents=True)
-    rows = {"train": [("abseiling", "aaa", 0, 10), ("air drumming", "bbb", 5, 15), ("abseiling", "gone", 0, 10)],
-            "val": [("air drumming", "ccc", 1, 11)]}
+    rows = {
+        "train": [("abseiling", "aaa", 0, 10), ("air drumming", "bbb", 5, 15), ("abseiling", "gone", 0, 10)],
+        "val": [("air drumming", "ccc", 1, 11)],
+    }
     for split, rs in rows.items():
         lines = ["label,youtube_id,time_start,time_end,split"]
         for lab, yid, s, e in rs:
@@ -383,12 +411,19 @@ def video_root(tmp_path: Path) -> Path:
         (k4 / "annotations" / f"{split}.csv").write_text("\n".join(lines) + "\n")
     vifi = root / "vificlip"
     (vifi / "labels").mkdir(parents=True)
-    (vifi / "labels" / "ucf_101_labels.csv").write_text("id,name\n" + "".join(f"{i},{c}\n" for i, c in enumerate(classes)))
+    (vifi / "labels" / "ucf_101_labels.csv").write_text(
+        "id,name\n" + "".join(f"{i},{c}\n" for i, c in enumerate(classes))
+    )
     (vifi / "datasets_splits" / "ucf_splits").mkdir(parents=True)
     (vifi / "datasets_splits" / "ucf_splits" / "train1_few_shot_2.txt").write_text(
-        "".join(f"{Path(r).name} {classes.index(r.split('/')[0])}\n" for r in train + test))  # bare names, as ViFi-CLIP's
-    (vifi / "datasets_splits" / "ucf_splits" / "train1_few_shot_16.txt").write_text("")  # `data check` reads K=16
-    (vifi / "datasets_splits" / "ucf_splits" / "val1.txt").write_text("".join(f"{Path(r).name} {classes.index(r.split('/')[0])}\n" for r in test))
+        "".join(f"{Path(r).name} {classes.index(r.split('/')[0])}\n" for r in train + test)
+    )  # bare names, as ViFi-CLIP's
+    (vifi / "datasets_splits" / "ucf_splits" / "train1_few_shot_16.txt").write_text(
+        ""
+    )  # `data check` reads K=16
+    (vifi / "datasets_splits" / "ucf_splits" / "val1.txt").write_text(
+        "".join(f"{Path(r).name} {classes.index(r.split('/')[0])}\n" for r in test)
+    )
     return root
 
 
@@ -404,7 +439,9 @@ def test_ucf101_official_splits(video_root: Path) -> None:
 def test_hmdb51_kinetics_and_vifi_lists(video_root: Path) -> None:
     hm = load_dataset("hmdb51", video_root, params={"fold": 1})
     assert hm.classnames == ["brush hair", "cartwheel"]
-    assert (len(hm.train), len(hm.test)) == (2, 2) and all("clip0" in it.path for it in hm.train)  # 1 = train, 0 unused
+    assert (len(hm.train), len(hm.test)) == (2, 2) and all(
+        "clip0" in it.path for it in hm.train
+    )  # 1 = train, 0 unused
     k4 = load_dataset("kinetics400", video_root)
     assert k4.classnames == ["abseiling", "air drumming"]
     assert (len(k4.train), len(k4.test)) == (2, 1)  # the clip gone from YouTube is left out, not an error
@@ -422,5 +459,9 @@ def test_data_check_covers_video(video_root: Path) -> None:
     broken = video_root / "hmdb51" / "hmdb51_org" / "cartwheel" / "cartwheel_clip1.avi"
     broken.write_bytes(b"garbage")
     report = check_dataset("hmdb51", video_root, full=True)
-    assert not report.ok and "unreadable" in " ".join(report.problems) and "cartwheel_clip1.avi" in " ".join(report.problems)
+    assert (
+        not report.ok
+        and "unreadable" in " ".join(report.problems)
+        and "cartwheel_clip1.avi" in " ".join(report.problems)
+    )
     assert json.dumps(report.counts)  # plain data

@@ -34,7 +34,9 @@ def test_temporal_mean_and_multiview_average(tiny_clip) -> None:
         got = m(views)
     expected = per_view.softmax(-1).mean(1)
     torch.testing.assert_close(got.exp(), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(average_views(per_view[:, :1]).exp(), per_view[:, 0].softmax(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        average_views(per_view[:, :1]).exp(), per_view[:, 0].softmax(-1), atol=1e-6, rtol=0
+    )
 
 
 def test_label_smoothing_and_soft_targets(tiny_clip) -> None:
@@ -42,7 +44,9 @@ def test_label_smoothing_and_soft_targets(tiny_clip) -> None:
     logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
     torch.testing.assert_close(m.loss(logits, labels), F.cross_entropy(logits, labels, label_smoothing=0.1))
     onehot = F.one_hot(labels, 3).float()
-    torch.testing.assert_close(m.loss(logits, labels, targets=onehot), m.loss(logits, labels))  # hard targets agree
+    torch.testing.assert_close(
+        m.loss(logits, labels, targets=onehot), m.loss(logits, labels)
+    )  # hard targets agree
 
 
 def _step(m, x, labels) -> None:
@@ -58,7 +62,9 @@ def test_bridge_tunes_towers_prompt_tunes_prompts_only() -> None:
     pretrained_fp = clip.fingerprint()
     before = {k: v.clone() for k, v in clip.model.state_dict().items()}
     bridge = ViFiCLIP(clip, CLASSES, stage="bridge", tune="both")
-    assert bridge.trainable_backbone_parts and all(p.startswith("model.") for p in bridge.trainable_backbone_parts)
+    assert bridge.trainable_backbone_parts and all(
+        p.startswith("model.") for p in bridge.trainable_backbone_parts
+    )
     _step(bridge, x, labels)
     after = clip.model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -84,7 +90,9 @@ def test_bridge_tunes_towers_prompt_tunes_prompts_only() -> None:
     assert set(learned) == {"ctx", "text_deep", "vis_ctx", "vis_deep"}
     _step(prompt, x, labels)
     assert all(torch.equal(v, clip2.model.state_dict()[k]) for k, v in ref.items())  # backbone untouched
-    assert all(not torch.equal(v, prompt.prompt_state_dict()[k]) for k, v in learned.items())  # every prompt moved
+    assert all(
+        not torch.equal(v, prompt.prompt_state_dict()[k]) for k, v in learned.items()
+    )  # every prompt moved
 
 
 def test_grad_accumulation_equals_the_big_batch(tiny_clip, tmp_path: Path) -> None:
@@ -98,33 +106,82 @@ def test_grad_accumulation_equals_the_big_batch(tiny_clip, tmp_path: Path) -> No
         m = CoOp(tiny_clip, CLASSES, n_ctx=2)
         opt = torch.optim.SGD(m.trainable_parameters(), lr=1.0)
         g = torch.Generator().manual_seed(0)
-        train(m, FeatureBatches(feats, labels, batch, g, shuffle=False), opt, epochs=1, lr_fn=lambda e: 1.0,
-              generator=g, run_dir=tmp_path / f"r{batch}", device=torch.device("cpu"), grad_accum_steps=accum)
+        train(
+            m,
+            FeatureBatches(feats, labels, batch, g, shuffle=False),
+            opt,
+            epochs=1,
+            lr_fn=lambda e: 1.0,
+            generator=g,
+            run_dir=tmp_path / f"r{batch}",
+            device=torch.device("cpu"),
+            grad_accum_steps=accum,
+        )
         results.append(m.ctx.detach().clone())
     torch.testing.assert_close(results[0], results[1], atol=5e-5, rtol=0)  # one step on the mean gradient
-    assert (results[2] - results[0]).abs().max() > 1e-3  # two plain steps of 2 differ: the check is not vacuous
+    assert (
+        results[2] - results[0]
+    ).abs().max() > 1e-3  # two plain steps of 2 differ: the check is not vacuous
 
 
 def test_bridge_then_prompt_end_to_end(tmp_path: Path) -> None:
     """Both stages through the CLI on tiny videos: the bridged backbone is a checkpoint the prompt stage loads."""
     root = _make_ucf_root(tmp_path / "data")
-    common = [f"data.root={root}", "data.name=ucf101_video", "data.num_workers=0", "model.arch=tiny",
-              "video.num_frames=4", "train.batch_size=2", "train.grad_accum_steps=2", "train.amp=fp32",
-              "train.grad_checkpointing=false", "eval.batch_size=2", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
-              "train.epochs=1", "train.warmup_epochs=0"]
+    common = [
+        f"data.root={root}",
+        "data.name=ucf101_video",
+        "data.num_workers=0",
+        "model.arch=tiny",
+        "video.num_frames=4",
+        "train.batch_size=2",
+        "train.grad_accum_steps=2",
+        "train.amp=fp32",
+        "train.grad_checkpointing=false",
+        "eval.batch_size=2",
+        "device=cpu",
+        f"cache_dir={tmp_path / 'cache'}",
+        "train.epochs=1",
+        "train.warmup_epochs=0",
+    ]
     bridge_dir = tmp_path / "bridge"
-    assert main(["run", str(RECIPES / "vificlip_bridge_k400.yaml"), *common, "model.pretrained=null",
-                 f"output_dir={bridge_dir}", "optimizer.lr=1e-3"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(RECIPES / "vificlip_bridge_k400.yaml"),
+                *common,
+                "model.pretrained=null",
+                f"output_dir={bridge_dir}",
+                "optimizer.lr=1e-3",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((bridge_dir / "metrics.json").read_text())
     assert metrics["method"] == "ViFiCLIP" and metrics["n"] == 3
     backbone = bridge_dir / "backbone"
     bridged = load_clip("tiny", str(backbone))
     assert bridged.fingerprint() != load_clip("tiny").fingerprint()  # the towers moved and were saved
     prompt_dir = tmp_path / "prompt"
-    assert main(["run", str(RECIPES / "vificlip_prompt_base2novel.yaml"), *common, f"model.pretrained={backbone}",
-                 f"output_dir={prompt_dir}", "method.n_ctx_text=2", "method.n_ctx_vision=2",
-                 "method.prompt_depth_text=2", "method.prompt_depth_vision=2", "shots=0",
-                 "video.test_clips=2", "video.test_crops=3"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(RECIPES / "vificlip_prompt_base2novel.yaml"),
+                *common,
+                f"model.pretrained={backbone}",
+                f"output_dir={prompt_dir}",
+                "method.n_ctx_text=2",
+                "method.n_ctx_vision=2",
+                "method.prompt_depth_text=2",
+                "method.prompt_depth_vision=2",
+                "shots=0",
+                "video.test_clips=2",
+                "video.test_crops=3",
+            ]
+        )
+        == 0
+    )
     out = json.loads((prompt_dir / "metrics.json").read_text())
     assert out["weights_fingerprint"] == bridged.fingerprint()  # prompts learned on the frozen bridged CLIP
     assert load_clip("tiny", str(backbone)).fingerprint() == bridged.fingerprint()
@@ -138,7 +195,9 @@ def _make_ucf_root(root: Path) -> Path:
     av = pytest.importorskip("av")
     ucf = root / "ucf101"
     (ucf / "ucfTrainTestlist").mkdir(parents=True)
-    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(CLASSES)))
+    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text(
+        "".join(f"{i + 1} {c}\n" for i, c in enumerate(CLASSES))
+    )
     train, test = [], []
     for y, c in enumerate(CLASSES):
         for g in (1, 2, 3):

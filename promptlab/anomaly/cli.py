@@ -37,7 +37,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     size = args.image_size or meta.get("image_size") or module.clip.image_size
     items = load_items(args.layout, args.root, args.split)
     ds = AnomalyDataset(items, size, module.clip.image_mean, module.clip.image_std)
-    m = evaluate_anomaly(module, ds, device=device, batch_size=args.batch_size, sigma=args.sigma, aupro_convention=args.aupro)
+    m = evaluate_anomaly(
+        module, ds, device=device, batch_size=args.batch_size, sigma=args.sigma, aupro_convention=args.aupro
+    )
     _print_metrics(m)
     if args.out:
         from promptlab import io
@@ -55,7 +57,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from promptlab.anomaly.predict import predict
 
     out = Path(args.out) if args.out else module_dir(args.prompts_dir).parent / "predictions"
-    rows = predict(module_dir(args.prompts_dir), args.images, out, image_size=args.image_size, sigma=args.sigma, device=args.device)
+    rows = predict(
+        module_dir(args.prompts_dir),
+        args.images,
+        out,
+        image_size=args.image_size,
+        sigma=args.sigma,
+        device=args.device,
+    )
     for r in rows:
         print(f"{r['score']:.4f}  {r['image']}  -> {r['overlay']}")
     print(f"scores: {out / 'scores.csv'}")
@@ -67,7 +76,9 @@ def add_anomaly_commands(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("anomaly", help="zero-shot anomaly detection (AnomalyCLIP): train | eval | predict")
     asub = a.add_subparsers(dest="anomaly_command", required=True)
 
-    t = asub.add_parser("train", help="train on the auxiliary dataset, export, evaluate (a `kind: anomaly` recipe)")
+    t = asub.add_parser(
+        "train", help="train on the auxiliary dataset, export, evaluate (a `kind: anomaly` recipe)"
+    )
     t.add_argument("recipe", help="e.g. anomaly/anomalyclip_mvtec")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.add_argument("--resume", action="store_true")

@@ -50,7 +50,9 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
 
 
-def read_mvtec(root: str | Path, split: str = "test", categories: Sequence[str] | None = None) -> list[AnomalyItem]:
+def read_mvtec(
+    root: str | Path, split: str = "test", categories: Sequence[str] | None = None
+) -> list[AnomalyItem]:
     """MVTec AD's official layout; ``split="train"`` lists the normal training images."""
     root = Path(root)
     cats = list(categories) if categories else sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
@@ -71,7 +73,9 @@ def read_mvtec(root: str | Path, split: str = "test", categories: Sequence[str] 
     return items
 
 
-def read_visa(root: str | Path, split: str = "test", categories: Sequence[str] | None = None) -> list[AnomalyItem]:
+def read_visa(
+    root: str | Path, split: str = "test", categories: Sequence[str] | None = None
+) -> list[AnomalyItem]:
     """VisA's official layout through ``split_csv/1cls.csv``."""
     root = Path(root)
     table = root / "split_csv" / "1cls.csv"
@@ -84,13 +88,19 @@ def read_visa(root: str | Path, split: str = "test", categories: Sequence[str] |
                 continue
             bad = row["label"] == "anomaly"
             mask = str(root / row["mask"]) if bad and row.get("mask") else None
-            items.append(AnomalyItem(str(root / row["image"]), int(bad), row["object"], mask, "anomaly" if bad else "good"))
+            items.append(
+                AnomalyItem(
+                    str(root / row["image"]), int(bad), row["object"], mask, "anomaly" if bad else "good"
+                )
+            )
     if not items:
         raise FileNotFoundError(f"{table}: no rows with split={split!r}")
     return sorted(items, key=lambda it: (it.category, it.path))
 
 
-def read_folder(root: str | Path, split: str = "test", categories: Sequence[str] | None = None) -> list[AnomalyItem]:
+def read_folder(
+    root: str | Path, split: str = "test", categories: Sequence[str] | None = None
+) -> list[AnomalyItem]:
     """The generic ``good/ defect/ masks/`` layout (``split`` is ignored: everything is test data)."""
     root = Path(root)
     dirs = [root] if (root / "good").is_dir() else sorted(p for p in root.iterdir() if (p / "good").is_dir())
@@ -112,20 +122,26 @@ def read_folder(root: str | Path, split: str = "test", categories: Sequence[str]
 READERS = {"mvtec": read_mvtec, "visa": read_visa, "folder": read_folder}
 
 
-def load_items(layout: str, root: str | Path, split: str = "test", categories: Sequence[str] | None = None) -> list[AnomalyItem]:
+def load_items(
+    layout: str, root: str | Path, split: str = "test", categories: Sequence[str] | None = None
+) -> list[AnomalyItem]:
     """Items of one dataset in one of ``LAYOUTS``."""
     if layout not in READERS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     return READERS[layout](root, split, categories)
 
 
-def image_transform(size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> T.Compose:
+def image_transform(
+    size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD
+) -> T.Compose:
     """AnomalyCLIP's test transform: resize to ``size`` x ``size`` (bicubic, no crop), CLIP normalisation."""
-    return T.Compose([
-        T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    return T.Compose(
+        [
+            T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def read_mask(path: str | None, size: int) -> torch.Tensor:
@@ -141,7 +157,13 @@ def read_mask(path: str | None, size: int) -> torch.Tensor:
 class AnomalyDataset(Dataset):
     """Items as ``(image [3, S, S], mask [1, S, S], label, index)`` samples."""
 
-    def __init__(self, items: Sequence[AnomalyItem], image_size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD):
+    def __init__(
+        self,
+        items: Sequence[AnomalyItem],
+        image_size: int,
+        mean: Sequence[float] = OPENAI_MEAN,
+        std: Sequence[float] = OPENAI_STD,
+    ):
         self.items = list(items)
         self.size = image_size
         self.transform = image_transform(image_size, mean, std)
@@ -155,7 +177,15 @@ class AnomalyDataset(Dataset):
         return self.transform(img), read_mask(it.mask, self.size), it.label, i
 
 
-def write_synthetic(root: str | Path, layout: str, categories: Sequence[str] = ("widget",), n_good: int = 3, n_defect: int = 3, size: int = 32, seed: int = 0) -> Path:
+def write_synthetic(
+    root: str | Path,
+    layout: str,
+    categories: Sequence[str] = ("widget",),
+    n_good: int = 3,
+    n_defect: int = 3,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
     """Tiny images with known square defects, in the ``mvtec``, ``visa`` or ``folder`` layout (tests, demos).
 
     Normal images are smooth noise around a per-category colour; a defect is a bright square whose
@@ -183,7 +213,15 @@ def write_synthetic(root: str | Path, layout: str, categories: Sequence[str] = (
                 d = "Anomaly" if bad else "Normal"
                 ip = root / cat / "Data" / "Images" / d / name
                 mp = root / cat / "Data" / "Masks" / "Anomaly" / name
-                rows.append([cat, "test", "anomaly" if bad else "normal", str(ip.relative_to(root)), str(mp.relative_to(root)) if bad else ""])
+                rows.append(
+                    [
+                        cat,
+                        "test",
+                        "anomaly" if bad else "normal",
+                        str(ip.relative_to(root)),
+                        str(mp.relative_to(root)) if bad else "",
+                    ]
+                )
             elif layout == "folder":
                 ip = root / cat / ("defect" if bad else "good") / name
                 mp = root / cat / "masks" / name
@@ -196,7 +234,9 @@ def write_synthetic(root: str | Path, layout: str, categories: Sequence[str] = (
                 Image.fromarray(mask).save(mp)
         if layout == "mvtec":  # the training split holds normal images only
             (root / cat / "train" / "good").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.full((size, size, 3), 80 + 40 * ci, np.uint8)).save(root / cat / "train" / "good" / "000.png")
+            Image.fromarray(np.full((size, size, 3), 80 + 40 * ci, np.uint8)).save(
+                root / cat / "train" / "good" / "000.png"
+            )
     if layout == "visa":
         (root / "split_csv").mkdir(parents=True, exist_ok=True)
         with (root / "split_csv" / "1cls.csv").open("w", newline="") as f:

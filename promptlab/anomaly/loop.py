@@ -136,7 +136,9 @@ def train_anomaly(
     every epoch; ``resume`` continues from it.
     """
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers
+    )
     opt = torch.optim.Adam(module.trainable_parameters(), lr=lr, betas=tuple(betas))
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     start = 0
@@ -153,14 +155,22 @@ def train_anomaly(
                 image_loss = module.loss(out.image_logits, labels)
                 total = module.loss(out.image_logits, labels, layer_maps=out.layer_maps, masks=masks)
             if not torch.isfinite(total):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}; last good checkpoint: {ckpt_path}")
+                raise FloatingPointError(
+                    f"non-finite loss at epoch {epoch + 1}; last good checkpoint: {ckpt_path}"
+                )
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
             map_sum += float(total.detach() - image_loss.detach())
             img_sum += float(image_loss.detach())
         stats = {"map_loss": map_sum / len(loader), "image_loss": img_sum / len(loader)}
-        log.info("epoch %d/%d  map loss %.4f  image loss %.4f", epoch + 1, epochs, stats["map_loss"], stats["image_loss"])
+        log.info(
+            "epoch %d/%d  map loss %.4f  image loss %.4f",
+            epoch + 1,
+            epochs,
+            stats["map_loss"],
+            stats["image_loss"],
+        )
         save_training_state(ckpt_path, module, opt, epoch + 1, generator)
     module.eval()
     return stats
@@ -223,16 +233,23 @@ def save_anomaly_prompts(module: AnomalyCLIP, out_dir: str | Path, extra: dict |
     blob = io.safetensors_bytes(state, {"format": "pt", "method": "anomalyclip"})
     clip = module.clip
     cfg = {
-        "kind": "anomaly", "method": "anomalyclip", "hparams": dict(module.hparams), "arch": clip.arch,
-        "pretrained": clip.pretrained, "fingerprint": clip.fingerprint(),
-        "files": {TENSORS_FILE: {"sha256": hashlib.sha256(blob).hexdigest()}}, **(extra or {}),
+        "kind": "anomaly",
+        "method": "anomalyclip",
+        "hparams": dict(module.hparams),
+        "arch": clip.arch,
+        "pretrained": clip.pretrained,
+        "fingerprint": clip.fingerprint(),
+        "files": {TENSORS_FILE: {"sha256": hashlib.sha256(blob).hexdigest()}},
+        **(extra or {}),
     }
     io.atomic_write_bytes(out_dir / TENSORS_FILE, blob)
     io.atomic_write_json(out_dir / CONFIG_FILE, cfg)
     return out_dir
 
 
-def load_anomaly_prompts(prompts_dir: str | Path, clip: FrozenCLIP | None = None, device: str | torch.device = "cpu") -> AnomalyCLIP:
+def load_anomaly_prompts(
+    prompts_dir: str | Path, clip: FrozenCLIP | None = None, device: str | torch.device = "cpu"
+) -> AnomalyCLIP:
     """Rebuild an exported AnomalyCLIP on ``clip`` (default: the backbone recorded in the export)."""
     d = Path(prompts_dir)
     d = d / "prompts" if not (d / CONFIG_FILE).exists() and (d / "prompts" / CONFIG_FILE).exists() else d
@@ -276,16 +293,32 @@ def run_anomaly(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     if cfg.train.epochs > 0 and cfg.train_data is not None:
         t = cfg.train
         result["train"] = train_anomaly(
-            module, _dataset(cfg.train_data, cfg.image_size, clip), epochs=t.epochs, batch_size=t.batch_size,
-            lr=t.lr, betas=tuple(t.betas), run_dir=out, device=device, amp=t.amp, seed=cfg.seed,
-            num_workers=t.num_workers, resume=resume,
+            module,
+            _dataset(cfg.train_data, cfg.image_size, clip),
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            betas=tuple(t.betas),
+            run_dir=out,
+            device=device,
+            amp=t.amp,
+            seed=cfg.seed,
+            num_workers=t.num_workers,
+            resume=resume,
         )
     save_anomaly_prompts(module, out / "prompts", {"image_size": cfg.image_size, "sigma": cfg.eval.sigma})
     if cfg.eval_data is not None:
-        result.update(evaluate_anomaly(
-            module, _dataset(cfg.eval_data, cfg.image_size, clip), device=device, batch_size=cfg.eval.batch_size,
-            sigma=cfg.eval.sigma, aupro_convention=cfg.eval.aupro, amp=cfg.train.amp,
-        ))
+        result.update(
+            evaluate_anomaly(
+                module,
+                _dataset(cfg.eval_data, cfg.image_size, clip),
+                device=device,
+                batch_size=cfg.eval.batch_size,
+                sigma=cfg.eval.sigma,
+                aupro_convention=cfg.eval.aupro,
+                amp=cfg.train.amp,
+            )
+        )
     result["prompts"] = str(out / "prompts")
     io.atomic_write_json(out / "metrics.json", result)
     return result

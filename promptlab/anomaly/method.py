@@ -89,7 +89,9 @@ class AnomalyCLIP(PromptModule):
         init = lambda: nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)  # noqa: E731
         self.ctx_normal = nn.Parameter(init())  # [E, W]
         self.ctx_anomalous = nn.Parameter(init())  # [E, W]
-        self.deep = deep_prompt_tokens(clip.text_layers, deep_depth, deep_n_ctx, clip.width, "text")  # [depth-1, n, W]
+        self.deep = deep_prompt_tokens(
+            clip.text_layers, deep_depth, deep_n_ctx, clip.width, "text"
+        )  # [depth-1, n, W]
         ids, pos, eot = build_prompt_layout(clip, list(STATES), n_ctx, "end")  # "[SOS] X..X object. [EOT]"
         L = int(eot.max()) + 1
         with torch.no_grad():
@@ -127,7 +129,9 @@ class AnomalyCLIP(PromptModule):
         conv = m.vision_model.embeddings.patch_embedding if hasattr(m, "vision_model") else m.visual.conv1
         return int(conv.kernel_size[0])
 
-    def forward(self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B, 2] normal / anomalous logits of the global image feature (needs images: dense features)."""
         if images is None:
             raise ValueError("AnomalyCLIP needs images (its features come from several layers)")
@@ -152,7 +156,9 @@ class AnomalyCLIP(PromptModule):
 
 
 # ---------------------------------------------------------------------- losses (zqhang/AnomalyCLIP loss.py)
-def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+def focal_loss(
+    probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
+) -> torch.Tensor:
     """Focal loss on probabilities [B, 2, H, W] against a {0, 1} target [B, H, W], mean over pixels.
 
     The one-hot target is clamped to [smooth, 1 - smooth] and ``smooth`` added to p_t, as in the reference.

@@ -47,7 +47,11 @@ def predict(
     """Score images with exported prompts, write overlays and ``scores.csv``; returns the table rows."""
     import json
 
-    meta = json.loads((Path(prompts_dir) / "prompt_config.json").read_text()) if (Path(prompts_dir) / "prompt_config.json").exists() else {}
+    meta = (
+        json.loads((Path(prompts_dir) / "prompt_config.json").read_text())
+        if (Path(prompts_dir) / "prompt_config.json").exists()
+        else {}
+    )
     module = load_anomaly_prompts(prompts_dir, device=device).eval()
     size = int(image_size or meta.get("image_size") or module.clip.image_size)
     sigma = float(meta.get("sigma", 4.0) if sigma is None else sigma)

@@ -58,7 +58,9 @@ def begin(folder: Path, index: Iterable[Path]) -> None:
 def commit(folder: Path, params: dict[str, Any], index: dict[Path, str]) -> None:
     """Record ``params``, then write each index file atomically: the dataset becomes readable only now."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(folder) / PARAMS_FILE, (json.dumps(_normalised(params), indent=1) + "\n").encode())
+    atomic_write_bytes(
+        Path(folder) / PARAMS_FILE, (json.dumps(_normalised(params), indent=1) + "\n").encode()
+    )
     for path, text in index.items():
         atomic_write_bytes(Path(path), text.encode())
 
@@ -90,7 +92,11 @@ def write_split_dataset(
     folder = Path(folder)
     image_dir, split_path = folder / "images", folder / split_file
     split = {
-        s: [[f"{c.replace(' ', '_')}/{s}_{i:03d}.png", y, c] for y, c in enumerate(classnames) for i in range(n)]
+        s: [
+            [f"{c.replace(' ', '_')}/{s}_{i:03d}.png", y, c]
+            for y, c in enumerate(classnames)
+            for i in range(n)
+        ]
         for s, n in counts.items()
     }
     files = [image_dir / row[0] for rows in split.values() for row in rows]

@@ -189,7 +189,9 @@ def fill_list_names(spec: DatasetSpec, params: dict | None) -> DatasetSpec:
         return spec
     fill = lambda v: v.format_map(params) if v and "{" in v else v  # noqa: E731
     return dataclasses.replace(
-        spec, split_file=fill(spec.split_file), classnames_file=fill(spec.classnames_file),
+        spec,
+        split_file=fill(spec.split_file),
+        classnames_file=fill(spec.classnames_file),
         splits={k: fill(v) for k, v in spec.splits.items()},
     )
 

@@ -70,4 +70,6 @@ def make_synthetic_dataset(
 
     counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
     params = {"generator": "synthetic", "seed": seed, "image_size": image_size}
-    return write_split_dataset(Path(root) / "synthetic", SPLIT_FILE, synthetic_classnames(n_classes), counts, params, draw)
+    return write_split_dataset(
+        Path(root) / "synthetic", SPLIT_FILE, synthetic_classnames(n_classes), counts, params, draw
+    )

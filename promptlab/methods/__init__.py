@@ -21,7 +21,18 @@ METHODS: dict[str, type[PromptModule]] = {
     "vificlip": ViFiCLIP,
 }
 
-__all__ = ["METHODS", "CoCoOp", "CoOp", "IVLP", "KgCoOp", "MaPLe", "MoCoOp", "ViFiCLIP", "ZeroShotCLIP", "method_name"]
+__all__ = [
+    "METHODS",
+    "CoCoOp",
+    "CoOp",
+    "IVLP",
+    "KgCoOp",
+    "MaPLe",
+    "MoCoOp",
+    "ViFiCLIP",
+    "ZeroShotCLIP",
+    "method_name",
+]
 
 
 def method_name(module: PromptModule | type[PromptModule]) -> str:

@@ -39,7 +39,13 @@ class CoCoOp(PromptModule):
     #: into chunks of whole images so that memory stays bounded (the result does not change).
     max_prompts_per_call: ClassVar[int] = 8192
 
-    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int = 4, ctx_init: str | None = "a photo of a"):
+    def __init__(
+        self,
+        clip: FrozenCLIP,
+        classnames: Sequence[str],
+        n_ctx: int = 4,
+        ctx_init: str | None = "a photo of a",
+    ):
         super().__init__(clip, classnames)
         self.ctx = nn.Parameter(init_context(clip, n_ctx, ctx_init))  # [n_ctx, W]
         self.n_ctx = self.ctx.shape[0]
@@ -65,7 +71,9 @@ class CoCoOp(PromptModule):
         return encode_context_prefix(self.clip, self._base, ctx, self._eot)  # [B, C, D]
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
-        img = F.normalize(image_features.float(), dim=-1)  # [B, D]; normalised before the meta-net, as the reference
+        img = F.normalize(
+            image_features.float(), dim=-1
+        )  # [B, D]; normalised before the meta-net, as the reference
         step = max(1, self.max_prompts_per_call // max(1, len(self.classnames)))
         out = []
         for chunk in img.split(step):

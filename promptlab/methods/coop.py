@@ -62,7 +62,9 @@ class CoOp(PromptModule):
             )
         super().set_classnames(classnames)
         # _base [C, L, W], _ctx_pos [C, n_ctx], _eot [C]
-        self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx, self.class_token_position))
+        self.register_class_buffers(
+            prompt_buffers(self.clip, self.classnames, self.n_ctx, self.class_token_position)
+        )
 
     def text_features(self) -> torch.Tensor:
         if not self.csc and self.class_token_position == "end":  # [SOS] + context shared by all classes

@@ -63,11 +63,17 @@ class IVLP(PromptModule):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx_text, prefix=self.prefix))
+        self.register_class_buffers(
+            prompt_buffers(self.clip, self.classnames, self.n_ctx_text, prefix=self.prefix)
+        )
 
     def text_features(self) -> torch.Tensor:
         prompts = insert_context(self._base, self.ctx, self._ctx_pos)  # [C, L, W]
-        return encode_prompts(self.clip, prompts, self._eot, deep_prompts=layer_prompts(self.text_deep))  # [C, D]
+        return encode_prompts(
+            self.clip, prompts, self._eot, deep_prompts=layer_prompts(self.text_deep)
+        )  # [C, D]
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(images, prompts=self.vis_ctx, deep_prompts=layer_prompts(self.vis_deep))  # [B, D]
+        return self.clip.encode_image(
+            images, prompts=self.vis_ctx, deep_prompts=layer_prompts(self.vis_deep)
+        )  # [B, D]

@@ -61,7 +61,9 @@ class KgCoOp(PromptModule):
         super().set_classnames(classnames)
         self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx))
         # computed once per class set; a buffer so that it follows .to(device) but is never saved
-        self.register_buffer("_hand", hand_crafted_features(self.clip, self.classnames, self.templates), persistent=False)
+        self.register_buffer(
+            "_hand", hand_crafted_features(self.clip, self.classnames, self.templates), persistent=False
+        )
         self._step_text = None
 
     def text_features(self) -> torch.Tensor:

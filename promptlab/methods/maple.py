@@ -68,11 +68,15 @@ class MaPLe(PromptModule):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx, prefix=self.prefix))
+        self.register_class_buffers(
+            prompt_buffers(self.clip, self.classnames, self.n_ctx, prefix=self.prefix)
+        )
 
     def text_features(self) -> torch.Tensor:
         prompts = insert_context(self._base, self.ctx, self._ctx_pos)  # [C, L, W]
-        return encode_prompts(self.clip, prompts, self._eot, deep_prompts=layer_prompts(self.text_deep))  # [C, D]
+        return encode_prompts(
+            self.clip, prompts, self._eot, deep_prompts=layer_prompts(self.text_deep)
+        )  # [C, D]
 
     def vision_prompts(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The coupled vision tokens: shallow F_0(P_0) [n, Wv] and deep [F_j(P_j) for j = 1..d-1]."""

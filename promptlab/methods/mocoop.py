@@ -244,7 +244,9 @@ class MoCoOp(PromptModule):
         logits = mix_expert_logits(per_expert, weights, idx)
         self._last = (img, router_logits, feats)  # for loss(): the engine calls it right after forward
         if self._stats is not None:  # evaluation: observe_eval files the choices under the true classes
-            self._chosen = torch.zeros_like(router_logits, dtype=torch.long).scatter_(1, idx, 1).cpu()  # [B, E]
+            self._chosen = (
+                torch.zeros_like(router_logits, dtype=torch.long).scatter_(1, idx, 1).cpu()
+            )  # [B, E]
         return logits
 
     # ------------------------------------------------------------------ objective

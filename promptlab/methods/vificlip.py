@@ -83,7 +83,13 @@ class ViFiCLIP(PromptModule):
         else:
             self.n_ctx_text = n_ctx_text
             self.prefix, learned = independent_vl_prompts(
-                clip, n_ctx_text, n_ctx_vision, ctx_init, prompt_depth_text, prompt_depth_vision, "the prompt stage"
+                clip,
+                n_ctx_text,
+                n_ctx_vision,
+                ctx_init,
+                prompt_depth_text,
+                prompt_depth_vision,
+                "the prompt stage",
             )
             for name, p in learned.items():  # ctx [n_t, W], text_deep, vis_ctx [n_v, Wv], vis_deep
                 setattr(self, name, p)
@@ -95,7 +101,9 @@ class ViFiCLIP(PromptModule):
             ids = self.clip.tokenize([self.template.format(clean_classname(c)) for c in self.classnames])
             self.register_buffer("_ids", ids, persistent=False)  # [C, 77]
             return
-        self.register_class_buffers(prompt_buffers(self.clip, self.classnames, self.n_ctx_text, prefix=self.prefix))
+        self.register_class_buffers(
+            prompt_buffers(self.clip, self.classnames, self.n_ctx_text, prefix=self.prefix)
+        )
 
     # ------------------------------------------------------------------ features
     def text_features(self) -> torch.Tensor:
@@ -117,7 +125,10 @@ class ViFiCLIP(PromptModule):
         return self.encode_frames(clips.flatten(0, 1)).reshape(B, T, -1).mean(1)  # temporal mean pooling
 
     def forward(
-        self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
+        self,
+        images: torch.Tensor | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, C]; for multi-view clips [B, V, T, 3, H, W], log of the views' mean softmax.
@@ -129,7 +140,9 @@ class ViFiCLIP(PromptModule):
             return average_views(super().forward(images.flatten(0, 1)).reshape(B, V, -1))
         return super().forward(images, image_features=image_features)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None, **aux: Any) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None, **aux: Any
+    ) -> torch.Tensor:
         """Label-smoothed cross-entropy; against mixed soft ``targets`` [B, C] when mixup / CutMix made them."""
         if targets is None:
             return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -143,7 +156,9 @@ class ViFiCLIP(PromptModule):
         names (``clip.model.<open_clip or HF name>``), not FrozenCLIP's internal aliases."""
         if self.stage != "bridge":
             return super().prompt_state_dict()
-        return {f"clip.model.{n}": p.detach() for n, p in self.clip.model.named_parameters() if p.requires_grad}
+        return {
+            f"clip.model.{n}": p.detach() for n, p in self.clip.model.named_parameters() if p.requires_grad
+        }
 
     def load_prompt_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "state dict") -> None:
         if self.stage != "bridge":
@@ -152,10 +167,14 @@ class ViFiCLIP(PromptModule):
         names = {f"clip.model.{n}" for n, p in own.items() if p.requires_grad}
         missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
         if missing or unexpected:
-            raise KeyError(f"{source} does not match ViFiCLIP (bridge): missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise KeyError(
+                f"{source} does not match ViFiCLIP (bridge): missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         with torch.no_grad():
             for k, v in state.items():
                 p = own[k[len("clip.model.") :]]
                 if tuple(v.shape) != tuple(p.shape):
-                    raise ValueError(f"{source}: '{k}' has shape {list(v.shape)}, the backbone's is {list(p.shape)}")
+                    raise ValueError(
+                        f"{source}: '{k}' has shape {list(v.shape)}, the backbone's is {list(p.shape)}"
+                    )
                 p.copy_(v)

@@ -37,7 +37,12 @@ class ZeroShotCLIP(PromptModule):
         with torch.no_grad():
             feats = torch.stack(
                 [
-                    F.normalize(self.clip.encode_text(self.clip.tokenize([t.format(clean_classname(c)) for c in self.classnames])).float(), dim=-1)
+                    F.normalize(
+                        self.clip.encode_text(
+                            self.clip.tokenize([t.format(clean_classname(c)) for c in self.classnames])
+                        ).float(),
+                        dim=-1,
+                    )
                     for t in self.templates
                 ]
             )  # [T, C, D]

@@ -22,7 +22,9 @@ def sandbox_metadata(weights: str | Path = WEIGHTS) -> dict[str, Any]:
     """The JSON written beside the weights: model config, sha256, recorded accuracies, recipe."""
     path = Path(weights).with_suffix(".json")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: sandbox CLIP metadata missing (run python -m promptlab.sandbox.pretrain)")
+        raise FileNotFoundError(
+            f"{path}: sandbox CLIP metadata missing (run python -m promptlab.sandbox.pretrain)"
+        )
     return json.loads(path.read_text())
 
 
@@ -45,10 +47,14 @@ def load_sandbox_model(weights: str | Path = WEIGHTS):
     weights = Path(weights)
     meta = sandbox_metadata(weights)
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: sandbox CLIP weights missing (run python -m promptlab.sandbox.pretrain)")
+        raise FileNotFoundError(
+            f"{weights}: sandbox CLIP weights missing (run python -m promptlab.sandbox.pretrain)"
+        )
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if digest != meta["sha256"]:
-        raise ValueError(f"{weights}: sha256 {digest[:16]}... does not match its metadata ({meta['sha256'][:16]}...)")
+        raise ValueError(
+            f"{weights}: sha256 {digest[:16]}... does not match its metadata ({meta['sha256'][:16]}...)"
+        )
     sd = load_file(str(weights))
     ids = sd.pop(TOKEN_IDS_KEY).long()  # [n]
     compact = sd.pop("token_embedding.weight").float()  # [n, W]

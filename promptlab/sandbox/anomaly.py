@@ -58,7 +58,9 @@ CATEGORIES: dict[str, ObjectType] = {
     "green_square": ObjectType("square", "green", "plain", "white"),
     "pink_heart": ObjectType("heart", "pink", "checkered", "grey"),
     # set B (never seen in training: the zero-shot target)
-    "red_square": ObjectType("square", "red", "striped", "dark blue"),  # not white: holes would hide in the stripes
+    "red_square": ObjectType(
+        "square", "red", "striped", "dark blue"
+    ),  # not white: holes would hide in the stripes
     "yellow_circle": ObjectType("circle", "yellow", "plain", "grey"),
     "cyan_heart": ObjectType("heart", "cyan", "plain", "black"),
     "purple_hexagon": ObjectType("hexagon", "purple", "dotted", "beige"),
@@ -72,7 +74,9 @@ def _luma(rgb: Sequence[int]) -> float:
     return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
-def _draw_object(obj: ObjectType, rng: random.Random, s: int) -> tuple[Image.Image, Image.Image, tuple, tuple, float]:
+def _draw_object(
+    obj: ObjectType, rng: random.Random, s: int
+) -> tuple[Image.Image, Image.Image, tuple, tuple, float]:
     """The good object at the supersampled side ``s``: (image, object mask "L", surface colour, background, radius)."""
     bg = _jitter(BACKGROUNDS[obj.background], 8, rng)
     img = Image.new("RGB", (s, s), bg)
@@ -98,7 +102,9 @@ def _blob(draw: ImageDraw.ImageDraw, cx: float, cy: float, radius: float, rng: r
         draw.ellipse([cx + ox - rx, cy + oy - ry, cx + ox + rx, cy + oy + ry], fill=255)
 
 
-def _defect_shape(defect: str, rng: random.Random, s: int, r: float, centre: tuple[float, float], scale: float) -> Image.Image:
+def _defect_shape(
+    defect: str, rng: random.Random, s: int, r: float, centre: tuple[float, float], scale: float
+) -> Image.Image:
     """The defect's own mask (before clipping to the object) at side ``s``; ``scale`` multiplies its size."""
     m = Image.new("L", (s, s), 0)
     d = ImageDraw.Draw(m)
@@ -119,7 +125,13 @@ def _defect_shape(defect: str, rng: random.Random, s: int, r: float, centre: tup
 
 
 def render_sample(
-    obj: ObjectType, defect: str | None, rng: random.Random, *, size: int = 48, noise: float = 3.0, defect_scale: float = 1.0
+    obj: ObjectType,
+    defect: str | None,
+    rng: random.Random,
+    *,
+    size: int = 48,
+    noise: float = 3.0,
+    defect_scale: float = 1.0,
 ) -> tuple[Image.Image, np.ndarray, Image.Image]:
     """One image of ``obj``, with ``defect`` (one of :data:`DEFECTS`) or without (``None``).
 
@@ -153,7 +165,10 @@ def render_sample(
         else:
             odd = rng.choice([c for c in _ODD if c != obj.colour])
             alpha = rng.uniform(0.65, 0.9)
-            img.paste(_jitter(COLOURS[odd], 15, rng), mask=Image.fromarray((np.asarray(dm) * alpha).astype(np.uint8)))
+            img.paste(
+                _jitter(COLOURS[odd], 15, rng),
+                mask=Image.fromarray((np.asarray(dm) * alpha).astype(np.uint8)),
+            )
     noise_rng = np.random.default_rng(rng.getrandbits(63))
     grain = noise_rng.normal(0, noise, (size, size, 3)) if noise > 0 else 0.0
 
@@ -213,28 +228,42 @@ def make_anomaly_dataset(
     root = Path(root).expanduser()
     counts = {"train_good": train_good, "test_good": test_good, "test_defect": test_defect}
     params = {
-        "categories": {c: asdict(CATEGORIES[c]) for c in categories}, "counts": counts,
-        "image_size": image_size, "noise": noise, "defect_scale": defect_scale, "seed": seed,
+        "categories": {c: asdict(CATEGORIES[c]) for c in categories},
+        "counts": counts,
+        "image_size": image_size,
+        "noise": noise,
+        "defect_scale": defect_scale,
+        "seed": seed,
     }
     files = _files(categories, counts)
 
     def paths(cat: str, split: str, defect: str | None, i: int) -> list[Path]:
         image = root / cat / split / (defect or "good") / f"{i:03d}.png"
-        return [image] if defect is None else [image, root / cat / "ground_truth" / defect / f"{i:03d}_mask.png"]
+        return (
+            [image] if defect is None else [image, root / cat / "ground_truth" / defect / f"{i:03d}_mask.png"]
+        )
 
     all_files = [q for f in files for q in paths(*f)]
     if up_to_date(root, params, [], all_files):
         return root
     old = recorded_params(root)
     begin(root, [])
-    for cat in sorted({*(old or {}).get("categories", {}), *categories}):  # no stale image beside the new ones
+    for cat in sorted(
+        {*(old or {}).get("categories", {}), *categories}
+    ):  # no stale image beside the new ones
         shutil.rmtree(root / cat, ignore_errors=True)
     for cat, split, defect, i in files:
         rng = random.Random(f"{seed}/{cat}/{split}/{defect or 'good'}/{i}")
-        img, mask, _ = render_sample(CATEGORIES[cat], defect, rng, size=image_size, noise=noise, defect_scale=defect_scale)
-        for path, pic in zip(paths(cat, split, defect, i), (img, Image.fromarray(mask.astype(np.uint8) * 255))):
+        img, mask, _ = render_sample(
+            CATEGORIES[cat], defect, rng, size=image_size, noise=noise, defect_scale=defect_scale
+        )
+        for path, pic in zip(
+            paths(cat, split, defect, i), (img, Image.fromarray(mask.astype(np.uint8) * 255))
+        ):
             path.parent.mkdir(parents=True, exist_ok=True)
             pic.save(path)
     commit(root, params, {})
-    log.info("wrote sandbox anomaly dataset (%d categories, %d images) to %s", len(categories), len(files), root)
+    log.info(
+        "wrote sandbox anomaly dataset (%d categories, %d images) to %s", len(categories), len(files), root
+    )
     return root

@@ -79,12 +79,22 @@ def make_sandbox_dataset(
     classnames = checkerboard_classnames(colours, shapes)
     st = Style(**(style or {}))
     counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
-    params = dict(generator="sandbox", name=name, colours=list(colours), shapes=list(shapes), style=vars(st), image_size=image_size, seed=seed)
+    params = dict(
+        generator="sandbox",
+        name=name,
+        colours=list(colours),
+        shapes=list(shapes),
+        style=vars(st),
+        image_size=image_size,
+        seed=seed,
+    )
 
     def draw(classname: str, rel: str):
         return render_item(classname, rel, seed=seed, image_size=image_size, style=st)
 
-    return write_split_dataset(Path(root).expanduser() / name, f"split_{name}.json", classnames, counts, params, draw)
+    return write_split_dataset(
+        Path(root).expanduser() / name, f"split_{name}.json", classnames, counts, params, draw
+    )
 
 
 def check_set(dataset: str = "sandbox_shapes", per_class: int = 5) -> tuple[list, list[int], list[str], str]:
@@ -105,18 +115,30 @@ def check_set(dataset: str = "sandbox_shapes", per_class: int = 5) -> tuple[list
     images, labels = [], []
     for y, c in enumerate(names):
         for i in range(per_class):
-            images.append(render_item(c, f"check/{c}/{i}", seed=args.get("seed", 0), image_size=args.get("image_size", 48), style=st))
+            images.append(
+                render_item(
+                    c,
+                    f"check/{c}/{i}",
+                    seed=args.get("seed", 0),
+                    image_size=args.get("image_size", 48),
+                    style=st,
+                )
+            )
             labels.append(y)
     return images, labels, names, spec.template
 
 
-def zeroshot_accuracy(clip, images: Sequence, labels: Sequence[int], classnames: Sequence[str], template: str) -> float:
+def zeroshot_accuracy(
+    clip, images: Sequence, labels: Sequence[int], classnames: Sequence[str], template: str
+) -> float:
     """Top-1 accuracy of zero-shot ``clip`` (a FrozenCLIP) with one template, as ZeroShotCLIP computes it."""
     import torch
     import torch.nn.functional as F
 
     with torch.no_grad():
-        text = F.normalize(clip.encode_text(clip.tokenize([template.format(c) for c in classnames])).float(), dim=-1)
+        text = F.normalize(
+            clip.encode_text(clip.tokenize([template.format(c) for c in classnames])).float(), dim=-1
+        )
         x = torch.stack([clip.eval_transform(im) for im in images])  # [N, 3, H, W]
         feats = torch.cat([F.normalize(clip.encode_image(b).float(), dim=-1) for b in x.split(256)])  # [N, D]
         pred = (feats @ text.T).argmax(-1)

@@ -48,8 +48,12 @@ class PretrainConfig:
     seed: int = 0
     image_size: int = 48
     embed_dim: int = 128
-    vision: dict[str, int] = field(default_factory=lambda: dict(layers=3, width=128, head_width=32, patch_size=8))
-    text: dict[str, int] = field(default_factory=lambda: dict(layers=2, width=128, heads=4, context_length=32))
+    vision: dict[str, int] = field(
+        default_factory=lambda: dict(layers=3, width=128, head_width=32, patch_size=8)
+    )
+    text: dict[str, int] = field(
+        default_factory=lambda: dict(layers=2, width=128, heads=4, context_length=32)
+    )
     steps: int = 1200
     batch_size: int = 128
     lr: float = 2.0e-3
@@ -118,7 +122,11 @@ class _Pairs(IterableDataset):
                 rng = random.Random(f"{self.cfg.seed}/{step}/{i}")
                 scene = sample_scene(rng)
                 img = render(scene, rng, size=self.cfg.image_size, style=self.style)
-                images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3))
+                images.append(
+                    torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(
+                        img.height, img.width, 3
+                    )
+                )
                 texts.append(caption(scene, rng))
             x = torch.stack(images).permute(0, 3, 1, 2).float().div(255)  # [B, 3, H, W]
             ids = tok(texts, context_length=self.cfg.text["context_length"])
@@ -142,7 +150,14 @@ def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
 
 
 @torch.no_grad()
-def probe_accuracy(model: torch.nn.Module, lookup: torch.Tensor, cfg: PretrainConfig, *, n: int = 256, style: Style | None = None) -> float:
+def probe_accuracy(
+    model: torch.nn.Module,
+    lookup: torch.Tensor,
+    cfg: PretrainConfig,
+    *,
+    n: int = 256,
+    style: Style | None = None,
+) -> float:
     """Zero-shot colour x shape accuracy on ``n`` fixed renders: a progress signal while training."""
     tok = _tokenizer()
     names = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -156,7 +171,9 @@ def probe_accuracy(model: torch.nn.Module, lookup: torch.Tensor, cfg: PretrainCo
             rng = random.Random(f"probe/{i}")
             scene = sample_scene(rng)
             img = render(scene, rng, size=cfg.image_size, style=style or Style(**cfg.style))
-            xs.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3))
+            xs.append(
+                torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
+            )
             ys.append(names.index(f"{scene.colour} {scene.shape}"))
         x = (torch.stack(xs).permute(0, 3, 1, 2).float().div(255) - mean) / std
         pred = (F.normalize(model.encode_image(x), dim=-1) @ text.T).argmax(-1)
@@ -164,7 +181,9 @@ def probe_accuracy(model: torch.nn.Module, lookup: torch.Tensor, cfg: PretrainCo
     return correct / n
 
 
-def export(model: torch.nn.Module, vocab: list[int], cfg: PretrainConfig, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+def export(
+    model: torch.nn.Module, vocab: list[int], cfg: PretrainConfig, out: Path, extra: dict[str, Any]
+) -> dict[str, Any]:
     """Write fp16 weights with the compact token table and its token ids, plus ``<out>.json``.
 
     :func:`promptlab.sandbox.load_sandbox_model` scatters the compact table into a full-size one
@@ -223,14 +242,32 @@ def pretrain(cfg: PretrainConfig) -> Path:
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
         if step % 10 == 0 or step == 1:
-            log.info("step %d/%d loss %.4f scale %.1f lr %.2e %.1f s", step, cfg.steps, loss.item(), scale.item(), _lr(cfg, step - 1), time.time() - t0)
+            log.info(
+                "step %d/%d loss %.4f scale %.1f lr %.2e %.1f s",
+                step,
+                cfg.steps,
+                loss.item(),
+                scale.item(),
+                _lr(cfg, step - 1),
+                time.time() - t0,
+            )
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
-            log.info("step %d probe zero-shot accuracy (%d classes): %.3f", step, len(COLOURS) * len(SHAPES), probe_accuracy(model, lookup, cfg))
+            log.info(
+                "step %d probe zero-shot accuracy (%d classes): %.3f",
+                step,
+                len(COLOURS) * len(SHAPES),
+                probe_accuracy(model, lookup, cfg),
+            )
             model.train()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             tmp = ckpt.with_suffix(".tmp")
-            torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, elapsed=time.time() - t0), tmp)
+            torch.save(
+                dict(
+                    model=model.state_dict(), optimizer=opt.state_dict(), step=step, elapsed=time.time() - t0
+                ),
+                tmp,
+            )
             tmp.replace(ckpt)
     model.eval()
     minutes = (time.time() - t0) / 60
@@ -263,9 +300,17 @@ def record(weights: str | Path, data_root: str | Path) -> dict[str, Any]:
         images, labels, names, template = check_set(name)
         acc = zeroshot_accuracy(clip, images, labels, names, template)
         meta["zeroshot_check"][name] = dict(n=len(labels), accuracy=round(acc, 6))
-        make_sandbox_dataset(root, **{k: v for k, v in get_spec(name).generator.items() if k != "_component_"})
+        make_sandbox_dataset(
+            root, **{k: v for k, v in get_spec(name).generator.items() if k != "_component_"}
+        )
         ds = load_dataset(name, root)
-        test_acc = zeroshot_accuracy(clip, [Image.open(it.path).convert("RGB") for it in ds.test], [it.label for it in ds.test], ds.classnames, ds.template)
+        test_acc = zeroshot_accuracy(
+            clip,
+            [Image.open(it.path).convert("RGB") for it in ds.test],
+            [it.label for it in ds.test],
+            ds.classnames,
+            ds.template,
+        )
         meta["zeroshot_test"][name] = dict(n=len(ds.test), accuracy=round(test_acc, 6))
         log.info("%s zero-shot: check set %.4f, test split %.4f", name, acc, test_acc)
     weights.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -273,10 +318,14 @@ def record(weights: str | Path, data_root: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m promptlab.sandbox.pretrain", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m promptlab.sandbox.pretrain", description=__doc__.splitlines()[0]
+    )
     p.add_argument("recipe", help="recipes/sandbox/pretrain.yaml")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. steps=100 out=/tmp/x.safetensors")
-    p.add_argument("--data-root", default="~/.cache/promptlab/data", help="where the recorded test splits are generated")
+    p.add_argument(
+        "--data-root", default="~/.cache/promptlab/data", help="where the recorded test splits are generated"
+    )
     p.add_argument("--record-only", action="store_true", help="only (re)measure the exported weights")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

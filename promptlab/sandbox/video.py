@@ -46,7 +46,9 @@ from promptlab.sandbox.world import BACKGROUNDS, COLOURS, SHAPES, Style, _draw_s
 log = logging.getLogger(__name__)
 
 MOTIONS = ("moving up", "moving down", "growing", "shrinking", "spinning", "bouncing")
-_SCALE = 2  # frames are drawn at 2x and box-downsampled for anti-aliased edges (world.render: 4x; 16 frames cost)
+_SCALE = (
+    2  # frames are drawn at 2x and box-downsampled for anti-aliased edges (world.render: 4x; 16 frames cost)
+)
 _TRAIL_SPAN = 0.4  # how far back the trail reaches, as a fraction of the clip (not of a frame)
 
 
@@ -61,7 +63,10 @@ def video_classnames(motions: Sequence[str], shapes: Sequence[str]) -> list[str]
         raise ValueError(f"unknown motions or shapes {unknown}; known: {list(MOTIONS)} and {list(SHAPES)}")
     if "circle" in shapes and "spinning" in motions:
         raise ValueError("a spinning circle looks like a still one: leave 'circle' out of the shapes")
-    cells = sorted(((i, j) for i in range(len(motions)) for j in range(len(shapes))), key=lambda c: ((c[0] + c[1]) % 2, c))
+    cells = sorted(
+        ((i, j) for i in range(len(motions)) for j in range(len(shapes))),
+        key=lambda c: ((c[0] + c[1]) % 2, c),
+    )
     return [f"{shapes[j]} {motions[i]}" for i, j in cells]
 
 
@@ -73,14 +78,24 @@ def split_classname(classname: str) -> tuple[str, str]:
 
 def _clip_params(motion: str, rng: random.Random) -> dict[str, float]:
     """Per-clip trajectory parameters, in units of the image side; the object stays in the central 80 %."""
-    p = dict(x=rng.uniform(0.35, 0.65), y=rng.uniform(0.4, 0.6), r=rng.uniform(0.14, 0.19),
-             rot=rng.uniform(-0.25, 0.25), spin=rng.choice((-1.0, 1.0)) * rng.uniform(3.0, 4.5))
+    p = dict(
+        x=rng.uniform(0.35, 0.65),
+        y=rng.uniform(0.4, 0.6),
+        r=rng.uniform(0.14, 0.19),
+        rot=rng.uniform(-0.25, 0.25),
+        spin=rng.choice((-1.0, 1.0)) * rng.uniform(3.0, 4.5),
+    )
     if motion in ("moving up", "moving down"):
         p.update(y0=rng.uniform(0.72, 0.78), dist=rng.uniform(0.42, 0.52))
     elif motion in ("growing", "shrinking"):
         p.update(r0=rng.uniform(0.07, 0.09), r1=rng.uniform(0.27, 0.31))
     elif motion == "bouncing":
-        p.update(floor=rng.uniform(0.7, 0.76), height=rng.uniform(0.36, 0.44), bounces=rng.choice((1.5, 2.0)), phase=rng.uniform(0, 0.2))
+        p.update(
+            floor=rng.uniform(0.7, 0.76),
+            height=rng.uniform(0.36, 0.44),
+            bounces=rng.choice((1.5, 2.0)),
+            phase=rng.uniform(0, 0.2),
+        )
     return p
 
 
@@ -114,8 +129,14 @@ def _background(colour: str, s: int, style: Style, rng: random.Random) -> Image.
 
 
 def render_clip(
-    classname: str, key: str, *, seed: int = 0, num_frames: int = 16, image_size: int = 48,
-    style: Style | None = None, trail: int = 6,
+    classname: str,
+    key: str,
+    *,
+    seed: int = 0,
+    num_frames: int = 16,
+    image_size: int = 48,
+    style: Style | None = None,
+    trail: int = 6,
 ) -> list[Image.Image]:
     """The ``num_frames`` frames of one clip of ``classname`` (``"<shape> <motion>"``), as RGB images.
 
@@ -142,19 +163,26 @@ def render_clip(
     blur = rng.uniform(0, style.blur) if style.blur > 0 else 0.0
     noise_rng = np.random.default_rng(rng.getrandbits(63))
     step = 1.0 / max(1, num_frames - 1)
-    ghosts = [(k, 0.7 * (1 - k / (trail + 1))) for k in range(trail, 0, -1)]  # (steps back, opacity), oldest first
+    ghosts = [
+        (k, 0.7 * (1 - k / (trail + 1))) for k in range(trail, 0, -1)
+    ]  # (steps back, opacity), oldest first
     frames = []
     for f in range(num_frames):
         img = backdrop.copy()
         for k, alpha in ghosts + [(0, 1.0)]:
-            cx, cy, r, rot = (v * s if i < 3 else v for i, v in enumerate(trajectory(motion, f * step - k * _TRAIL_SPAN / max(trail, 1), p)))
+            cx, cy, r, rot = (
+                v * s if i < 3 else v
+                for i, v in enumerate(trajectory(motion, f * step - k * _TRAIL_SPAN / max(trail, 1), p))
+            )
             # draw on a mask of the object's bounding box only: pasting full frames is most of the cost
             x0, y0 = max(0, int(cx - 1.25 * r) - outline - 2), max(0, int(cy - 1.25 * r) - outline - 2)
             x1, y1 = min(s, int(cx + 1.25 * r) + outline + 3), min(s, int(cy + 1.25 * r) + outline + 3)
             if x1 <= x0 or y1 <= y0:
                 continue
             mask = Image.new("L", (x1 - x0, y1 - y0), 0)
-            _draw_shape(ImageDraw.Draw(mask), shape, cx - x0, cy - y0, r, round(255 * alpha), width=outline, rot=rot)
+            _draw_shape(
+                ImageDraw.Draw(mask), shape, cx - x0, cy - y0, r, round(255 * alpha), width=outline, rot=rot
+            )
             img.paste(fg, (x0, y0, x1, y1), mask)
         img = img.reduce(_SCALE)
         if blur > 0:
@@ -212,13 +240,40 @@ def make_sandbox_video_dataset(
     video_dir = folder / "videos"
     classnames = video_classnames(motions, shapes)
     st = Style(**(style or {}))
-    counts = {s: n for s, n in (("train", train_per_class), ("val", val_per_class), ("test", test_per_class)) if n > 0}
-    lists = {s: [(f"{c.replace(' ', '_')}/{s}_{i:03d}", y, c) for y, c in enumerate(classnames) for i in range(n)] for s, n in counts.items()}
-    params = dict(generator="sandbox_video", name=name, motions=list(motions), shapes=list(shapes), style=vars(st), trail=trail,
-                  counts=counts, num_frames=num_frames, image_size=image_size, seed=seed)
+    counts = {
+        s: n
+        for s, n in (("train", train_per_class), ("val", val_per_class), ("test", test_per_class))
+        if n > 0
+    }
+    lists = {
+        s: [(f"{c.replace(' ', '_')}/{s}_{i:03d}", y, c) for y, c in enumerate(classnames) for i in range(n)]
+        for s, n in counts.items()
+    }
+    params = dict(
+        generator="sandbox_video",
+        name=name,
+        motions=list(motions),
+        shapes=list(shapes),
+        style=vars(st),
+        trail=trail,
+        counts=counts,
+        num_frames=num_frames,
+        image_size=image_size,
+        seed=seed,
+    )
     index = {folder / "labels.csv": "id,name\n" + "".join(f"{y},{c}\n" for y, c in enumerate(classnames))}
-    index.update({folder / "lists" / f"{s}.txt": "".join(f"{rel} {y}\n" for rel, y, _ in rows) for s, rows in lists.items()})
-    frames = [video_dir / rel / f"{f:03d}.png" for rows in lists.values() for rel, _, _ in rows for f in range(num_frames)]
+    index.update(
+        {
+            folder / "lists" / f"{s}.txt": "".join(f"{rel} {y}\n" for rel, y, _ in rows)
+            for s, rows in lists.items()
+        }
+    )
+    frames = [
+        video_dir / rel / f"{f:03d}.png"
+        for rows in lists.values()
+        for rel, _, _ in rows
+        for f in range(num_frames)
+    ]
     if generated.up_to_date(folder, params, index, frames):
         return folder
     generated.begin(folder, [folder / "labels.csv"] + [folder / "lists" / f"{s}.txt" for s in SPLITS])
@@ -228,10 +283,25 @@ def make_sandbox_video_dataset(
             clip_dir.mkdir(parents=True, exist_ok=True)
             for stale in clip_dir.glob("*.png"):  # from a run with other arguments (e.g. more frames)
                 stale.unlink()
-            for f, img in enumerate(render_clip(classname, rel, seed=seed, num_frames=num_frames, image_size=image_size, style=st, trail=trail)):
+            for f, img in enumerate(
+                render_clip(
+                    classname,
+                    rel,
+                    seed=seed,
+                    num_frames=num_frames,
+                    image_size=image_size,
+                    style=st,
+                    trail=trail,
+                )
+            ):
                 img.save(clip_dir / f"{f:03d}.png", compress_level=1)
     (folder / "lists").mkdir(parents=True, exist_ok=True)
     generated.commit(folder, params, index)
-    log.info("wrote sandbox video dataset %s (%d classes, %d clips) to %s", name, len(classnames),
-             sum(len(r) for r in lists.values()), folder)
+    log.info(
+        "wrote sandbox video dataset %s (%d classes, %d clips) to %s",
+        name,
+        len(classnames),
+        sum(len(r) for r in lists.values()),
+        folder,
+    )
     return folder

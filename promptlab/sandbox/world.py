@@ -122,11 +122,19 @@ def _jitter(rgb: tuple[int, int, int], amount: int, rng: random.Random) -> tuple
     return tuple(_clip(c + rng.uniform(-amount, amount)) for c in rgb)  # type: ignore[return-value]
 
 
-def _outline_points(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]] | None:
+def _outline_points(
+    shape: str, cx: float, cy: float, r: float, rot: float
+) -> list[tuple[float, float]] | None:
     """Polygon vertices of a shape, or None for the shapes drawn with other primitives."""
 
     def ring(n: int, radius: float, phase: float) -> list[tuple[float, float]]:
-        return [(cx + radius * math.cos(phase + 2 * math.pi * k / n), cy + radius * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+        return [
+            (
+                cx + radius * math.cos(phase + 2 * math.pi * k / n),
+                cy + radius * math.sin(phase + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
 
     if shape == "square":
         return ring(4, r * 1.15, math.pi / 4 + rot)
@@ -137,16 +145,41 @@ def _outline_points(shape: str, cx: float, cy: float, r: float, rot: float) -> l
     if shape == "hexagon":
         return ring(6, r, rot)
     if shape == "star":
-        outer, inner = ring(5, r * 1.1, -math.pi / 2 + rot), ring(5, r * 0.45, -math.pi / 2 + math.pi / 5 + rot)
+        outer, inner = (
+            ring(5, r * 1.1, -math.pi / 2 + rot),
+            ring(5, r * 0.45, -math.pi / 2 + math.pi / 5 + rot),
+        )
         return [p for pair in zip(outer, inner) for p in pair]
     if shape == "cross":
         a, b = r, r * 0.36
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
-                (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
+        return [
+            (cx - b, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy + b),
+            (cx + b, cy + b),
+            (cx + b, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy - b),
+            (cx - b, cy - b),
+        ]
     return None
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, *, width: int = 0, rot: float = 0.0) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    fill,
+    *,
+    width: int = 0,
+    rot: float = 0.0,
+) -> None:
     """Draw a filled shape (``width == 0``) or its outline of the given width, on a mask or an image."""
     pts = _outline_points(shape, cx, cy, r, rot)
     if shape == "circle":
@@ -155,13 +188,28 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     elif shape == "heart":
         lobe = r * 0.52
         if width:
-            draw.ellipse([cx - 2 * lobe, cy - r * 0.75, cx, cy - r * 0.75 + 2 * lobe], outline=fill, width=width)
-            draw.ellipse([cx, cy - r * 0.75, cx + 2 * lobe, cy - r * 0.75 + 2 * lobe], outline=fill, width=width)
-            draw.line([(cx - 2 * lobe + width / 2, cy - 0.1 * r), (cx, cy + r), (cx + 2 * lobe - width / 2, cy - 0.1 * r)], fill=fill, width=width)
+            draw.ellipse(
+                [cx - 2 * lobe, cy - r * 0.75, cx, cy - r * 0.75 + 2 * lobe], outline=fill, width=width
+            )
+            draw.ellipse(
+                [cx, cy - r * 0.75, cx + 2 * lobe, cy - r * 0.75 + 2 * lobe], outline=fill, width=width
+            )
+            draw.line(
+                [
+                    (cx - 2 * lobe + width / 2, cy - 0.1 * r),
+                    (cx, cy + r),
+                    (cx + 2 * lobe - width / 2, cy - 0.1 * r),
+                ],
+                fill=fill,
+                width=width,
+            )
         else:
             draw.ellipse([cx - 2 * lobe, cy - r * 0.75, cx, cy - r * 0.75 + 2 * lobe], fill=fill)
             draw.ellipse([cx, cy - r * 0.75, cx + 2 * lobe, cy - r * 0.75 + 2 * lobe], fill=fill)
-            draw.polygon([(cx - 2 * lobe + 1, cy - 0.1 * r), (cx + 2 * lobe - 1, cy - 0.1 * r), (cx, cy + r)], fill=fill)
+            draw.polygon(
+                [(cx - 2 * lobe + 1, cy - 0.1 * r), (cx + 2 * lobe - 1, cy - 0.1 * r), (cx, cy + r)],
+                fill=fill,
+            )
     elif pts is not None:
         if width:
             draw.line(pts + [pts[0]], fill=fill, width=width, joint="curve")
@@ -181,7 +229,15 @@ def _pattern_mask(pattern: str, s: int, rng: random.Random) -> Image.Image | Non
     off = rng.randrange(period)
     if pattern == "striped":
         for x in range(-s, 2 * s, period):
-            d.polygon([(x + off, 0), (x + off + period // 2, 0), (x + off + period // 2 - s // 2, s), (x + off - s // 2, s)], fill=255)
+            d.polygon(
+                [
+                    (x + off, 0),
+                    (x + off + period // 2, 0),
+                    (x + off + period // 2 - s // 2, s),
+                    (x + off - s // 2, s),
+                ],
+                fill=255,
+            )
     elif pattern == "dotted":
         rad = period * 0.28
         for y in range(off, s, period):
@@ -209,21 +265,40 @@ def _centre(position: str, r: float, s: int, rng: random.Random) -> tuple[float,
 
 
 def backdrop(
-    background: str, colour: str, s: int, style: Style, rng: random.Random, *, clutter_size: tuple[float, float] = (0.05, 0.1)
+    background: str,
+    colour: str,
+    s: int,
+    style: Style,
+    rng: random.Random,
+    *,
+    clutter_size: tuple[float, float] = (0.05, 0.1),
 ) -> Image.Image:
     """The ``s`` x ``s`` background behind an object of ``colour``: jittered, optionally textured,
     with up to ``style.clutter`` small distractor shapes of other colours (radius ``clutter_size`` x ``s``)."""
     img = Image.new("RGB", (s, s), _jitter(BACKGROUNDS[background], 12, rng))
     if style.texture > 0:
-        coarse = np.random.default_rng(rng.getrandbits(63)).normal(128, 64, (8, 8)).clip(0, 255).astype(np.uint8)
-        tex = np.asarray(Image.fromarray(coarse).resize((s, s), Image.Resampling.BICUBIC), dtype=np.float32) - 128
+        coarse = (
+            np.random.default_rng(rng.getrandbits(63)).normal(128, 64, (8, 8)).clip(0, 255).astype(np.uint8)
+        )
+        tex = (
+            np.asarray(Image.fromarray(coarse).resize((s, s), Image.Resampling.BICUBIC), dtype=np.float32)
+            - 128
+        )
         arr = np.asarray(img, dtype=np.float32) + style.texture * rng.uniform(0.3, 1.0) * tex[..., None]
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(0, style.clutter)):
         other = rng.choice([c for c in COLOURS if c not in (colour, background)])
         rr = rng.uniform(*clutter_size) * s
-        _draw_shape(draw, rng.choice(SHAPES), rng.uniform(rr, s - rr), rng.uniform(rr, s - rr), rr, _jitter(COLOURS[other], 20, rng), rot=rng.uniform(0, 0.5))
+        _draw_shape(
+            draw,
+            rng.choice(SHAPES),
+            rng.uniform(rr, s - rr),
+            rng.uniform(rr, s - rr),
+            rr,
+            _jitter(COLOURS[other], 20, rng),
+            rot=rng.uniform(0, 0.5),
+        )
     return img
 
 
@@ -304,11 +379,19 @@ def caption(scene: Scene, rng: random.Random) -> str:
     obj = " ".join(adjectives + [scene.shape])
     extras = []
     if rng.random() < 0.3:
-        extras.append(rng.choice((f"on the {scene.position}", f"at the {scene.position}")) if scene.position != "center" else "in the center")
+        extras.append(
+            rng.choice((f"on the {scene.position}", f"at the {scene.position}"))
+            if scene.position != "center"
+            else "in the center"
+        )
     if rng.random() < 0.3:
-        extras.append(rng.choice((f"on a {scene.background} background", f"against a {scene.background} background")))
+        extras.append(
+            rng.choice((f"on a {scene.background} background", f"against a {scene.background} background"))
+        )
     if rng.random() < 0.1:
-        extras.append("with a plain pattern" if scene.pattern == "plain" else f"with a {scene.pattern} pattern")
+        extras.append(
+            "with a plain pattern" if scene.pattern == "plain" else f"with a {scene.pattern} pattern"
+        )
     rng.shuffle(extras)
     template = rng.choice(_TEMPLATES)
     text = template.format(obj=obj)

@@ -44,7 +44,13 @@ TRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)  # MultiScaleCrop scales of ViFi-CLIP's 
 
 # ---------------------------------------------------------------------- sampling
 def sample_frame_indices(
-    n_frames: int, num: int, *, train: bool, generator: torch.Generator | None = None, view: int = 0, views: int = 1
+    n_frames: int,
+    num: int,
+    *,
+    train: bool,
+    generator: torch.Generator | None = None,
+    view: int = 0,
+    views: int = 1,
 ) -> list[int]:
     """Indices of ``num`` frames out of ``n_frames`` (segment sampling; see the module docstring).
 
@@ -98,7 +104,9 @@ class ClipTransform:
         H, W = x.shape[-2:]
         step_h, step_w = (H - self.size) // 2, (W - self.size) // 2
         tops_lefts = [(0, 0), (2 * step_h, 2 * step_w), (step_h, step_w)]  # ThreeCrop: start, end, middle
-        return torch.stack([self._normalize(TF.crop(x, t, left, self.size, self.size)) for t, left in tops_lefts])
+        return torch.stack(
+            [self._normalize(TF.crop(x, t, left, self.size, self.size)) for t, left in tops_lefts]
+        )
 
     def _augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         def rand() -> float:
@@ -110,7 +118,9 @@ class ClipTransform:
         pairs = [(w, h) for i, w in enumerate(sizes) for j, h in enumerate(sizes) if abs(i - j) <= 1]
         cw, ch = pairs[int(torch.randint(len(pairs), (), generator=g))]
         sw, sh = (W - cw) // 4, (H - ch) // 4
-        left, top = [(0, 0), (4 * sw, 0), (0, 4 * sh), (4 * sw, 4 * sh), (2 * sw, 2 * sh)][int(torch.randint(5, (), generator=g))]
+        left, top = [(0, 0), (4 * sw, 0), (0, 4 * sh), (4 * sw, 4 * sh), (2 * sw, 2 * sh)][
+            int(torch.randint(5, (), generator=g))
+        ]
         x = TF.resize(TF.crop(x, top, left, ch, cw), [self.size, self.size], antialias=True)
         if rand() < 0.5:
             x = TF.horizontal_flip(x)
@@ -173,8 +183,14 @@ def collate_clips(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def mix_batch(
-    clips: torch.Tensor, labels: torch.Tensor, num_classes: int, *, mixup: float, cutmix: float,
-    switch_prob: float, generator: torch.Generator,
+    clips: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    mixup: float,
+    cutmix: float,
+    switch_prob: float,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or CutMix over a batch of clips [B, T, 3, H, W] (ViFi-CLIP's CutmixMixupBlending).
 
@@ -210,19 +226,34 @@ class VideoBatches:
     """
 
     def __init__(
-        self, dataset: VideoDataset, batch_size: int, generator: torch.Generator, *, shuffle: bool = True,
-        num_workers: int = 0, shard: tuple[int, int] = (0, 1), num_classes: int = 0, mixup: float = 0.0,
-        cutmix: float = 0.0, switch_prob: float = 0.5,
+        self,
+        dataset: VideoDataset,
+        batch_size: int,
+        generator: torch.Generator,
+        *,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
+        num_classes: int = 0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        switch_prob: float = 0.5,
     ):
         drop_last = shuffle and len(dataset) >= batch_size
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         batches = distributed.ShardedBatchSampler(BatchSampler(sampler, batch_size, drop_last), shard)
         self.loader = DataLoader(
-            dataset, batch_sampler=batches, num_workers=num_workers, generator=generator,
-            collate_fn=collate_clips, pin_memory=torch.cuda.is_available(),
+            dataset,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            generator=generator,
+            collate_fn=collate_clips,
+            pin_memory=torch.cuda.is_available(),
         )
         self.g, self.num_classes = generator, num_classes
-        self.mixup, self.cutmix, self.switch_prob = (mixup, cutmix, switch_prob) if shuffle else (0.0, 0.0, 0.0)
+        self.mixup, self.cutmix, self.switch_prob = (
+            (mixup, cutmix, switch_prob) if shuffle else (0.0, 0.0, 0.0)
+        )
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -237,8 +268,13 @@ class VideoBatches:
                 continue
             if (self.mixup > 0 or self.cutmix > 0) and labels.numel() > 1:
                 clips, targets = mix_batch(
-                    clips, labels, self.num_classes, mixup=self.mixup, cutmix=self.cutmix,
-                    switch_prob=self.switch_prob, generator=self.g,
+                    clips,
+                    labels,
+                    self.num_classes,
+                    mixup=self.mixup,
+                    cutmix=self.cutmix,
+                    switch_prob=self.switch_prob,
+                    generator=self.g,
                 )
                 yield {"images": clips, "targets": targets}, labels
             else:

@@ -52,7 +52,9 @@ def read_ucf101(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tupl
         if line.strip():
             idx, _, name = line.strip().partition(" ")
             if int(idx) != len(classnames) + 1:
-                raise ValueError(f"{where(spec)}: {cls_path}:{n}: expected class index {len(classnames) + 1}, got {idx}.")
+                raise ValueError(
+                    f"{where(spec)}: {cls_path}:{n}: expected class index {len(classnames) + 1}, got {idx}."
+                )
             classnames.append(name.strip())
     label_of = {c: i for i, c in enumerate(classnames)}
     video_dir = dataset_dir / spec.image_dir
@@ -73,7 +75,9 @@ def read_ucf101(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tupl
         splits[split] = items
     if check_files:
         require(video_dir, spec, "video folder", dataset_dir)
-        check_images_exist_or_frames(splits, spec, ", ".join(str(dataset_dir / f) for f in spec.splits.values()))
+        check_images_exist_or_frames(
+            splits, spec, ", ".join(str(dataset_dir / f) for f in spec.splits.values())
+        )
     return {s: splits.get(s, []) for s in SPLITS}, classnames
 
 
@@ -86,7 +90,9 @@ def read_hmdb51(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tupl
     pattern = str(dataset_dir / spec.split_file)
     files = sorted(glob.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"{where(spec)}: no split files match {pattern}.{fix_hint(spec, spec.split_file)}")
+        raise FileNotFoundError(
+            f"{where(spec)}: no split files match {pattern}.{fix_hint(spec, spec.split_file)}"
+        )
     suffix = Path(spec.split_file).name.split("*", 1)[1]
     video_dir = dataset_dir / spec.image_dir
     classnames, splits = [], {"train": [], "val": [], "test": []}
@@ -125,14 +131,22 @@ def read_kinetics(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tu
             reader = csv.DictReader(fh)
             need = {"label", "youtube_id", "time_start", "time_end"}
             if not need <= set(reader.fieldnames or ()):
-                raise ValueError(f"{where(spec)}: {path} needs columns {sorted(need)}, has {reader.fieldnames}.")
+                raise ValueError(
+                    f"{where(spec)}: {path} needs columns {sorted(need)}, has {reader.fieldnames}."
+                )
             rows[split] = []
             for r in reader:
-                name = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"
+                name = (
+                    f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"
+                )
                 sub = r.get("split") or ("train" if split == "train" else "val")
                 flat = os.path.join(sub, name)
                 nested = os.path.join(sub, r["label"], name)
-                rel = nested if not os.path.exists(video_dir / flat) and os.path.exists(video_dir / nested) else flat
+                rel = (
+                    nested
+                    if not os.path.exists(video_dir / flat) and os.path.exists(video_dir / nested)
+                    else flat
+                )
                 rows[split].append((rel, r["label"].strip()))
     source = "train" if "train" in rows else next(iter(rows))
     classnames = sorted({lab for _, lab in rows[source]})
@@ -141,14 +155,21 @@ def read_kinetics(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tu
     for split, entries in rows.items():
         for rel, lab in entries:
             if lab not in label_of:
-                raise ValueError(f"{where(spec)}: {split} label {lab!r} is not a class of the {source} annotations.")
+                raise ValueError(
+                    f"{where(spec)}: {split} label {lab!r} is not a class of the {source} annotations."
+                )
             splits[split].append(Item(resolve_video(video_dir, rel), label_of[lab], lab))
     if check_files:
         for split in SPLITS:
             kept = [it for it in splits[split] if os.path.exists(it.path)]
             if len(kept) < len(splits[split]):
-                log.warning("%s: %d of %d %s clips missing on disk, left out", spec.name,
-                            len(splits[split]) - len(kept), len(splits[split]), split)
+                log.warning(
+                    "%s: %d of %d %s clips missing on disk, left out",
+                    spec.name,
+                    len(splits[split]) - len(kept),
+                    len(splits[split]),
+                    split,
+                )
             splits[split] = kept
     return splits, classnames
 
@@ -177,7 +198,9 @@ def read_vifi_lists(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> 
                 continue
             rel, y = parts[0], int(parts[1])
             if not 0 <= y < len(classnames):
-                raise ValueError(f"{where(spec)}: {path}:{n}: label {y} is not in {cls_path} ({len(classnames)} classes).")
+                raise ValueError(
+                    f"{where(spec)}: {path}:{n}: label {y} is not in {cls_path} ({len(classnames)} classes)."
+                )
             p = resolve_video(video_dir, rel)
             if not os.path.exists(p):
                 if index is None:
@@ -186,7 +209,9 @@ def read_vifi_lists(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> 
             splits[split].append(Item(p, y, classnames[y]))
     if check_files:
         require(video_dir, spec, "video folder", dataset_dir)
-        check_images_exist_or_frames(splits, spec, ", ".join(str(dataset_dir / f) for f in spec.splits.values()))
+        check_images_exist_or_frames(
+            splits, spec, ", ".join(str(dataset_dir / f) for f in spec.splits.values())
+        )
     return splits, classnames
 
 

@@ -36,7 +36,9 @@ class VideoReadError(OSError):
 
 # ---------------------------------------------------------------------- decoding
 def _frame_files(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTENSIONS) and not f.startswith("."))
+    return sorted(
+        f for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTENSIONS) and not f.startswith(".")
+    )
 
 
 def count_frames(path: str) -> int:
@@ -76,7 +78,10 @@ def read_frames(path: str, indices: Sequence[int], *, seek: bool = True) -> torc
         if not files:
             raise VideoReadError(f"frame folder {path} holds no images")
         try:
-            frames = [np.asarray(Image.open(os.path.join(path, files[min(i, len(files) - 1)])).convert("RGB")) for i in indices]
+            frames = [
+                np.asarray(Image.open(os.path.join(path, files[min(i, len(files) - 1)])).convert("RGB"))
+                for i in indices
+            ]
         except (OSError, ValueError, SyntaxError) as e:
             raise VideoReadError(f"cannot read a frame of {path}: {e}") from e
         return _to_tensor(frames)
@@ -189,7 +194,9 @@ def _frame_table(container: InputContainer, stream: VideoStream) -> _FrameTable:
         raise _Unseekable("two packets share a pts")
     keys = [(i, pts, dts) for i, (pts, dts, key) in enumerate(packets) if key]
     next_dts = [dts for _, _, dts in keys[1:]] + [None]
-    seek_to = [max(dts, pts if nxt is None else min(pts, nxt - 1)) for (_, pts, dts), nxt in zip(keys, next_dts)]
+    seek_to = [
+        max(dts, pts if nxt is None else min(pts, nxt - 1)) for (_, pts, dts), nxt in zip(keys, next_dts)
+    ]
     return _FrameTable(index, [i for i, _, _ in keys], seek_to)
 
 
@@ -215,7 +222,9 @@ def _read_seeking(container: InputContainer, stream: VideoStream, wanted: list[i
         for t in targets:
             k = bisect_right(table.keyframes, t) - 1
             key = table.keyframes[k]
-            if frames is None or key - expect > SEEK_MIN_SKIP:  # the table's demux pass left the file at its end
+            if (
+                frames is None or key - expect > SEEK_MIN_SKIP
+            ):  # the table's demux pass left the file at its end
                 container.seek(table.seek_to[k], backward=True, stream=stream)
                 frames, expect, started = _decode_from(container, stream), key, False
             for frame in frames:

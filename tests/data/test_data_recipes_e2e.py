@@ -8,8 +8,19 @@ import pytest
 
 from promptlab.cli import main
 
-ELEVEN = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "sun397", "dtd", "eurosat",
-          "ucf101", "fgvc_aircraft", "imagenet"]
+ELEVEN = [
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
+    "fgvc_aircraft",
+    "imagenet",
+]
 
 
 @pytest.mark.parametrize("name", ELEVEN)
@@ -23,11 +34,25 @@ def test_fewshot_recipe_runs_on_fake_layout(name, tmp_path, helpers):
     else:
         helpers.build_split_dataset(root, name)
     out = tmp_path / "run"
-    code = main([
-        "run", "fewshot/coop_vit_b16", f"data.root={root}", f"data.name={name}", "shots=2", "seed=1",
-        "model.arch=tiny", "model.pretrained=null", "method.n_ctx=2", "train.epochs=1", "train.epochs_by_shots={}",
-        "train.aug_views=1", "data.num_workers=0", f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}",
-    ])
+    code = main(
+        [
+            "run",
+            "fewshot/coop_vit_b16",
+            f"data.root={root}",
+            f"data.name={name}",
+            "shots=2",
+            "seed=1",
+            "model.arch=tiny",
+            "model.pretrained=null",
+            "method.n_ctx=2",
+            "train.epochs=1",
+            "train.epochs_by_shots={}",
+            "train.aug_views=1",
+            "data.num_workers=0",
+            f"output_dir={out}",
+            f"cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dataset"] == name and metrics["n"] > 0 and metrics["split_hash"]

@@ -65,11 +65,19 @@ def test_generation_waits_for_the_lock_of_another_process(tmp_path: Path) -> Non
 
     from promptlab.data.generated import generation_lock, run_generator
 
-    spec = {"_component_": "promptlab.data.make_synthetic_dataset", "n_classes": 2, "train_per_class": 1,
-            "val_per_class": 1, "test_per_class": 1, "image_size": 8}
+    spec = {
+        "_component_": "promptlab.data.make_synthetic_dataset",
+        "n_classes": 2,
+        "train_per_class": 1,
+        "val_per_class": 1,
+        "test_per_class": 1,
+        "image_size": 8,
+    }
     done = threading.Event()
     worker = threading.Thread(target=lambda: (run_generator(spec, tmp_path), done.set()))
-    with generation_lock(tmp_path):  # flock locks are per open file: a second open() in this process waits too
+    with generation_lock(
+        tmp_path
+    ):  # flock locks are per open file: a second open() in this process waits too
         worker.start()
         assert not done.wait(0.5), "the generator ran while another holder had the lock"
         assert not (tmp_path / "synthetic").exists()
