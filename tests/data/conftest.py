@@ -10,18 +10,9 @@ import pytest
 from PIL import Image
 
 from promptlab.data import get_spec
+from promptlab.sweep import BENCHMARK_DATASETS
 
-SPLIT_FILE_DATASETS = [
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-]
+SPLIT_FILE_DATASETS = [n for n in BENCHMARK_DATASETS if get_spec(n).reader == "split_file"]
 # (train, val, test) images per class; class 2 is short, to exercise "fewer than K".
 COUNTS = {0: (7, 5, 3), 1: (6, 4, 3), 2: (2, 1, 2), 3: (9, 6, 3), 4: (5, 3, 3)}
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331"]

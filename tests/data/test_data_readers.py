@@ -10,6 +10,7 @@ import pytest
 
 from promptlab.data import dataset_names, get_spec, load_dataset
 from promptlab.data.registry import DATASETS_ENV, parse_spec
+from promptlab.sweep import BENCHMARK_DATASETS
 
 ALL = [
     "caltech101",
@@ -47,20 +48,7 @@ def test_templates_follow_coop():
     assert get_spec("ucf101").template == "a photo of a person doing {}."
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "caltech101",
-        "oxford_pets",
-        "stanford_cars",
-        "oxford_flowers",
-        "food101",
-        "sun397",
-        "dtd",
-        "eurosat",
-        "ucf101",
-    ],
-)
+@pytest.mark.parametrize("name", [n for n in BENCHMARK_DATASETS if get_spec(n).reader == "split_file"])
 def test_split_file_reader(data_root, helpers, name):
     split = helpers.build_split_dataset(data_root, name)
     spec = get_spec(name)

@@ -7,20 +7,9 @@ import json
 import pytest
 
 from promptlab.cli import main
+from promptlab.sweep import BENCHMARK_DATASETS
 
-ELEVEN = [
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-    "fgvc_aircraft",
-    "imagenet",
-]
+ELEVEN = list(BENCHMARK_DATASETS)  # the 11 datasets of the few-shot and base-to-new protocols
 
 
 @pytest.mark.parametrize("name", ELEVEN)
