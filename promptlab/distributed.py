@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -230,3 +231,29 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
             part = batch[shard_slice(len(batch), self.shard)]
             if part:
                 yield part
+
+
+def sharded_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    shuffle: bool,
+    num_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    **loader_kwargs: Any,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over this process's part of every global batch, shuffled by ``generator``.
+
+    The batch sampler is the one ``DataLoader(shuffle=...)`` would build (the last incomplete batch
+    dropped when training, as Dassl's loader does), wrapped in :class:`ShardedBatchSampler`; the same
+    ``generator`` seeds the workers' augmentation streams.
+    """
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+    drop_last = shuffle and len(dataset) >= batch_size
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    batches = ShardedBatchSampler(BatchSampler(sampler, batch_size, drop_last), shard)
+    return DataLoader(
+        dataset, batch_sampler=batches, num_workers=num_workers, generator=generator, **loader_kwargs
+    )

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from promptlab import distributed
@@ -90,15 +90,8 @@ class ImageBatches:
         num_workers: int = 0,
         shard: tuple[int, int] = (0, 1),
     ):
-        drop_last = shuffle and len(dataset) >= batch_size
-        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-        batches = distributed.ShardedBatchSampler(BatchSampler(sampler, batch_size, drop_last), shard)
-        self.loader = DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=num_workers,
-            generator=generator,
-            persistent_workers=False,
+        self.loader = distributed.sharded_loader(
+            dataset, batch_size, generator, shuffle=shuffle, num_workers=num_workers, shard=shard
         )
 
     def __len__(self) -> int:

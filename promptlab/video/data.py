@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from promptlab import distributed
@@ -239,14 +239,13 @@ class VideoBatches:
         cutmix: float = 0.0,
         switch_prob: float = 0.5,
     ):
-        drop_last = shuffle and len(dataset) >= batch_size
-        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-        batches = distributed.ShardedBatchSampler(BatchSampler(sampler, batch_size, drop_last), shard)
-        self.loader = DataLoader(
+        self.loader = distributed.sharded_loader(
             dataset,
-            batch_sampler=batches,
+            batch_size,
+            generator,
+            shuffle=shuffle,
             num_workers=num_workers,
-            generator=generator,
+            shard=shard,
             collate_fn=collate_clips,
             pin_memory=torch.cuda.is_available(),
         )
