@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,8 +522,87 @@ def write_report(
     return Report(data.protocol, rows, md, csv_path, png)
 
 
+def compare_sweeps(sweep_dirs: Sequence[str | Path], out: str | Path) -> Report:
+    """One Base/New/HM table over several base-to-new sweeps, methods as rows (the papers' comparison).
+
+    Writes ``comparison.md``, ``comparison.csv`` and ``comparison.png`` to ``out``: a table per dataset
+    (and the average over datasets) with one row per sweep, and bars of each sweep's single dataset
+    (or its average when it covers several).
+
+    Raises:
+        ValueError: a sweep is not a base-to-new sweep, or fewer than two sweeps are given.
+    """
+    if len(sweep_dirs) < 2:
+        raise ValueError("compare needs at least two sweep directories")
+    rows: list[dict[str, Any]] = []
+    bars: list[dict[str, Any]] = []
+    for d in sweep_dirs:
+        data = load_sweep(d)
+        if data.protocol != "base2new":
+            raise ValueError(f"{d}: a {data.protocol} sweep; only base2new sweeps can be compared")
+        method = ", ".join(sorted({str(r.metrics.get("method")) for r in data.records}))
+        own = [{"sweep": Path(d).resolve().name, "method": method, **r} for r in base2new_rows(data.records)]
+        rows += own
+        shots = min(r["shots"] for r in own)
+        per_ds = [r for r in own if r["shots"] == shots and not r["dataset"].startswith("Average")]
+        pick = (
+            per_ds
+            if len(per_ds) == 1
+            else [r for r in own if r["shots"] == shots and r["dataset"].startswith("Average")]
+        )
+        bars += [{**r, "dataset": r["sweep"]} for r in pick]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    single = all(
+        len(
+            {
+                r["dataset"]
+                for r in rows
+                if r["sweep"] == b["sweep"] and not r["dataset"].startswith("Average")
+            }
+        )
+        == 1
+        for b in bars
+    )
+    datasets = [
+        d for d in dict.fromkeys(r["dataset"] for r in rows) if not (single and d.startswith("Average"))
+    ]
+    datasets.sort(key=lambda d: d.startswith("Average"))  # per-dataset tables first, averages last
+    sections = []
+    for dataset in datasets:
+        body = [
+            [
+                r["sweep"],
+                r["method"],
+                str(r["shots"]),
+                r["seeds"],
+                _pm(r["base"], r["base_std"]),
+                _pm(r["new"], r["new_std"]),
+                _pm(r["hm"], r["hm_std"]),
+            ]
+            for r in rows
+            if r["dataset"] == dataset
+        ]
+        table = _md_table(["sweep", "method", "shots", "seeds", "Base", "New", "HM"], body)
+        sections.append(f"### {dataset}\n\n{table}")
+    md = out / "comparison.md"
+    md.write_text(
+        "# base2new comparison\n\n" + "\n\n".join(sections) + "\n\nMean ± population std over seeds; HM "
+        "of the seed-averaged Base and New.\n"
+    )
+    csv_path = write_csv(out / "comparison.csv", rows)
+    png = plot("base2new", bars, out / "comparison.png")
+    return Report("base2new", rows, md, csv_path, png)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    rep = write_report(args.sweep_dir, args.out, args.published)
+    if len(args.sweep_dir) > 1:  # each sweep's own report, then the comparison (printed)
+        for d in args.sweep_dir:
+            write_report(d, None, args.published)
+        parent = Path(os.path.commonpath([Path(d).resolve() for d in args.sweep_dir]))
+        rep = compare_sweeps(args.sweep_dir, args.out or parent / "comparison")
+    else:
+        rep = write_report(args.sweep_dir[0], args.out, args.published)
     print(rep.markdown.read_text())
     print(f"written: {rep.markdown}, {rep.csv}" + (f", {rep.plot}" if rep.plot else ""))
     return 0
@@ -534,9 +614,13 @@ def add_report_command(sub: Any) -> None:
         "report",
         help="Markdown/CSV tables and PNG plots of a sweep (mean ± std over seeds, HM, published deltas)",
     )
-    r.add_argument("sweep_dir")
     r.add_argument(
-        "--out", help="where to write report.md, <protocol>.csv, <protocol>.png (default: SWEEP_DIR)"
+        "sweep_dir", nargs="+", help="a sweep directory; several base2new sweeps: also a comparison table"
+    )
+    r.add_argument(
+        "--out",
+        help="where to write report.md, <protocol>.csv, <protocol>.png (default: SWEEP_DIR); with several "
+        "sweeps, comparison.{md,csv,png} (default: their common parent/comparison)",
     )
     r.add_argument(
         "--published",

@@ -12,7 +12,15 @@ import pytest
 from PIL import Image
 
 from promptlab.cli import main
-from promptlab.report import find_published, harmonic_mean, load_published, load_sweep, mean_std, write_report
+from promptlab.report import (
+    compare_sweeps,
+    find_published,
+    harmonic_mean,
+    load_published,
+    load_sweep,
+    mean_std,
+    write_report,
+)
 
 # dataset -> seed -> (base accuracy, new accuracy)
 B2N = {
@@ -201,3 +209,38 @@ def test_mean_std_and_harmonic_mean():
     assert mean_std([1.0, 2.0, 3.0])[1] == pytest.approx(math.sqrt(2 / 3))
     assert all(math.isnan(v) for v in mean_std([]))
     assert harmonic_mean(82.69, 63.22) == pytest.approx(71.66, abs=0.01) and harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_compare_sweeps_one_table_methods_as_rows(tmp_path, capsys):
+    """`promptlab report A B`: each sweep's report plus one comparison (per dataset, then the averages)."""
+    a, b, fs = tmp_path / "coop", tmp_path / "zeroshot", tmp_path / "fewshot"
+    runs = [
+        _write_run(a, ds, 16, s, bb, {ds: ("new", n)})
+        for ds, seeds in B2N.items()
+        for s, (bb, n) in seeds.items()
+    ]
+    _manifest(a, "base2new", runs)
+    zs = {"oxford_pets": (70.0, 70.0), "dtd": (50.0, 40.0)}
+    _manifest(
+        b,
+        "base2new",
+        [_write_run(b, ds, 0, 1, x, {ds: ("new", y)}, method="ZeroShotCLIP") for ds, (x, y) in zs.items()],
+    )
+    assert main(["report", str(a), str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "| coop | CoOp | 16 | 1,2 | 81.00 ± 1.00 | 62.00 ± 2.00 |" in printed
+    assert "| zeroshot | ZeroShotCLIP | 0 | 1 | 70.00 ± 0.00 | 70.00 ± 0.00 | 70.00 ± 0.00 |" in printed
+    assert printed.index("### dtd") < printed.index("### Average (2 datasets)")
+    assert "| zeroshot | ZeroShotCLIP | 0 |  | 60.00 | 55.00 |" in printed  # averages of the two datasets
+    out = tmp_path / "comparison"
+    with open(out / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["sweep"], r["dataset"]) for r in rows} >= {
+        ("coop", "dtd"),
+        ("zeroshot", "Average (2 datasets)"),
+    }
+    assert np.asarray(Image.open(out / "comparison.png")).std() > 0
+    assert (a / "report.md").is_file() and (b / "report.md").is_file()  # each sweep's own report too
+    _manifest(fs, "fewshot", [_write_run(fs, "dtd", 1, 1, 50.0, {}, subsample="all")])
+    with pytest.raises(ValueError, match="only base2new sweeps"):
+        compare_sweeps([a, fs], tmp_path / "cmp")
