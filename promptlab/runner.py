@@ -47,6 +47,7 @@ from promptlab.export import load_prompts, save_prompts
 from promptlab.features import cached_features
 from promptlab.io import atomic_write_json
 from promptlab.prompts import PromptModule
+from promptlab.runlog import close_file_logging, file_logging
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +174,6 @@ def _video_batches(s: _Setup, items: list[Item], *, train_mode: bool, generator:
     )
 
 
-def _file_logging(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("promptlab").addHandler(handler)
-    logging.getLogger("promptlab").setLevel(logging.INFO)
-    return handler
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (if the recipe has epochs) and evaluate the last-epoch model; returns the metrics.
 
@@ -191,7 +184,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     is_main = distributed.is_main()
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _file_logging(run_dir) if is_main else None
+    handler = file_logging(run_dir) if is_main else None
     t0 = time.time()
     try:
         if is_main:
@@ -303,9 +296,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         return out
     finally:
-        if handler is not None:
-            logging.getLogger("promptlab").removeHandler(handler)
-            handler.close()
+        close_file_logging(handler)
         if dist_info.owns_group:
             distributed.shutdown()
 

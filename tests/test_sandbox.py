@@ -155,7 +155,7 @@ def test_recipe_matches_the_shipped_weights() -> None:
 
 
 def test_pretrain_export_and_load_round_trip(tmp_path: Path) -> None:
-    """A 2-step run end to end: the export loads through load_clip, and a corrupted file is refused."""
+    """A 2-step run end to end: logs, the export loads through load_clip, and a corrupted file is refused."""
     cfg = PretrainConfig(
         image_size=16,
         embed_dim=16,
@@ -171,6 +171,10 @@ def test_pretrain_export_and_load_round_trip(tmp_path: Path) -> None:
     )
     out = pretrain(cfg)
     assert (tmp_path / "work" / "last.pt").is_file()
+    assert "step 2 probe zero-shot accuracy" in (tmp_path / "work" / "log.txt").read_text() and any(
+        (tmp_path / "work" / "tb").iterdir()
+    )
+    assert not list(tmp_path.glob("*.tmp*"))  # exported atomically: no temporary file left behind
     clip = load_clip("sandbox", str(out))
     ids = clip.tokenize(["a photo of a red star."])
     assert clip.encode_text(ids).shape == (1, 16)

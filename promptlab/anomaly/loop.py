@@ -30,6 +30,7 @@ from promptlab.clip import FrozenCLIP, load_clip
 from promptlab.data.generated import run_generator
 from promptlab.engine import autocast, restore_training_state, save_training_state, seed_everything
 from promptlab.metrics import AUPRO_CONVENTIONS, aupro, auroc, average_precision
+from promptlab.runlog import run_log
 
 log = logging.getLogger(__name__)
 CONFIG_FILE, TENSORS_FILE = "prompt_config.json", "prompts.safetensors"
@@ -128,12 +129,14 @@ def train_anomaly(
     seed: int = 111,
     num_workers: int = 0,
     resume: bool = False,
+    writer: Any = None,
 ) -> dict[str, float]:
     """Train the prompts on images with masks; the last epoch's prompts are kept.
 
     Only the prompt tokens are optimised (the reference also hands Adam unused projection layers,
     which never receive gradients and so change nothing). A checkpoint is written atomically after
-    every epoch; ``resume`` continues from it.
+    every epoch; ``resume`` continues from it. ``writer`` (a TensorBoard ``SummaryWriter``) gets the
+    per-epoch losses.
     """
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
@@ -171,6 +174,9 @@ def train_anomaly(
             stats["map_loss"],
             stats["image_loss"],
         )
+        if writer is not None:
+            for key, value in stats.items():
+                writer.add_scalar(f"train/{key}", value, epoch + 1)
         save_training_state(ckpt_path, module, opt, epoch + 1, generator)
     module.eval()
     return stats
@@ -283,9 +289,14 @@ def _dataset(spec: Any, size: int, clip: FrozenCLIP) -> AnomalyDataset:
 
 def run_anomaly(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     """Recipe -> train on ``train_data`` (if epochs > 0) -> export -> evaluate on ``eval_data``."""
+    out = Path(cfg.output_dir)
+    with run_log(out) as writer:
+        return _run_anomaly(cfg, out, writer, resume)
+
+
+def _run_anomaly(cfg: Any, out: Path, writer: Any, resume: bool) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = _device(cfg.device)
-    out = Path(cfg.output_dir)
     clip = load_clip(cfg.model.arch, cfg.model.pretrained, device=device, precision=cfg.model.precision)
     module = AnomalyCLIP(clip, **OmegaConf.to_container(cfg.method)).to(device)
     io.atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg).encode())
@@ -305,6 +316,7 @@ def run_anomaly(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
             seed=cfg.seed,
             num_workers=t.num_workers,
             resume=resume,
+            writer=writer,
         )
     save_anomaly_prompts(module, out / "prompts", {"image_size": cfg.image_size, "sigma": cfg.eval.sigma})
     if cfg.eval_data is not None:
@@ -320,5 +332,8 @@ def run_anomaly(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
             )
         )
     result["prompts"] = str(out / "prompts")
+    for key, value in (result.get("mean") or {}).items():
+        if value is not None:
+            writer.add_scalar(f"eval/{key}", value)
     io.atomic_write_json(out / "metrics.json", result)
     return result

@@ -28,9 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
 
+from promptlab.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
+from promptlab.runlog import run_log
 from promptlab.sandbox.world import COLOURS, SHAPES, Style, caption, render, sample_scene
 from promptlab.transforms import OPENAI_MEAN, OPENAI_STD
 
@@ -191,16 +193,18 @@ def export(
     """
     sd = {k: v.detach().half().contiguous() for k, v in sorted(model.state_dict().items())}
     sd[TOKEN_IDS_KEY] = torch.tensor(vocab, dtype=torch.int32)  # row i of the table is token vocab[i]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out), metadata={"format": "pt", "producer": "promptlab.sandbox.pretrain"})
+    blob = safetensors_bytes(sd, {"format": "pt", "producer": "promptlab.sandbox.pretrain"})
     meta = dict(
         model_config=model_config(cfg),
-        sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
+        sha256=hashlib.sha256(blob).hexdigest(),
         n_trained_tokens=len(vocab),
         recipe=asdict(cfg),
         **extra,
     )
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    # Atomically, weights first: a crash leaves the old pair or new weights whose sha256 the old
+    # metadata rejects on load (never a silently mismatched pair, never a truncated file).
+    atomic_write_bytes(out, blob)
+    atomic_write_json(out.with_suffix(".json"), meta)
     return meta
 
 
@@ -230,17 +234,37 @@ def pretrain(cfg: PretrainConfig) -> Path:
     loader = DataLoader(_Pairs(cfg, step, lookup), batch_size=None, num_workers=1, prefetch_factor=2)
     t0 = time.time() - elapsed
     model.train()
+    with run_log(work) as writer:
+        step = _train_steps(model, opt, loader, loss_fn, lookup, cfg, step, t0, ckpt, writer)
+    model.eval()
+    minutes = (time.time() - t0) / 60
+    meta = export(model, vocab, cfg, Path(cfg.out), dict(train_minutes=round(minutes, 1), steps=step))
+    log.info("exported %s (%.1f min of training, sha256 %s)", cfg.out, minutes, meta["sha256"][:16])
+    return Path(cfg.out)
+
+
+def _train_steps(
+    model, opt, loader, loss_fn, lookup, cfg: PretrainConfig, step: int, t0: float, ckpt: Path, writer
+) -> int:
+    """The contrastive steps from ``step`` to ``cfg.steps``: progress bar, log.txt, TensorBoard, atomic
+    checkpoints; a non-finite loss stops before the update, leaving the last checkpoint intact."""
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step")
     for x, ids in loader:
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
         img, txt, scale = model(x, ids)
         loss = loss_fn(img, txt, scale)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step + 1}; last good checkpoint: {ckpt}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
+        bar.update(1)
+        writer.add_scalar("train/loss", loss.item(), step)
+        writer.add_scalar("train/lr", _lr(cfg, step - 1), step)
         if step % 10 == 0 or step == 1:
             log.info(
                 "step %d/%d loss %.4f scale %.1f lr %.2e %.1f s",
@@ -253,12 +277,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
             )
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
+            acc = probe_accuracy(model, lookup, cfg)
             log.info(
-                "step %d probe zero-shot accuracy (%d classes): %.3f",
-                step,
-                len(COLOURS) * len(SHAPES),
-                probe_accuracy(model, lookup, cfg),
+                "step %d probe zero-shot accuracy (%d classes): %.3f", step, len(COLOURS) * len(SHAPES), acc
             )
+            writer.add_scalar("probe/zeroshot_accuracy", acc, step)
             model.train()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             tmp = ckpt.with_suffix(".tmp")
@@ -269,11 +292,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 tmp,
             )
             tmp.replace(ckpt)
-    model.eval()
-    minutes = (time.time() - t0) / 60
-    meta = export(model, vocab, cfg, Path(cfg.out), dict(train_minutes=round(minutes, 1), steps=step))
-    log.info("exported %s (%.1f min of training, sha256 %s)", cfg.out, minutes, meta["sha256"][:16])
-    return Path(cfg.out)
+    bar.close()
+    return step
 
 
 RECORDED_DATASETS = ("sandbox_shapes", "sandbox_clean")
