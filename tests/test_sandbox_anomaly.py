@@ -158,7 +158,8 @@ def test_recipe_runs_end_to_end_and_generates_its_data(
     printed = capsys.readouterr().out
     assert all(cat in printed for cat in SET_B) and "mean" in printed
     assert (out / "prompts" / "prompt_config.json").is_file() and (out / "checkpoints" / "last.pt").is_file()
-    assert "epoch 1/1" in (out / "log.txt").read_text() and any((out / "tb").iterdir())  # followable like any run
+    # followable like any run: log.txt and TensorBoard scalars
+    assert "epoch 1/1" in (out / "log.txt").read_text() and any((out / "tb").iterdir())
     m = json.loads((out / "metrics.json").read_text())
     assert sorted(m["categories"]) == sorted(SET_B) and m["n"] == len(SET_B) * (2 + 2 * len(DEFECTS))
     assert all(0 <= m["mean"][k] <= 100 for k in ("pixel_auroc", "image_auroc", "image_ap"))
