@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from promptlab.data.generated import write_split_dataset
-from promptlab.sandbox.world import COLOURS, SHAPES, Style, class_scene, render
+from promptlab.sandbox.world import COLOURS, SHAPES, Style, checkerboard, class_scene, render
 
 
 def checkerboard_classnames(colours: Sequence[str], shapes: Sequence[str]) -> list[str]:
@@ -31,9 +31,7 @@ def checkerboard_classnames(colours: Sequence[str], shapes: Sequence[str]) -> li
     unknown = sorted(set(colours) - set(COLOURS)) + sorted(set(shapes) - set(SHAPES))
     if unknown:
         raise ValueError(f"unknown colours or shapes {unknown}; known: {list(COLOURS)} and {list(SHAPES)}")
-    cells = [(i, j) for i in range(len(colours)) for j in range(len(shapes))]
-    ordered = sorted(cells, key=lambda c: ((c[0] + c[1]) % 2, c))
-    return [f"{colours[i]} {shapes[j]}" for i, j in ordered]
+    return [f"{colours[i]} {shapes[j]}" for i, j in checkerboard(len(colours), len(shapes))]
 
 
 def render_item(classname: str, key: str, *, seed: int, image_size: int, style: Style):

@@ -41,14 +41,23 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from promptlab.data import generated
 from promptlab.data.items import SPLITS
-from promptlab.sandbox.world import BACKGROUNDS, COLOURS, SHAPES, Style, _draw_shape, _jitter, backdrop
+from promptlab.sandbox.world import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Style,
+    _draw_shape,
+    _jitter,
+    backdrop,
+    checkerboard,
+)
 
 log = logging.getLogger(__name__)
 
 MOTIONS = ("moving up", "moving down", "growing", "shrinking", "spinning", "bouncing")
-_SCALE = (
-    2  # frames are drawn at 2x and box-downsampled for anti-aliased edges (world.render: 4x; 16 frames cost)
-)
+# Frames are drawn at 2x and box-downsampled for anti-aliased edges (world.render draws at 4x; 16
+# frames per clip make that cost too much here).
+_SCALE = 2
 _TRAIL_SPAN = 0.4  # how far back the trail reaches, as a fraction of the clip (not of a frame)
 
 
@@ -63,11 +72,7 @@ def video_classnames(motions: Sequence[str], shapes: Sequence[str]) -> list[str]
         raise ValueError(f"unknown motions or shapes {unknown}; known: {list(MOTIONS)} and {list(SHAPES)}")
     if "circle" in shapes and "spinning" in motions:
         raise ValueError("a spinning circle looks like a still one: leave 'circle' out of the shapes")
-    cells = sorted(
-        ((i, j) for i in range(len(motions)) for j in range(len(shapes))),
-        key=lambda c: ((c[0] + c[1]) % 2, c),
-    )
-    return [f"{shapes[j]} {motions[i]}" for i, j in cells]
+    return [f"{shapes[j]} {motions[i]}" for i, j in checkerboard(len(motions), len(shapes))]
 
 
 def split_classname(classname: str) -> tuple[str, str]:

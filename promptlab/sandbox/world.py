@@ -100,6 +100,17 @@ def sample_scene(
     )
 
 
+def checkerboard(n_rows: int, n_cols: int) -> list[tuple[int, int]]:
+    """The cells of an ``n_rows`` x ``n_cols`` grid, those with even ``i + j`` first, then the rest.
+
+    Classes listed in this order split into a base half (the first ``ceil(n/2)``) and a new half that
+    each hold every row word and every column word (both sizes >= 2): "new" classes are new
+    combinations of known words, the compositional generalisation base-to-new evaluation measures.
+    """
+    cells = [(i, j) for i in range(n_rows) for j in range(n_cols)]
+    return sorted(cells, key=lambda c: ((c[0] + c[1]) % 2, c))
+
+
 def class_scene(classname: str, rng: random.Random) -> Scene:
     """A scene of the class ``"<colour> <shape>"``: random size, pattern, position, and a background
     of another colour. What the sandbox and synthetic datasets draw for each image."""
