@@ -91,9 +91,8 @@ class DataConfig:
     # RandomResizedCrop area range of the training transform; CoOp/Dassl: [0.08, 1.0]. Tiny images
     # (the 48 px sandbox) lose their content at 8 % crops and use a milder range.
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    fold: int = (
-        1  # official split 1..3 of video datasets (UCF101, HMDB51): fills `{fold}` in their list names
-    )
+    # official split 1..3 of video datasets (UCF101, HMDB51): fills `{fold}` in their list names
+    fold: int = 1
 
 
 @dataclass
@@ -108,9 +107,8 @@ class TrainConfig:
     warmup_type: Literal["constant", "linear"] = "constant"
     amp: Precision = "fp32"  # autocast dtype; master weights stay fp32
     grad_clip: float | None = None  # max global grad norm; null = no clipping
-    grad_checkpointing: bool = (
-        False  # recompute text-tower activations in backward: less memory (ImageNet-size C)
-    )
+    # recompute text-tower activations in backward: less memory (ImageNet-size C)
+    grad_checkpointing: bool = False
     feature_cache: bool = True  # train on cached image features when the method's image side is frozen
     aug_views: int = 10  # augmented views per training image encoded once for the feature cache
     checkpoint_every: int = 1  # epochs between checkpoints
