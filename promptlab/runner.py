@@ -83,7 +83,7 @@ def ensure_data(cfg: DictConfig) -> None:
     ``sandbox_*``); the generator skips work when the files are complete. Real datasets are never touched."""
     spec = get_spec(cfg.data.name)
     if spec.generator:
-        run_generator(dict(spec.generator), Path(cfg.data.root))
+        run_generator(dict(spec.generator), Path(cfg.data.root), source=f"{spec.yaml_path}: generator")
 
 
 def prepare_data(cfg: DictConfig) -> DatasetSplits:

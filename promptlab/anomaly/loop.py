@@ -282,7 +282,9 @@ def load_anomaly_prompts(
 def _dataset(spec: Any, size: int, clip: FrozenCLIP) -> AnomalyDataset:
     root = Path(spec.root).expanduser()
     if spec.generator:  # generated on first use, like runner.ensure_data for classification
-        run_generator(OmegaConf.to_container(spec.generator), root)
+        run_generator(
+            OmegaConf.to_container(spec.generator), root, source=f"recipe data {spec.root}: generator"
+        )
     items = load_items(spec.layout, root, spec.split, list(spec.categories) if spec.categories else None)
     return AnomalyDataset(items, size, clip.image_mean, clip.image_std)
 

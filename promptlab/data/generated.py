@@ -139,13 +139,24 @@ def generation_lock(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def run_generator(spec: dict[str, Any], root: Path) -> Any:
+def run_generator(spec: dict[str, Any], root: Path, source: str = "generator") -> Any:
     """Call a dataset YAML's or recipe's ``generator:`` (``{_component_: dotted.path, **kwargs}``) as
-    ``fn(root, **kwargs)`` under :func:`generation_lock`; generators skip work when complete."""
+    ``fn(root, **kwargs)`` under :func:`generation_lock`; generators skip work when complete.
+
+    Raises:
+        ValueError: the arguments do not fit the generator (a misspelt key); names ``source``.
+    """
+    import inspect
+
     from promptlab.config import resolve_component
 
     kwargs = dict(spec)
     fn = resolve_component(kwargs.pop("_component_"))
     root = Path(root).expanduser()
+    try:
+        inspect.signature(fn).bind(root, **kwargs)
+    except TypeError as e:
+        known = [p for p in inspect.signature(fn).parameters][1:]
+        raise ValueError(f"{source}: {e} (the generator {spec['_component_']} takes {known})") from None
     with generation_lock(root):
         return fn(root, **kwargs)

@@ -83,3 +83,12 @@ def test_generation_waits_for_the_lock_of_another_process(tmp_path: Path) -> Non
         assert not (tmp_path / "synthetic").exists()
     worker.join(30)
     assert done.is_set() and (tmp_path / "synthetic" / "split_synthetic.json").is_file()
+
+
+def test_misspelt_generator_key_names_its_source(tmp_path: Path) -> None:
+    from promptlab.data.generated import run_generator
+
+    spec = {"_component_": "promptlab.data.make_synthetic_dataset", "n_clases": 2}
+    with pytest.raises(ValueError, match=r"datasets/x\.yaml: generator: .*n_clases.* takes \['n_classes'"):
+        run_generator(spec, tmp_path, source="datasets/x.yaml: generator")
+    assert not (tmp_path / "synthetic").exists()
