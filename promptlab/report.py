@@ -425,16 +425,22 @@ def plot(protocol: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
             squeeze=False,
         )
         for ax, name in zip(axes.flat, names):
-            pts = [r for r in rows if r["dataset"] == name]
-            ax.errorbar(
-                [r["shots"] for r in pts],
-                [r["accuracy"] for r in pts],
-                yerr=[0 if math.isnan(r["accuracy_std"]) else r["accuracy_std"] for r in pts],
-                marker="o",
-                capsize=3,
-            )
+            here = [r for r in rows if r["dataset"] == name]
+            for sweep in dict.fromkeys(r.get("sweep") for r in here):  # one line per compared sweep
+                pts = [r for r in here if r.get("sweep") == sweep]
+                ax.errorbar(
+                    [r["shots"] for r in pts],
+                    [r["accuracy"] for r in pts],
+                    yerr=[0 if math.isnan(r["accuracy_std"]) else r["accuracy_std"] for r in pts],
+                    marker="o",
+                    capsize=3,
+                    label=sweep,
+                )
+            ticks = sorted({r["shots"] for r in here})
             ax.set_xscale("log", base=2)
-            ax.set_xticks([r["shots"] for r in pts], [str(r["shots"]) for r in pts])
+            ax.set_xticks(ticks, [str(k) for k in ticks])
+            if any(r.get("sweep") for r in here):
+                ax.legend(fontsize=7)
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("shots per class")
             ax.set_ylabel("accuracy (%)")
@@ -522,77 +528,98 @@ def write_report(
     return Report(data.protocol, rows, md, csv_path, png)
 
 
-def compare_sweeps(sweep_dirs: Sequence[str | Path], out: str | Path) -> Report:
-    """One Base/New/HM table over several base-to-new sweeps, methods as rows (the papers' comparison).
+def _sweep_rows(sweep_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """A sweep's protocol and table rows, each labelled with the sweep's folder name and method."""
+    data = load_sweep(sweep_dir)
+    if data.protocol not in ("base2new", "fewshot"):
+        raise ValueError(
+            f"{sweep_dir}: a {data.protocol} sweep; only base2new or fewshot sweeps can be compared"
+        )
+    method = ", ".join(sorted({str(r.metrics.get("method")) for r in data.records}))
+    table = base2new_rows if data.protocol == "base2new" else fewshot_rows
+    label = {"sweep": Path(sweep_dir).resolve().name, "method": method}
+    return data.protocol, [{**label, **r} for r in table(data.records)]
 
-    Writes ``comparison.md``, ``comparison.csv`` and ``comparison.png`` to ``out``: a table per dataset
-    (and the average over datasets) with one row per sweep, and bars of each sweep's single dataset
-    (or its average when it covers several).
+
+def compare_sweeps(sweep_dirs: Sequence[str | Path], out: str | Path) -> Report:
+    """One table over several sweeps of the same protocol, methods as rows (the papers' comparisons).
+
+    base2new: per dataset (then the average over datasets) one row per sweep with Base / New / HM,
+    and bars of each sweep's single dataset (or its average when it covers several). fewshot: per
+    dataset (then the average) one row per sweep with a column per shot count, and accuracy-vs-shots
+    curves with one line per sweep. Writes ``comparison.md``, ``comparison.csv`` and ``comparison.png``.
 
     Raises:
-        ValueError: a sweep is not a base-to-new sweep, or fewer than two sweeps are given.
+        ValueError: fewer than two sweeps, a cross-dataset sweep, or sweeps of different protocols.
     """
     if len(sweep_dirs) < 2:
         raise ValueError("compare needs at least two sweep directories")
-    rows: list[dict[str, Any]] = []
-    bars: list[dict[str, Any]] = []
-    for d in sweep_dirs:
-        data = load_sweep(d)
-        if data.protocol != "base2new":
-            raise ValueError(f"{d}: a {data.protocol} sweep; only base2new sweeps can be compared")
-        method = ", ".join(sorted({str(r.metrics.get("method")) for r in data.records}))
-        own = [{"sweep": Path(d).resolve().name, "method": method, **r} for r in base2new_rows(data.records)]
-        rows += own
-        shots = min(r["shots"] for r in own)
-        per_ds = [r for r in own if r["shots"] == shots and not r["dataset"].startswith("Average")]
-        pick = (
-            per_ds
-            if len(per_ds) == 1
-            else [r for r in own if r["shots"] == shots and r["dataset"].startswith("Average")]
-        )
-        bars += [{**r, "dataset": r["sweep"]} for r in pick]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    single = all(
-        len(
-            {
-                r["dataset"]
-                for r in rows
-                if r["sweep"] == b["sweep"] and not r["dataset"].startswith("Average")
-            }
-        )
-        == 1
-        for b in bars
-    )
+    tables = [_sweep_rows(d) for d in sweep_dirs]
+    protocols = {p for p, _ in tables}
+    if len(protocols) > 1:
+        raise ValueError(f"cannot compare sweeps of different protocols: {sorted(protocols)}")
+    protocol = protocols.pop()
+    rows = [r for _, own in tables for r in own]
+    sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
+    real = {
+        s: {r["dataset"] for r in rows if r["sweep"] == s and not r["dataset"].startswith("Average")}
+        for s in sweeps
+    }
+    single = all(len(ds) == 1 for ds in real.values())  # then the average tables repeat the dataset's
     datasets = [
         d for d in dict.fromkeys(r["dataset"] for r in rows) if not (single and d.startswith("Average"))
     ]
     datasets.sort(key=lambda d: d.startswith("Average"))  # per-dataset tables first, averages last
     sections = []
     for dataset in datasets:
-        body = [
-            [
-                r["sweep"],
-                r["method"],
-                str(r["shots"]),
-                r["seeds"],
-                _pm(r["base"], r["base_std"]),
-                _pm(r["new"], r["new_std"]),
-                _pm(r["hm"], r["hm_std"]),
+        mine = [r for r in rows if r["dataset"] == dataset]
+        if protocol == "base2new":
+            header = ["sweep", "method", "shots", "seeds", "Base", "New", "HM"]
+            body = [
+                [
+                    r["sweep"],
+                    r["method"],
+                    str(r["shots"]),
+                    r["seeds"],
+                    _pm(r["base"], r["base_std"]),
+                    _pm(r["new"], r["new_std"]),
+                    _pm(r["hm"], r["hm_std"]),
+                ]
+                for r in mine
             ]
-            for r in rows
-            if r["dataset"] == dataset
-        ]
-        table = _md_table(["sweep", "method", "shots", "seeds", "Base", "New", "HM"], body)
-        sections.append(f"### {dataset}\n\n{table}")
+        else:
+            shots = sorted({r["shots"] for r in mine})
+            header = ["sweep", "method", *[f"{k} shot{'s' * (k != 1)}" for k in shots]]
+            body = []
+            for sweep in dict.fromkeys(r["sweep"] for r in mine):
+                cells = {
+                    r["shots"]: _pm(r["accuracy"], r["accuracy_std"]) + _partial(r)
+                    for r in mine
+                    if r["sweep"] == sweep
+                }
+                method = next(r["method"] for r in mine if r["sweep"] == sweep)
+                body.append([sweep, method, *[cells.get(k, "—") for k in shots]])
+        sections.append(f"### {dataset}\n\n{_md_table(header, body)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     md = out / "comparison.md"
+    note = "HM of the seed-averaged Base and New." if protocol == "base2new" else "Top-1 accuracy (%)."
     md.write_text(
-        "# base2new comparison\n\n" + "\n\n".join(sections) + "\n\nMean ± population std over seeds; HM "
-        "of the seed-averaged Base and New.\n"
+        f"# {protocol} comparison\n\n"
+        + "\n\n".join(sections)
+        + f"\n\nMean ± population std over seeds; {note}\n"
     )
     csv_path = write_csv(out / "comparison.csv", rows)
-    png = plot("base2new", bars, out / "comparison.png")
-    return Report("base2new", rows, md, csv_path, png)
+    if protocol == "base2new":  # one group of bars per sweep
+        shown = [
+            r
+            for r in rows
+            if r["dataset"] in (datasets if single else [d for d in datasets if d.startswith("Average")])
+        ]
+        png = plot("base2new", [{**r, "dataset": r["sweep"]} for r in shown], out / "comparison.png")
+    else:  # one line per sweep in each dataset's panel
+        png = plot("fewshot", [r for r in rows if r["dataset"] in datasets], out / "comparison.png")
+    return Report(protocol, rows, md, csv_path, png)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -242,5 +242,31 @@ def test_compare_sweeps_one_table_methods_as_rows(tmp_path, capsys):
     assert np.asarray(Image.open(out / "comparison.png")).std() > 0
     assert (a / "report.md").is_file() and (b / "report.md").is_file()  # each sweep's own report too
     _manifest(fs, "fewshot", [_write_run(fs, "dtd", 1, 1, 50.0, {}, subsample="all")])
-    with pytest.raises(ValueError, match="only base2new sweeps"):
+    with pytest.raises(ValueError, match="different protocols"):
         compare_sweeps([a, fs], tmp_path / "cmp")
+
+
+def test_compare_fewshot_sweeps_shots_as_columns(tmp_path):
+    """Few-shot sweeps compare as one row per method with a column per shot count, and curves per method."""
+    a, b = tmp_path / "coop", tmp_path / "linear"
+    acc = {"coop": {1: (50.0, 54.0), 16: (80.0, 82.0)}, "linear": {1: (30.0, 30.0), 16: (70.0, 74.0)}}
+    for sweep, method in ((a, "CoOp"), (b, "Linear")):
+        runs = [
+            _write_run(sweep, "dtd", k, seed, v, {}, method=method, subsample="all")
+            for k, vals in acc[sweep.name].items()
+            for seed, v in zip((1, 2), vals)
+        ]
+        _manifest(sweep, "fewshot", runs)
+    rep = compare_sweeps([a, b], tmp_path / "cmp")
+    text = rep.markdown.read_text()
+    assert "| sweep | method | 1 shot | 16 shots |" in text
+    assert "| coop | CoOp | 52.00 ± 2.00 | 81.00 ± 1.00 |" in text
+    assert "| linear | Linear | 30.00 ± 0.00 | 72.00 ± 2.00 |" in text
+    assert "### Average" not in text  # one dataset: the average would repeat it
+    assert np.asarray(Image.open(rep.plot)).std() > 0
+    xd = tmp_path / "xd"
+    _manifest(
+        xd, "crossdataset", [_write_run(xd, "dtd", 16, 1, 50.0, {"eurosat": ("all", 40.0)}, subsample="all")]
+    )
+    with pytest.raises(ValueError, match="only base2new or fewshot"):
+        compare_sweeps([a, xd], tmp_path / "cmp2")
