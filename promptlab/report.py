@@ -642,7 +642,9 @@ def add_report_command(sub: Any) -> None:
         help="Markdown/CSV tables and PNG plots of a sweep (mean ± std over seeds, HM, published deltas)",
     )
     r.add_argument(
-        "sweep_dir", nargs="+", help="a sweep directory; several base2new sweeps: also a comparison table"
+        "sweep_dir",
+        nargs="+",
+        help="a sweep directory; several base2new or fewshot sweeps: also a comparison table",
     )
     r.add_argument(
         "--out",
