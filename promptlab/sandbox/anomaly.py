@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from promptlab.data.generated import begin, commit, recorded_params, up_to_date
-from promptlab.sandbox.world import BACKGROUNDS, COLOURS, _draw_shape, _jitter, _pattern_mask
+from promptlab.sandbox.world import BACKGROUNDS, COLOURS, _jitter, fill_object
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,8 @@ CATEGORIES: dict[str, ObjectType] = {
     "green_square": ObjectType("square", "green", "plain", "white"),
     "pink_heart": ObjectType("heart", "pink", "checkered", "grey"),
     # set B (never seen in training: the zero-shot target)
-    "red_square": ObjectType(
-        "square", "red", "striped", "dark blue"
-    ),  # not white: holes would hide in the stripes
+    # a dark background, not white: holes would hide among the white stripes
+    "red_square": ObjectType("square", "red", "striped", "dark blue"),
     "yellow_circle": ObjectType("circle", "yellow", "plain", "grey"),
     "cyan_heart": ObjectType("heart", "cyan", "plain", "black"),
     "purple_hexagon": ObjectType("hexagon", "purple", "dotted", "beige"),
@@ -83,14 +82,9 @@ def _draw_object(
     r = rng.uniform(0.31, 0.36) * s
     cx, cy = s / 2 + rng.uniform(-0.03, 0.03) * s, s / 2 + rng.uniform(-0.03, 0.03) * s
     fg = _jitter(COLOURS[obj.colour], 12, rng)
-    obj_mask = Image.new("L", (s, s), 0)
-    _draw_shape(ImageDraw.Draw(obj_mask), obj.shape, cx, cy, r, 255, rot=rng.uniform(-0.2, 0.2))
-    img.paste(fg, mask=obj_mask)
-    pat = _pattern_mask(obj.pattern, s, rng)
-    if pat is not None:
-        second = (255, 255, 255) if sum(COLOURS[obj.colour]) < 450 else (30, 30, 30)
-        both = Image.fromarray((np.asarray(obj_mask) // 255 * np.asarray(pat)).astype(np.uint8))
-        img.paste(_jitter(second, 10, rng), mask=both)
+    obj_mask = fill_object(
+        img, obj.shape, obj.colour, obj.pattern, fg, (cx, cy, r, rng.uniform(-0.2, 0.2)), rng
+    )
     return img, obj_mask, fg, bg, r
 
 

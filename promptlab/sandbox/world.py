@@ -313,6 +313,30 @@ def backdrop(
     return img
 
 
+def fill_object(
+    img: Image.Image,
+    shape: str,
+    colour: str,
+    pattern: str,
+    fg: tuple[int, int, int],
+    pose: tuple[float, float, float, float],
+    rng: random.Random,
+) -> Image.Image:
+    """Paint a filled ``shape`` of colour ``fg`` at ``pose = (cx, cy, radius, rotation)`` onto ``img``,
+    with its ``pattern`` in a contrasting second colour; returns the object's "L" mask."""
+    cx, cy, r, rot = pose
+    s = img.size[0]
+    mask = Image.new("L", (s, s), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, cx, cy, r, 255, rot=rot)
+    img.paste(fg, mask=mask)
+    pat = _pattern_mask(pattern, s, rng)
+    if pat is not None:
+        second = (255, 255, 255) if sum(COLOURS[colour]) < 450 else (30, 30, 30)
+        both = Image.fromarray((np.asarray(mask) // 255 * np.asarray(pat)).astype(np.uint8))
+        img.paste(_jitter(second, 10, rng), mask=both)
+    return mask
+
+
 def render(scene: Scene, rng: random.Random, *, size: int = 64, style: Style = CLEAN) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB image.
 
@@ -332,14 +356,7 @@ def render(scene: Scene, rng: random.Random, *, size: int = 64, style: Style = C
     if rng.random() < style.outline:
         _draw_shape(draw, scene.shape, cx, cy, r, fg, width=max(2, int(s * 0.04)), rot=rot)
     else:
-        mask = Image.new("L", (s, s), 0)
-        _draw_shape(ImageDraw.Draw(mask), scene.shape, cx, cy, r, 255, rot=rot)
-        img.paste(fg, mask=mask)
-        pat = _pattern_mask(scene.pattern, s, rng)
-        if pat is not None:
-            second = (255, 255, 255) if sum(COLOURS[scene.colour]) < 450 else (30, 30, 30)
-            both = Image.fromarray((np.asarray(mask) // 255 * np.asarray(pat)).astype(np.uint8))
-            img.paste(_jitter(second, 10, rng), mask=both)
+        fill_object(img, scene.shape, scene.colour, scene.pattern, fg, (cx, cy, r, rot), rng)
 
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     if style.blur > 0:
