@@ -92,3 +92,20 @@ def test_misspelt_generator_key_names_its_source(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"datasets/x\.yaml: generator: .*n_clases.* takes \['n_classes'"):
         run_generator(spec, tmp_path, source="datasets/x.yaml: generator")
     assert not (tmp_path / "synthetic").exists()
+
+
+def test_every_shipped_generator_takes_its_yaml_arguments() -> None:
+    """A misspelt key in a shipped dataset YAML's `generator:` would only fail on a user's first run."""
+    import inspect
+
+    from promptlab.config import resolve_component
+    from promptlab.data import dataset_names, get_spec
+
+    generated = [n for n in dataset_names() if get_spec(n).generator]
+    assert {"synthetic", "sandbox_shapes", "sandbox_clean", "sandbox_video", "sandbox_video_source"} <= set(
+        generated
+    )
+    for name in generated:
+        kwargs = dict(get_spec(name).generator)
+        fn = resolve_component(kwargs.pop("_component_"))
+        inspect.signature(fn).bind(Path("root"), **kwargs)  # raises TypeError on a key the generator lacks
