@@ -28,21 +28,10 @@ from promptlab.methods.mocoop import (
     text_to_text_loss,
 )
 from promptlab.runner import dataset_kwargs
+from promptlab.sweep import BENCHMARK_DATASETS
 
 CLASSES = ["cat", "sea_lion", "golden retriever", "fire_truck"]
-ELEVEN = [
-    "caltech101",
-    "dtd",
-    "eurosat",
-    "fgvc_aircraft",
-    "food101",
-    "imagenet",
-    "oxford_flowers",
-    "oxford_pets",
-    "stanford_cars",
-    "sun397",
-    "ucf101",
-]
+ELEVEN = sorted(BENCHMARK_DATASETS)
 # Every kind of template: words on both sides, after only, before only, none (random context).
 GROUPS = {
     "pet": ["a photo of a {}, a type of pet.", "a photo of the small {}."],
