@@ -151,6 +151,14 @@ def cmd_import_coop(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="promptlab", description="Prompt learning on frozen CLIP models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "--trust-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let recipes and dataset YAMLs name components from MODULE (your own code; repeatable; "
+        "also $PROMPTLAB_TRUSTED_MODULES). Without it only promptlab's and torch.optim's are built",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser(
@@ -224,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     from promptlab.config import ConfigError
+    from promptlab.trust import trust_modules
+
+    trust_modules(args.trust_module)  # in the environment too: sweep jobs and torchrun ranks inherit it
 
     try:
         return int(args.func(args) or 0)

@@ -32,6 +32,8 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from promptlab import trust
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -65,7 +67,8 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------------------
 # Schema. Field metadata: ``component=(runtime args...)`` marks a ``_component_`` node and lists the
-# arguments the engine passes at build time (excluded from validation); ``pattern=(regex, description)``
+# arguments the engine passes at build time (excluded from validation), ``kind=`` its role under the
+# trust rule (promptlab.trust); ``pattern=(regex, description)``
 # constrains a string; ``path=True`` marks a value that must exist when ``check_paths`` is on.
 # Fields without a default are required; defaulted fields may be left out and are filled in on load.
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ class RecipeConfig:
     output_dir: str  # run directory; usually interpolates ${data.name}, ${shots}, ${seed}
     model: ModelConfig
     # PromptModule subclass, built as Cls(clip, classnames, **hparams)
-    method: dict[str, Any] = field(metadata={"component": ("clip", "classnames")})
+    method: dict[str, Any] = field(metadata={"component": ("clip", "classnames"), "kind": "method"})
     data: DataConfig
     seed: int = 1  # seeds python, numpy and torch; also the few-shot draw
     shots: int = 16  # K shots per class; <= 0 means all training data
@@ -156,7 +159,9 @@ class RecipeConfig:
         default="auto", metadata={"pattern": (r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N")}
     )
     # torch optimizer, built as Cls(params, **kwargs); may be null when train.epochs == 0
-    optimizer: dict[str, Any] | None = field(default=None, metadata={"component": ("params",)})
+    optimizer: dict[str, Any] | None = field(
+        default=None, metadata={"component": ("params",), "kind": "optimizer"}
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -171,18 +176,32 @@ def _is_component(value: Any) -> bool:
     return isinstance(value, (Mapping, DictConfig)) and COMPONENT_KEY in value
 
 
-def resolve_component(dotted: str) -> Callable[..., Any]:
-    """Import ``"pkg.mod.Name"`` (or ``"pkg.mod.Class.attr"``) and return the callable.
+def resolve_component(dotted: str, kind: str | Sequence[str] | None = None) -> Callable[..., Any]:
+    """Import ``"pkg.mod.Name"`` (or ``"pkg.mod.Class.attr"``) and return the callable, if its role allows it.
 
+    ``kind`` is the role of the node naming it (``method``, ``optimizer``, ``scheduler``,
+    ``generator``, ``reader``; ``None``: any class role). Under :mod:`promptlab.trust`'s rule the path
+    is checked before anything is imported and the object before it is returned, so nothing a file
+    names is imported or called unless it is promptlab's (torch's optimizers) or the user trusted it.
     The longest importable module prefix is imported with importlib, the rest is read with getattr.
     A module that exists but fails to import (a bug in it, a missing dependency) is reported as such,
     not mistaken for a wrong path.
 
     Raises:
-        ConfigError: naming ``dotted`` and why it could not be imported.
+        ConfigError: naming ``dotted`` and why it could not be imported or is not allowed.
     """
     if not isinstance(dotted, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", dotted):
         raise ConfigError(f"_component_ must be a dotted path like 'pkg.module.Name', got {dotted!r}")
+    try:
+        trust.check_path(dotted, kind)
+        obj = _import_dotted(dotted)
+        trust.check_object(obj, dotted, kind)
+    except trust.UntrustedComponent as e:
+        raise ConfigError(str(e)) from None
+    return obj
+
+
+def _import_dotted(dotted: str) -> Any:
     parts = dotted.split(".")
     for i in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:i])
@@ -219,6 +238,18 @@ def component_kwargs(node: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k != COMPONENT_KEY}
 
 
+def _resolve_nested(value: Any) -> None:
+    """Check every nested component path first, so a refused one is found before any sibling is built."""
+    if isinstance(value, Mapping):
+        if COMPONENT_KEY in value:
+            resolve_component(value[COMPONENT_KEY])
+        for v in value.values():
+            _resolve_nested(v)
+    elif isinstance(value, list):
+        for v in value:
+            _resolve_nested(v)
+
+
 def _build(value: Any) -> Any:
     """Recursively instantiate nested component nodes inside plain containers."""
     if isinstance(value, Mapping):
@@ -230,17 +261,21 @@ def _build(value: Any) -> Any:
     return value
 
 
-def instantiate(node: DictConfig | Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+def instantiate(
+    node: DictConfig | Mapping[str, Any], *args: Any, kind: str | None = None, **kwargs: Any
+) -> Any:
     """Build ``node[_component_](*args, **node_kwargs, **kwargs)``.
 
     ``args`` / ``kwargs`` are runtime arguments the recipe cannot hold (the CLIP model, class names,
-    parameters); keyword ones override the recipe's. Nested ``_component_`` nodes among the recipe's
-    kwargs are built first (with no runtime arguments).
+    parameters); keyword ones override the recipe's. ``kind`` is the node's role
+    (see :func:`resolve_component`). Nested ``_component_`` nodes among the recipe's kwargs are
+    resolved, every one of them, before anything is called, then built (with no runtime arguments).
     """
     if not _is_component(node):
         raise ConfigError(f"instantiate needs a mapping with a {COMPONENT_KEY!r} key, got {node!r}")
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    target = resolve_component(data.pop(COMPONENT_KEY))
+    target = resolve_component(data.pop(COMPONENT_KEY), kind)
+    _resolve_nested(data)
     built = {k: _build(v) for k, v in data.items()}
     built.update(kwargs)
     return target(*args, **built)
@@ -390,7 +425,7 @@ def _validate_section(cfg: Any, schema: type, prefix: str, source: str, check_pa
         if "component" in f.metadata:
             if value is None and _matches(None, tp) is True:
                 continue
-            _validate_component(value, f.metadata["component"], key, source)
+            _validate_component(value, f.metadata["component"], key, source, f.metadata.get("kind"))
         elif dataclasses.is_dataclass(tp):
             _validate_section(value, tp, key, source, check_paths)
         else:
@@ -422,8 +457,11 @@ def _signature(target: Callable[..., Any], key: str, source: str) -> tuple[inspe
     return sig, hints
 
 
-def _validate_component(node: Any, runtime_args: Sequence[str], key: str, source: str) -> None:
-    """Check a ``_component_`` node: the target imports, and every key is a valid keyword argument."""
+def _validate_component(
+    node: Any, runtime_args: Sequence[str], key: str, source: str, kind: str | None = None
+) -> None:
+    """Check a ``_component_`` node: the target is allowed for ``kind`` and imports, and every key is a
+    valid keyword argument. Nested nodes may build classes only (see :mod:`promptlab.trust`)."""
     if not _is_component(node):
         raise ConfigError(
             f"expected a mapping with a {COMPONENT_KEY!r} key (dotted path of a callable), got {node!r}",
@@ -432,7 +470,7 @@ def _validate_component(node: Any, runtime_args: Sequence[str], key: str, source
         )
     dotted = _plain(node[COMPONENT_KEY], _join(key, COMPONENT_KEY), source)
     try:
-        target = resolve_component(dotted)
+        target = resolve_component(dotted, kind)
     except ConfigError as e:
         raise ConfigError(e.reason, key=_join(key, COMPONENT_KEY), source=source) from e
     sig, hints = _signature(target, key, source)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -141,11 +142,18 @@ def autocast(device: torch.device, amp: str):
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG's state as tensors and plain data, so the checkpoint loads with ``weights_only=True``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", uint32[624], int, int, float)
     return {
         "generator": generator.get_state(),
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "random": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "random": random.getstate(),  # (version, tuple of ints, None)
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
@@ -153,7 +161,9 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    npr = state["numpy"]
+    keys = npr["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, npr["pos"], npr["has_gauss"], npr["cached_gaussian"]))
     random.setstate(state["random"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -186,9 +196,21 @@ def restore_training_state(
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a training checkpoint, saying which file failed."""
+    """Read a training checkpoint with ``weights_only=True``, saying which file failed.
+
+    Checkpoints hold tensors and plain data only (see :func:`_rng_state`), so the restricted
+    unpickler reads them and a hostile file cannot run code. A file that needs more (written by
+    something else, or by an older promptlab that kept the numpy RNG state as a numpy array) is refused.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(
+            f"cannot read checkpoint {path}: it holds objects other than tensors and plain data ({first}); "
+            "it is not unpickled in full because that can run code. If it is an older promptlab checkpoint, "
+            "delete it to restart the run from scratch"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same actionable message
         raise RuntimeError(
             f"cannot read checkpoint {path}: {e}; delete it to restart the run from scratch"

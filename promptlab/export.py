@@ -352,7 +352,7 @@ def _load_dassl_checkpoint(path: Path) -> dict:
 
     Plain Dassl checkpoints (SGD state, ``CosineAnnealingLR``) load with ``weights_only=True``. CoOp's
     warm-up scheduler pickles a whole scheduler object (``successor``); those classes are replaced by
-    inert stand-ins. Only if that fails too is the file unpickled in full, with a warning.
+    inert stand-ins. A file that still needs more is refused: it is never unpickled in full.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -380,13 +380,12 @@ def _load_dassl_checkpoint(path: Path) -> dict:
             return ckpt
         except Exception as e:
             reason = e
-    log.warning(
-        "%s could not be read with weights_only=True (%s); unpickling it in full. Only do this with "
-        "checkpoints from a source you trust: a pickle can run arbitrary code.",
-        path,
-        str(reason).splitlines()[0] if str(reason) else type(reason).__name__,
-    )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    raise ValueError(
+        f"{path}: cannot read this checkpoint with weights_only=True, even with inert stand-ins for the "
+        f"classes it names ({str(reason).splitlines()[0] if str(reason) else type(reason).__name__}); "
+        "promptlab never unpickles a checkpoint in full because that can run code. Load it yourself in "
+        "an environment you trust and save its state_dict with torch.save"
+    ) from reason
 
 
 def import_coop_checkpoint(

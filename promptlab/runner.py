@@ -74,8 +74,8 @@ def dataset_kwargs(cls: type, method_cfg: DictConfig, ds: DatasetSplits) -> dict
 
 def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: DatasetSplits) -> PromptModule:
     """Instantiate ``cfg.method`` on the dataset's classes."""
-    cls = resolve_component(cfg.method._component_)
-    return instantiate(cfg.method, clip, ds.classnames, **dataset_kwargs(cls, cfg.method, ds))
+    cls = resolve_component(cfg.method._component_, "method")
+    return instantiate(cfg.method, clip, ds.classnames, kind="method", **dataset_kwargs(cls, cfg.method, ds))
 
 
 def ensure_data(cfg: DictConfig) -> None:
@@ -214,7 +214,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if epochs > 0 and module.trainable_parameters():
             from torch.utils.tensorboard import SummaryWriter
 
-            optimizer = instantiate(cfg.optimizer, module.trainable_parameters())
+            optimizer = instantiate(cfg.optimizer, module.trainable_parameters(), kind="optimizer")
             base_lr = optimizer.param_groups[0]["lr"]
             tc = cfg.train
             with SummaryWriter(str(run_dir / "tb")) if is_main else nullcontext() as writer:

@@ -59,6 +59,12 @@ class AnyKwargs:
 DUMMY = f"{__name__}.DummyMethod"
 
 
+@pytest.fixture(autouse=True)
+def _trust_this_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dummies live in this test module: trust it, as a user trusts their own (promptlab.trust)."""
+    monkeypatch.setenv("PROMPTLAB_TRUSTED_MODULES", __name__)
+
+
 def base_recipe() -> dict[str, Any]:
     """A minimal complete recipe using the dummy method and a real torch optimizer."""
     return {

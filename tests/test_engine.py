@@ -109,7 +109,7 @@ def test_resume_ends_with_same_result(clip, tmp_path):
     full = _run(clip, tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
         _run(clip, tmp_path / "cut", stop_after=2)
-    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2
     resumed = _run(clip, tmp_path / "cut", resume=True)
     torch.testing.assert_close(resumed.ctx, full.ctx, rtol=0, atol=0)
@@ -128,7 +128,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(clip, tmp_path):
 
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         _run(clip, tmp_path, loss_hook=hook)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and torch.isfinite(ckpt["prompt_state"]["ctx"]).all()
 
 

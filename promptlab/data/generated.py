@@ -148,10 +148,13 @@ def run_generator(spec: dict[str, Any], root: Path, source: str = "generator") -
     """
     import inspect
 
-    from promptlab.config import resolve_component
+    from promptlab.config import ConfigError, resolve_component
 
     kwargs = dict(spec)
-    fn = resolve_component(kwargs.pop("_component_"))
+    try:  # only registered generators (or those of a module the user trusted) run
+        fn = resolve_component(kwargs.pop("_component_", None), "generator")
+    except ConfigError as e:
+        raise ConfigError(e.reason, key="_component_", source=source) from None
     root = Path(root).expanduser()
     try:
         inspect.signature(fn).bind(root, **kwargs)

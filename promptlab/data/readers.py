@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from promptlab import trust
 from promptlab.data.items import SPLITS, Item
 
 if TYPE_CHECKING:
@@ -336,3 +337,5 @@ READERS = {
     "imagenet_folders": read_imagenet_folders,
     "custom": read_custom,
 }
+for _reader in READERS.values():  # also nameable by dotted path in a dataset YAML
+    trust.register("reader")(_reader)

@@ -179,7 +179,7 @@ def reader_for(spec: DatasetSpec):
         return READERS[spec.reader]
     from promptlab.config import resolve_component
 
-    return resolve_component(spec.reader)
+    return resolve_component(spec.reader, "reader")  # only registered readers (or trusted modules)
 
 
 def fill_list_names(spec: DatasetSpec, params: dict | None) -> DatasetSpec:

@@ -15,6 +15,7 @@ import random
 from itertools import product
 from pathlib import Path
 
+from promptlab import trust
 from promptlab.data.generated import write_split_dataset
 from promptlab.sandbox.world import class_scene, render
 
@@ -36,6 +37,7 @@ def synthetic_classnames(n_classes: int) -> list[str]:
     return [f"{COLOURS[c]} {SHAPES[s]}" for c, s in pairs[:n_classes]]
 
 
+@trust.register("generator")
 def make_synthetic_dataset(
     root: str | Path,
     n_classes: int = 6,

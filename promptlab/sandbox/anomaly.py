@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from promptlab import trust
 from promptlab.data.generated import begin, commit, recorded_params, up_to_date
 from promptlab.sandbox.world import BACKGROUNDS, COLOURS, _jitter, fill_object
 
@@ -183,6 +184,7 @@ def _files(categories: Sequence[str], counts: dict[str, int]) -> list[tuple[str,
     return out
 
 
+@trust.register("generator")
 def make_anomaly_dataset(
     root: str | Path,
     *,

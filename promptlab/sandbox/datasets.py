@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from promptlab import trust
 from promptlab.data.generated import write_split_dataset
 from promptlab.sandbox.world import COLOURS, SHAPES, Style, checkerboard, class_scene, render
 
@@ -40,6 +41,7 @@ def render_item(classname: str, key: str, *, seed: int, image_size: int, style: 
     return render(class_scene(classname, rng), rng, size=image_size, style=style)
 
 
+@trust.register("generator")
 def make_sandbox_dataset(
     root: str | Path,
     *,

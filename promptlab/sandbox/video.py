@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from promptlab import trust
 from promptlab.data import generated
 from promptlab.data.items import SPLITS
 from promptlab.sandbox.world import (
@@ -201,6 +202,7 @@ def render_clip(
     return frames
 
 
+@trust.register("generator")
 def make_sandbox_video_dataset(
     root: str | Path,
     *,

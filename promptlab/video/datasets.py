@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from promptlab import trust
 from promptlab.data.items import SPLITS, Item
 from promptlab.data.readers import check_images_exist, fix_hint, require, where
 
@@ -39,6 +40,7 @@ def resolve_video(video_dir: Path, rel: str) -> str:
     return frames if os.path.isdir(frames) else path
 
 
+@trust.register("reader")
 def read_ucf101(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tuple[Splits, list[str]]:
     """UCF101's ``ucfTrainTestList``: ``classInd.txt`` ("1 ApplyEyeMakeup"), ``trainlist0N.txt``
     ("ApplyEyeMakeup/v_..._c01.avi 1") and ``testlist0N.txt`` (path only; the class is its folder).
@@ -81,6 +83,7 @@ def read_ucf101(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tupl
     return {s: splits.get(s, []) for s in SPLITS}, classnames
 
 
+@trust.register("reader")
 def read_hmdb51(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tuple[Splits, list[str]]:
     """HMDB51's per-class split files ``<class>_test_split<N>.txt`` ("<video>.avi 1|2|0": 1 train,
     2 test, 0 unused), matched by the glob ``split_file``; videos under ``image_dir/<class>/``.
@@ -114,6 +117,7 @@ def read_hmdb51(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tupl
     return splits, classnames
 
 
+@trust.register("reader")
 def read_kinetics(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tuple[Splits, list[str]]:
     """Kinetics CSV annotations (``label,youtube_id,time_start,time_end,split[,is_cc]``) and clip folders.
 
@@ -174,6 +178,7 @@ def read_kinetics(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tu
     return splits, classnames
 
 
+@trust.register("reader")
 def read_vifi_lists(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tuple[Splits, list[str]]:
     """ViFi-CLIP's split lists (``datasets_splits/``: "<video> <label>" per line) and label CSVs
     (``labels/``: ``id,name``), copied from muzairkhattak/ViFi-CLIP into the dataset folder.

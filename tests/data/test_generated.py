@@ -107,5 +107,5 @@ def test_every_shipped_generator_takes_its_yaml_arguments() -> None:
     )
     for name in generated:
         kwargs = dict(get_spec(name).generator)
-        fn = resolve_component(kwargs.pop("_component_"))
+        fn = resolve_component(kwargs.pop("_component_"), "generator")
         inspect.signature(fn).bind(Path("root"), **kwargs)  # raises TypeError on a key the generator lacks
