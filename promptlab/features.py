@@ -1,12 +1,17 @@
 """Image-feature cache: encode each image once per augmented view, reuse it across epochs, runs and seeds.
 
 When a method declares its image side frozen, the image tower's output for a given (image,
-transform draw) never changes, so re-encoding every image every step (as the incumbents do) is
-pure waste. Training draws one of ``views`` cached augmented views per image per epoch;
-evaluation encodes the test set once per backbone.
+transform draw) never changes, so evaluation encodes the test set once per backbone.
+
+Training from cached views (``train.feature_cache: true``) is a *speed option*, not the reference
+protocol: each image is encoded under ``views`` augmentation draws once, and each epoch picks one of
+those views per image, where Dassl's loader draws a fresh RandomResizedCrop + flip every epoch
+(``train.feature_cache: false``). The draws depend on the run's seed, so seeds 1, 2, 3 train on
+different views, as they would see different crops in the reference.
 
 Cache files live under ``<cache_dir>/features/`` (never in the data folder), keyed by backbone
-fingerprint, transform, views and the exact item list; a stale or corrupted file is detected
+fingerprint, transform, views, the augmentation seed and the exact item list *with each file's size
+and modification time*, so a rewritten image is re-encoded; a stale or corrupted file is detected
 (key or shape mismatch, unreadable file) and rebuilt.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,14 +37,30 @@ log = logging.getLogger(__name__)
 
 
 def feature_key(
-    fingerprint: str, transform: Callable, views: int, items: Sequence[Item], tag: str = ""
+    fingerprint: str,
+    transform: Callable,
+    views: int,
+    items: Sequence[Item],
+    tag: str = "",
+    seed: int = 0,
 ) -> str:
-    """Content key of a cache entry: anything that changes the features changes the key."""
+    """Content key of a cache entry: anything that changes the features changes the key.
+
+    Each image enters with its size and modification time (one ``stat`` per file, cheap even for
+    ImageNet's test set), so an image rewritten in place gets new features instead of its old ones.
+    """
     h = hashlib.sha256()
-    h.update(json.dumps([fingerprint, repr(transform), views, tag]).encode())
+    h.update(json.dumps([fingerprint, repr(transform), views, tag, seed]).encode())
     for it in items:
-        h.update(f"{it.path}\t{it.label}\n".encode())
+        st = os.stat(it.path)
+        h.update(f"{it.path}\t{it.label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
+
+
+def view_seed(seed: int, view: int) -> int:
+    """The RNG seed of augmented view ``view`` for a run seeded ``seed``: distinct for every pair."""
+    digest = hashlib.sha256(f"promptlab-view:{seed}:{view}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @torch.no_grad()
@@ -56,16 +78,16 @@ def encode_items(
 ) -> torch.Tensor:
     """Encode every item ``views`` times: [V, N, D] float32.
 
-    Augmentation randomness comes from a fixed seed, so the same key gives the same features.
+    View ``v`` draws its augmentations from :func:`view_seed` ``(seed, v)``: the same (seed, key)
+    gives the same features, and another run seed gives other views.
     """
     out = []
     ds = ImageDataset(list(items), transform)
     with torch.random.fork_rng(devices=[]):  # a cache miss must not change the run's RNG stream
         for v in range(views):
-            torch.manual_seed(
-                seed + v
-            )  # transforms draw from the global RNG (workers: from the loader's generator)
-            g = torch.Generator().manual_seed(seed + v)
+            # transforms draw from the global RNG (workers: from the loader's generator)
+            torch.manual_seed(view_seed(seed, v))
+            g = torch.Generator().manual_seed(view_seed(seed, v))
             loader = DataLoader(
                 ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=g
             )
@@ -86,12 +108,18 @@ def cached_features(
     cache_dir: str | Path | None,
     views: int = 1,
     tag: str = "",
+    seed: int = 0,
     **kw,
 ) -> torch.Tensor:
-    """:func:`encode_items` through a file cache. Returns [V, N, D]."""
+    """:func:`encode_items` through a file cache. Returns [V, N, D].
+
+    ``seed`` seeds the augmentation draws (pass the run's seed for training views; a deterministic
+    evaluation transform gives the same features whatever it is, so evaluation passes 0 and shares
+    one entry across seeds).
+    """
     if cache_dir is None:
-        return encode_items(encode, items, transform, views=views, **kw)
-    key = feature_key(fingerprint, transform, views, items, tag)
+        return encode_items(encode, items, transform, views=views, seed=seed, **kw)
+    key = feature_key(fingerprint, transform, views, items, tag, seed)
     path = Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"
     if path.exists():
         try:
@@ -108,7 +136,7 @@ def cached_features(
             )
         except (SafetensorError, KeyError, OSError, RuntimeError) as e:
             log.warning("feature cache %s is unreadable (%s): rebuilding", path, e)
-    feats = encode_items(encode, items, transform, views=views, **kw)
+    feats = encode_items(encode, items, transform, views=views, seed=seed, **kw)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(
         {"features": feats.contiguous()}, path, metadata={"key": key, "n": str(len(items))}

@@ -129,6 +129,7 @@ def _batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch
                 fingerprint=f"{clip.arch}:{clip.fingerprint()}",
                 cache_dir=Path(cfg.cache_dir).expanduser(),
                 views=views,
+                seed=int(cfg.seed) if train_mode else 0,  # training views differ between seeds
                 batch_size=cfg.eval.batch_size,
                 num_workers=cfg.data.num_workers,
                 device=s.device,

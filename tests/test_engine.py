@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,6 +190,85 @@ def test_augmented_views_differ_and_are_deterministic(clip, synth):
     b = encode_items(clip.encode_image, items, clip.train_transform, views=2)
     assert a.shape == (2, 6, clip.embed_dim)
     assert torch.equal(a, b) and not torch.allclose(a[0], a[1])
+
+
+def test_training_views_depend_on_the_run_seed(clip, synth, tmp_path):
+    """Seeds 1, 2, 3 must not train on the same augmented views (issue 14)."""
+    items = synth.train[:6]
+    one = encode_items(clip.encode_image, items, clip.train_transform, views=2, seed=1)
+    two = encode_items(clip.encode_image, items, clip.train_transform, views=2, seed=2)
+    assert torch.equal(one, encode_items(clip.encode_image, items, clip.train_transform, views=2, seed=1))
+    assert not torch.allclose(one[0], two[0]) and not torch.allclose(one[1], two[1])
+    assert not torch.allclose(one[1], two[0])  # seed 2's first view is not seed 1's second either
+    kw = dict(fingerprint=clip.fingerprint(), cache_dir=tmp_path, views=2)
+    cached_one = cached_features(clip.encode_image, items, clip.train_transform, seed=1, **kw)
+    cached_two = cached_features(clip.encode_image, items, clip.train_transform, seed=2, **kw)
+    assert torch.equal(cached_one, one) and torch.equal(cached_two, two)
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
+
+
+def test_feature_cache_key_holds_the_backbone_fingerprint(clip, synth, tmp_path):
+    """Another backbone over the same items is another cache entry, never the first one's features."""
+    items = synth.test[:4]
+
+    def other(x):  # a different "backbone": same shapes, other numbers
+        return clip.encode_image(x) * -2.0 + 1.0
+
+    a = cached_features(clip.encode_image, items, clip.eval_transform, fingerprint="A", cache_dir=tmp_path)
+    b = cached_features(other, items, clip.eval_transform, fingerprint="B", cache_dir=tmp_path)
+    torch.testing.assert_close(b, a * -2.0 + 1.0)
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
+
+
+def test_feature_cache_follows_image_content(clip, tmp_path):
+    """Images rewritten in place are re-encoded (issue 15 item 6): the cache is keyed by content,
+    not by path and label alone; images overwritten with random bytes fail instead of scoring."""
+    from PIL import Image, ImageOps
+
+    from promptlab.data import ImageReadError
+
+    make_synthetic_dataset(tmp_path / "data")
+    items = load_dataset("synthetic", tmp_path / "data").test[:6]
+    kw = dict(fingerprint=clip.fingerprint(), cache_dir=tmp_path / "cache")
+    before = cached_features(clip.encode_image, items, clip.eval_transform, **kw)
+    for it in items:  # same paths, same labels, other pixels
+        ImageOps.invert(Image.open(it.path).convert("RGB")).save(it.path)
+    after = cached_features(clip.encode_image, items, clip.eval_transform, **kw)
+    torch.testing.assert_close(after, encode_items(clip.encode_image, items, clip.eval_transform))
+    assert not torch.allclose(after, before)
+    g = torch.Generator().manual_seed(0)
+    for it in items:
+        Path(it.path).write_bytes(
+            torch.randint(0, 256, (500,), generator=g, dtype=torch.uint8).numpy().tobytes()
+        )
+    with pytest.raises(ImageReadError):
+        cached_features(clip.encode_image, items, clip.eval_transform, **kw)
+
+
+def _view_tagged(views: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features whose values name their (view, image): feats[v, i] = [v, i]."""
+    v, i = torch.meshgrid(torch.arange(views), torch.arange(n), indexing="ij")
+    return torch.stack([v, i], dim=-1).float(), torch.arange(n) % 3
+
+
+def test_feature_batches_draw_one_view_per_image_per_epoch():
+    """The README's "one view is drawn per epoch": every image once per epoch, from one of its views,
+    the views varying across images and epochs (not always view 0)."""
+    views, n = 10, 48
+    feats, labels = _view_tagged(views, n)
+    batches = FeatureBatches(feats, labels, 8, torch.Generator().manual_seed(0))
+    drawn = []
+    for _ in range(20):
+        epoch = torch.cat([x["image_features"] for x, _ in batches])  # [N, 2]: (view, image)
+        assert sorted(epoch[:, 1].long().tolist()) == list(range(n))  # each image exactly once
+        order = epoch[:, 1].long().argsort()
+        drawn.append(epoch[order, 0].long())  # [N] view of each image this epoch
+    drawn = torch.stack(drawn)  # [epochs, N]
+    assert set(drawn.unique().tolist()) == set(range(views))  # every view gets used
+    assert (drawn != drawn[0]).any(dim=0).float().mean() > 0.9  # an image's view changes across epochs
+    assert drawn[0].unique().numel() > 5  # and differs between images within an epoch
+    counts = torch.bincount(drawn.flatten(), minlength=views).float()
+    assert counts.min() > 0.5 * counts.mean()  # roughly uniform over the views
 
 
 def test_cache_miss_leaves_global_rng_alone(clip, synth):
