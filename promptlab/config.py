@@ -165,6 +165,10 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    # dataset name -> recipe keys merged over this recipe when data.name is that dataset (the
+    # references' per-dataset configs, e.g. CoOp's 50 ImageNet epochs); command-line overrides still
+    # win. Applied (and then emptied) by load_recipe, so a run's config.yaml holds the merged values.
+    per_dataset: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -641,10 +645,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_paths:
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"a recipe must be a mapping, got {type(cfg).__name__}", source=source)
     _fill_defaults(cfg, RecipeConfig)  # first, so optional keys a recipe leaves out can be overridden too
-    for item in overrides:
-        parts, value = _parse_override(item, source)
+    parsed = [_parse_override(item, source) for item in overrides]
+    for parts, value in parsed:
         _apply_override(cfg, parts, value, source)
     _fill_defaults(cfg, RecipeConfig)  # again, for sections an override replaced wholesale
+    cfg = _apply_per_dataset(cfg, parsed, source, check_paths)
     validate_recipe(cfg, source, check_paths=check_paths)
     try:
         OmegaConf.resolve(cfg)
@@ -653,6 +658,64 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_paths:
             f"cannot resolve: {_first_line(e)}", key=getattr(e, "full_key", None), source=source
         ) from e
     return cfg
+
+
+def _apply_per_dataset(
+    cfg: DictConfig, parsed: Sequence[tuple[list[str], Any]], source: str, check_paths: bool
+) -> DictConfig:
+    """Merge ``per_dataset[<data.name>]`` over the recipe, then the command-line overrides again.
+
+    Every block is checked now, whichever dataset runs: its name must be a known dataset and the
+    recipe with the block merged must validate, so a typo fails at load time naming
+    ``per_dataset.<name>``.
+    """
+    from promptlab.data import get_spec  # lazy: the data layer is not needed to read a recipe
+
+    blocks = _get(cfg, "per_dataset", "per_dataset", source)
+    if not blocks:
+        return cfg
+    if not isinstance(blocks, DictConfig):
+        raise ConfigError(
+            f"expected a mapping of dataset name -> recipe keys, got {blocks!r}", "per_dataset", source
+        )
+    selected = None
+    name = _plain(_get(cfg.data, "name", "data.name", source), "data.name", source)
+    own = _spec_name(name, get_spec)
+    for ds in blocks:
+        key = f"per_dataset.{ds}"
+        try:
+            get_spec(str(ds))
+        except KeyError as e:
+            raise ConfigError(f"unknown dataset {ds!r}: {_first_line(e)}", key=key, source=source) from e
+        block = blocks[ds]
+        if not isinstance(block, DictConfig):
+            raise ConfigError(f"expected a mapping of recipe keys, got {block!r}", key=key, source=source)
+        if "per_dataset" in block or "name" in (block.get("data") or {}):
+            raise ConfigError(
+                "a per-dataset block cannot set per_dataset or data.name", key=key, source=source
+            )
+        merged = OmegaConf.merge(cfg, block)
+        merged.per_dataset = {}
+        try:
+            validate_recipe(merged, source, check_paths=False)
+        except ConfigError as e:
+            raise ConfigError(e.reason, key=_join(key, e.key) if e.key else key, source=source) from e
+        if ds == name or ds == own:
+            selected = merged
+    if selected is None:
+        cfg.per_dataset = {}
+        return cfg
+    for parts, value in parsed:  # the command line wins over the recipe's per-dataset values
+        _apply_override(selected, parts, value, source)
+    return selected
+
+
+def _spec_name(name: Any, get_spec: Callable[[str], Any]) -> str | None:
+    """The dataset's own name for ``data.name`` (which may be a YAML path); None if unknown."""
+    try:
+        return get_spec(str(name)).name
+    except (KeyError, OSError, ValueError):
+        return None
 
 
 def epochs_for(cfg: DictConfig) -> int:

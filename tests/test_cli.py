@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
-from promptlab.cli import list_recipes, main
+from promptlab.cli import RECIPES_DIR, list_recipes, main
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,16 @@ def test_run_dispatches_a_pretrain_recipe(monkeypatch) -> None:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "sandbox" / "pretrain.yaml"
     assert main(["run", str(recipe), "steps=3"]) == 0
     assert seen == [[str(recipe), "steps=3"]]
+
+
+def test_run_applies_the_recipes_per_dataset_section(tmp_path):
+    """`promptlab run` trains with the recipe's per-dataset values for the dataset it runs on."""
+    recipe = yaml.safe_load((RECIPES_DIR / "demo" / "coop_tiny.yaml").read_text())
+    recipe["per_dataset"] = {"synthetic": {"train": {"epochs": 2}}, "imagenet": {"train": {"epochs": 50}}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert main(["run", str(path), f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["epochs"] == 2
+    assert "epoch 2/2" in (out / "log.txt").read_text()
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 2

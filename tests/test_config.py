@@ -276,3 +276,45 @@ def test_ctx_init_null_override_means_random_context(recipe: str, tiny_clip) -> 
         assert cfg.method.ctx_init is None
         module = instantiate(cfg.method, clip=tiny_clip, classnames=["cat", "dog"])
         assert module.ctx.shape == (3, tiny_clip.width) and 0.005 < float(module.ctx.detach().std()) < 0.05
+
+
+def test_per_dataset_section_applies_to_its_dataset_only(tmp_path: Path) -> None:
+    """``per_dataset[<data.name>]`` is merged over the recipe; the command line still wins."""
+    recipe = base_recipe()
+    recipe["per_dataset"] = {
+        "imagenet": {"train": {"epochs": 50, "epochs_by_shots": {1: 50, 2: 50}}},
+        "dtd": {"method": {"ctx_init": "a texture of"}},
+    }
+    path = write(tmp_path, recipe)
+    inet = load_recipe(path, ["data.name=imagenet", "shots=2"], check_paths=False)
+    assert epochs_for(inet) == 50 and inet.train.epochs == 50 and inet.method.ctx_init == "a photo of a"
+    assert inet.per_dataset == {}  # applied: the resolved config (a run's config.yaml) holds the values
+    dtd = load_recipe(path, ["data.name=dtd", "shots=2"], check_paths=False)
+    assert dtd.method.ctx_init == "a texture of" and epochs_for(dtd) == 100
+    other = load_recipe(path, ["data.name=caltech101", "shots=2"], check_paths=False)
+    assert epochs_for(other) == 100 and other.method.ctx_init == "a photo of a"
+    cli = load_recipe(path, ["data.name=imagenet", "shots=2", "train.epochs_by_shots.2=7"], check_paths=False)
+    assert (
+        epochs_for(cli) == 7
+        and epochs_for(load_recipe(path, ["data.name=imagenet", "train.epochs=9"], check_paths=False)) == 9
+    )
+
+
+@pytest.mark.parametrize(
+    "per_dataset,expected",
+    [
+        ({"imagnet": {"train": {"epochs": 50}}}, ["per_dataset.imagnet", "unknown dataset"]),
+        (
+            {"imagenet": {"train": {"epochz": 50}}},
+            ["per_dataset.imagenet.train.epochz", "did you mean 'epochs'"],
+        ),
+        ({"imagenet": {"train": {"epochs": "many"}}}, ["per_dataset.imagenet.train.epochs", "expected int"]),
+        ({"imagenet": {"data": {"name": "dtd"}}}, ["per_dataset.imagenet", "data.name"]),
+        ({"imagenet": 50}, ["per_dataset.imagenet", "mapping"]),
+    ],
+)
+def test_per_dataset_errors_name_the_block(tmp_path: Path, per_dataset: dict, expected: list[str]) -> None:
+    """Every block is checked whichever dataset runs, so a typo cannot wait for the ImageNet run."""
+    message = load_error(tmp_path, {**base_recipe(), "per_dataset": per_dataset}, ("data.name=caltech101",))
+    for part in expected:
+        assert part in message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -100,3 +101,24 @@ def test_runner_fills_the_dataset_template() -> None:
     ds = SimpleNamespace(template=PETS, name="oxford_pets")
     assert dataset_kwargs(KgCoOp, OmegaConf.create({"w": 8.0}), ds) == {"template": PETS}
     assert dataset_kwargs(KgCoOp, OmegaConf.create({"template": "{} x."}), ds) == {}  # the recipe wins
+
+
+def test_recipe_uses_the_references_template_per_dataset(tiny_clip: FrozenCLIP) -> None:
+    """htyao89/KgCoOp trainers/kgcoop.py L37-54 (CUSTOM_TEMPLATES): DTD's target is "a photo of a {}, a type
+    of texture.", not CoOp's "{} texture."; every other benchmark dataset uses its CoOp template."""
+    from promptlab.config import load_recipe
+    from promptlab.data import get_spec
+    from promptlab.runner import build_method
+    from promptlab.sweep import BENCHMARK_DATASETS
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "base2new" / "kgcoop_vit_b16.yaml"
+    reference = {"dtd": "a photo of a {}, a type of texture."}
+    for name in BENCHMARK_DATASETS:
+        cfg = load_recipe(recipe, [f"data.name={name}"], check_paths=False)
+        spec = get_spec(name)
+        ds = SimpleNamespace(template=spec.template, name=name, classnames=CLASSNAMES)
+        m = build_method(cfg, tiny_clip, ds)
+        expected = reference.get(name, spec.template)
+        assert m.templates == [expected], name
+    assert get_spec("dtd").template == "{} texture."  # the dataset keeps CoOp's template (zero-shot CLIP)
+    torch.testing.assert_close(m._hand, _hand(tiny_clip, expected), atol=1e-5, rtol=0)

@@ -41,3 +41,20 @@ def test_recipe_validates(path: Path) -> None:
     assert epochs_for(cfg) >= 0
     if epochs_for(cfg) > 0:
         assert cfg.optimizer is not None, "a recipe that trains needs an optimizer"
+
+
+def test_coop_imagenet_trains_50_epochs_in_both_protocols() -> None:
+    """CoOp: vit_b16_ep50 for ImageNet in base-to-new (scripts/cocoop/base2new_train.sh) and at every
+    shot count in few-shot (COOP.md); 200 / per-shot epochs elsewhere. Planned as the sweep plans it."""
+    from promptlab.sweep import plan_sweep
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    for name in ("coop_vit_b16", "coop_rn50"):
+        sweep = plan_sweep(recipes / "fewshot" / f"{name}.yaml", ["datasets=imagenet,caltech101", "seeds=1"])
+        epochs = {(j.dataset, j.shots): j.epochs for j in sweep.jobs}
+        assert epochs == {
+            **{("imagenet", k): 50 for k in (1, 2, 4, 8, 16)},
+            **{("caltech101", k): e for k, e in {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}.items()},
+        }
+    b2n = plan_sweep(recipes / "base2new" / "coop_vit_b16.yaml", ["datasets=imagenet,dtd", "seeds=1"])
+    assert {j.dataset: j.epochs for j in b2n.jobs} == {"imagenet": 50, "dtd": 200}

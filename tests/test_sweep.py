@@ -104,6 +104,21 @@ def test_plan_grid_protocols_and_dirs(world, tmp_path):
         plan_sweep(RECIPE, ["protocol=zeroshot", *_common(world)], tmp_path)
 
 
+def test_sweep_honours_the_recipes_per_dataset_section(world, tmp_path):
+    """Each job of a sweep runs with its dataset's per-dataset values (planned and actually trained)."""
+    recipe = OmegaConf.load(RECIPE)
+    recipe.per_dataset = {"shapes_b": {"train": {"epochs": 2}}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(OmegaConf.to_yaml(recipe))
+    common = [c for c in _common(world) if not c.startswith("train.epochs=")]
+    args = ["protocol=base2new", "datasets=shapes_a,shapes_b", "seeds=1", *common]
+    sweep = plan_sweep(path, args, tmp_path / "sw")
+    assert {j.dataset: j.epochs for j in sweep.jobs} == {"shapes_a": 5, "shapes_b": 2}
+    job = next(j for j in sweep.jobs if j.dataset == "shapes_b")
+    execute_job(job)
+    assert json.loads((Path(job.run_dir) / "metrics.json").read_text())["train"]["epochs"] == 2
+
+
 def test_base2new_sweep_interrupted_resumed_and_reported(world, tmp_path, monkeypatch):
     args = ["protocol=base2new", "datasets=shapes_a,shapes_b", "seeds=1,2", *_common(world)]
     out = tmp_path / "b2n"
