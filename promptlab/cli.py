@@ -1,4 +1,4 @@
-"""``promptlab run | eval | sweep | report | ls | cp | export | interpret | import-coop | data``.
+"""``promptlab run | eval | sweep | report | ls | cp | export | interpret | import | data``.
 
 Recipes are named by path or relative to the repository's ``recipes/`` folder
 (``fewshot/coop_vit_b16``); ``key=value`` arguments override recipe keys.
@@ -134,18 +134,91 @@ def cmd_interpret(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_import_coop(args: argparse.Namespace) -> int:
-    from promptlab.clip import load_clip
+def _import_classnames(args: argparse.Namespace) -> tuple[list[str], str | None, str | None]:
+    """Class names (and the dataset's name and template) from ``--dataset/--root`` or ``--classnames``."""
+    if args.classnames:
+        p = Path(args.classnames)
+        names = p.read_text(encoding="utf-8").splitlines() if p.is_file() else args.classnames.split(",")
+        names = [n.strip() for n in names if n.strip()]
+        if not names:
+            raise ValueError(f"--classnames {args.classnames!r}: no class names in it")
+        return names, None, None
+    if not (args.dataset and args.root):
+        raise ValueError(
+            "give the classes to serve: --dataset NAME --root $DATA, or --classnames a,b,c (or a file)"
+        )
     from promptlab.data import load_dataset
-    from promptlab.export import import_coop_checkpoint, save_prompts
 
     ds = load_dataset(args.dataset, args.root)
-    clip = load_clip(args.arch, args.pretrained)
-    module = import_coop_checkpoint(
-        args.checkpoint, clip, ds.classnames, class_token_position=args.class_token_position
-    )
-    print(save_prompts(module, args.out, extra={"dataset": ds.name, "imported_from": str(args.checkpoint)}))
+    return list(ds.classnames), ds.name, ds.template
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from promptlab.clip import load_clip
+    from promptlab.export import save_prompts
+    from promptlab.importers import SOURCES, find_checkpoint, import_checkpoint
+
+    classnames, dataset, template = _import_classnames(args)
+    if args.epoch is not None and args.epoch != "best" and not args.epoch.isdigit():
+        raise ValueError(f"--epoch {args.epoch!r}: expected an epoch number or 'best'")
+    epoch = None if args.epoch is None else ("best" if args.epoch == "best" else int(args.epoch))
+    file = find_checkpoint(args.checkpoint, SOURCES[args.source].model_name, epoch)
+    clip = load_clip(args.arch, None if args.pretrained.lower() in ("", "none") else args.pretrained)
+    hparams = {"class_token_position": args.class_token_position, "ctx_init": args.ctx_init}
+    if args.source == "kgcoop":
+        hparams["template"] = args.template or template or "a photo of a {}."
+    known = {
+        "coop": {"class_token_position"},
+        "maple": {"ctx_init"},
+        "ivlp": {"ctx_init"},
+        "kgcoop": {"template"},
+    }
+    hparams = {k: v for k, v in hparams.items() if k in known.get(args.source, set())}
+    module = import_checkpoint(file, clip, classnames, source=args.source, **hparams)
+    extra = {"imported_from": str(file), "imported_source": args.source}
+    if dataset:
+        extra["dataset"] = dataset
+    print(save_prompts(module, args.out, extra=extra))
     return 0
+
+
+def _add_import_command(sub: argparse._SubParsersAction, name: str, source: str | None) -> None:
+    from promptlab.importers import SOURCES
+
+    if source is None:
+        m = sub.add_parser(
+            name,
+            help="convert a checkpoint of a Dassl-based reference (CoOp, CoCoOp, KgCoOp, MaPLe, IVLP) into a "
+            "prompts directory",
+        )
+        m.add_argument(
+            "--from", dest="source", required=True, choices=list(SOURCES), help="the reference that wrote it"
+        )
+    else:
+        m = sub.add_parser(name, help=f"alias of `import --from {source}`")
+        m.set_defaults(source=source)
+    m.add_argument(
+        "checkpoint", help="a run directory, its <model>/ directory, or model.pth.tar-N / model-best.pth.tar"
+    )
+    m.add_argument("--dataset", help="dataset name, for its class names (with --root)")
+    m.add_argument("--root", help="data root ($DATA)")
+    m.add_argument(
+        "--classnames", help="the class names instead of a dataset: a,b,c or a file with one per line"
+    )
+    m.add_argument("--arch", default="ViT-B-16")
+    m.add_argument(
+        "--pretrained", default="openai", help="backbone weights ('none' for an architecture without)"
+    )
+    m.add_argument(
+        "--epoch", help="which checkpoint of a run directory: N or 'best' (default: the last saved)"
+    )
+    m.add_argument("--class-token-position", default="end", choices=["end", "middle", "front"], help="CoOp's")
+    m.add_argument(
+        "--ctx-init", help="MaPLe / IVLP: the words around the learned tokens (default 'a photo of a')"
+    )
+    m.add_argument("--template", help="KgCoOp: the hand-crafted prompt of its loss (default: the dataset's)")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_import)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,17 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pretrained", help="weights to load if not the ones recorded in prompt_config.json")
     i.set_defaults(func=cmd_interpret)
 
-    m = sub.add_parser(
-        "import-coop", help="convert a CoOp/Dassl prompt_learner checkpoint into a prompts directory"
-    )
-    m.add_argument("checkpoint", help="prompt_learner/model.pth.tar-N, or its run directory")
-    m.add_argument("--dataset", required=True, help="dataset name (for its class names)")
-    m.add_argument("--root", required=True, help="data root ($DATA)")
-    m.add_argument("--arch", default="ViT-B-16")
-    m.add_argument("--pretrained", default="openai")
-    m.add_argument("--class-token-position", default="end", choices=["end", "middle", "front"])
-    m.add_argument("--out", required=True)
-    m.set_defaults(func=cmd_import_coop)
+    _add_import_command(sub, "import", None)
+    _add_import_command(sub, "import-coop", "coop")
 
     from promptlab.anomaly.cli import add_anomaly_commands
     from promptlab.cli_data import add_data_commands

@@ -1,4 +1,4 @@
-"""Taking learned prompts out: export directories, CoOp checkpoint import, nearest-token reading.
+"""Taking learned prompts out: export directories, nearest-token reading (and the CoOp import's old name).
 
 An export is a directory in the style of PEFT adapters: the learned tensors only, in
 ``prompts.safetensors``, beside a ``prompt_config.json`` that names the method, its keyword
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -300,94 +299,6 @@ def _check_backbone(cfg: dict, clip: FrozenCLIP, cfg_path: Path, strict_weights:
 
 
 # ---------------------------------------------------------------------- CoOp import
-_EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
-
-
-def _find_coop_checkpoint(path: Path) -> Path:
-    """A Dassl checkpoint file, from the file itself, its ``prompt_learner`` directory or the run directory."""
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such CoOp checkpoint file or directory")
-    for d in (path, path / "prompt_learner"):
-        if not d.is_dir():
-            continue
-        epochs = [
-            (int(m.group(1)), p) for p in d.iterdir() if (m := _EPOCH_FILE.match(p.name)) and p.is_file()
-        ]
-        if epochs:
-            return max(epochs)[1]  # the last epoch: CoOp's protocol evaluates the last epoch
-        if (d / "model-best.pth.tar").is_file():
-            return d / "model-best.pth.tar"
-    raise FileNotFoundError(
-        f"{path}: no CoOp checkpoint (prompt_learner/model.pth.tar-N or model-best.pth.tar) in it or in "
-        f"{path / 'prompt_learner'}"
-    )
-
-
-class _Opaque:
-    """Inert stand-in for a class a checkpoint names but promptlab does not need (e.g. Dassl's schedulers).
-
-    It records what the pickle hands it and runs no code, so a checkpoint can be read with the
-    weights-only unpickler without importing (or trusting) the classes it mentions.
-    """
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
-        obj = super().__new__(cls)
-        obj.__dict__["_args"] = args
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.__dict__["_state"] = state
-
-    def __repr__(self) -> str:
-        return f"<opaque {type(self).__qualname__}>"
-
-
-def _load_dassl_checkpoint(path: Path) -> dict:
-    """Load a Dassl checkpoint without executing pickled code where possible.
-
-    Plain Dassl checkpoints (SGD state, ``CosineAnnealingLR``) load with ``weights_only=True``. CoOp's
-    warm-up scheduler pickles a whole scheduler object (``successor``); those classes are replaced by
-    inert stand-ins. A file that still needs more is refused: it is never unpickled in full.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # any unpickling failure: try the stand-ins next
-        reason = first
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # legacy (non-zip) format: cannot be inspected statically
-        unsafe = None
-    if unsafe == []:  # nothing to allow: the file is damaged or not a torch checkpoint at all
-        raise ValueError(f"{path}: cannot read this checkpoint ({reason})") from reason
-    if unsafe:
-        blocked = [
-            g for g in unsafe if g.split(".")[0] in ("os", "posix", "nt", "sys", "subprocess", "builtins")
-        ]
-        if blocked:
-            raise ValueError(f"{path}: refusing to load a checkpoint that references {blocked}")
-        stubs = [
-            (type(g.rsplit(".", 1)[-1], (_Opaque,), {"__module__": g.rsplit(".", 1)[0]}), g) for g in unsafe
-        ]
-        try:
-            with torch.serialization.safe_globals(stubs):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            log.info("%s: read with weights_only=True; %s kept as inert stand-ins", path, ", ".join(unsafe))
-            return ckpt
-        except Exception as e:
-            reason = e
-    raise ValueError(
-        f"{path}: cannot read this checkpoint with weights_only=True, even with inert stand-ins for the "
-        f"classes it names ({str(reason).splitlines()[0] if str(reason) else type(reason).__name__}); "
-        "promptlab never unpickles a checkpoint in full because that can run code. Load it yourself in "
-        "an environment you trust and save its state_dict with torch.save"
-    ) from reason
-
-
 def import_coop_checkpoint(
     path: str | Path,
     clip: FrozenCLIP,
@@ -395,64 +306,22 @@ def import_coop_checkpoint(
     *,
     class_token_position: str = "end",
 ) -> CoOp:
-    """Build a :class:`~promptlab.methods.CoOp` from a checkpoint of the reference implementation.
-
-    CoOp (KaiyangZhou/CoOp, on Dassl) saves ``{"state_dict": {"ctx", "token_prefix", "token_suffix"},
-    "epoch", "optimizer", "scheduler", ...}`` under ``<run>/prompt_learner/model.pth.tar-<epoch>``.
-    Only ``ctx`` is learned; the prefix/suffix buffers are the class-name token embeddings, which
-    promptlab rebuilds from ``classnames`` (so the released prompts can serve other classes too).
-    Checkpoints initialised from words (``ctx_init``) need nothing else: the learned ``ctx`` replaces
-    the words' embeddings exactly as it does in CoOp.
+    """A CoOp checkpoint of KaiyangZhou/CoOp as a :class:`~promptlab.methods.CoOp`; see
+    :func:`promptlab.importers.import_checkpoint`, which also reads CoCoOp, KgCoOp, MaPLe and IVLP runs.
 
     Args:
-        path: the checkpoint file, its ``prompt_learner`` directory or the run directory; in a
-            directory the highest epoch is taken, else ``model-best.pth.tar``.
-        clip: the backbone the prompts were learned on (same text width).
-        classnames: the classes to serve; a class-specific context needs exactly as many as it was trained on.
-        class_token_position: where CoOp put the class token (``end``, ``middle``, ``front``); the
-            checkpoint does not record it.
-
-    Returns:
-        A CoOp module whose ``ctx`` (fp32) is the checkpoint's; ``n_ctx`` and ``csc`` follow its shape.
+        path: ``prompt_learner/model.pth.tar-N``, its directory or the run directory (the last epoch).
+        clip: the backbone the prompts were learned on.
+        classnames: the classes to serve.
+        class_token_position: where CoOp put the class token; the checkpoint does not record it.
     """
-    file = _find_coop_checkpoint(Path(path))
-    ckpt = _load_dassl_checkpoint(file)
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{file}: not a CoOp checkpoint (expected a dict with 'state_dict')")
-    keys = [k for k in sd if k == "ctx" or k.endswith(".ctx")]
-    if len(keys) != 1:
-        raise ValueError(f"{file}: expected one 'ctx' tensor in the state dict, found keys {sorted(sd)}")
-    ctx = sd[keys[0]]
-    if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
-        raise ValueError(
-            f"{file}: 'ctx' should be [n_ctx, width] or [n_cls, n_ctx, width], got {getattr(ctx, 'shape', ctx)}"
-        )
-    ctx = ctx.detach().float()  # CoOp keeps ctx in the backbone's dtype (fp16 for OpenAI weights)
-    if ctx.shape[-1] != clip.width:
-        raise ValueError(
-            f"{file}: context vectors have width {ctx.shape[-1]} but the text tower of {clip.arch} has width "
-            f"{clip.width}; load the backbone the prompts were learned on"
-        )
-    csc = ctx.dim() == 3
-    n_ctx = int(ctx.shape[-2])
-    classnames = list(classnames)
-    if csc and ctx.shape[0] != len(classnames):
-        raise ValueError(
-            f"{file}: class-specific context learned for {ctx.shape[0]} classes, but {len(classnames)} class "
-            "names were given; CSC prompts serve only the classes they were trained on, in the same order"
-        )
-    prefix = sd.get("token_prefix")
-    if isinstance(prefix, torch.Tensor) and prefix.dim() == 3 and prefix.shape[0] != len(classnames):
-        log.info("%s was trained on %d classes; serving %d", file, prefix.shape[0], len(classnames))
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG stream
-        module = CoOp(clip, classnames, n_ctx=n_ctx, csc=csc, class_token_position=class_token_position)
-    module.load_prompt_state_dict({"ctx": ctx}, source=str(file))
-    kind = "class-specific" if csc else "unified"
-    log.info(
-        "imported CoOp %s context %s (epoch %s) from %s", kind, list(ctx.shape), ckpt.get("epoch", "?"), file
+    from promptlab.importers import import_checkpoint
+
+    module = import_checkpoint(
+        path, clip, classnames, source="coop", class_token_position=class_token_position
     )
-    return module.to(clip.device)
+    assert isinstance(module, CoOp)
+    return module
 
 
 # ---------------------------------------------------------------------- interpretation

@@ -1,10 +1,9 @@
-"""Prompt export / import: round trips, backbone checks, CoOp checkpoints, nearest-token reading."""
+"""Prompt export / import: round trips, backbone checks, nearest-token reading (reference checkpoints: test_importers)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import open_clip
@@ -17,7 +16,6 @@ from promptlab import export
 from promptlab.clip import TINY_CONFIGS, FrozenCLIP, load_clip
 from promptlab.export import (
     format_interpretation,
-    import_coop_checkpoint,
     interpret,
     load_prompts,
     save_prompts,
@@ -227,125 +225,6 @@ def test_stale_class_embeddings_removed(eclip: FrozenCLIP, tmp_path: Path, monke
     save_prompts(m, tmp_path)
     assert not (tmp_path / "class_embeddings.safetensors").exists()
     assert "class_embeddings" not in json.loads((tmp_path / "prompt_config.json").read_text())
-
-
-# ---------------------------------------------------------------------- CoOp import
-def _dassl_checkpoint(path: Path, ctx: torch.Tensor, n_cls: int, epoch: int, scheduler=None) -> None:
-    """What Dassl's save_checkpoint writes for CoOp's prompt learner (fp16 ctx, as CoOp trains OpenAI weights)."""
-    p = torch.nn.Parameter(ctx.clone())
-    opt = torch.optim.SGD([p], lr=0.002, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
-    p.grad = torch.randn_like(p)
-    opt.step()  # creates momentum buffers
-    sched.step()
-    assert opt.state_dict()["state"][0]["momentum_buffer"] is not None
-    W = ctx.shape[-1]
-    state = {
-        "state_dict": {
-            "ctx": ctx.half(),
-            "token_prefix": torch.randn(n_cls, 1, W).half(),
-            "token_suffix": torch.randn(n_cls, 77 - 1 - ctx.shape[-2], W).half(),
-        },
-        "epoch": epoch,
-        "optimizer": opt.state_dict(),
-        "scheduler": scheduler if scheduler is not None else sched.state_dict(),
-        "val_result": None,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-
-
-def _ctx(*shape: int) -> torch.Tensor:
-    return (0.02 * torch.randn(*shape)).half().float()  # exactly representable in fp16
-
-
-def test_import_coop_unified(eclip: FrozenCLIP, feats: torch.Tensor, tmp_path: Path, caplog) -> None:
-    run = tmp_path / "run"
-    ctx_old, ctx = _ctx(16, eclip.width), _ctx(16, eclip.width)
-    _dassl_checkpoint(run / "prompt_learner" / "model.pth.tar-5", ctx_old, len(CLASSES), 5)
-    _dassl_checkpoint(run / "prompt_learner" / "model.pth.tar-50", ctx, len(CLASSES), 50)
-    with caplog.at_level(logging.WARNING):
-        for p in (run, run / "prompt_learner", run / "prompt_learner" / "model.pth.tar-50"):
-            m = import_coop_checkpoint(p, eclip, CLASSES)
-            assert isinstance(m, CoOp) and not m.csc and m.n_ctx == 16
-            assert m.ctx.dtype == torch.float32 and torch.equal(m.ctx, ctx)  # highest N picked
-    assert "unpickling it in full" not in caplog.text  # optimizer/scheduler state loads weights-only
-    ref = CoOp(eclip, CLASSES, n_ctx=16)
-    with torch.no_grad():
-        ref.ctx.copy_(ctx)
-        torch.testing.assert_close(m(image_features=feats), ref(image_features=feats), rtol=0, atol=0)
-
-
-def test_import_coop_csc_and_position(eclip: FrozenCLIP, feats: torch.Tensor, tmp_path: Path) -> None:
-    ctx = _ctx(len(CLASSES), 4, eclip.width)
-    _dassl_checkpoint(tmp_path / "prompt_learner" / "model.pth.tar-50", ctx, len(CLASSES), 50)
-    m = import_coop_checkpoint(tmp_path, eclip, CLASSES, class_token_position="middle")
-    assert m.csc and m.n_ctx == 4 and torch.equal(m.ctx, ctx)
-    ref = CoOp(eclip, CLASSES, n_ctx=4, csc=True, class_token_position="middle")
-    with torch.no_grad():
-        ref.ctx.copy_(ctx)
-        torch.testing.assert_close(m(image_features=feats), ref(image_features=feats), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"model\.pth\.tar-50.*4 classes.*2 class names"):
-        import_coop_checkpoint(tmp_path, eclip, CLASSES[:2])
-    # an imported module exports like any other
-    save_prompts(m, tmp_path / "export")
-    assert torch.equal(load_prompts(tmp_path / "export", eclip).ctx, ctx)
-
-
-def test_import_coop_best_only_and_errors(eclip: FrozenCLIP, tmp_path: Path) -> None:
-    ctx = _ctx(4, eclip.width)
-    _dassl_checkpoint(tmp_path / "prompt_learner" / "model-best.pth.tar", ctx, 2, 7)
-    assert torch.equal(import_coop_checkpoint(tmp_path, eclip, CLASSES).ctx, ctx)
-    wide = tmp_path / "wide" / "prompt_learner" / "model.pth.tar-50"
-    _dassl_checkpoint(wide, _ctx(4, 48), 2, 50)
-    with pytest.raises(ValueError, match=r"model\.pth\.tar-50.*width 48.*width 32"):
-        import_coop_checkpoint(wide, eclip, CLASSES)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no CoOp checkpoint"):
-        import_coop_checkpoint(empty, eclip, CLASSES)
-
-
-class _WarmupScheduler:
-    """Stands in for Dassl's ConstantWarmupScheduler, which pickles its successor scheduler object."""
-
-    executed = False
-
-    def __init__(self, successor):
-        self.successor = successor
-
-    def __setstate__(self, state):
-        _WarmupScheduler.executed = True  # would run if the checkpoint were unpickled in full
-        self.__dict__.update(state)
-
-
-def test_import_coop_pickled_scheduler_object_without_running_it(
-    eclip: FrozenCLIP, tmp_path: Path, caplog
-) -> None:
-    ctx = _ctx(4, eclip.width)
-    sched = {"successor": _WarmupScheduler({"T_max": 50}), "warmup_epoch": 1, "cons_lr": 1e-5}
-    path = tmp_path / "prompt_learner" / "model.pth.tar-50"
-    _dassl_checkpoint(path, ctx, 2, 50, scheduler=sched)
-    with pytest.raises(Exception):  # noqa: B017 - the plain weights-only load refuses the object
-        torch.load(path, weights_only=True)
-    _WarmupScheduler.executed = False
-    with caplog.at_level(logging.INFO, logger="promptlab.export"):
-        m = import_coop_checkpoint(path, eclip, CLASSES)
-    assert torch.equal(m.ctx, ctx)
-    assert not _WarmupScheduler.executed and "unpickling it in full" not in caplog.text
-    assert "inert stand-ins" in caplog.text
-
-
-class _Sneaky:
-    def __reduce__(self):
-        return (os.getcwd, ())  # harmless here, but a checkpoint may name os.system just the same
-
-
-def test_import_coop_refuses_os_globals(eclip: FrozenCLIP, tmp_path: Path) -> None:
-    path = tmp_path / "model.pth.tar-1"
-    _dassl_checkpoint(path, _ctx(4, eclip.width), 2, 1, scheduler={"x": _Sneaky()})
-    with pytest.raises(ValueError, match="refusing.*getcwd"):
-        import_coop_checkpoint(path, eclip, CLASSES)
 
 
 # ---------------------------------------------------------------------- interpretation
