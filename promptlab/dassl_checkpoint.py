@@ -138,6 +138,8 @@ def _rebuild_tensor_v2(
             f"a tensor rebuilt from {type(storage).__name__}, not from a storage record"
         )
     _check_ints(offset, size, stride)
+    if offset < 0 or min(size, default=0) < 0 or min(stride, default=0) < 0:
+        raise UnsafeCheckpointError(f"negative tensor layout: offset {offset}, size {size}, stride {stride}")
     if len(size) != len(stride):
         raise UnsafeCheckpointError(f"tensor size {size} and stride {stride} differ in length")
     return LazyTensor(storage, offset, tuple(size), tuple(stride))
@@ -244,24 +246,25 @@ class DasslCheckpoint:
             raise KeyError(f"{self.path}: no tensor {key!r} in the state dict")
         s = value.storage
         itemsize = torch.empty((), dtype=s.dtype).element_size()
+        n_view = 1
+        for n in value.size:
+            n_view *= n
+        extent = value.offset + sum((n - 1) * st for n, st in zip(value.size, value.stride) if n > 0)
+        if n_view and (extent >= s.numel or n_view > s.numel):
+            raise ValueError(f"{self.path}: {key!r} {list(value.size)} does not fit its storage of {s.numel}")
+        name = f"{self._prefix}data/{s.key}"
         with zipfile.ZipFile(self.path) as z:
             try:
-                raw = z.read(f"{self._prefix}data/{s.key}")
+                info = z.getinfo(name)
             except KeyError:
                 raise ValueError(
                     f"{self.path}: storage {s.key} of {key!r} is missing from the archive"
                 ) from None
-        if len(raw) != s.numel * itemsize:
-            raise ValueError(
-                f"{self.path}: storage of {key!r} holds {len(raw)} bytes, expected {s.numel * itemsize}"
-            )
-        extent = value.offset + sum((n - 1) * st for n, st in zip(value.size, value.stride) if n > 0)
-        if (
-            value.offset < 0
-            or min(value.stride, default=0) < 0
-            or (all(value.size) and extent >= max(s.numel, 1))
-        ):
-            raise ValueError(f"{self.path}: {key!r} {list(value.size)} lies outside its storage of {s.numel}")
+            if info.file_size != s.numel * itemsize:  # checked before reading: no unbounded allocation
+                raise ValueError(
+                    f"{self.path}: storage of {key!r} holds {info.file_size} bytes, expected {s.numel * itemsize}"
+                )
+            raw = z.read(info)
         flat = torch.frombuffer(bytearray(raw), dtype=s.dtype) if raw else torch.empty(0, dtype=s.dtype)
         return flat.as_strided(value.size, value.stride, value.offset).clone()
 

@@ -131,13 +131,13 @@ def _key_summary(sd: dict[str, Any], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def _indexed(ck: DasslCheckpoint, pattern: str) -> list[str]:
-    """Keys matching ``pattern`` (one ``{}`` for an index), in index order; the indices must run 0/1.. without gaps."""
+def _indexed(ck: DasslCheckpoint, pattern: str, start: int) -> list[str]:
+    """Keys matching ``pattern`` (one ``{}`` for an index), in index order; the indices must run start, start + 1, ..."""
     rx = re.compile("^" + re.escape(pattern).replace(r"\{\}", r"(\d+)") + "$")
     found = sorted((int(m.group(1)), k) for k in ck.state_dict if (m := rx.match(k)))
     idx = [i for i, _ in found]
-    if idx and idx != list(range(idx[0], idx[0] + len(idx))):
-        raise ValueError(f"{ck.path}: {pattern.format('j')} has gaps: indices {idx}")
+    if idx != list(range(start, start + len(idx))):
+        raise ValueError(f"{ck.path}: {pattern.format('j')} at j = {idx}; expected {start}, {start + 1}, ...")
     return [k for _, k in found]
 
 
@@ -189,8 +189,8 @@ def _maple(ck: DasslCheckpoint, clip: FrozenCLIP, hp: dict[str, Any]) -> Convert
         "proj.weight": _read(ck, p + "proj.weight", (2,)),
         "proj.bias": _read(ck, p + "proj.bias", (1,)),
     }
-    texts = _indexed(ck, p + "compound_prompts_text.{}")  # blocks 1..depth-1, [n, W] each
-    projs = _indexed(ck, p + "compound_prompt_projections.{}.weight")
+    texts = _indexed(ck, p + "compound_prompts_text.{}", 0)  # blocks 1..depth-1, [n, W] each
+    projs = _indexed(ck, p + "compound_prompt_projections.{}.weight", 0)
     if len(projs) != len(texts):
         raise ValueError(f"{ck.path}: {len(texts)} deep text prompts but {len(projs)} projections")
     if texts:
@@ -205,8 +205,8 @@ def _maple(ck: DasslCheckpoint, clip: FrozenCLIP, hp: dict[str, Any]) -> Convert
 
 def _ivlp(ck: DasslCheckpoint, clip: FrozenCLIP, hp: dict[str, Any]) -> Converted:
     ctx = _context(ck, "prompt_learner.ctx", clip)  # [n_t, W]
-    text = _indexed(ck, "text_encoder.transformer.resblocks.{}.VPT_shallow")  # blocks 1..depth-1
-    vis = _indexed(ck, "image_encoder.transformer.resblocks.{}.VPT_shallow")
+    text = _indexed(ck, "text_encoder.transformer.resblocks.{}.VPT_shallow", 1)  # blocks 1..depth-1
+    vis = _indexed(ck, "image_encoder.transformer.resblocks.{}.VPT_shallow", 1)
     # clip/model.py ResidualAttentionBlock_IVLP and VisionTransformer.forward use every one of these
     # prompts as .half(), in fp32 runs too: the values the reference computes with are fp16-rounded.
     state = {"ctx": ctx}

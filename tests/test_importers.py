@@ -717,10 +717,12 @@ def test_hostile_pickles_are_refused_naming_file_and_class(tiny_clip, clip_model
         assert not marker.exists() and not _Sentinel.ran, name
 
 
-def _raw_checkpoint(path: Path, pickle_bytes: bytes) -> Path:
+def _raw_checkpoint(path: Path, pickle_bytes: bytes, records: dict[str, bytes] | None = None) -> Path:
     """A torch zip archive around a hand-written pickle stream."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", pickle_bytes)
+        for name, data in (records or {}).items():
+            z.writestr(f"archive/data/{name}", data)
         z.writestr("archive/byteorder", "little")
         z.writestr("archive/version", "3\n")
     return path
@@ -749,6 +751,21 @@ def test_allowed_names_cannot_be_turned_into_calls(tmp_path) -> None:
     )
     with pytest.raises(UnsafeCheckpointError, match=r"d\.pth.*not from a storage record"):
         read_dassl_checkpoint(p)
+
+    # {"state_dict": {"t": _rebuild_tensor_v2(<4 floats>, 0, (n,), (1,))}}: a view must lie inside its storage
+    def tensor_pickle(n: int) -> bytes:
+        pid = b"((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+        rebuild = (
+            b"ctorch._utils\n_rebuild_tensor_v2\n" + pid + b"K\x00" + bytes([75, n]) + b"\x85K\x01\x85tR"
+        )
+        return b"\x80\x02}X\x0a\x00\x00\x00state_dict}X\x01\x00\x00\x00t" + rebuild + b"ss."
+
+    four = torch.arange(4, dtype=torch.float32)
+    p = _raw_checkpoint(tmp_path / "f.pth", tensor_pickle(4), {"0": four.numpy().tobytes()})
+    assert torch.equal(read_dassl_checkpoint(p).tensor("t"), four)
+    p = _raw_checkpoint(tmp_path / "g.pth", tensor_pickle(8), {"0": four.numpy().tobytes()})
+    with pytest.raises(ValueError, match=r"g\.pth: 't' \[8\] does not fit its storage of 4"):
+        read_dassl_checkpoint(p).tensor("t")
     # not a zip at all (torch < 1.6's legacy format, or anything else)
     (tmp_path / "e.pth").write_bytes(pickle.dumps({"state_dict": {}}))
     with pytest.raises(ValueError, match=r"e\.pth: not a torch zip checkpoint"):
