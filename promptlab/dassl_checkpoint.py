@@ -282,8 +282,9 @@ def read_dassl_checkpoint(path: str | Path) -> DasslCheckpoint:
         z = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         raise ValueError(
-            f"{path}: not a torch zip checkpoint (the legacy format of torch < 1.6 is not read; re-save it "
-            "with torch.save in an environment you trust)"
+            f"{path}: not a torch zip checkpoint (the legacy format of torch < 1.6 cannot be checked before "
+            "unpickling, and promptlab never unpickles a checkpoint in full; re-save it with torch.save in an "
+            "environment you trust)"
         ) from None
     with z:
         pkls = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
