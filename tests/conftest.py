@@ -75,6 +75,26 @@ def tiny_openclip_model() -> torch.nn.Module:
 
 # Test modules get the factories through fixtures, not `from conftest import ...`: several conftest.py
 # files live under tests/, and the module name `conftest` is ambiguous.
+@pytest.fixture
+def ref_openclip(tiny_clip) -> torch.nn.Module:
+    """The reference side's own backbone: a fresh open_clip ``CLIP`` holding a copy of ``tiny_clip``'s weights.
+
+    Parity tests run the reference computation on this copy, never on the module promptlab wraps, so a
+    change FrozenCLIP makes to its model (a patched block, a swapped layer) cannot leak into the
+    reference. The architecture is written out here (promptlab's "tiny": 2 blocks per tower), and the
+    weights load with ``strict=True``: a structural difference fails loudly.
+    """
+    import open_clip
+
+    cfg = copy.deepcopy(TINY_OPENCLIP_CFG)
+    cfg["vision_cfg"]["layers"] = cfg["text_cfg"]["layers"] = 2
+    model = open_clip.model.CLIP(**cfg)
+    model.load_state_dict(
+        {k: v.detach().clone() for k, v in tiny_clip.model.state_dict().items()}, strict=True
+    )
+    return model.eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_openclip_cfg() -> Callable[[], dict]:
     """``tiny_openclip_cfg()`` -> a fresh copy of STYLE.md's tiny open_clip configuration."""

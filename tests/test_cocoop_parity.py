@@ -1,13 +1,17 @@
 """CoCoOp, batched, against the reference per-image formulation.
 
-The reference below transcribes KaiyangZhou/CoOp ``trainers/cocoop.py`` (PromptLearner.forward and
-CustomCLIP.forward): image features normalised, meta-net bias added to every context token, then a
-Python loop over the images, each running all C prompts of 77 tokens through open_clip's own text
-transformer with its causal mask, EOT feature at ``tokenized_prompts.argmax(-1)``. It uses none of
-promptlab's prompt or encoding code. Both sides share the same ctx and meta-net tensors.
+``RefCoCoOp`` below transcribes KaiyangZhou/CoOp ``trainers/cocoop.py`` (TextEncoder L39-59,
+PromptLearner L62-161, CustomCLIP L164-194): the image features normalised, the meta-net
+Linear -> ReLU -> Linear bias added to every context token, then a Python loop over the images, each
+running all C prompts of 77 tokens through the text transformer with its causal mask, EOT feature at
+``tokenized_prompts.argmax(-1)``. It builds its own context and meta-net and loads copies of
+promptlab's learned tensors into them; its backbone is a fresh open_clip model holding a copy of the
+tiny CLIP's weights (``ref_openclip``). Nothing of promptlab runs on the reference side.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import open_clip
 import pytest
@@ -22,34 +26,78 @@ from promptlab.methods import CoCoOp
 CLASSNAMES = ["cat", "sea_lion", "Yorkshire_terrier", "a very long class name with many words", "dog"]
 
 
-def ref_cocoop_logits(
-    model: nn.Module,
-    classnames: list[str],
-    ctx_init: str,
-    ctx: torch.Tensor,
-    meta_net: nn.Module,
-    image_features: torch.Tensor,
-) -> torch.Tensor:
-    """CustomCLIP.forward of the reference, from the image features on: [B, C] logits."""
-    n_ctx = ctx.shape[0]
-    prompt_prefix = ctx_init if ctx_init else " ".join(["X"] * n_ctx)
-    names = [c.replace("_", " ") for c in classnames]
-    tokenized = torch.cat([open_clip.tokenize(f"{prompt_prefix} {n}.") for n in names])  # [C, 77]
-    with torch.no_grad():
-        emb = model.token_embedding(tokenized)
-    prefix, suffix = emb[:, :1], emb[:, 1 + n_ctx :]
-    imf = image_features / image_features.norm(dim=-1, keepdim=True)
-    ctx_shifted = ctx.unsqueeze(0) + meta_net(imf).unsqueeze(1)  # [B, n_ctx, W]
-    logits = []
-    for ctx_i, imf_i in zip(ctx_shifted, imf):
-        pts = torch.cat([prefix, ctx_i.unsqueeze(0).expand(len(names), -1, -1), suffix], dim=1)  # [C, 77, W]
-        x = pts + model.positional_embedding
-        x = model.transformer(x, attn_mask=model.attn_mask)
-        x = model.ln_final(x)
-        tf = x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ model.text_projection
-        tf = tf / tf.norm(dim=-1, keepdim=True)
-        logits.append(model.logit_scale.exp() * imf_i @ tf.t())
-    return torch.stack(logits)
+class RefCoCoOp(nn.Module):
+    """PromptLearner + CustomCLIP of the reference (fp32), on its own copy of the backbone."""
+
+    def __init__(self, clip_model: nn.Module, classnames: list[str], n_ctx: int, ctx_init: str):
+        super().__init__()
+        self.clip_model = clip_model
+        ctx_dim = clip_model.ln_final.weight.shape[0]
+        vis_dim = clip_model.visual.output_dim
+        if ctx_init:  # cocoop.py L75-83
+            ctx_init = ctx_init.replace("_", " ")
+            n_ctx = len(ctx_init.split(" "))
+            with torch.no_grad():
+                embedding = clip_model.token_embedding(open_clip.tokenize(ctx_init))
+            ctx_vectors = embedding[0, 1 : 1 + n_ctx, :].clone()
+            prompt_prefix = ctx_init
+        else:  # L84-88
+            ctx_vectors = torch.empty(n_ctx, ctx_dim)
+            nn.init.normal_(ctx_vectors, std=0.02)
+            prompt_prefix = " ".join(["X"] * n_ctx)
+        self.ctx = nn.Parameter(ctx_vectors)
+        self.meta_net = nn.Sequential(  # L95-99
+            OrderedDict(
+                [
+                    ("linear1", nn.Linear(vis_dim, vis_dim // 16)),
+                    ("relu", nn.ReLU(inplace=True)),
+                    ("linear2", nn.Linear(vis_dim // 16, ctx_dim)),
+                ]
+            )
+        )
+        classnames = [name.replace("_", " ") for name in classnames]  # L104-120
+        prompts = [prompt_prefix + " " + name + "." for name in classnames]
+        self.tokenized_prompts = torch.cat([open_clip.tokenize(p) for p in prompts])  # [C, 77]
+        with torch.no_grad():
+            embedding = clip_model.token_embedding(self.tokenized_prompts)
+        self.token_prefix = embedding[:, :1, :]  # SOS
+        self.token_suffix = embedding[:, 1 + n_ctx :, :]  # CLS, EOS
+        self.n_cls, self.n_ctx = len(classnames), n_ctx
+
+    def prompts(self, im_features: torch.Tensor) -> torch.Tensor:
+        """PromptLearner.forward (L144-161): [B, C, 77, W]."""
+        bias = self.meta_net(im_features).unsqueeze(1)  # [B, 1, W]
+        ctx_shifted = self.ctx.unsqueeze(0) + bias  # [B, n_ctx, W]
+        out = []
+        for ctx_shifted_i in ctx_shifted:
+            ctx_i = ctx_shifted_i.unsqueeze(0).expand(self.n_cls, -1, -1)
+            out.append(torch.cat([self.token_prefix, ctx_i, self.token_suffix], dim=1))
+        return torch.stack(out)
+
+    def text_encoder(self, prompts: torch.Tensor) -> torch.Tensor:
+        """TextEncoder.forward (L48-59), with the backbone's causal mask."""
+        m = self.clip_model
+        x = prompts + m.positional_embedding
+        batch_first = getattr(m.transformer, "batch_first", True)
+        x = x if batch_first else x.permute(1, 0, 2)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = x if batch_first else x.permute(1, 0, 2)
+        x = m.ln_final(x)
+        return x[torch.arange(x.shape[0]), self.tokenized_prompts.argmax(dim=-1)] @ m.text_projection
+
+    def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """CustomCLIP.forward (L174-194) from the image encoder's output on: [B, C] logits."""
+        logit_scale = self.clip_model.logit_scale.exp()
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        logits = []
+        for pts_i, imf_i in zip(self.prompts(image_features), image_features):
+            text_features = self.text_encoder(pts_i)
+            text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+            logits.append(logit_scale * imf_i @ text_features.t())
+        return torch.stack(logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(self.clip_model.visual(images))
 
 
 def _module(clip: FrozenCLIP, ctx_init: str = "a photo of a") -> CoCoOp:
@@ -63,39 +111,54 @@ def _module(clip: FrozenCLIP, ctx_init: str = "a photo of a") -> CoCoOp:
     return m
 
 
+def _reference(model: nn.Module, m: CoCoOp, ctx_init: str) -> RefCoCoOp:
+    """The reference, its learned tensors loaded from copies of promptlab's (names as the reference's)."""
+    ref = RefCoCoOp(model, CLASSNAMES, n_ctx=4, ctx_init=ctx_init)
+    state = {k: v.detach().clone() for k, v in m.prompt_state_dict().items()}
+    ref.load_state_dict(state, strict=False)  # strict=False: the backbone copy is not in the prompt state
+    assert set(state) == {n for n, _ in ref.named_parameters() if not n.startswith("clip_model.")}
+    return ref
+
+
 @pytest.mark.parametrize("ctx_init", ["a photo of a", ""])
-def test_logits_and_grads_equal_reference_loop(tiny_clip: FrozenCLIP, ctx_init: str) -> None:
+def test_logits_and_grads_equal_reference_loop(
+    tiny_clip: FrozenCLIP, ref_openclip: nn.Module, ctx_init: str
+) -> None:
     m = _module(tiny_clip, ctx_init)
+    ref_m = _reference(ref_openclip, m, ctx_init)
     feats = torch.randn(6, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
-    params = [m.ctx, *m.meta_net.parameters()]
 
     ours = m(image_features=feats)
-    ref = ref_cocoop_logits(tiny_clip.model, CLASSNAMES, ctx_init, m.ctx, m.meta_net, feats)
+    ref = ref_m.forward_features(feats)
     assert ours.shape == (6, len(CLASSNAMES))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert ours.std() > 1e-2  # logits that differ between classes: the comparison is not vacuous
 
-    g_ours = torch.autograd.grad(m.loss(ours, labels), params)
-    g_ref = torch.autograd.grad(F.cross_entropy(ref, labels), params)
+    names = ["ctx", *(f"meta_net.{k}" for k, _ in m.meta_net.named_parameters())]
+    g_ours = torch.autograd.grad(m.loss(ours, labels), [m.get_parameter(n) for n in names])
+    g_ref = torch.autograd.grad(F.cross_entropy(ref, labels), [ref_m.get_parameter(n) for n in names])
     for a, b in zip(g_ours, g_ref):
         assert b.abs().max() > 1e-6
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_from_images_equals_reference(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
-    """End to end from pixels: the reference's image encoder is open_clip's own ``encode_image``."""
+def test_initial_context_equals_reference(tiny_clip: FrozenCLIP, ref_openclip: nn.Module) -> None:
+    """Before training, the word-initialised context is the reference's (cocoop.py L75-83)."""
+    m = CoCoOp(tiny_clip, CLASSNAMES, ctx_init="a_photo of a")
+    ref = RefCoCoOp(ref_openclip, CLASSNAMES, n_ctx=16, ctx_init="a_photo of a")
+    assert m.n_ctx == ref.n_ctx == 4
+    torch.testing.assert_close(m.ctx.detach(), ref.ctx.detach(), atol=0, rtol=0)
+
+
+def test_from_images_equals_reference(
+    tiny_clip: FrozenCLIP, ref_openclip: nn.Module, images: torch.Tensor
+) -> None:
+    """End to end from pixels: the reference's image encoder is open_clip's own ``visual``."""
     m = _module(tiny_clip)
+    ref_m = _reference(ref_openclip, m, "a photo of a")
     with torch.no_grad():
-        ref = ref_cocoop_logits(
-            tiny_clip.model,
-            CLASSNAMES,
-            "a photo of a",
-            m.ctx,
-            m.meta_net,
-            tiny_clip.model.encode_image(images),
-        )
-        torch.testing.assert_close(m(images), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m(images), ref_m(images), atol=1e-5, rtol=1e-5)
 
 
 def test_one_text_tower_call_per_batch(tiny_clip: FrozenCLIP, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,9 +122,11 @@ INITS = {"random4": dict(n_ctx=4, ctx_init=""), "words": dict(ctx_init="a photo 
 @pytest.mark.parametrize("init", sorted(INITS))
 @pytest.mark.parametrize("csc", [False, True])
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
-def test_coop_matches_reference(tiny_clip: FrozenCLIP, images, position: str, csc: bool, init: str) -> None:
+def test_coop_matches_reference(
+    tiny_clip: FrozenCLIP, ref_openclip, images, position: str, csc: bool, init: str
+) -> None:
     kw = INITS[init]
-    model = tiny_clip.model
+    model = ref_openclip
     torch.manual_seed(123)
     coop = CoOp(tiny_clip, CLASSNAMES, csc=csc, class_token_position=position, **kw)
     n_ctx = coop.n_ctx
@@ -184,19 +186,27 @@ def test_coop_matches_reference(tiny_clip: FrozenCLIP, images, position: str, cs
 
 
 @pytest.mark.parametrize("n_ctx", [1, 5])
-def test_coop_middle_odd_context(tiny_clip: FrozenCLIP, images, n_ctx: int) -> None:
+def test_coop_middle_odd_context(tiny_clip: FrozenCLIP, ref_openclip, images, n_ctx: int) -> None:
     """CoOp splits an odd context as n_ctx // 2 before the name and the rest after it."""
     torch.manual_seed(0)
     coop = CoOp(tiny_clip, CLASSNAMES, n_ctx=n_ctx, class_token_position="middle")
     with torch.no_grad():
         logits = coop(images)
         ref, _ = ref_coop(
-            tiny_clip.model, CLASSNAMES, coop.ctx, ctx_init="", n_ctx=n_ctx, position="middle", images=images
+            ref_openclip,
+            CLASSNAMES,
+            coop.ctx.detach().clone(),
+            ctx_init="",
+            n_ctx=n_ctx,
+            position="middle",
+            images=images,
         )
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
 
 
-def test_coop_csc_word_init_matches_reference_shared_context(tiny_clip: FrozenCLIP, images) -> None:
+def test_coop_csc_word_init_matches_reference_shared_context(
+    tiny_clip: FrozenCLIP, ref_openclip, images
+) -> None:
     """With ctx_init, the reference ignores CSC and learns one shared [n_ctx, W] context. promptlab gives
     each class its own copy of the same words: at initialisation the logits are identical, and the
     reference's gradient is the sum of promptlab's per-class gradients."""
@@ -204,10 +214,10 @@ def test_coop_csc_word_init_matches_reference_shared_context(tiny_clip: FrozenCL
     labels = torch.tensor([1, 0, 3])
     logits = coop(images)
     F.cross_entropy(logits, labels).backward()
-    pl = ref_prompt_learner(tiny_clip.model, CLASSNAMES, "a photo of a", 16)
+    pl = ref_prompt_learner(ref_openclip, CLASSNAMES, "a photo of a", 16)
     shared = pl["init"].clone().requires_grad_(True)  # [n_ctx, W], as the reference builds it
     ref, _ = ref_coop(
-        tiny_clip.model, CLASSNAMES, shared, ctx_init="a photo of a", n_ctx=16, position="end", images=images
+        ref_openclip, CLASSNAMES, shared, ctx_init="a photo of a", n_ctx=16, position="end", images=images
     )
     F.cross_entropy(ref, labels).backward()
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
@@ -216,9 +226,9 @@ def test_coop_csc_word_init_matches_reference_shared_context(tiny_clip: FrozenCL
     )
 
 
-def test_coop_truncates_to_longest_prompt(tiny_clip: FrozenCLIP) -> None:
+def test_coop_truncates_to_longest_prompt(tiny_clip: FrozenCLIP, ref_openclip) -> None:
     coop = CoOp(tiny_clip, CLASSNAMES, n_ctx=4)
-    pl = ref_prompt_learner(tiny_clip.model, CLASSNAMES, "", 4)
+    pl = ref_prompt_learner(ref_openclip, CLASSNAMES, "", 4)
     L = int(pl["tokenized_prompts"].argmax(-1).max()) + 1
     assert coop._base.shape == (len(CLASSNAMES), L, tiny_clip.width)
     assert L < 77
@@ -229,32 +239,22 @@ TEMPLATES = ["a photo of a {}.", "a sketch of the {}.", "itap of my {}, which is
 
 
 @torch.no_grad()
-def test_zeroshot_ensemble(tiny_clip: FrozenCLIP, images) -> None:
+def test_zeroshot_ensemble(tiny_clip: FrozenCLIP, ref_openclip, images) -> None:
+    """KaiyangZhou/CoOp ``trainers/zsclip.py`` ZeroshotCLIP2.build_model (L70-99): per template, the library's
+    ``encode_text`` of ``clip.tokenize(template.format(name))``, normalised; the mean over templates,
+    normalised again; logits = exp(logit_scale) * image_features @ text_features.T."""
     zs = ZeroShotCLIP(tiny_clip, CLASSNAMES, templates=TEMPLATES)
     per_template = []
     for t in TEMPLATES:
-        ids = tiny_clip.tokenize([t.format(c.replace("_", " ")) for c in CLASSNAMES])
-        per_template.append(F.normalize(tiny_clip.encode_text(ids), dim=-1))
+        ids = open_clip.tokenize([t.format(c.replace("_", " ")) for c in CLASSNAMES])
+        per_template.append(F.normalize(ref_openclip.encode_text(ids), dim=-1))
     expected = F.normalize(torch.stack(per_template).mean(0), dim=-1)  # [C, D]
-    torch.testing.assert_close(zs.text_features(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(zs.text_features(), expected, atol=1e-5, rtol=0)
     assert (per_template[0] - expected).abs().max() > 1e-4  # the ensemble is not one template
 
-    img = F.normalize(tiny_clip.encode_image(images), dim=-1)
-    torch.testing.assert_close(zs(images), tiny_clip.logit_scale * img @ expected.t(), atol=1e-5, rtol=0)
-
-    # CLIP's own encoder on the same prompts (open_clip backend) agrees too
-    lib = torch.stack(
-        [
-            F.normalize(
-                tiny_clip.model.encode_text(
-                    tiny_clip.tokenize([t.format(c.replace("_", " ")) for c in CLASSNAMES])
-                ),
-                dim=-1,
-            )
-            for t in TEMPLATES
-        ]
-    )
-    torch.testing.assert_close(zs.text_features(), F.normalize(lib.mean(0), dim=-1), atol=1e-5, rtol=0)
+    img = F.normalize(ref_openclip.encode_image(images), dim=-1)
+    ref = ref_openclip.logit_scale.exp() * img @ expected.t()
+    torch.testing.assert_close(zs(images), ref, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

@@ -1,19 +1,26 @@
 """Deep prompts in both towers (FrozenCLIP's per-layer loop) and the methods built on them, IVLP and MaPLe.
 
-The reference encoders below transcribe muzairkhattak/multimodal-prompt-learning ``clip/model.py``
-(ResidualAttentionBlock_MaPLe / _IVLP, VisionTransformer_MaPLe): text prompts replace the tokens after
-[SOS] before blocks 1..depth-1; vision prompts are appended after the positional embedding, *before*
-``ln_pre``, and replace the last n tokens before blocks 1..depth-1. They run open_clip's own blocks.
+The reference side transcribes muzairkhattak/multimodal-prompt-learning: ``clip/model.py``
+(ResidualAttentionBlock_IVLP L191-256, ResidualAttentionBlock_MaPLe L287-331, VisionTransformer
+L393-422, VisionTransformer_MaPLe L445-476): text prompts replace the tokens after [SOS] before
+blocks 1..depth-1; vision prompts are appended after the positional embedding, *before* ``ln_pre``,
+and replace the last n tokens before blocks 1..depth-1. ``RefMaPLe`` and ``RefIVLP`` re-state the
+prompt learners and CustomCLIP of ``trainers/maple.py`` and ``trainers/independentVL.py`` with their
+own parameters and coupling Linears, loaded from copies of promptlab's learned tensors, on a fresh
+open_clip backbone holding a copy of the tiny CLIP's weights (``ref_openclip``). Nothing of promptlab
+runs on the reference side; the comparison covers logits and the gradients of every learned tensor.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from promptlab.clip import FrozenCLIP, load_clip
 from promptlab.methods import IVLP, MaPLe
@@ -24,10 +31,10 @@ CLASSNAMES = ["cat", "sea_lion", "a very long class name with many words"]
 def ref_text(
     model: nn.Module, prompts: torch.Tensor, tokenized: torch.Tensor, deep: list[torch.Tensor]
 ) -> torch.Tensor:
-    """TextEncoder + ResidualAttentionBlock_MaPLe: 77-token prompts, deep[j] goes in before block j + 1."""
+    """TextEncoder (maple.py L52-66) + the blocks' text branch: deep[j] goes in before block j + 1."""
     x = prompts + model.positional_embedding
     for i, blk in enumerate(model.transformer.resblocks):
-        if i > 0 and i - 1 < len(deep):
+        if i > 0 and i - 1 < len(deep):  # ResidualAttentionBlock_MaPLe L313-328 / _IVLP L242-252
             n = deep[i - 1].shape[0]
             x = torch.cat([x[:, :1], deep[i - 1].expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
         x = blk(x, attn_mask=model.attn_mask)
@@ -38,7 +45,7 @@ def ref_text(
 def ref_image(
     model: nn.Module, images: torch.Tensor, shallow: torch.Tensor | None, deep: list[torch.Tensor]
 ) -> torch.Tensor:
-    """VisionTransformer_MaPLe.forward: prompts appended before ln_pre, replaced before blocks 1..len(deep)."""
+    """VisionTransformer_MaPLe.forward L445-476: prompts appended before ln_pre, replaced before blocks 1..len(deep)."""
     v = model.visual
     x = v.conv1(images).reshape(images.shape[0], v.conv1.out_channels, -1).permute(0, 2, 1)
     x = (
@@ -49,21 +56,140 @@ def ref_image(
         x = torch.cat([x, shallow.expand(x.shape[0], -1, -1)], dim=1)
     x = v.ln_pre(x)
     for i, blk in enumerate(v.transformer.resblocks):
-        if i > 0 and i - 1 < len(deep):
+        if i > 0 and i - 1 < len(deep):  # ResidualAttentionBlock_MaPLe L299-312 / _IVLP L234-241
             n = deep[i - 1].shape[0]
             x = torch.cat([x[:, : x.shape[1] - n], deep[i - 1].expand(x.shape[0], -1, -1)], dim=1)
         x = blk(x)
     return v.ln_post(x[:, 0]) @ v.proj
 
 
-def ref_prompts(model: nn.Module, prefix: str, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MultiModalPromptLearner: "[SOS] ctx <rest of prefix> name. [EOT]" at 77 tokens."""
-    n_ctx = ctx.shape[0]
-    tokenized = torch.cat([open_clip.tokenize(f"{prefix} {c.replace('_', ' ')}.") for c in CLASSNAMES])
-    with torch.no_grad():
-        emb = model.token_embedding(tokenized)
-    x = torch.cat([emb[:, :1], ctx.expand(len(CLASSNAMES), -1, -1), emb[:, 1 + n_ctx :]], dim=1)
-    return x, tokenized
+class _RefPromptLearner(nn.Module):
+    """The shared part of MultiModalPromptLearner (maple.py L69-167) and VLPromptLearner (independentVL.py
+    L65-151): context from the first ``n_ctx`` tokens of ``ctx_init`` (n_ctx <= 4), the rest of the words
+    kept in the 77-token prompt, prefix = [SOS], suffix = everything after the context."""
+
+    def __init__(self, model: nn.Module, classnames: list[str], n_ctx: int, ctx_init: str):
+        super().__init__()
+        self.clip_model = model
+        ctx_dim = model.ln_final.weight.shape[0]
+        if ctx_init and n_ctx <= 4:
+            ctx_init = ctx_init.replace("_", " ")
+            with torch.no_grad():
+                embedding = model.token_embedding(open_clip.tokenize(ctx_init))
+            ctx_vectors = embedding[0, 1 : 1 + n_ctx, :].clone()
+            prompt_prefix = ctx_init
+        else:
+            ctx_vectors = torch.empty(n_ctx, ctx_dim)
+            nn.init.normal_(ctx_vectors, std=0.02)
+            prompt_prefix = " ".join(["X"] * n_ctx)
+        self.ctx = nn.Parameter(ctx_vectors)
+        names = [name.replace("_", " ") for name in classnames]
+        self.tokenized_prompts = torch.cat([open_clip.tokenize(f"{prompt_prefix} {n}.") for n in names])
+        with torch.no_grad():
+            embedding = model.token_embedding(self.tokenized_prompts)
+        self.token_prefix, self.token_suffix = embedding[:, :1], embedding[:, 1 + n_ctx :]
+        self.n_cls = len(names)
+
+    def prompts(self) -> torch.Tensor:
+        ctx = self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
+        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # [C, 77, W]
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """CustomCLIP.forward (maple.py L189-204, independentVL.py L164-175)."""
+        txt = self.text_features()
+        img = self.image_features(images)
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        return self.clip_model.logit_scale.exp() * img @ txt.t()
+
+
+class RefMaPLe(_RefPromptLearner):
+    """MultiModalPromptLearner (maple.py L103-117, L159-176): F_0 = ``proj``; the deep text prompts and
+    their maps F_1..F_{d-1}, cloned from one Linear (``_get_clones`` L207-208)."""
+
+    def __init__(self, model: nn.Module, classnames: list[str], n_ctx: int, ctx_init: str, depth: int):
+        super().__init__(model, classnames, n_ctx, ctx_init)
+        ctx_dim, vis_width = model.ln_final.weight.shape[0], model.visual.conv1.out_channels
+        self.proj = nn.Linear(ctx_dim, vis_width)
+        self.compound_prompts_text = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_ctx, ctx_dim).normal_(std=0.02)) for _ in range(depth - 1)]
+        )
+        single_layer = nn.Linear(ctx_dim, vis_width)
+        self.compound_prompt_projections = nn.ModuleList(
+            [copy.deepcopy(single_layer) for _ in range(depth - 1)]
+        )
+
+    def load_promptlab(self, state: dict[str, torch.Tensor]) -> None:
+        """promptlab's names -> the reference's: text_deep [d-1, n, W] is the ParameterList."""
+        mine = {"ctx": state["ctx"], "proj.weight": state["proj.weight"], "proj.bias": state["proj.bias"]}
+        for i in range(len(self.compound_prompts_text)):
+            mine[f"compound_prompts_text.{i}"] = state["text_deep"][i]
+            for k in ("weight", "bias"):
+                mine[f"compound_prompt_projections.{i}.{k}"] = state[f"deep_proj.{i}.{k}"]
+        _load_copies(self, mine)
+
+    def text_features(self) -> torch.Tensor:
+        return ref_text(
+            self.clip_model, self.prompts(), self.tokenized_prompts, list(self.compound_prompts_text)
+        )
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        deep = [layer(p) for layer, p in zip(self.compound_prompt_projections, self.compound_prompts_text)]
+        return ref_image(self.clip_model, images, self.proj(self.ctx), deep)
+
+
+class RefIVLP(_RefPromptLearner):
+    """VLPromptLearner + the per-block ``VPT_shallow`` tokens of ResidualAttentionBlock_IVLP (L210-221) and
+    VisionTransformer's ``VPT`` (L373-378): independent learned tokens, no coupling."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classnames: list[str],
+        n_ctx_text: int,
+        n_ctx_vision: int,
+        depth_t: int,
+        depth_v: int,
+    ):
+        super().__init__(model, classnames, n_ctx_text, "a photo of a")
+        ctx_dim, vis_width = model.ln_final.weight.shape[0], model.visual.conv1.out_channels
+        self.text_vpt = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_ctx_text, ctx_dim)) for _ in range(depth_t - 1)]
+        )
+        self.vpt = nn.Parameter(torch.empty(n_ctx_vision, vis_width))
+        self.vision_vpt = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_ctx_vision, vis_width)) for _ in range(depth_v - 1)]
+        )
+
+    def load_promptlab(self, state: dict[str, torch.Tensor]) -> None:
+        mine = {"ctx": state["ctx"], "vpt": state["vis_ctx"]}
+        mine.update({f"text_vpt.{i}": t for i, t in enumerate(state["text_deep"])})
+        mine.update({f"vision_vpt.{i}": t for i, t in enumerate(state["vis_deep"])})
+        _load_copies(self, mine)
+
+    def text_features(self) -> torch.Tensor:
+        return ref_text(self.clip_model, self.prompts(), self.tokenized_prompts, list(self.text_vpt))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return ref_image(self.clip_model, images, self.vpt, list(self.vision_vpt))
+
+
+def _load_copies(ref: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load copies of promptlab's tensors: every learned tensor of the reference, and nothing else."""
+    learned = {n for n, _ in ref.named_parameters() if not n.startswith("clip_model.")}
+    assert set(state) == learned, sorted(set(state) ^ learned)
+    ref.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+
+
+def _assert_grads_match(ours: nn.Module, ref: nn.Module, pairs: dict[str, str], images, labels) -> None:
+    """CE gradients of every learned tensor agree (``pairs``: promptlab name -> reference name)."""
+    F.cross_entropy(ours(images), labels).backward()
+    F.cross_entropy(ref.logits(images), labels).backward()
+    grads = dict(ours.named_parameters())
+    for mine, theirs in pairs.items():
+        a, b = grads[mine].grad, ref.get_parameter(theirs).grad
+        assert b is not None and b.abs().max() > 1e-7, theirs
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4, msg=mine)
 
 
 def _perturb(m: nn.Module) -> None:
@@ -131,33 +257,49 @@ def test_layer_keys_and_token_counts_are_checked(tiny_clip: FrozenCLIP, images: 
 
 
 # ---------------------------------------------------------------------- methods against the reference
-def test_maple_equals_reference(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+def test_maple_equals_reference(tiny_clip: FrozenCLIP, ref_openclip: nn.Module, images: torch.Tensor) -> None:
     m = MaPLe(tiny_clip, CLASSNAMES, n_ctx=2, ctx_init="a photo of a", prompt_depth=2)
+    ref = RefMaPLe(ref_openclip, CLASSNAMES, n_ctx=2, ctx_init="a photo of a", depth=2)
+    torch.testing.assert_close(m.ctx.detach(), ref.ctx.detach(), atol=0, rtol=0)  # same initial words
     _perturb(m)
-    prompts, tokenized = ref_prompts(tiny_clip.model, "a photo of a", m.ctx)
-    deep_text = list(m.text_deep)
-    ref_t = ref_text(tiny_clip.model, prompts, tokenized, deep_text)
-    ref_i = ref_image(tiny_clip.model, images, m.proj(m.ctx), [f(p) for f, p in zip(m.deep_proj, deep_text)])
-    torch.testing.assert_close(m.text_features(), ref_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(m.encode_image(images), ref_i, atol=1e-5, rtol=1e-5)
-    # without the deep prompts the results differ: they are used
-    no_deep = ref_text(tiny_clip.model, prompts, tokenized, [])
-    assert (no_deep - ref_t).abs().max() > 1e-4
-
-
-def test_ivlp_equals_reference(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
-    m = IVLP(tiny_clip, CLASSNAMES, n_ctx_text=2, n_ctx_vision=3, prompt_depth_text=2, prompt_depth_vision=2)
-    _perturb(m)
-    prompts, tokenized = ref_prompts(tiny_clip.model, "a photo of a", m.ctx)
+    ref.load_promptlab(m.prompt_state_dict())
+    torch.testing.assert_close(m.text_features(), ref.text_features(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.encode_image(images), ref.image_features(images), atol=1e-5, rtol=1e-5)
+    pairs = {
+        "ctx": "ctx",
+        "proj.weight": "proj.weight",
+        "proj.bias": "proj.bias",
+        "deep_proj.0.weight": "compound_prompt_projections.0.weight",
+        "deep_proj.0.bias": "compound_prompt_projections.0.bias",
+    }
+    _assert_grads_match(m, ref, pairs, images, torch.tensor([0, 2, 1]))
     torch.testing.assert_close(
-        m.text_features(),
-        ref_text(tiny_clip.model, prompts, tokenized, list(m.text_deep)),
-        atol=1e-5,
-        rtol=1e-5,
+        m.text_deep.grad[0],
+        ref.compound_prompts_text[0].grad,
+        atol=1e-5 * float(m.text_deep.grad.abs().max()),
+        rtol=1e-4,
     )
-    ref_i = ref_image(tiny_clip.model, images, m.vis_ctx, list(m.vis_deep))
-    torch.testing.assert_close(m.encode_image(images), ref_i, atol=1e-5, rtol=1e-5)
-    assert (ref_image(tiny_clip.model, images, m.vis_ctx, []) - ref_i).abs().max() > 1e-4
+    # without the deep prompts the results differ: they are used
+    no_deep = ref_text(ref_openclip, ref.prompts(), ref.tokenized_prompts, [])
+    assert (no_deep - ref.text_features()).abs().max() > 1e-4
+
+
+def test_ivlp_equals_reference(tiny_clip: FrozenCLIP, ref_openclip: nn.Module, images: torch.Tensor) -> None:
+    m = IVLP(tiny_clip, CLASSNAMES, n_ctx_text=2, n_ctx_vision=3, prompt_depth_text=2, prompt_depth_vision=2)
+    ref = RefIVLP(ref_openclip, CLASSNAMES, n_ctx_text=2, n_ctx_vision=3, depth_t=2, depth_v=2)
+    torch.testing.assert_close(m.ctx.detach(), ref.ctx.detach(), atol=0, rtol=0)
+    _perturb(m)
+    ref.load_promptlab(m.prompt_state_dict())
+    torch.testing.assert_close(m.text_features(), ref.text_features(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.encode_image(images), ref.image_features(images), atol=1e-5, rtol=1e-5)
+    _assert_grads_match(m, ref, {"ctx": "ctx", "vis_ctx": "vpt"}, images, torch.tensor([1, 0, 2]))
+    for mine, theirs in ((m.text_deep, ref.text_vpt), (m.vis_deep, ref.vision_vpt)):
+        assert theirs[0].grad.abs().max() > 0
+        torch.testing.assert_close(
+            mine.grad[0], theirs[0].grad, atol=1e-5 * float(theirs[0].grad.abs().max()), rtol=1e-4
+        )
+    no_deep = ref_image(ref_openclip, images, ref.vpt, [])
+    assert (no_deep - ref.image_features(images)).abs().max() > 1e-4
 
 
 def test_maple_couples_vision_to_text(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
