@@ -19,4 +19,13 @@ def load_prompts(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
+def __getattr__(name: str):
+    """``promptlab.methods`` on first use, as the docstring shows, without importing every method up front."""
+    if name == "methods":
+        import importlib
+
+        return importlib.import_module("promptlab.methods")
+    raise AttributeError(f"module 'promptlab' has no attribute {name!r}")
+
+
 __all__ = ["FrozenCLIP", "PromptModule", "__version__", "load_clip", "load_prompts"]

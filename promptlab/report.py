@@ -408,8 +408,8 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 
 # ---------------------------------------------------------------------- plots
-def plot(protocol: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """base2new: Base/New/HM bars per dataset; fewshot: accuracy vs shots per dataset; crossdataset: bars."""
+def figure(protocol: str, rows: Sequence[dict[str, Any]]) -> Any:
+    """The report's matplotlib figure (see :func:`plot`); legends sit outside the axes, never over data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,6 +423,7 @@ def plot(protocol: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
             cols,
             figsize=(3.2 * cols, 2.8 * math.ceil(len(names) / cols)),
             squeeze=False,
+            layout="constrained",
         )
         for ax, name in zip(axes.flat, names):
             here = [r for r in rows if r["dataset"] == name]
@@ -439,14 +440,15 @@ def plot(protocol: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
             ticks = sorted({r["shots"] for r in here})
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [str(k) for k in ticks])
-            if any(r.get("sweep") for r in here):
-                ax.legend(fontsize=7)
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("shots per class")
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")
+        if any(r.get("sweep") for r in rows):  # one legend for every panel, below them
+            handles, labels = axes.flat[0].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)
     else:
         import numpy as np
 
@@ -457,7 +459,7 @@ def plot(protocol: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
             rows = [r for r in rows if r["role"] != "source"]
             labels = [r["dataset"] for r in rows]
             series = [("accuracy", "accuracy", "accuracy_std")]
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4), layout="constrained")
         x = np.arange(len(rows))
         width = 0.8 / len(series)
         for i, (label, key, sd) in enumerate(series):
@@ -472,9 +474,16 @@ def plot(protocol: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
             )
         ax.set_xticks(x, labels, rotation=30, ha="right")
         ax.set_ylabel("accuracy (%)")
-        ax.legend()
+        fig.legend(loc="outside right upper")  # beside the axes: bars reach the top at any accuracy
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    return fig
+
+
+def plot(protocol: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """base2new: Base/New/HM bars per dataset; fewshot: accuracy vs shots per dataset; crossdataset: bars."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(protocol, rows)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -537,7 +546,8 @@ def _sweep_rows(sweep_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
         )
     method = ", ".join(sorted({str(r.metrics.get("method")) for r in data.records}))
     table = base2new_rows if data.protocol == "base2new" else fewshot_rows
-    label = {"sweep": Path(sweep_dir).resolve().name, "method": method}
+    overrides = " ".join(data.manifest.get("overrides", [])) or "—"  # what made this sweep differ
+    label = {"sweep": Path(sweep_dir).resolve().name, "method": method, "overrides": overrides}
     return data.protocol, [{**label, **r} for r in table(data.records)]
 
 
@@ -574,11 +584,12 @@ def compare_sweeps(sweep_dirs: Sequence[str | Path], out: str | Path) -> Report:
     for dataset in datasets:
         mine = [r for r in rows if r["dataset"] == dataset]
         if protocol == "base2new":
-            header = ["sweep", "method", "shots", "seeds", "Base", "New", "HM"]
+            header = ["sweep", "method", "overrides", "shots", "seeds", "Base", "New", "HM"]
             body = [
                 [
                     r["sweep"],
                     r["method"],
+                    r["overrides"],
                     str(r["shots"]),
                     r["seeds"],
                     _pm(r["base"], r["base_std"]),
@@ -589,7 +600,7 @@ def compare_sweeps(sweep_dirs: Sequence[str | Path], out: str | Path) -> Report:
             ]
         else:
             shots = sorted({r["shots"] for r in mine})
-            header = ["sweep", "method", *[f"{k} shot{'s' * (k != 1)}" for k in shots]]
+            header = ["sweep", "method", "overrides", *[f"{k} shot{'s' * (k != 1)}" for k in shots]]
             body = []
             for sweep in dict.fromkeys(r["sweep"] for r in mine):
                 cells = {
@@ -597,8 +608,8 @@ def compare_sweeps(sweep_dirs: Sequence[str | Path], out: str | Path) -> Report:
                     for r in mine
                     if r["sweep"] == sweep
                 }
-                method = next(r["method"] for r in mine if r["sweep"] == sweep)
-                body.append([sweep, method, *[cells.get(k, "—") for k in shots]])
+                first = next(r for r in mine if r["sweep"] == sweep)
+                body.append([sweep, first["method"], first["overrides"], *[cells.get(k, "—") for k in shots]])
         sections.append(f"### {dataset}\n\n{_md_table(header, body)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,3 +42,38 @@ def test_installed_package_uses_the_shared_copy_not_its_neighbours(
     assert resource_dir("datasets", package_root=site / "promptlab") == share
     with pytest.raises(ValueError, match="unknown resource folder"):
         resource_dir("weights")
+
+
+def test_import_promptlab_then_methods_as_the_docstring_shows() -> None:
+    """`import promptlab` then `promptlab.methods.CoOp` works, and the methods load only when first used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, promptlab; loaded = 'promptlab.methods' in sys.modules; "
+        "print(loaded, promptlab.methods.CoOp.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "CoOp"]
+
+
+def test_readme_python_snippet_classifies_an_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python block runs as written: only the backbone, run folder and image file are swapped."""
+    import re
+
+    from PIL import Image
+
+    import promptlab
+    from promptlab.export import save_prompts
+    from promptlab.methods import CoOp
+
+    block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    clip = promptlab.load_clip("sandbox")
+    save_prompts(CoOp(clip, ["red circle", "blue square"], n_ctx=4), tmp_path / "run" / "prompts")
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(promptlab, "load_clip", lambda *a, **k: clip)
+    block = re.sub(r'load_prompts\("[^"]+"', 'load_prompts("run"', block)
+    printed: list[str] = []
+    exec(compile(block, "README.md", "exec"), {"print": printed.append})  # noqa: S102 - our own README
+    assert printed and printed[0] in ("red circle", "blue square")

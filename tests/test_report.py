@@ -69,9 +69,9 @@ def _write_run(
     return run
 
 
-def _manifest(sweep: Path, protocol: str, runs: list[dict]) -> None:
+def _manifest(sweep: Path, protocol: str, runs: list[dict], overrides: list[str] | None = None) -> None:
     (sweep / "sweep.json").write_text(
-        json.dumps({"protocol": protocol, "recipe": "r.yaml", "overrides": [], "runs": runs})
+        json.dumps({"protocol": protocol, "recipe": "r.yaml", "overrides": overrides or [], "runs": runs})
     )
 
 
@@ -228,10 +228,10 @@ def test_compare_sweeps_one_table_methods_as_rows(tmp_path, capsys):
     )
     assert main(["report", str(a), str(b)]) == 0
     printed = capsys.readouterr().out
-    assert "| coop | CoOp | 16 | 1,2 | 81.00 ± 1.00 | 62.00 ± 2.00 |" in printed
-    assert "| zeroshot | ZeroShotCLIP | 0 | 1 | 70.00 ± 0.00 | 70.00 ± 0.00 | 70.00 ± 0.00 |" in printed
+    assert "| coop | CoOp | — | 16 | 1,2 | 81.00 ± 1.00 | 62.00 ± 2.00 |" in printed
+    assert "| zeroshot | ZeroShotCLIP | — | 0 | 1 | 70.00 ± 0.00 | 70.00 ± 0.00 | 70.00 ± 0.00 |" in printed
     assert printed.index("### dtd") < printed.index("### Average (2 datasets)")
-    assert "| zeroshot | ZeroShotCLIP | 0 |  | 60.00 | 55.00 |" in printed  # averages of the two datasets
+    assert "| zeroshot | ZeroShotCLIP | — | 0 |  | 60.00 | 55.00 |" in printed  # averages of the two datasets
     out = tmp_path / "comparison"
     with open(out / "comparison.csv") as f:
         rows = list(csv.DictReader(f))
@@ -259,9 +259,9 @@ def test_compare_fewshot_sweeps_shots_as_columns(tmp_path):
         _manifest(sweep, "fewshot", runs)
     rep = compare_sweeps([a, b], tmp_path / "cmp")
     text = rep.markdown.read_text()
-    assert "| sweep | method | 1 shot | 16 shots |" in text
-    assert "| coop | CoOp | 52.00 ± 2.00 | 81.00 ± 1.00 |" in text
-    assert "| linear | Linear | 30.00 ± 0.00 | 72.00 ± 2.00 |" in text
+    assert "| sweep | method | overrides | 1 shot | 16 shots |" in text
+    assert "| coop | CoOp | — | 52.00 ± 2.00 | 81.00 ± 1.00 |" in text
+    assert "| linear | Linear | — | 30.00 ± 0.00 | 72.00 ± 2.00 |" in text
     assert "### Average" not in text  # one dataset: the average would repeat it
     assert np.asarray(Image.open(rep.plot)).std() > 0
     xd = tmp_path / "xd"
@@ -270,3 +270,51 @@ def test_compare_fewshot_sweeps_shots_as_columns(tmp_path):
     )
     with pytest.raises(ValueError, match="only base2new or fewshot"):
         compare_sweeps([a, xd], tmp_path / "cmp2")
+
+
+def test_comparison_shows_each_sweeps_overrides(tmp_path):
+    """Two sweeps of one recipe that differ only by an override are told apart in the table."""
+    a, b = tmp_path / "short", tmp_path / "long"
+    for sweep, extra in ((a, ["train.epochs=2"]), (b, [])):
+        _manifest(sweep, "base2new", [_write_run(sweep, "dtd", 16, 1, 80.0, {"dtd": ("new", 60.0)})], extra)
+    text = compare_sweeps([a, b], tmp_path / "cmp").markdown.read_text()
+    assert "| short | CoOp | train.epochs=2 | 16 | 1 |" in text
+    assert "| long | CoOp | — | 16 | 1 |" in text
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("protocol", ["base2new", "fewshot"])
+def test_plot_legend_covers_no_data(protocol):
+    """The legend sits outside every axes, so it cannot hide a bar or a curve (it used to sit over the bars)."""
+    import matplotlib.pyplot as plt
+
+    from promptlab.report import figure
+
+    if protocol == "base2new":
+        rows = [
+            {
+                "dataset": f"d{i}",
+                **{k: 99.0 for k in ("base", "new", "hm")},
+                **{k: 0.5 for k in ("base_std", "new_std", "hm_std")},
+            }
+            for i in range(3)
+        ]
+    else:
+        rows = [
+            {"dataset": "dtd", "sweep": s, "shots": k, "accuracy": 50.0 + k, "accuracy_std": 1.0}
+            for s in ("coop", "linear")
+            for k in (1, 2, 4, 8, 16)
+        ]
+    fig = figure(protocol, rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    box = legends[0].get_window_extent(renderer)
+    for ax in fig.axes:
+        if ax.axison:
+            assert not _overlaps(box, ax.get_window_extent(renderer)), f"legend over the {protocol} axes"
+    plt.close(fig)
