@@ -873,3 +873,52 @@ def test_cli_import_errors(clip_model, tmp_path, capsys) -> None:
     )
     assert "--classnames" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_import_with_a_dataset(tiny_clip, clip_model, tmp_path, capsys) -> None:
+    """The README's form: the dataset gives the class names and KgCoOp's template; the export records it."""
+    from promptlab.data import load_dataset, make_synthetic_dataset
+
+    make_synthetic_dataset(
+        tmp_path / "data", n_classes=3, train_per_class=1, val_per_class=1, test_per_class=1
+    )
+    classes = load_dataset("synthetic", tmp_path / "data").classnames
+    learner = PromptLearner(
+        _frozen_copy(clip_model, torch.float16),
+        classes,
+        ctx_init="a photo of a",
+        dtype=torch.float16,
+        extra="kgcoop",
+    )
+    _perturb(learner)
+    train_and_save(learner, tmp_path / "run", "prompt_learner", epochs=1)
+    args = [
+        "import",
+        str(tmp_path / "run"),
+        "--from",
+        "kgcoop",
+        "--dataset",
+        "synthetic",
+        "--root",
+        str(tmp_path / "data"),
+    ]
+    assert main([*args, "--arch", "tiny", "--pretrained", "none", "--out", str(tmp_path / "p")]) == 0
+    m = load_prompts(tmp_path / "p", tiny_clip)
+    assert (
+        isinstance(m, KgCoOp)
+        and m.classnames == list(classes)
+        and torch.equal(m.ctx, learner.ctx.detach().float())
+    )
+    cfg = (tmp_path / "p" / "prompt_config.json").read_text()
+    assert (
+        '"dataset": "synthetic"' in cfg
+        and '"template": "a photo of a {}."' in cfg
+        and '"imported_source": "kgcoop"' in cfg
+    )
+    assert (
+        main(
+            [*args, "--arch", "tiny", "--pretrained", "none", "--epoch", "two", "--out", str(tmp_path / "q")]
+        )
+        == 2
+    )
+    assert "--epoch 'two'" in capsys.readouterr().err
