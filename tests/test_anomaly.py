@@ -1,13 +1,21 @@
-"""AnomalyCLIP: dataset layouts, DPAM in FrozenCLIP, maps, gradients, recipes, train -> eval -> predict."""
+"""AnomalyCLIP: dataset layouts, DPAM in FrozenCLIP, maps, gradients, recipes, train -> eval -> predict.
+
+Parity with the reference's loss, gradients and test-time maps: tests/test_anomaly_parity.py.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from sklearn.metrics import auc, average_precision_score, roc_auc_score
 
 from promptlab.anomaly.data import AnomalyDataset, load_items, write_synthetic
 from promptlab.anomaly.loop import (
@@ -17,8 +25,9 @@ from promptlab.anomaly.loop import (
     save_anomaly_prompts,
     train_anomaly,
 )
-from promptlab.anomaly.method import AnomalyCLIP, map_loss
+from promptlab.anomaly.method import AnomalyCLIP, gaussian_blur, map_loss, resolve_feature_layers
 from promptlab.cli import main
+from promptlab.metrics import aupro
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "anomaly").glob("*.yaml"))
 SMALL = dict(n_ctx=3, deep_depth=2, deep_n_ctx=2, feature_layers=[1, 2], dpam_layers=1)
@@ -121,10 +130,54 @@ def test_map_loss_prefers_the_right_map() -> None:
     assert map_loss(good, gt) < map_loss(good.flip(2), gt)
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 16), (1, 12, 9), (3, 5, 40)])
+@pytest.mark.parametrize("sigma", [0.5, 1, 2.5, 4, 7])
+def test_gaussian_blur_equals_scipy_as_test_py_calls_it(shape: tuple, sigma: float) -> None:
+    """test.py L111: scipy.ndimage.gaussian_filter(map, sigma) per map (mode "reflect", truncate 4),
+    values compared; radii larger than the map (sigma 4, 7 on 5 or 9 pixels) reflect several times."""
+    maps = torch.rand(shape, generator=torch.Generator().manual_seed(int(10 * sigma)))
+    maps[:, 0, :] += 3  # a bright border row: any other border mode moves the values near it
+    expected = np.stack([ndimage.gaussian_filter(m, sigma=sigma) for m in maps.double().numpy()])
+    torch.testing.assert_close(
+        gaussian_blur(maps.double(), sigma), torch.from_numpy(expected), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        gaussian_blur(maps, sigma), torch.from_numpy(expected).float(), rtol=0, atol=1e-5
+    )
+
+
+def test_feature_layer_presets() -> None:
+    assert resolve_feature_layers("published", 24) == [24]  # what produced the published numbers
+    assert resolve_feature_layers("multilayer", 24) == [6, 12, 18, 24]
+    assert resolve_feature_layers("published", 3) == [3] and resolve_feature_layers("multilayer", 3) == [
+        1,
+        2,
+        3,
+    ]
+    assert resolve_feature_layers([2, 1], 3) == [2, 1]
+    with pytest.raises(ValueError, match="feature_layers"):
+        resolve_feature_layers("all", 24)
+    with pytest.raises(ValueError, match="blocks 1..3"):
+        resolve_feature_layers([6, 12], 3)
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_anomaly_recipes_validate(path: Path) -> None:
     cfg = load_anomaly_recipe(path, ["data_root=/data"])
     assert cfg.kind == "anomaly" and cfg.train.epochs == 15 and cfg.image_size == 518
+    # the published configuration (zqhang/AnomalyCLIP train.sh / test.sh --features_list 24, train.py lam = 4)
+    assert resolve_feature_layers(cfg.method.feature_layers, 24) == [24] and cfg.method.map_loss_weight == 4
+    assert cfg.method.deep_fp16 is True and cfg.eval.sigma == 4 and cfg.method.image_score == "global"
+    assert (cfg.train.lr, list(cfg.train.betas), cfg.train.batch_size) == (1e-3, [0.5, 0.999], 8)
+    assert (cfg.method.n_ctx, cfg.method.deep_depth, cfg.method.deep_n_ctx, cfg.method.dpam_layers) == (
+        12,
+        9,
+        4,
+        19,
+    )
+    assert "multilayer" in path.read_text()  # the other named option is documented in the recipe
+    other = load_anomaly_recipe(path, ["data_root=/data", "method.feature_layers=multilayer"])
+    assert resolve_feature_layers(other.method.feature_layers, 24) == [6, 12, 18, 24]
     assert cfg.train_data.layout != cfg.eval_data.layout  # cross-dataset protocol
     assert cfg.train_data.split == "test"  # the auxiliary dataset's test split has the masks
     with pytest.raises(ValueError, match="not AnomalyCLIP arguments"):
@@ -176,3 +229,173 @@ def test_train_evaluate_predict_end_to_end(tmp_path: Path, tiny_clip) -> None:
     from PIL import Image
 
     assert Image.open(rows[0]["overlay"]).size == (32, 32)
+
+
+# ------------------------------------------------------------------------------ evaluation, by value
+def _published_aupro(
+    masks: np.ndarray, amaps: np.ndarray, max_step: int = 200, expect_fpr: float = 0.3
+) -> float:
+    """zqhang/AnomalyCLIP metrics.py cal_pro_score (L5-29), skimage's 8-connected label as scipy's."""
+    binary_amaps = np.zeros_like(amaps, dtype=bool)
+    min_th, max_th = amaps.min(), amaps.max()
+    pros, fprs = [], []
+    for th in np.arange(min_th, max_th, (max_th - min_th) / max_step):
+        binary_amaps[amaps <= th], binary_amaps[amaps > th] = 0, 1
+        pro = []
+        for binary_amap, mask in zip(binary_amaps, masks):
+            labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))
+            pro += [binary_amap[labelled == r].mean() for r in range(1, n + 1)]
+        inverse_masks = 1 - masks
+        fprs.append(np.logical_and(inverse_masks, binary_amaps).sum() / inverse_masks.sum())
+        pros.append(np.mean(pro))
+    pros, fprs = np.array(pros), np.array(fprs)
+    keep = fprs < expect_fpr
+    f = fprs[keep]
+    return auc((f - f.min()) / (f.max() - f.min()), pros[keep])
+
+
+def _expected_metrics(module: AnomalyCLIP, ds: AnomalyDataset, sigma: float) -> dict:
+    """test.py's per-category evaluation, one image at a time: the anomalous probability of the global
+    feature, the layer-summed map smoothed by scipy; sklearn's AUROC / AP; metrics.py's AUPRO."""
+    per_image = []
+    with torch.no_grad():
+        for i, it in enumerate(ds.items):
+            img, mask, label, _ = ds[i]
+            out = module.outputs(img[None])
+            amap = ndimage.gaussian_filter(out.layer_maps[0, :, 1].sum(0).double().numpy(), sigma=sigma)
+            per_image.append(
+                (it.category, label, float(out.image_logits.softmax(-1)[0, 1]), amap, mask[0].numpy())
+            )
+    cats = {}
+    for cat in sorted({c for c, *_ in per_image}):
+        rows = [r for r in per_image if r[0] == cat]
+        labels, scores = [r[1] for r in rows], [r[2] for r in rows]
+        maps, gts = np.stack([r[3] for r in rows]), np.stack([r[4] for r in rows]).astype(int)
+        cats[cat] = {
+            "image_auroc": 100 * roc_auc_score(labels, scores),
+            "image_ap": 100 * average_precision_score(labels, scores),
+            "pixel_auroc": 100 * roc_auc_score(gts.ravel(), maps.ravel()),
+            "pixel_aupro": 100 * _published_aupro(gts, maps),
+        }
+    return cats
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> tuple[Path, Path, AnomalyCLIP]:
+    """(an MVTec-layout root with 2 categories, exported untrained prompts, the module)."""
+    tmp = tmp_path_factory.mktemp("anomaly_eval")
+    root = write_synthetic(
+        tmp / "mvtec", "mvtec", categories=("x", "y"), n_good=3, n_defect=3, size=32, seed=2
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        module = AnomalyCLIP(tiny_clip, **SMALL).eval()
+    save_anomaly_prompts(module, tmp / "prompts", {"image_size": 32, "sigma": 1.0})
+    return root, tmp / "prompts", module
+
+
+def test_evaluate_values_per_category(eval_setup) -> None:
+    """Every number of evaluate_anomaly, including pixel AUPRO, against independent computations."""
+    root, _, module = eval_setup
+    ds = AnomalyDataset(load_items("mvtec", root), 32)
+    m = evaluate_anomaly(
+        module, ds, device=torch.device("cpu"), batch_size=4, sigma=1.0
+    )  # batches span categories
+    expected = _expected_metrics(module, ds, sigma=1.0)
+    assert m["aupro_convention"] == "published" and m["n"] == 12
+    keys = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
+    for cat, row in expected.items():
+        for k in keys:
+            assert m["categories"][cat][k] == pytest.approx(row[k], abs=1e-3), (cat, k)
+    for k in keys:
+        assert m["mean"][k] == pytest.approx(np.mean([r[k] for r in expected.values()]), abs=1e-3)
+    assert len({round(r["pixel_aupro"], 3) for r in expected.values()}) == 2  # the categories differ
+
+
+def test_anomaly_eval_cli_and_its_aupro_setting(
+    eval_setup, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """README: `promptlab anomaly eval PROMPTS --layout --root` prints per-category metrics; AUPRO is the
+    published convention unless `--aupro fpr_limit` (the MVTec AD paper's) is asked for."""
+    root, prompts, module = eval_setup
+    runs = {}
+    for aupro_flag in (None, "fpr_limit"):
+        out = tmp_path / f"{aupro_flag}.json"
+        args = ["anomaly", "eval", str(prompts), "--layout", "mvtec", "--root", str(root), "--sigma", "1"]
+        args += ["--device", "cpu", "--out", str(out)] + (["--aupro", aupro_flag] if aupro_flag else [])
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        assert "pixel_aupro" in printed and all(f"\n{c} " in printed for c in ("x", "y", "mean"))
+        runs[aupro_flag] = json.loads(out.read_text())
+    published, limited = runs[None], runs["fpr_limit"]
+    assert published["aupro_convention"] == "published" and limited["aupro_convention"] == "fpr_limit"
+    ds = AnomalyDataset(load_items("mvtec", root), 32)
+    expected = _expected_metrics(module, ds, sigma=1.0)
+    for cat in ("x", "y"):
+        assert published["categories"][cat]["pixel_aupro"] == pytest.approx(
+            expected[cat]["pixel_aupro"], abs=1e-3
+        )
+        idx = [i for i, it in enumerate(ds.items) if it.category == cat]
+        with torch.no_grad():
+            outs = [module.outputs(ds[i][0][None]) for i in idx]
+        maps = torch.from_numpy(
+            np.stack(
+                [ndimage.gaussian_filter(o.layer_maps[0, :, 1].sum(0).double().numpy(), 1.0) for o in outs]
+            )
+        )
+        gts = torch.stack([ds[i][1][0] > 0.5 for i in idx])
+        ref = 100 * aupro(
+            maps, gts, convention="fpr_limit"
+        )  # metrics.py is checked against its own reference
+        assert limited["categories"][cat]["pixel_aupro"] == pytest.approx(ref, abs=1e-3)
+        assert abs(ref - expected[cat]["pixel_aupro"]) > 0.01  # 10x the tolerance: the setting is seen
+        for k in ("pixel_auroc", "image_auroc", "image_ap"):  # only AUPRO depends on the setting
+            assert limited["categories"][cat][k] == published["categories"][cat][k]
+
+
+# ------------------------------------------------------------------------------ predict: names, bad files
+def test_predict_same_stems_keep_every_overlay(eval_setup, tmp_path: Path) -> None:
+    _, prompts, _ = eval_setup
+    rng = np.random.default_rng(0)
+    paths = []
+    for rel, fmt in (("a/x.png", "PNG"), ("b/x.jpg", "JPEG"), ("c/X.png", "PNG"), ("d/x_2.png", "PNG")):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(p, format=fmt)
+        paths.append(str(p))
+    out = tmp_path / "pred"
+    assert main(["anomaly", "predict", str(prompts), *paths, "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    overlays = [r["overlay"] for r in rows]
+    assert len({o.lower() for o in overlays}) == 4 and all(Path(o).is_file() for o in overlays)
+    assert [r["image"] for r in rows] == paths and not any(r["error"] for r in rows)
+    assert len(list(out.glob("*_anomaly.png"))) == 4
+    # each overlay is its own image's: the blend of that image (rows differ as the inputs do)
+    assert len({Image.open(o).tobytes() for o in overlays}) == 4
+
+
+def test_predict_skips_reports_and_counts_unreadable_images(
+    eval_setup, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root, prompts, _ = eval_setup
+    good = sorted(str(p) for p in (root / "x" / "test").rglob("*.png"))[:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    missing = tmp_path / "missing.png"
+    inputs = [good[0], str(broken), good[1], str(missing)]
+    out = tmp_path / "pred"
+    assert main(["anomaly", "predict", str(prompts), *inputs, "--out", str(out)]) == 1  # partial
+    captured = capsys.readouterr()
+    assert "2 scored, 2 skipped" in captured.out
+    assert str(broken) in captured.err and str(missing) in captured.err
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert [r["image"] for r in rows] == inputs
+    assert [bool(r["error"]) for r in rows] == [False, True, False, True]
+    assert all(0 <= float(r["score"]) <= 1 and Path(r["overlay"]).is_file() for r in rows if not r["error"])
+    assert all(r["score"] == r["overlay"] == "" for r in rows if r["error"])
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(
+        Path(r["overlay"]).name for r in rows if r["overlay"]
+    )
+    # nothing readable: one error line, exit 2, no table
+    assert main(["anomaly", "predict", str(prompts), str(broken), "--out", str(tmp_path / "none")]) == 2
+    assert "none of the 1 images could be read" in capsys.readouterr().err

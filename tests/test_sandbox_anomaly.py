@@ -14,6 +14,7 @@ from PIL import Image, ImageFilter
 
 from promptlab.anomaly.data import AnomalyDataset, load_items
 from promptlab.anomaly.loop import load_anomaly_recipe
+from promptlab.anomaly.method import resolve_feature_layers
 from promptlab.cli import main
 from promptlab.data.generated import PARAMS_FILE
 from promptlab.sandbox.anomaly import (
@@ -129,7 +130,9 @@ def test_recipe_is_zero_shot_on_the_sandbox_clip() -> None:
     assert list(cfg.train_data.generator.categories) == list(SET_A)
     assert list(cfg.eval_data.generator.categories) == list(SET_B)  # evaluated on objects never trained on
     assert cfg.train_data.split == "test" and cfg.train_data.root != cfg.eval_data.root
-    assert max(cfg.method.feature_layers) <= 3 and cfg.method.dpam_layers < 3 and cfg.method.deep_depth <= 2
+    assert cfg.method.dpam_layers < 3 and cfg.method.deep_depth <= 2
+    # the published recipes' configuration: the last block's map, map loss x 4
+    assert resolve_feature_layers(cfg.method.feature_layers, 3) == [3] and cfg.method.map_loss_weight == 4
     allowed = set(inspect.signature(make_anomaly_dataset).parameters) - {"root"}
     for spec in (cfg.train_data, cfg.eval_data):  # a misspelt generator key would only fail at run time
         assert spec.generator._component_ == "promptlab.sandbox.anomaly.make_anomaly_dataset"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -65,10 +66,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sigma=args.sigma,
         device=args.device,
     )
+    skipped = [r for r in rows if r["error"]]
     for r in rows:
-        print(f"{r['score']:.4f}  {r['image']}  -> {r['overlay']}")
-    print(f"scores: {out / 'scores.csv'}")
-    return 0
+        if not r["error"]:
+            print(f"{r['score']:.4f}  {r['image']}  -> {r['overlay']}")
+    for r in skipped:
+        print(f"skipped: {r['error']}", file=sys.stderr)
+    print(f"scores: {out / 'scores.csv'} ({len(rows) - len(skipped)} scored, {len(skipped)} skipped)")
+    return 1 if skipped else 0  # 1: partial, some inputs unreadable (listed, and in scores.csv)
 
 
 def add_anomaly_commands(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +102,10 @@ def add_anomaly_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", help="write the metrics as JSON here")
     e.set_defaults(func=cmd_eval)
 
-    p = asub.add_parser("predict", help="heat-map overlays (PNG) and scores.csv for images")
+    p = asub.add_parser(
+        "predict",
+        help="heat-map overlays (PNG) and scores.csv for images; unreadable ones are skipped (exit 1)",
+    )
     p.add_argument("prompts_dir")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", help="output folder (default: predictions/ beside the prompts)")

@@ -7,6 +7,15 @@ object, so prompts learned on one dataset detect and segment defects on unseen o
 tokens also replace the first ``deep_n_ctx`` positions after [SOS] before text blocks
 1..deep_depth-1. The image tower stays frozen; patch tokens of a few layers come from DPAM's V-V
 attention path (``FrozenCLIP.encode_image_dense``). Nothing here depends on class names.
+
+Which patch maps (``feature_layers``): the published numbers used the *last* block's map only.
+The original code returned four "layers" (6/12/18/24) that were one tensor: the V-V path is
+updated in place (``x += x_res``) and was appended without a copy, so all four held block 24's
+output (fixed in zqhang/AnomalyCLIP commit 2a7c886). That summed the layer-24 loss four times;
+HEAD reproduces it with ``--features_list 24`` and ``lam = 4`` (train.sh, test.sh, train.py L50,
+L102); the published test map was 4 x the layer-24 map, and the metrics do not depend on scale.
+``"published"`` (default) is that configuration; ``"multilayer"`` is the fixed code run with
+four distinct layers (blocks at each quarter of the tower, 6/12/18/24 of 24), same ``lam``.
 """
 
 from __future__ import annotations
@@ -32,6 +41,27 @@ from promptlab.prompts import (
 #: The two object-agnostic states, in the order of the text features (normal first).
 STATES = ("object", "damaged object")
 IMAGE_SCORES = ("global", "global_max")
+#: Named choices of ``feature_layers`` (see the module docstring).
+LAYER_PRESETS = ("published", "multilayer")
+
+
+def resolve_feature_layers(feature_layers: Sequence[int] | str, n_blocks: int) -> list[int]:
+    """1-based vision blocks whose patch maps are used: a preset name or explicit block numbers.
+
+    ``"published"``: the last block only; ``"multilayer"``: the block at each quarter of the tower
+    (6, 12, 18, 24 of 24; 1, 2, 3 of 3).
+    """
+    if isinstance(feature_layers, str):
+        if feature_layers == "published":
+            return [n_blocks]
+        if feature_layers == "multilayer":
+            return sorted({-(-k * n_blocks // 4) for k in range(1, 5)})
+        raise ValueError(f"feature_layers={feature_layers!r}: expected {LAYER_PRESETS} or block numbers")
+    layers = [int(i) for i in feature_layers]
+    bad = [i for i in layers if not 1 <= i <= n_blocks]
+    if bad or not layers:
+        raise ValueError(f"feature_layers {bad or layers}: the image tower has blocks 1..{n_blocks}")
+    return layers
 
 
 @dataclass
@@ -49,13 +79,19 @@ class AnomalyCLIP(PromptModule):
         n_ctx: learned tokens E in front of each of the two prompts (12 in the paper).
         deep_depth: shallow prompt plus deep text tokens before blocks 1..deep_depth-1 (9).
         deep_n_ctx: deep text tokens per layer, replacing the positions right after [SOS] (4).
-        feature_layers: 1-based vision blocks whose patch tokens make the maps (6, 12, 18, 24).
+        feature_layers: ``"published"`` (the last block's map: what produced the published
+            numbers), ``"multilayer"`` (blocks 6/12/18/24 of 24) or explicit 1-based block numbers.
         dpam_layers: number of final vision blocks with the V-V path. The reference's
             ``DPAM_layer=20`` replaces the last 19 blocks (6..24 of ViT-L/14): 19.
         temperature: similarities are divided by it (0.07, fixed in the reference).
         global_ln_post: LayerNorm the class token before projecting it; the reference does not.
         image_score: ``"global"`` (the reference's test.py: the anomalous probability of the global
             feature) or ``"global_max"`` (its mean with the layer-averaged map's maximum).
+        map_loss_weight: the map losses (summed over layers) are multiplied by it (train.py's
+            ``lam = 4``).
+        deep_fp16: round the deep text tokens to fp16 before they enter the fp32 text tower, as
+            the reference does (``.half()`` in AnomalyCLIP_lib/AnomalyCLIP.py L246, a leftover of
+            fp16 CLIP code; its gradient is rounded likewise). ``False`` keeps them in full precision.
     """
 
     image_side_frozen: ClassVar[bool] = True
@@ -67,25 +103,26 @@ class AnomalyCLIP(PromptModule):
         n_ctx: int = 12,
         deep_depth: int = 9,
         deep_n_ctx: int = 4,
-        feature_layers: Sequence[int] = (6, 12, 18, 24),
+        feature_layers: Sequence[int] | str = "published",
         dpam_layers: int = 19,
         temperature: float = 0.07,
         global_ln_post: bool = False,
         image_score: str = "global",
+        map_loss_weight: float = 4.0,
+        deep_fp16: bool = True,
     ):
         super().__init__(clip, ["normal", "anomalous"])  # object-agnostic: any class names are ignored
         if image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score={image_score!r}: expected one of {IMAGE_SCORES}")
         if not clip.vision_layers:
             raise ValueError(f"{clip.arch}: AnomalyCLIP needs a ViT image tower for patch features")
-        bad = [i for i in feature_layers if not 1 <= int(i) <= clip.vision_layers]
-        if bad:
-            raise ValueError(f"feature_layers {bad}: the image tower has blocks 1..{clip.vision_layers}")
-        self.feature_layers = [int(i) for i in feature_layers]
+        self.feature_layers = resolve_feature_layers(feature_layers, clip.vision_layers)
         self.dpam_from = max(clip.vision_layers - dpam_layers, 0) if dpam_layers > 0 else None
         self.temperature = temperature
         self.global_ln_post = global_ln_post
         self.image_score = image_score
+        self.map_loss_weight = map_loss_weight
+        self.deep_fp16 = deep_fp16
         init = lambda: nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)  # noqa: E731
         self.ctx_normal = nn.Parameter(init())  # [E, W]
         self.ctx_anomalous = nn.Parameter(init())  # [E, W]
@@ -105,7 +142,12 @@ class AnomalyCLIP(PromptModule):
         """[2, D] features of the normal and the anomalous prompt (not normalised)."""
         ctx = torch.stack([self.ctx_normal, self.ctx_anomalous])  # [2, E, W]
         prompts = insert_context(self._base, ctx, self._ctx_pos)  # [2, L, W]
-        return encode_prompts(self.clip, prompts, self._eot, deep_prompts=layer_prompts(self.deep))
+        deep = self.deep  # [depth-1, n, W]
+        if deep is not None and self.deep_fp16:
+            # The reference expands the tokens to each prompt, then casts: [depth-1, 2, n, W]. Values and
+            # (per prompt) gradients pass through fp16, as there.
+            deep = deep.unsqueeze(1).expand(-1, 2, -1, -1).to(torch.float16).to(deep.dtype)
+        return encode_prompts(self.clip, prompts, self._eot, deep_prompts=layer_prompts(deep))
 
     def outputs(self, images: torch.Tensor) -> AnomalyOutput:
         """Image logits and per-layer normal/anomalous probability maps at the input resolution."""
@@ -141,7 +183,7 @@ class AnomalyCLIP(PromptModule):
         """Image cross-entropy; with ``layer_maps`` and ``masks`` in ``aux`` also the map losses."""
         loss = F.cross_entropy(logits, labels.long())
         if "layer_maps" in aux:
-            loss = loss + map_loss(aux["layer_maps"], aux["masks"])
+            loss = loss + map_loss(aux["layer_maps"], aux["masks"], self.map_loss_weight)
         return loss
 
     @torch.no_grad()

@@ -2,7 +2,10 @@
 
 For each image: ``<out>/<stem>_anomaly.png`` (the image with the anomaly map blended in, jet colour
 map, normalised over *all* predicted images so that colours compare across images) and one row of
-``<out>/scores.csv`` (image score, the map's maximum, overlay path).
+``<out>/scores.csv`` (image score, the map's maximum, overlay path, error). Inputs that share a stem
+(``a/x.png``, ``b/x.jpg``) get ``x_anomaly.png``, ``x_2_anomaly.png``, ...: no overlay overwrites
+another. An unreadable image is skipped, logged and kept in ``scores.csv`` with its error and no
+score, so that the table has one row per input, in input order.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from PIL import Image
 from promptlab import io
 from promptlab.anomaly.data import image_transform
 from promptlab.anomaly.loop import load_anomaly_prompts
-from promptlab.data.images import read_image
+from promptlab.data.images import ImageReadError, read_image
 
 log = logging.getLogger(__name__)
+FIELDS = ["image", "score", "map_max", "overlay", "error"]
 
 
 def overlay(image: Image.Image, amap: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -44,7 +48,11 @@ def predict(
     sigma: float | None = None,
     device: str = "cpu",
 ) -> list[dict]:
-    """Score images with exported prompts, write overlays and ``scores.csv``; returns the table rows."""
+    """Score images with exported prompts, write overlays and ``scores.csv``; returns the table rows.
+
+    One row per input, in order; a skipped image's row has its ``error`` and empty score fields.
+    Raises ``ValueError`` when no image at all could be read.
+    """
     import json
 
     meta = (
@@ -57,25 +65,48 @@ def predict(
     sigma = float(meta.get("sigma", 4.0) if sigma is None else sigma)
     tf = image_transform(size, module.clip.image_mean, module.clip.image_std)
     out_dir = Path(out_dir)
-    pics = [read_image(str(p)) for p in images]
-    scores, maps = [], []
+    rows: list[dict] = []
+    done = []  # (row, picture, map) of the images that could be read
     with module.cached_text_features():
-        for pic in pics:
+        for path, name in zip(images, overlay_names(images)):
+            row = {"image": str(path), "score": "", "map_max": "", "overlay": "", "error": ""}
+            rows.append(row)
+            try:
+                pic = read_image(str(path))
+            except (ImageReadError, Image.DecompressionBombError) as e:
+                log.warning("skipped %s: %s", path, e)
+                row["error"] = str(e)
+                continue
             s, a = module.scores(module.outputs(tf(pic).unsqueeze(0).to(device)), sigma)
-            scores.append(float(s[0]))
-            maps.append(a[0].float().cpu().numpy())
-    lo, hi = min(m.min() for m in maps), max(m.max() for m in maps)
-    rows = []
-    for path, pic, score, amap in zip(images, pics, scores, maps):
-        dest = out_dir / f"{Path(path).stem}_anomaly.png"
+            amap = a[0].float().cpu().numpy()
+            row.update(score=float(s[0]), map_max=float(amap.max()), overlay=str(out_dir / name))
+            done.append((row, pic, amap))
+    if not done:
+        raise ValueError(f"none of the {len(rows)} images could be read (first: {rows[0]['error']})")
+    lo, hi = min(m.min() for _, _, m in done), max(m.max() for _, _, m in done)
+    for row, pic, amap in done:
         buf = _io.BytesIO()
         overlay(pic, (amap - lo) / max(hi - lo, 1e-12)).save(buf, format="PNG")
-        io.atomic_write_bytes(dest, buf.getvalue())
-        rows.append({"image": str(path), "score": score, "map_max": float(amap.max()), "overlay": str(dest)})
+        io.atomic_write_bytes(Path(row["overlay"]), buf.getvalue())
     text = _io.StringIO()
-    w = csv.DictWriter(text, fieldnames=["image", "score", "map_max", "overlay"])
+    w = csv.DictWriter(text, fieldnames=FIELDS)
     w.writeheader()
     w.writerows(rows)
     io.atomic_write_bytes(out_dir / "scores.csv", text.getvalue().encode())
-    log.info("wrote %d overlays and scores.csv to %s", len(rows), out_dir)
+    log.info("wrote %d overlays and scores.csv to %s (%d skipped)", len(done), out_dir, len(rows) - len(done))
     return rows
+
+
+def overlay_names(images: Sequence[str | Path]) -> list[str]:
+    """``<stem>_anomaly.png`` per input, made unique (``<stem>_2_anomaly.png``, ...) ignoring case."""
+    used: set[str] = set()
+    names = []
+    for path in images:
+        stem, k = Path(path).stem, 1
+        name = f"{stem}_anomaly.png"
+        while name.lower() in used:
+            k += 1
+            name = f"{stem}_{k}_anomaly.png"
+        used.add(name.lower())
+        names.append(name)
+    return names
