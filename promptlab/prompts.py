@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -24,6 +25,9 @@ from promptlab.clip import FrozenCLIP
 def clean_classname(name: str) -> str:
     """CoOp's class-name normalisation: underscores become spaces."""
     return name.replace("_", " ").strip()
+
+
+log = logging.getLogger(__name__)
 
 
 class PromptModule(nn.Module):
@@ -64,7 +68,7 @@ class PromptModule(nn.Module):
                 hp = {k: v for k, v in bound.arguments.items() if k not in ("self", "clip", "classnames")}
                 hp.update(hp.pop("hparams", {}) if isinstance(hp.get("hparams"), dict) else {})
                 init(self, *args, **kw)
-                object.__setattr__(self, "hparams", hp)
+                object.__setattr__(self, "hparams", _as_used(self, hp))
             else:
                 init(self, *args, **kw)
 
@@ -176,6 +180,20 @@ class PromptModule(nn.Module):
         self.load_state_dict({**self.state_dict(), **{k: v.to(own[k].dtype) for k, v in state.items()}})
 
 
+def _as_used(module: nn.Module, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The hparams as the method used them: a plain attribute of the same name wins over the argument.
+
+    A method that overrides an argument (CoOp's rule: ``ctx_init`` sets ``n_ctx``) stores what it used
+    as ``self.<name>``; recording the argument instead would describe a model that was never built.
+    """
+    used = dict(hparams)
+    for k, v in hparams.items():
+        attr = module.__dict__.get(k, v)
+        if isinstance(attr, (bool, int, float, str)) and attr != v and type(attr) is type(v):
+            used[k] = attr
+    return used
+
+
 # ---------------------------------------------------------------------- shared prompt maths
 def word_embeddings(clip: FrozenCLIP, words: str) -> torch.Tensor:
     """[n, W] token embeddings of ``words`` (no start/end tokens): to initialise context from text."""
@@ -193,7 +211,18 @@ def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None = "") -> tor
     With words, ``n`` is their token count (CoOp counts words; the two agree for "a photo of a").
     """
     if ctx_init:
-        return word_embeddings(clip, ctx_init.replace("_", " "))
+        ctx = word_embeddings(clip, ctx_init.replace("_", " "))
+        if ctx.shape[0] != n_ctx:
+            log.warning(
+                "n_ctx=%d is not used: ctx_init=%r gives %d context tokens (CoOp's rule: the words set the "
+                "length; the run records n_ctx=%d). For %d random context vectors set ctx_init to ''.",
+                n_ctx,
+                ctx_init,
+                ctx.shape[0],
+                ctx.shape[0],
+                n_ctx,
+            )
+        return ctx
     return nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)
 
 

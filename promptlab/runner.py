@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import promptlab
 from promptlab import distributed
 from promptlab.clip import FrozenCLIP, load_clip, save_clip
-from promptlab.config import epochs_for, instantiate, load_recipe, resolve_component
+from promptlab.config import ConfigError, epochs_for, instantiate, load_recipe, resolve_component
 from promptlab.data import (
     DatasetSplits,
     ImageDataset,
@@ -73,9 +73,28 @@ def dataset_kwargs(cls: type, method_cfg: DictConfig, ds: DatasetSplits) -> dict
 
 
 def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: DatasetSplits) -> PromptModule:
-    """Instantiate ``cfg.method`` on the dataset's classes."""
+    """Instantiate ``cfg.method`` on the dataset's classes.
+
+    A recipe value the method did not use (``n_ctx`` beside a ``ctx_init`` of another length: the
+    words set the length) is refused, so a run's ``config.yaml`` never describes a model that was
+    not built.
+
+    Raises:
+        ConfigError: naming the ``method.*`` key whose value was not used, and the value that was.
+    """
     cls = resolve_component(cfg.method._component_, "method")
-    return instantiate(cfg.method, clip, ds.classnames, kind="method", **dataset_kwargs(cls, cfg.method, ds))
+    module = instantiate(
+        cfg.method, clip, ds.classnames, kind="method", **dataset_kwargs(cls, cfg.method, ds)
+    )
+    for k, used in module.hparams.items():
+        asked = cfg.method.get(k)
+        if isinstance(asked, (bool, int, float, str)) and asked != used:
+            raise ConfigError(
+                f"{k}={asked!r} is not what {type(module).__name__} used ({k}={used!r}; see the warning "
+                "above); set it to that value, or change the setting that overrides it",
+                key=f"method.{k}",
+            )
+    return module
 
 
 def ensure_data(cfg: DictConfig) -> None:

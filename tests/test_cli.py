@@ -135,3 +135,13 @@ def test_run_applies_the_recipes_per_dataset_section(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["train"]["epochs"] == 2
     assert "epoch 2/2" in (out / "log.txt").read_text()
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_run_refuses_an_n_ctx_that_ctx_init_overrides(tmp_path, capsys):
+    """`method.n_ctx=8` beside `ctx_init: a photo of a` (4 tokens) would be silently ignored: refused, named."""
+    out = tmp_path / "run"
+    args = ["run", f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}", "train.epochs=1", "method.n_ctx=8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "method.n_ctx" in err and "n_ctx=4" in err
+    assert not (out / "metrics.json").exists() and not (out / "prompts").exists()

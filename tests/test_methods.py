@@ -240,3 +240,19 @@ def test_coop_unified_context_transfers(tiny_clip: FrozenCLIP, images: torch.Ten
     assert m(images).shape == (images.shape[0], 2)
     with pytest.raises(ValueError, match="class_token_position"):
         CoOp(tiny_clip, CLASSNAMES, class_token_position="back")
+
+
+def test_hparams_record_what_was_used_not_what_was_asked(tiny_clip, tmp_path, caplog):
+    """CoOp's rule (ctx_init sets the context length) wins over n_ctx; the export records the length used."""
+    import json
+
+    from promptlab.export import load_prompts, save_prompts
+    from promptlab.methods import CoOp
+
+    with caplog.at_level("WARNING", logger="promptlab.prompts"):
+        m = CoOp(tiny_clip, ["cat", "dog"], n_ctx=8, ctx_init="a photo of a")
+    assert m.ctx.shape[0] == 4 and m.hparams["n_ctx"] == 4
+    assert "n_ctx=8 is not used" in caplog.text
+    save_prompts(m, tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "prompt_config.json").read_text())["hparams"]["n_ctx"] == 4
+    assert load_prompts(tmp_path / "p", tiny_clip).ctx.shape == m.ctx.shape
