@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import promptlab
 from promptlab import io
 from promptlab.clip import FrozenCLIP
+from promptlab.config import ConfigError, resolve_component
 from promptlab.methods import METHODS, CoOp, method_name
 from promptlab.prompts import PromptModule
 
@@ -54,6 +55,7 @@ FORMAT_VERSION = 1
 
 # Keys save_prompts owns; `extra` may not overwrite them (they are what load_prompts trusts).
 _RESERVED = (
+    "component",
     "format_version",
     "method",
     "hparams",
@@ -96,10 +98,6 @@ def save_prompts(module: PromptModule, out_dir: str | Path, *, extra: dict | Non
         raise ValueError(f"save_prompts(extra=...): keys {clash} are reserved for the export itself")
     clip = module.clip
     method = method_name(module)
-    if method not in METHODS:
-        log.warning(
-            "%s is not in promptlab.methods.METHODS: load_prompts will not be able to rebuild it", method
-        )
 
     # Learned tensors only (no backbone weights, no class-derived buffers), floating point as fp32
     # so an export does not depend on the precision it was trained in.
@@ -110,6 +108,7 @@ def save_prompts(module: PromptModule, out_dir: str | Path, *, extra: dict | Non
     config: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "method": method,
+        "component": component_path(module),  # how to rebuild a method that is not in METHODS
         "hparams": _jsonable_hparams(module),
         "classnames": list(module.classnames),
         "arch": clip.arch,
@@ -234,10 +233,7 @@ def load_prompts(
             f"({FORMAT_VERSION}); upgrade promptlab"
         )
     method = cfg["method"]
-    if method not in METHODS:
-        raise ValueError(
-            f"{cfg_path}: unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}"
-        )
+    cls = method_class(cfg, cfg_path)
     _check_backbone(cfg, clip, cfg_path, strict_weights)
 
     tensors_path = export_dir / TENSORS_FILE
@@ -258,7 +254,7 @@ def load_prompts(
     try:
         # The method's random init is overwritten below; it must not move the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
-            module = METHODS[method](clip, saved_names, **{**(cfg.get("hparams") or {}), **(hparams or {})})
+            module = cls(clip, saved_names, **{**(cfg.get("hparams") or {}), **(hparams or {})})
     except TypeError as e:
         raise ValueError(f"{cfg_path}: cannot rebuild {method} from its hparams ({e})") from e
     module.load_prompt_state_dict(state, source=str(tensors_path))
@@ -269,6 +265,38 @@ def load_prompts(
             raise ValueError(f"{cfg_path}: {e}") from e
     log.info("loaded %s prompts from %s (%d classes)", method, export_dir, len(module.classnames))
     return module.to(clip.device)
+
+
+def component_path(module: PromptModule | type[PromptModule]) -> str:
+    """``module.Class``: the import path an export records, so a user's own method can be rebuilt."""
+    cls = module if isinstance(module, type) else type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def method_class(cfg: dict[str, Any], cfg_path: Path) -> type[PromptModule]:
+    """The class an export was made with: promptlab's by its key, a user's by its recorded import path.
+
+    A user's class is imported under the trust rule (:mod:`promptlab.trust`): only when its module was
+    trusted (``--trust-module`` / ``$PROMPTLAB_TRUSTED_MODULES``), and only if it is a PromptModule.
+    """
+    method, component = cfg["method"], cfg.get("component")
+    if method in METHODS and component in (None, component_path(METHODS[method])):
+        return METHODS[method]
+    if not isinstance(component, str):
+        raise ValueError(
+            f"{cfg_path}: unknown method {method!r} and no 'component' import path to rebuild it "
+            f"(exports record it since promptlab 0.1.1); known methods: {', '.join(sorted(METHODS))}"
+        )
+    module = component.rsplit(".", 1)[0]
+    try:
+        return resolve_component(component, "method")
+    except ConfigError as e:
+        raise ValueError(
+            f"{cfg_path}: method {component!r} cannot be rebuilt: {e.reason}. Its module {module!r} must be "
+            f"importable (run from its folder with PYTHONPATH=., or pip install it) and trusted "
+            f"(promptlab --trust-module {module.split('.')[0]} ..., or "
+            f"PROMPTLAB_TRUSTED_MODULES={module.split('.')[0]})"
+        ) from None
 
 
 def _check_backbone(cfg: dict, clip: FrozenCLIP, cfg_path: Path, strict_weights: bool) -> None:
