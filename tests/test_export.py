@@ -163,7 +163,7 @@ def test_missing_files_and_unknown_method(eclip: FrozenCLIP, tmp_path: Path) -> 
     save_prompts(_coop(eclip, n_ctx=2), tmp_path)
     cfg_path = tmp_path / "prompt_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**cfg, "method": "telepathy"}))
+    cfg_path.write_text(json.dumps({**cfg, "method": "telepathy", "component": None}))  # no import path
     with pytest.raises(ValueError, match=r"prompt_config\.json.*telepathy.*coop.*zeroshot"):
         load_prompts(tmp_path, eclip)
     cfg_path.write_text(json.dumps(cfg))
