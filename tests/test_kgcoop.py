@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -122,3 +123,85 @@ def test_recipe_uses_the_references_template_per_dataset(tiny_clip: FrozenCLIP) 
         assert m.templates == [expected], name
     assert get_spec("dtd").template == "{} texture."  # the dataset keeps CoOp's template (zero-shot CLIP)
     torch.testing.assert_close(m._hand, _hand(tiny_clip, expected), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------- independent reference
+class RefKgCoOp(torch.nn.Module):
+    """htyao89/KgCoOp ``KgCoOp/trainers/kgcoop.py`` as it runs for base-to-new, re-stated on a *copy* of
+    the CLIP weights with open_clip's own modules (none of promptlab's prompt or encoding code).
+
+    - PromptLearner.__init__ (L94-104, 127-129, 159-166): context = token embeddings of "a photo of a"
+      (4 tokens); prompts "a photo of a {name}." tokenized to 77; SOS prefix / suffix buffers.
+    - Hand-crafted target (L136-146): ``encode_text`` of ``CUSTOM_TEMPLATES[dataset].format(name)``,
+      divided by its norm, under no_grad.
+    - TextEncoder.forward (L68-79) and CustomCLIP.forward (L223-243): logits = exp(logit_scale) *
+      cos(image, text); score = 1 - mean CosineSimilarity(dim=1, eps=1e-07)(text, target).
+    - forward_backward (L309-311): loss = cross_entropy(output, label) + W * score.
+    """
+
+    def __init__(self, model: torch.nn.Module, classnames: list[str], template: str, w: float):
+        super().__init__()
+        import copy
+
+        import open_clip
+
+        self.model, self.w = copy.deepcopy(model).requires_grad_(False), w
+        prompt = open_clip.tokenize("a photo of a")
+        with torch.no_grad():
+            self.ctx = torch.nn.Parameter(self.model.token_embedding(prompt)[0, 1:5, :].clone())
+        names = [c.replace("_", " ") for c in classnames]
+        self.tokenized = torch.cat([open_clip.tokenize("a photo of a " + n + ".") for n in names])
+        with torch.no_grad():
+            emb = self.model.token_embedding(self.tokenized)
+            hand = self.model.encode_text(torch.cat([open_clip.tokenize(template.format(n)) for n in names]))
+        self.prefix, self.suffix = emb[:, :1, :], emb[:, 5:, :]
+        self.hand = hand / hand.norm(dim=-1, keepdim=True)
+
+    def text_encoder(self, prompts: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = prompts + m.positional_embedding
+        if not getattr(m.transformer, "batch_first", True):
+            x = x.permute(1, 0, 2)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        if not getattr(m.transformer, "batch_first", True):
+            x = x.permute(1, 0, 2)
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0]), self.tokenized.argmax(dim=-1)]
+        return x @ m.text_projection
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
+        text = self.text_encoder(torch.cat([self.prefix, ctx, self.suffix], dim=1))
+        image = self.model.visual(images)
+        image = image / image.norm(dim=-1, keepdim=True)
+        text = text / text.norm(dim=-1, keepdim=True)
+        logits = self.model.logit_scale.exp() * image @ text.t()
+        score = 1.0 - torch.mean(torch.nn.CosineSimilarity(dim=1, eps=1e-07)(text, self.hand))
+        return F.cross_entropy(logits, labels) + self.w * score
+
+
+@pytest.mark.parametrize("w", [8.0, 1.0])
+def test_loss_and_gradient_match_the_reference(tiny_clip: FrozenCLIP, images: torch.Tensor, w: float) -> None:
+    """Value and context gradient of the whole loss against the reference from copied weights. The
+    knowledge term's own gradient is checked too: cross-entropy alone cannot pass for it."""
+    m = _perturbed(tiny_clip, w=w)
+    ref = RefKgCoOp(tiny_clip.model, CLASSNAMES, PETS, w)
+    with torch.no_grad():
+        ref.ctx.copy_(m.ctx)  # the same perturbed context
+    labels = torch.tensor([0, 3, 1])
+    loss = m.loss(m(images), labels)
+    loss.backward()
+    ref_loss = ref(images, labels)
+    ref_loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.ctx.grad, ref.ctx.grad, atol=1e-6, rtol=1e-4)
+
+    # the regulariser's gradient alone: reference loss with W and with W = 0, the difference
+    ref.zero_grad()
+    ref.w = 0.0
+    ref(images, labels).backward()
+    term_grad = m.ctx.grad - ref.ctx.grad  # [n_ctx, W]: w * d(score)/d(ctx)
+    assert term_grad.norm() > 1e-3 * m.ctx.grad.norm()  # a real contribution
+    m.ctx.grad = None
+    (w * m.knowledge_loss()).backward()
+    torch.testing.assert_close(m.ctx.grad, term_grad, atol=1e-6, rtol=1e-4)
