@@ -27,6 +27,46 @@ from promptlab.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, train_
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: The CoOp-family references' arithmetic (PREC=fp16, their default): see :func:`to_reference_fp16`.
+REFERENCE_FP16 = "reference_fp16"
+PRECISIONS = (*_DTYPES, REFERENCE_FP16)
+
+
+class _LayerNormFp32(nn.LayerNorm):
+    """OpenAI CLIP's LayerNorm under fp16: fp32 weights, computed in fp32, cast back to the input's dtype
+    (openai/CLIP ``clip/model.py`` ``class LayerNorm``; the CoOp family's ``clip/model.py`` copies it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+def to_reference_fp16(model: nn.Module) -> nn.Module:
+    """Cast a CLIP model the way the CoOp-family references run it with ``PREC=fp16``.
+
+    ``clip.build_model`` ends with ``convert_weights``, which halves the weights of linear, convolution
+    and attention layers and the text / image projections; CoOp's trainers call ``clip_model.float()``
+    only for ``PREC=fp32`` or ``amp`` (CoOp ``trainers/coop.py`` ``build_model``). LayerNorms,
+    ``logit_scale`` and a ResNet tower's BatchNorms stay fp32, and every LayerNorm computes in fp32. Embeddings (token, positional,
+    class) are stored in fp16 here: the reference casts them to fp16 before any use
+    (``.type(self.dtype)``), so the numbers are the same.
+    """
+    fp32_modules = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)  # ResNet towers: BatchNorm stays fp32 too
+    keep = {
+        id(t)
+        for m in model.modules()
+        if isinstance(m, fp32_modules)
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+    }
+    if isinstance(getattr(model, "logit_scale", None), torch.Tensor):
+        keep.add(id(model.logit_scale))
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and id(t) not in keep:
+            t.data = t.data.half()
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.__class__ = _LayerNormFp32  # same parameters; only the forward's arithmetic changes
+    return model
+
 
 # Tiny open_clip configurations, randomly initialised, for tests and the offline demo.
 TINY_CONFIGS: dict[str, dict] = {
@@ -189,6 +229,7 @@ class FrozenCLIP(nn.Module):
         self.pretrained = pretrained
         self.backend = "hf" if hasattr(model, "text_model") else "open_clip"
         self.grad_checkpointing = False
+        self.precision = "fp32"  # how load_clip cast the weights (see load_clip's ``precision``)
         if tokenizer is None:
             from open_clip.tokenizer import SimpleTokenizer
 
@@ -257,6 +298,12 @@ class FrozenCLIP(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self._tok_emb.weight.dtype
+
+    @property
+    def prompt_dtype(self) -> torch.dtype:
+        """dtype of learned prompt tensors on this backbone: fp16 under ``reference_fp16`` (the reference
+        creates its context in ``clip_model.dtype`` and SGD steps it in fp16), else fp32."""
+        return torch.float16 if self.precision == REFERENCE_FP16 else torch.float32
 
     @property
     def device(self) -> torch.device:
@@ -689,10 +736,12 @@ def load_clip(
             a local OpenAI ``.pt`` (JIT archive or state dict; QuickGELU), a local open_clip checkpoint,
             a Hugging Face CLIP directory, or an open_clip ``local-dir:`` model folder.
         device: where to put the model.
-        precision: storage precision of the frozen weights: ``fp32``, ``fp16`` or ``bf16``.
+        precision: ``fp32``; ``fp16`` or ``bf16`` (every frozen weight stored in that dtype; learned
+            tensors stay fp32); or ``reference_fp16``, the CoOp-family references' PREC=fp16
+            (:func:`to_reference_fp16`; learned tensors in fp16 too, see ``FrozenCLIP.prompt_dtype``).
     """
-    if precision not in _DTYPES:
-        raise ValueError(f"precision={precision!r}: expected one of {sorted(_DTYPES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     import open_clip
 
     tokenizer = None
@@ -745,8 +794,13 @@ def load_clip(
         model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", force_quick_gelu=quick)
         name = arch
         tokenizer = open_clip.get_tokenizer(arch)
-    model = model.to(device=device, dtype=_DTYPES[precision])
-    return FrozenCLIP(model, arch=name, pretrained=pretrained, tokenizer=tokenizer)
+    if precision == REFERENCE_FP16:
+        model = to_reference_fp16(model.to(device=device, dtype=torch.float32))
+    else:
+        model = model.to(device=device, dtype=_DTYPES[precision])
+    clip = FrozenCLIP(model, arch=name, pretrained=pretrained, tokenizer=tokenizer)
+    clip.precision = precision
+    return clip
 
 
 def save_clip(clip: FrozenCLIP, path: str | Path) -> Path:

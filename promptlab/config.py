@@ -52,6 +52,8 @@ __all__ = [
 
 COMPONENT_KEY = "_component_"
 Precision = Literal["fp32", "fp16", "bf16"]
+# model.precision: how the frozen CLIP is stored, plus the references' pure-fp16 mode (promptlab.clip)
+ModelPrecision = Literal["fp32", "fp16", "bf16", "reference_fp16"]
 # Datasets generated on first use under data.root: their root need not exist at load time.
 GENERATED_DATASETS = frozenset({"synthetic", "sandbox_shapes", "sandbox_clean"})
 
@@ -81,7 +83,10 @@ class ModelConfig:
     arch: str  # open_clip model name (ViT-B-16, RN50, ...) or "tiny" (random tiny CLIP for demos/tests)
     # open_clip tag ("openai"), local checkpoint, OpenAI-format .pt, or HF CLIP directory; null = random
     pretrained: str | None = None
-    precision: Precision = "fp32"  # dtype of the frozen weights
+    # fp32; fp16 / bf16: frozen weights stored in that dtype (learned tensors fp32); reference_fp16: the
+    # CoOp-family references' PREC=fp16 (fp16 CLIP with fp32 LayerNorms, fp16 learned tensors stepped in
+    # fp16, fp16 logits); use it with train.amp=fp32. See the README's "Precision".
+    precision: ModelPrecision = "fp32"
 
 
 @dataclass
@@ -108,7 +113,7 @@ class TrainConfig:
     warmup_epochs: int = 1  # warm-up epochs before the cosine schedule starts
     warmup_lr: float = 1.0e-5  # constant warm-up lr (Dassl WARMUP_CONS_LR); start lr of linear warm-up
     warmup_type: Literal["constant", "linear"] = "constant"
-    amp: Precision = "fp32"  # autocast dtype; master weights stay fp32
+    amp: Precision = "fp32"  # autocast dtype (bf16 / fp16); learned tensors and optimizer stay fp32
     grad_clip: float | None = None  # max global grad norm; null = no clipping
     # recompute text-tower activations in backward: less memory (ImageNet-size C)
     grad_checkpointing: bool = False
@@ -526,6 +531,13 @@ def validate_recipe(cfg: DictConfig, source: str = "<recipe>", *, check_paths: b
         ConfigError: the first problem found, naming ``source`` and the key path.
     """
     _validate_section(cfg, RecipeConfig, "", source, check_paths)
+    amp = (cfg.get("train") or {}).get("amp", "fp32")
+    if cfg.model.get("precision") == "reference_fp16" and amp != "fp32":
+        raise ConfigError(
+            "model.precision=reference_fp16 is pure fp16 arithmetic: it runs without autocast (train.amp=fp32)",
+            key="train.amp",
+            source=source,
+        )
     pretrained = (
         _get(cfg.model, "pretrained", "model.pretrained", source) if "pretrained" in cfg.model else None
     )

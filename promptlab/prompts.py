@@ -47,6 +47,10 @@ class PromptModule(nn.Module):
     text_depends_on_image: ClassVar[bool] = False
     #: Names of FrozenCLIP sub-modules this method unfreezes (e.g. image-tower LayerNorms).
     trainable_backbone_parts: ClassVar[tuple[str, ...]] = ()
+    #: Learned tensors (parameter names or module prefixes) that the reference keeps in fp32 even with
+    #: PREC=fp16, because it creates them outside the fp16 CLIP (e.g. MaPLe's deep prompts). Every other
+    #: learned tensor takes ``clip.prompt_dtype`` in :meth:`match_backbone_precision`.
+    fp32_in_reference: ClassVar[tuple[str, ...]] = ()
 
     hparams: dict[str, Any]
 
@@ -91,8 +95,8 @@ class PromptModule(nn.Module):
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """[B, D] image features -> [B, C] logits. Default: CLIP's scaled cosine similarity."""
-        img = F.normalize(image_features.float(), dim=-1)
-        txt = F.normalize(self.class_text_features().float(), dim=-1)
+        img = F.normalize(image_features.to(self.head_dtype), dim=-1)
+        txt = F.normalize(self.class_text_features().to(self.head_dtype), dim=-1)
         return self.clip.logit_scale * img @ txt.t()
 
     # ------------------------------------------------------------------ shared behaviour
@@ -152,6 +156,22 @@ class PromptModule(nn.Module):
         """Register class-derived tensors as non-persistent buffers: rebuilt by ``set_classnames``, never saved."""
         for name, t in tensors.items():
             self.register_buffer(name, t, persistent=False)
+
+    def match_backbone_precision(self) -> None:
+        """Give the learned tensors the dtype the reference gives them on this backbone (call once, after
+        building, before the optimizer): fp16 under ``model.precision=reference_fp16``, so that SGD
+        steps fp16 parameters with fp16 gradients and momentum, as the references did. No-op otherwise."""
+        dtype = self.clip.prompt_dtype
+        for name, p in self.named_parameters():
+            kept = any(name == k or name.startswith(k + ".") for k in self.fp32_in_reference)
+            if p.requires_grad and not name.startswith("clip.") and not kept:
+                p.data = p.data.to(dtype)
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        """dtype of the normalised features, logits and loss: the reference's fp16 head under
+        ``reference_fp16`` (``logit_scale.exp() * image_features @ text_features.t()`` in fp16), else fp32."""
+        return self.clip.prompt_dtype
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

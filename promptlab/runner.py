@@ -216,6 +216,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         clip.grad_checkpointing = bool(cfg.train.grad_checkpointing)
         seed_everything(int(cfg.seed))  # model init draws (random context) depend on the seed only
         module = build_method(cfg, clip, ds).to(device)
+        module.match_backbone_precision()  # reference_fp16: learned tensors in fp16, as the reference's
         s = _Setup(cfg, run_dir, device, clip, ds, module)
         log.info(
             "run %s: %s on %s (%d classes, %d train / %d test images), %s",

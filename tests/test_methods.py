@@ -124,6 +124,29 @@ def test_sgd_step_touches_only_learned_tensors(
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_reference_fp16_step(name: str, images: torch.Tensor) -> None:
+    """Every method trains on the references' fp16 backbone (model.precision=reference_fp16): learned
+    tensors take fp16 unless the method declares the reference keeps them fp32, and a step moves them."""
+    m = build(name, load_clip("tiny", precision="reference_fp16"))
+    m.match_backbone_precision()
+    kept = m.fp32_in_reference
+    for n, p in m.named_parameters():
+        if p.requires_grad and not n.startswith("clip."):
+            fp32 = any(n == k or n.startswith(k + ".") for k in kept)
+            assert p.dtype == (torch.float32 if fp32 else torch.float16), n
+    if not m.trainable_parameters():
+        return
+    before = [p.detach().clone() for p in m.trainable_parameters()]
+    opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    m.train()
+    loss = m.loss(m(images), torch.arange(images.shape[0]) % len(CLASSNAMES))
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, m.trainable_parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_prompt_state_dict_round_trip(name: str, tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
     m = build(name, tiny_clip, seed=0)
     _perturb(m)

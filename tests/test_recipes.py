@@ -58,3 +58,30 @@ def test_coop_imagenet_trains_50_epochs_in_both_protocols() -> None:
         }
     b2n = plan_sweep(recipes / "base2new" / "coop_vit_b16.yaml", ["datasets=imagenet,dtd", "seeds=1"])
     assert {j.dataset: j.epochs for j in b2n.jobs} == {"imagenet": 50, "dtd": 200}
+
+
+def test_published_recipes_use_the_reference_arithmetic_and_augmentation() -> None:
+    """Recipes that claim a published number run as the reference did: PREC=fp16 arithmetic for the
+    CoOp family (their default), and a fresh augmentation every epoch (Dassl's loader), not cached views."""
+    from promptlab.config import resolve_component
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    fp16 = ["base2new/" + m for m in ("coop", "cocoop", "kgcoop", "ivlp", "maple")]
+    for name in [f"{r}_vit_b16" for r in fp16] + [
+        "fewshot/coop_vit_b16",
+        "fewshot/coop_rn50",
+        "zeroshot/clip_vit_b16",
+    ]:
+        cfg = load_recipe(recipes / f"{name}.yaml", check_paths=False)
+        assert cfg.model.precision == "reference_fp16" and cfg.train.amp == "fp32", name
+    for name in (
+        "base2new/coop_vit_b16",
+        "base2new/kgcoop_vit_b16",
+        "fewshot/coop_vit_b16",
+        "fewshot/coop_rn50",
+        "base2new/mocoop_vit_b16",
+        "fewshot/mocoop_vit_b16",
+    ):
+        cfg = load_recipe(recipes / f"{name}.yaml", check_paths=False)
+        assert resolve_component(cfg.method._component_).image_side_frozen, name
+        assert cfg.train.feature_cache is False, name

@@ -65,18 +65,17 @@ class CoCoOp(PromptModule):
 
     def conditioned_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """[B, D] normalised image features -> [B, C, D] text features of each image's prompts."""
-        bias = self.meta_net(image_features)  # [B, W]
+        bias = self.meta_net(image_features.to(self.ctx.dtype))  # [B, W]; fp16 meta-net under reference_fp16
         ctx = self.ctx.unsqueeze(0) + bias.unsqueeze(1)  # [B, n_ctx, W]
         # [SOS] + an image's context is shared by its C prompts: run it once per image, not C times.
         return encode_context_prefix(self.clip, self._base, ctx, self._eot)  # [B, C, D]
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
-        img = F.normalize(
-            image_features.float(), dim=-1
-        )  # [B, D]; normalised before the meta-net, as the reference
+        # [B, D]; normalised before the meta-net, as the reference
+        img = F.normalize(image_features.to(self.head_dtype), dim=-1)
         step = max(1, self.max_prompts_per_call // max(1, len(self.classnames)))
         out = []
         for chunk in img.split(step):
-            txt = F.normalize(self.conditioned_text_features(chunk).float(), dim=-1)  # [b, C, D]
+            txt = F.normalize(self.conditioned_text_features(chunk).to(self.head_dtype), dim=-1)  # [b, C, D]
             out.append(torch.einsum("bd,bcd->bc", chunk, txt))
         return self.clip.logit_scale * torch.cat(out)  # [B, C]

@@ -41,6 +41,10 @@ class IVLP(PromptModule):
     """
 
     image_side_frozen: ClassVar[bool] = False
+    # PREC=fp16 in the reference: the text context is fp16 (clip_model.dtype); the deep text prompts, the
+    # visual prompts and the deep visual prompts are nn.Parameters created fp32 inside the CLIP model
+    # (VPT / VPT_shallow, clip/model.py) and only cast with .half() where they are used.
+    fp32_in_reference: ClassVar[tuple[str, ...]] = ("text_deep", "vis_ctx", "vis_deep")
 
     def __init__(
         self,

@@ -74,13 +74,17 @@ class KgCoOp(PromptModule):
         txt = self.class_text_features()  # [C, D]
         # keep this step's text features for loss(): the regulariser reuses them instead of a second pass
         self._step_text = txt if torch.is_grad_enabled() and txt.requires_grad else None
-        img = F.normalize(image_features.float(), dim=-1)
-        return self.clip.logit_scale * img @ F.normalize(txt.float(), dim=-1).t()
+        img = F.normalize(image_features.to(self.head_dtype), dim=-1)
+        return self.clip.logit_scale * img @ F.normalize(txt.to(self.head_dtype), dim=-1).t()
 
     def knowledge_loss(self, text_features: torch.Tensor | None = None) -> torch.Tensor:
         """``1 - mean_c cos(t_c, t_c^hand)``: scalar, 0 when the prompt reproduces the hand-crafted features."""
         txt = self.text_features() if text_features is None else text_features  # [C, D]
-        return 1.0 - F.cosine_similarity(txt.float(), self._hand, dim=-1, eps=1e-7).mean()
+        dt = self.head_dtype  # fp16 under reference_fp16: the reference's score is computed in fp16
+        return (
+            1.0
+            - F.cosine_similarity(F.normalize(txt.to(dt), dim=-1), self._hand.to(dt), dim=-1, eps=1e-7).mean()
+        )
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, **aux: Any) -> torch.Tensor:
         txt, self._step_text = self._step_text, None

@@ -42,6 +42,9 @@ class MaPLe(PromptModule):
     """
 
     image_side_frozen: ClassVar[bool] = False
+    # PREC=fp16 in the reference (trainers/maple.py L95-117): ctx fp16, self.proj.half(); the compound
+    # prompts and their projections are created fp32 and stay so (cast with .half() at use).
+    fp32_in_reference: ClassVar[tuple[str, ...]] = ("text_deep", "deep_proj")
 
     def __init__(
         self,

@@ -141,6 +141,7 @@ class MoCoOp(PromptModule):
     """
 
     text_depends_on_image = True  # the mixture is chosen per image
+    fp32_in_reference = ("ctx", "router")  # the reference trains with AMP: fp32 learned tensors
 
     def __init__(
         self,
