@@ -63,6 +63,7 @@ _RESERVED = (
     "arch",
     "pretrained",
     "fingerprint",
+    "precision",
     "width",
     "embed_dim",
     "promptlab_version",
@@ -114,6 +115,7 @@ def save_prompts(module: PromptModule, out_dir: str | Path, *, extra: dict | Non
         "arch": clip.arch,
         "pretrained": clip.pretrained,
         "fingerprint": clip.fingerprint(),
+        "precision": clip.precision,  # load_clip's precision: the arithmetic the prompts were learned in
         "width": clip.width,
         "embed_dim": clip.embed_dim,
         "promptlab_version": promptlab.__version__,
@@ -257,6 +259,7 @@ def load_prompts(
             module = cls(clip, saved_names, **{**(cfg.get("hparams") or {}), **(hparams or {})})
     except TypeError as e:
         raise ValueError(f"{cfg_path}: cannot rebuild {method} from its hparams ({e})") from e
+    module.match_backbone_precision()  # reference_fp16 backbone: learned tensors in the reference's dtypes
     module.load_prompt_state_dict(state, source=str(tensors_path))
     if classnames is not None:
         try:

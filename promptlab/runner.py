@@ -371,9 +371,11 @@ def load_prompts_dir(
     device: str | torch.device = "cpu",
     hparams: dict[str, Any] | None = None,
 ) -> PromptModule:
-    """A prompts directory on the backbone recorded in it (or on ``pretrained`` weights given instead)."""
+    """A prompts directory on the backbone recorded in it (or on ``pretrained`` weights given instead),
+    in the precision it was trained in (``reference_fp16`` prompts are evaluated in fp16, as there)."""
     meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
-    clip = load_clip(meta["arch"], pretrained or meta.get("pretrained"), device=device)
+    precision = meta.get("precision", "fp32")
+    clip = load_clip(meta["arch"], pretrained or meta.get("pretrained"), device=device, precision=precision)
     return load_prompts(prompts_dir, clip, strict_weights=pretrained is None, hparams=hparams)
 
 
