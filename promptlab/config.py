@@ -117,7 +117,9 @@ class TrainConfig:
     grad_clip: float | None = None  # max global grad norm; null = no clipping
     # recompute text-tower activations in backward: less memory (ImageNet-size C)
     grad_checkpointing: bool = False
-    feature_cache: bool = True  # train on cached image features when the method's image side is frozen
+    # frozen image side: train on aug_views cached augmented views per image (a speed option, seeded by
+    # the run seed); false = the references' protocol, a fresh crop + flip every epoch
+    feature_cache: bool = True
     aug_views: int = 10  # augmented views per training image encoded once for the feature cache
     checkpoint_every: int = 1  # epochs between checkpoints
     log_every: int = 20
