@@ -268,8 +268,8 @@ def train(
     prof = _Profiler(profile_steps)
     for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=epochs == 0):
         lr = lr_fn(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # a group may run at a fixed fraction of the schedule
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         correct = seen = 0
         for i, (inputs, labels) in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", leave=False)):
             inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}

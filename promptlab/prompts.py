@@ -176,6 +176,16 @@ class PromptModule(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: ``[{"params": [...], "lr_scale": s}, ...]``.
+
+        The runner builds the optimizer from these and the engine sets each group's lr to the
+        schedule's lr times its ``lr_scale`` (1 when absent), so a method can train part of its
+        tensors slower (MoCoOp: the image tower's LayerNorms at lr x 0.1) without its own loop.
+        Default: one group of every trainable parameter. Every trainable parameter must appear once.
+        """
+        return [{"params": self.trainable_parameters()}]
+
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """The learned tensors only: the method's parameters and any unfrozen backbone part."""
         learned = {n for n, p in self.named_parameters() if p.requires_grad or not n.startswith("clip.")}

@@ -12,6 +12,7 @@ import logging
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,16 @@ def dataset_kwargs(cls: type, method_cfg: DictConfig, ds: DatasetSplits) -> dict
     """Dataset facts a method may ask for by naming them in ``__init__``, unless the recipe sets them.
 
     ``template``: the dataset's hand-crafted prompt (zero-shot, KgCoOp); ``dataset_name``: the
-    dataset's name (e.g. to look up its template groups).
+    dataset's name (e.g. to look up its template groups); ``all_classnames``: every class name of the
+    dataset, base and new, also when training on the base half (MoCoOp's text-to-text loss).
     """
-    available = {"template": ds.template, "dataset_name": ds.name}
+    available: dict[str, Callable[[], Any]] = {
+        "template": lambda: ds.template,
+        "dataset_name": lambda: ds.name,
+        "all_classnames": lambda: list(getattr(ds, "all_classnames", None) or ds.classnames),
+    }
     params = inspect.signature(cls).parameters
-    return {k: v for k, v in available.items() if k in params and method_cfg.get(k) is None}
+    return {k: get() for k, get in available.items() if k in params and method_cfg.get(k) is None}
 
 
 def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: DatasetSplits) -> PromptModule:
@@ -235,7 +241,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if epochs > 0 and module.trainable_parameters():
             from torch.utils.tensorboard import SummaryWriter
 
-            optimizer = instantiate(cfg.optimizer, module.trainable_parameters(), kind="optimizer")
+            optimizer = instantiate(cfg.optimizer, module.optimizer_param_groups(), kind="optimizer")
             base_lr = optimizer.param_groups[0]["lr"]
             tc = cfg.train
             with SummaryWriter(str(run_dir / "tb")) if is_main else nullcontext() as writer:

@@ -356,3 +356,33 @@ def test_grad_clip_bounds_the_update(clip, tmp_path):
     step_free = (free.ctx - start).norm()
     step_clipped = (clipped.ctx - start).norm()
     assert step_clipped <= 3 * 1e-4 + 1e-7 < step_free  # 3 steps of lr 1.0 with |g| <= 1e-4
+
+
+def test_param_group_lr_scale_follows_the_schedule(clip, tmp_path):
+    """A group's ``lr_scale`` (PromptModule.optimizer_param_groups) multiplies the schedule's lr every epoch."""
+    torch.manual_seed(0)
+    module = CoOp(clip, ["red circle", "blue square", "green star"], n_ctx=2)
+    slow = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([{"params": [module.ctx]}, {"params": [slow], "lr_scale": 0.1}], lr=1.0)
+    seen, loss = [], module.loss
+
+    def recording(*args, **kwargs):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return loss(*args, **kwargs)
+
+    module.loss = recording
+    feats, labels = _features()
+    batches = FeatureBatches(feats, labels, 8, torch.Generator().manual_seed(0))
+    schedule = [0.5, 0.2, 0.1]
+    train(
+        module,
+        batches,
+        opt,
+        epochs=3,
+        lr_fn=lambda e: schedule[e],
+        generator=torch.Generator().manual_seed(0),
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+    )
+    per_epoch = [lr for step in seen[:: len(batches)] for lr in step]
+    assert per_epoch == pytest.approx([v for lr in schedule for v in (lr, 0.1 * lr)], rel=1e-12)

@@ -182,4 +182,5 @@ def subsample_classes(ds: DatasetSplits, which: str) -> DatasetSplits:
         test=keep(ds.test),
         classnames=[ds.classnames[y] for y in selected],
         subsample=which,
+        all_classnames=list(ds.classnames),
     )

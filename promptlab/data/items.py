@@ -50,6 +50,9 @@ class DatasetSplits:
         shots: K of the few-shot draw, 0 when all data is used.
         seed: Seed of the few-shot draw, None when no draw was made.
         subsample: "all", "base" or "new".
+        all_classnames: Every class name of the dataset before the base/new split (None: the same as
+            `classnames`). A method that trains with class names it has no images of (MoCoOp's
+            text-to-text loss over base *and* new names) asks for it as an `__init__` keyword.
     """
 
     name: str
@@ -64,6 +67,7 @@ class DatasetSplits:
     shots: int = 0
     seed: int | None = None
     subsample: str = "all"
+    all_classnames: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
