@@ -2,17 +2,24 @@
 
 One soft prompt cannot cover a dataset's styles (photos, renderings, low-resolution shots...), so
 MoCoOp learns one soft-prompt expert per *group* of hand-crafted templates and lets a router pick
-the top-k experts per image:
+the top-2 experts per image. Everything below is what the reference code (dyabel/mocoop,
+``prompting/moe.py`` and ``prompting/losses.py``) computes for the published numbers:
 
-- expert e is CoOp-style context around the class name, initialised from the words around ``{}``
-  in its group's first template ("a photo of a {}, a type of pet." -> 4 words before, 5 after);
-- a linear router on the normalised image feature scores the experts; the top-k experts' logits
-  are mixed with softmax weights renormalised over the selected k;
-- gate loss: cross-entropy of the router toward the group whose hand-crafted feature (mean of its
-  templates, for the image's class) is most similar to the image, so routing stays anchored to
-  the templates;
-- text loss: a contrastive loss between each expert's class features and its group's hand-crafted
-  class features, so experts keep their hand-crafted meaning (fights overfitting).
+- expert e is its group's first template with every "." removed, split at ``{}``; the words before
+  and after the class name become learned context, counted as the reference counts them,
+  ``len(text.split(" "))`` (words, not BPE tokens; the part after ``{}`` starts with a space, so
+  "{} texture." has 2 slots after the name: "texture" and the end token). The classification prompt
+  has no final period (moe.py L151-211);
+- a linear router on the normalised image feature scores the experts; the top-2 experts' text
+  features are mixed with softmax weights over the selected two (moe.py L402-442);
+- a learned correction vector, shared by all experts, is added to every expert text feature before
+  normalisation (ENABLE_CORRECTION, moe.py L234-236, 426-429);
+- text loss: each expert's class features against its group's hand-crafted class features
+  (templates with a final "."), cross-entropy over *cosine* logits, no temperature
+  (losses.py L87-108). When training on the base half, it covers every class name of the dataset,
+  base and new (moe.py L213-217, 454-483);
+- gate loss: cross-entropy of the router toward the *soft* target softmax(s + 10 on the top-2
+  groups), s = image . hand-crafted group prototype of the image's class (moe.py L110-127, 510-523).
 
 Template groups are data: ``datasets/template_groups/<dataset>.yaml`` (``default.yaml`` otherwise).
 """
@@ -33,16 +40,17 @@ from promptlab.clip import FrozenCLIP
 from promptlab.data.registry import datasets_dir
 from promptlab.prompts import (
     PromptModule,
-    build_prompt_layout,
     encode_prompts,
     hand_crafted_features,
     insert_context,
-    word_embeddings,
+    n_tokens,
 )
 
 log = logging.getLogger(__name__)
 
 GROUPS_FOLDER = "template_groups"
+GATE_BOOST = 10.0  # moe.py L513: increase_top2_logits(text_gating, increment=10.0)
+GATE_TARGETS = ("shuffled", "own")
 
 
 # ---------------------------------------------------------------------- template groups (data)
@@ -75,12 +83,18 @@ def check_groups(
     return out
 
 
-def split_template(template: str) -> tuple[str, str, str]:
-    """Words before and after ``{}`` and the final period: "a {}, a pet." -> ("a", ", a pet", ".")."""
-    before, after = (" ".join(s.split()) for s in template.split("{}"))
-    suffix = "." if after.endswith(".") else ""
-    after = after[: len(after) - len(suffix)].rstrip()
-    return before, after, suffix
+def template_parts(template: str) -> tuple[str, str]:
+    """The reference's split (moe.py L151-152): every "." removed, the character before ``{}`` dropped.
+
+    "a photo of a {}, a type of pet." -> ("a photo of a", ", a type of pet"); "{} texture." -> ("", " texture").
+    """
+    before, after = template.replace(".", "").split("{}")
+    return before[:-1], after
+
+
+def word_count(text: str) -> int:
+    """Context slots for ``text`` as the reference counts them (moe.py L158-172): ``len(text.split(" "))``, 0 for ""."""
+    return len(text.split(" ")) if text else 0
 
 
 # ---------------------------------------------------------------------- shared maths of the mixture
@@ -93,33 +107,28 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 def mix_expert_logits(expert_logits: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """[B, E, C] per-expert logits, top-k weights/indices [B, k] -> [B, C] mixed logits.
 
-    Mixing the (normalised) expert text features with convex weights and mixing their cosine logits
-    are the same thing, so only the selected experts' logits are gathered.
+    Mixing the expert text features with convex weights (the reference) and mixing their logits
+    are the same linear map, so only the selected experts' logits are gathered.
     """
     chosen = expert_logits.gather(1, idx[..., None].expand(-1, -1, expert_logits.shape[-1]))  # [B, k, C]
     return (weights[..., None] * chosen).sum(1)
 
 
-def gate_targets(
-    image_features: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """[B] index of the group whose hand-crafted feature of the image's class is most similar to the image.
-
-    image_features [B, D] and prototypes [E, C, D] L2-normalised; labels [B].
-    """
-    sim = torch.einsum("bd,ebd->be", image_features, prototypes[:, labels])  # [B, E]
-    return sim.argmax(-1)
+def soft_gate_target(image_features: torch.Tensor, group_features: torch.Tensor) -> torch.Tensor:
+    """[B, E] router target: softmax(s + 10 on the top-2 groups), s = [B, D] image . [E, B, D] group features."""
+    sim = torch.einsum("bd,ebd->be", image_features, group_features)  # [B, E]
+    top = sim.topk(min(2, sim.shape[1]), dim=1).indices
+    return (sim + torch.zeros_like(sim).scatter(1, top, GATE_BOOST)).softmax(dim=1)
 
 
-def text_to_text_loss(
-    expert_features: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | float
-) -> torch.Tensor:
+def text_to_text_loss(expert_features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Each expert's class feature must pick its own class among its group's hand-crafted class features.
 
-    expert_features, prototypes: [E, C, D], L2-normalised. Cross-entropy over classes, mean over experts.
+    expert_features, prototypes: [E, C, D], L2-normalised. Plain cosine logits (the reference has no
+    temperature here); cross-entropy over classes, mean over experts and classes.
     """
     E, C, _ = prototypes.shape
-    sims = scale * expert_features @ prototypes.transpose(1, 2)  # [E, C, C]
+    sims = expert_features @ prototypes.transpose(1, 2)  # [E, C, C]
     return F.cross_entropy(sims.reshape(E * C, C), torch.arange(C, device=sims.device).repeat(E))
 
 
@@ -131,13 +140,21 @@ class MoCoOp(PromptModule):
         templates: template groups ``{name: [template, ...]}`` or ``[[template, ...], ...]``; ``None``:
             the groups shipped for ``dataset_name`` (``datasets/template_groups/``).
         dataset_name: filled by the runner from the dataset, to look up its template groups.
-        n_ctx: context vectors (random N(0, 0.02), before the class name) for a group whose first
-            template has no words besides the class name.
+        all_classnames: filled by the runner: every class name of the dataset. When they are more than
+            ``classnames`` (training on the base half) the text loss covers all of them, as the reference does.
+        n_ctx: random N(0, 0.02) context slots (before the name) for a group whose first template has no
+            words besides ``{}`` (none of the shipped groups; the reference would learn nothing there).
         top_k: experts mixed per image.
-        text_loss_weight: weight of the text-to-text contrastive loss.
-        gate_loss_weight: weight of the router's cross-entropy toward the hard-prompt choice.
-        tune_layernorm: also train the LayerNorms of the image tower's blocks (then image features are
-            not cacheable). This switches ``requires_grad`` on in ``clip``: give the module a backbone of its own.
+        text_loss_weight: weight of the text-to-text loss (TEXT_LOSS_WEIGHT).
+        gate_loss_weight: weight of the router's cross-entropy toward the hard prompts (GATE_LOSS_WEIGHT).
+        text_correction: learn the correction vector added to every expert text feature (ENABLE_CORRECTION).
+        gate_target: ``"shuffled"`` reproduces the published runs: on the base half the reference picks the
+            image's group prototypes by its base label from a ``list(set(all names))``, so label y points
+            at an arbitrary class (a permutation drawn here from the seeded RNG); ``"own"``: the image's class.
+        tune_layernorm: also train the LayerNorms of the image tower's blocks (FINETUNE_VIT_LN; then image
+            features are not cacheable). This switches ``requires_grad`` on in ``clip``: give the module a
+            backbone of its own.
+        layernorm_lr_scale: the LayerNorms' learning rate relative to the schedule's (moe.py L586-603: x 0.1).
     """
 
     text_depends_on_image = True  # the mixture is chosen per image
@@ -149,38 +166,55 @@ class MoCoOp(PromptModule):
         classnames: Sequence[str],
         templates: dict[str, list[str]] | list[list[str]] | None = None,
         dataset_name: str | None = None,
+        all_classnames: Sequence[str] | None = None,
         n_ctx: int = 4,
         top_k: int = 2,
-        text_loss_weight: float = 5.0,
+        text_loss_weight: float = 1.0,
         gate_loss_weight: float = 1.0,
+        text_correction: bool = True,
+        gate_target: str = "shuffled",
         tune_layernorm: bool = False,
+        layernorm_lr_scale: float = 0.1,
     ):
         super().__init__(clip, classnames)
         self.groups = check_groups(templates) if templates is not None else load_template_groups(dataset_name)
         self.expert_names = list(self.groups)
         self.top_k, self.text_loss_weight, self.gate_loss_weight = (
             int(top_k),
-            float(text_loss_weight),
-            float(gate_loss_weight),
+            text_loss_weight,
+            gate_loss_weight,
         )
+        self.layernorm_lr_scale = float(layernorm_lr_scale)
         if self.top_k < 1:
             raise ValueError(f"top_k={top_k}: at least one expert must be chosen")
-        ctx, self._layout = [], []  # per expert: (n_before, suffix)
+        if gate_target not in GATE_TARGETS:
+            raise ValueError(f"gate_target={gate_target!r}: expected one of {GATE_TARGETS}")
+        ctx, self._parts = [], []  # per expert: (text before, text after, slots before, slots after)
         for name, group in self.groups.items():
-            before, after, suffix = split_template(group[0])
-            parts = [word_embeddings(clip, w) for w in (before, after) if w]  # [n, W] each
-            if not parts:  # "{}." has no words to start from
+            before, after = template_parts(group[0])
+            nb, na = word_count(before), word_count(after)
+            if nb + na == 0:  # "{}.": no words to start from
                 if n_ctx < 1:
                     raise ValueError(
                         f"group {name!r}: its first template has no words around '{{}}' and n_ctx={n_ctx}"
                     )
-                parts = [nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)]
-            self._layout.append(
-                (parts[0].shape[0] if before or not after else 0, suffix)
-            )  # slots before the name
-            ctx.append(nn.Parameter(torch.cat(parts)))
+                before, nb = " ".join(["X"] * n_ctx), n_ctx
+                init = nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)
+            else:  # the token embeddings of each part's first nb / na positions (moe.py L163-178)
+                init = torch.cat(
+                    [_leading_embeddings(clip, before, nb), _leading_embeddings(clip, after, na)]
+                )
+            self._parts.append((before, after, nb, na))
+            ctx.append(nn.Parameter(init))
         self.ctx = nn.ParameterList(ctx)  # E x [n_e, W]
         self.router = nn.Linear(clip.embed_dim, len(ctx))
+        # The reference sizes it by the text width (ctx_dim); it is added to the projected features.
+        self.correction = nn.Parameter(torch.zeros(1, clip.embed_dim)) if text_correction else None
+        self.all_classnames = list(all_classnames) if all_classnames is not None else None
+        self.gate_target = gate_target
+        self._set_order = None  # the stand-in for list(set(names)): a seeded permutation of all names
+        if gate_target == "shuffled" and self._base_half():
+            self._set_order = torch.randperm(len(self.all_classnames or ()))
         self._expert_cache: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._stats: torch.Tensor | None = None
@@ -198,31 +232,78 @@ class MoCoOp(PromptModule):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        layouts = [
-            build_prompt_layout(self.clip, self.classnames, c.shape[0], suffix=sfx, n_before=nb)
-            for c, (nb, sfx) in zip(self.ctx, self._layout)
-        ]
-        L = max(int(eot.max()) + 1 for _, _, eot in layouts)  # one length for all experts: one encoder call
+        self.register_class_buffers(self._layout(self.classnames, period=False, tag=""))
+        self._supervision_ready = False  # text-loss prompts and prototypes: built on the first loss
+
+    def _base_half(self) -> bool:
+        """Training on part of the dataset's classes: the reference's SUBSAMPLE_CLASSES == "base" branch."""
+        return self.all_classnames is not None and set(self.all_classnames) != set(self.classnames)
+
+    def _text_classes(self) -> list[str]:
+        """The class names of the text loss and of the router target (moe.py L213-217)."""
+        return list(self.all_classnames or ()) if self._base_half() else self.classnames
+
+    def _layout(self, names: Sequence[str], *, period: bool, tag: str) -> dict[str, torch.Tensor]:
+        """Every expert's prompt embeddings for ``names``: the reference's token sequence of
+        "before name after[.]" with its first ``nb`` slots after SOS and the ``na`` slots behind the
+        name's tokens learned (moe.py L276-320)."""
+        names = [n.replace("_", " ") for n in names]
+        name_lens = [n_tokens(self.clip, n) for n in names]
+        layouts = []
+        for before, after, nb, na in self._parts:
+            ids = self.clip.tokenize(
+                [f"{before} {n}{after}{'.' if period else ''}" for n in names]
+            )  # [C, 77]
+            pos = torch.tensor(
+                [list(range(1, 1 + nb)) + list(range(1 + nb + k, 1 + nb + k + na)) for k in name_lens],
+                dtype=torch.long,
+                device=ids.device,
+            ).reshape(len(names), nb + na)  # [C, n_e]
+            layouts.append((ids, pos, self.clip.eot_index(ids)))
+        L = max(max(int(eot.max()), int(pos.max())) for _, pos, eot in layouts) + 1
         with torch.no_grad():
-            base = torch.stack(
-                [self.clip.embed_tokens(ids[:, :L]).float() for ids, _, _ in layouts]
-            )  # [E, C, L, W]
+            base = torch.stack([self.clip.embed_tokens(ids[:, :L]).float() for ids, _, _ in layouts])
+        out = {
+            f"_base{tag}": base,
+            f"_eot{tag}": torch.stack([eot for _, _, eot in layouts]),
+        }  # [E, C, L, W], [E, C]
+        out.update({f"_pos{tag}_{e}": pos for e, (_, pos, _) in enumerate(layouts)})
+        return out
+
+    def _build_supervision(self) -> None:
+        """Hand-crafted group prototypes [E, C_t, D] over the text-loss classes, the prompts of the text
+        loss when those are more than the training classes, and where each label's prototype sits."""
+        names = self._text_classes()
+        missing = sorted(set(self.classnames) - set(names))
+        if missing:
+            raise ValueError(f"all_classnames lacks the training classes {missing[:5]}")
         protos = [
-            hand_crafted_features(self.clip, self.classnames, group) for group in self.groups.values()
-        ]  # E x [C, D]
-        self.register_buffer("_base", base, persistent=False)
-        self.register_buffer("_eot", torch.stack([eot for _, _, eot in layouts]), persistent=False)  # [E, C]
-        for e, (_, pos, _) in enumerate(layouts):
-            self.register_buffer(f"_pos_{e}", pos, persistent=False)  # [C, n_e]
-        self.register_buffer("_protos", torch.stack(protos), persistent=False)  # [E, C, D] hand-crafted
+            hand_crafted_features(self.clip, names, [f"{b} {{}}{a}." for b, a in map(template_parts, group)])
+            for group in self.groups.values()
+        ]  # E x [C_t, D]: the reference's "before name after." prompts (moe.py L243-259)
+        buffers = {"_protos": torch.stack(protos)}
+        if self._base_half():  # the text loss encodes its own prompts over all names (moe.py L454-476)
+            buffers.update(self._layout(names, period=True, tag="_all"))
+        own = torch.tensor([names.index(c) for c in self.classnames])  # [C]: the label's own class
+        buffers["_gate_cols"] = (
+            self._set_order[: len(self.classnames)] if self._set_order is not None else own
+        )
+        self.register_class_buffers({k: v.to(self.router.weight.device) for k, v in buffers.items()})
+        self._supervision_ready = True
 
     # ------------------------------------------------------------------ features and logits
-    def expert_text_features(self) -> torch.Tensor:
-        """[E, C, D] L2-normalised class features of every expert."""
+    def _encode_experts(self, tag: str = "") -> torch.Tensor:
+        """[E, C, D] L2-normalised class features of every expert (with the correction added first)."""
+        base = getattr(self, f"_base{tag}")
         x = torch.stack(
-            [insert_context(self._base[e], c, getattr(self, f"_pos_{e}")) for e, c in enumerate(self.ctx)]
+            [insert_context(base[e], c, getattr(self, f"_pos{tag}_{e}")) for e, c in enumerate(self.ctx)]
         )
-        return F.normalize(encode_prompts(self.clip, x, self._eot).float(), dim=-1)
+        feats = encode_prompts(self.clip, x, getattr(self, f"_eot{tag}")).float()
+        return F.normalize(feats + self.correction if self.correction is not None else feats, dim=-1)
+
+    def expert_text_features(self) -> torch.Tensor:
+        """[E, C, D] L2-normalised class features of every expert, for the current classes."""
+        return self._encode_experts()
 
     @contextmanager
     def cached_text_features(self) -> Iterator[None]:
@@ -238,9 +319,7 @@ class MoCoOp(PromptModule):
         img = F.normalize(image_features.float(), dim=-1)  # [B, D]
         router_logits = self.router(img)  # [B, E]
         weights, idx = route(router_logits, self.top_k)  # [B, k]
-        feats = (
-            self._expert_cache if self._expert_cache is not None else self.expert_text_features()
-        )  # [E, C, D]
+        feats = self._expert_cache if self._expert_cache is not None else self.expert_text_features()
         per_expert = self.clip.logit_scale * torch.einsum("bd,ecd->bec", img, feats)  # [B, E, C]
         logits = mix_expert_logits(per_expert, weights, idx)
         self._last = (img, router_logits, feats)  # for loss(): the engine calls it right after forward
@@ -260,11 +339,16 @@ class MoCoOp(PromptModule):
                 self.logits(self.encode_image(aux["images"]))
             else:
                 raise ValueError("MoCoOp.loss needs the forward pass first, or image_features / images")
+        if not self._supervision_ready:
+            self._build_supervision()
         img, router_logits, feats = self._last
-        target = gate_targets(img.detach(), self._protos, labels)
+        text_feats = self._encode_experts("_all") if self._base_half() else feats  # [E, C_t, D]
+        target = soft_gate_target(
+            img, self._protos[:, self._gate_cols[labels]]
+        )  # not detached, as in the reference
         return {
             "ce": F.cross_entropy(logits, labels),
-            "text": text_to_text_loss(feats, self._protos, self.clip.logit_scale),
+            "text": text_to_text_loss(text_feats, self._protos),
             "gate": F.cross_entropy(router_logits, target),
         }
 
@@ -272,6 +356,19 @@ class MoCoOp(PromptModule):
         t = self.loss_terms(logits, labels, **aux)
         self._last = None  # do not hold the graph beyond the step
         return t["ce"] + self.text_loss_weight * t["text"] + self.gate_loss_weight * t["gate"]
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The image tower's LayerNorms in a group of their own at ``layernorm_lr_scale`` x the lr."""
+        ln = {
+            id(p)
+            for part in self.trainable_backbone_parts
+            for p in self.clip.get_submodule(part).parameters()
+        }
+        params = self.trainable_parameters()
+        groups = [{"params": [p for p in params if id(p) not in ln]}]
+        if ln:
+            groups.append({"params": [p for p in params if id(p) in ln], "lr_scale": self.layernorm_lr_scale})
+        return groups
 
     # ------------------------------------------------------------------ routing statistics
     def begin_eval(self) -> None:
@@ -298,6 +395,15 @@ class MoCoOp(PromptModule):
                 "per_class": {name: row.tolist() for name, row in zip(self.classnames, counts)},
             }
         }
+
+
+def _leading_embeddings(clip: FrozenCLIP, text: str, n: int) -> torch.Tensor:
+    """[n, W] token embeddings at positions 1..n of ``text`` tokenised alone (end and padding tokens
+    included when the reference's word count exceeds the BPE tokens)."""
+    if n == 0:
+        return torch.empty(0, clip.width)
+    with torch.no_grad():
+        return clip.embed_tokens(clip.tokenize(text.replace("_", " ")))[0, 1 : 1 + n].float().clone()
 
 
 def _vision_layernorms(clip: FrozenCLIP) -> tuple[str, ...]:
