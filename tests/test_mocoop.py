@@ -66,6 +66,8 @@ def test_template_groups_shipped_for_the_eleven_datasets() -> None:
     assert sizes["imagenet"] == [1, 1, 1, 1, 2, 2, 3, 1, 1, 1, 7, 2, 1, 2, 1, 1, 1, 1, 1, 1]
     assert list(load_template_groups("fgvc_aircraft"))[0] == "aircraft"
     assert load_template_groups("fgvc_aircraft")["aircraft"] == ["a photo of a {}, a type of aircraft."]
+    # configs/datasets/food101.yaml: "a photo of a  {}." with two spaces, 5 words to the reference
+    assert list(load_template_groups("food101").values())[0] == ["a photo of a  {}."]
 
 
 def test_unknown_dataset_falls_back_to_default(caplog: pytest.LogCaptureFixture) -> None:
