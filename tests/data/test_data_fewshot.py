@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -96,6 +97,10 @@ def test_short_class_kept_whole_with_warning(pets_root, caplog):
     short = [it for it in out.train if it.label == 2]
     assert len(short) == 2  # class 2 has only two training images
     assert "fewer than 4" in caplog.text
+    assert (
+        "oxford_pets train: 1 class(es) have fewer than 4 images and are used whole (labels [2])"
+        in caplog.messages
+    )
 
 
 def test_cache_written_relative_and_reused(pets_root, tmp_path, monkeypatch, helpers):
@@ -181,5 +186,108 @@ def test_subsample_all_is_identity_and_bad_name_rejected(pets_root):
 
 def test_fewshot_after_subsample_refused(pets_root):
     ds = subsample_classes(load_dataset("oxford_pets", pets_root), "base")
-    with pytest.raises(ValueError, match="before subsample_classes"):
+    with pytest.raises(ValueError) as e:
         fewshot_split(ds, 2, 1)
+    assert str(e.value) == "fewshot_split must come before subsample_classes (CoOp draws from all classes)."
+
+
+def test_a_second_draw_is_refused(pets_root):
+    once = fewshot_split(load_dataset("oxford_pets", pets_root), 1, 1)
+    with pytest.raises(ValueError, match="^oxford_pets already holds a 1-shot draw.$"):
+        fewshot_split(once, 1, 1)
+
+
+# ---------------------------------------------------------------------- cache layout, logs, messages
+def _memory_dataset(train_labels, n_classes, root=None, base="/data/x"):
+    """A DatasetSplits built in memory (absolute paths; ``root=None``: not under a data root)."""
+    from promptlab.data import DatasetSplits
+
+    def items(split, labels):
+        return [Item(f"{base}/{split}/{i}.jpg", y, f"c{y}") for i, y in enumerate(labels)]
+
+    every = [y for y in range(n_classes) for _ in range(3)]
+    return DatasetSplits(
+        name="mem",
+        train=items("train", train_labels),
+        val=items("val", every),
+        test=items("test", every),
+        classnames=[f"c{y}" for y in range(n_classes)],
+        template="a photo of a {}.",
+        root=root,
+    )
+
+
+def test_cache_file_name_and_reuse_logs(pets_root, tmp_path, caplog):
+    """``cache_dir/fewshot/<name>_shot<K>_seed<S>.json``; a corrupt file or another split's draw is
+    redrawn, and the log names the file (and the error)."""
+    cache = tmp_path / "cache"
+    ds = load_dataset("oxford_pets", pets_root)
+    with caplog.at_level(logging.INFO, logger="promptlab.data.fewshot"):
+        first = fewshot_split(ds, 2, 3, cache_dir=cache)
+    assert not any("cache" in m and "ignoring" in m for m in caplog.messages)  # no file yet: nothing read
+    caplog.clear()
+    path = cache / "fewshot" / "oxford_pets_shot2_seed3.json"
+    assert [p.relative_to(cache) for p in cache.rglob("*.json")] == [path.relative_to(cache)]
+    path.write_text("{not json")
+    with caplog.at_level(logging.INFO, logger="promptlab.data.fewshot"):
+        again = fewshot_split(ds, 2, 3, cache_dir=cache)
+    assert again.train == first.train
+    warning = [m for m in caplog.messages if m.startswith("ignoring unreadable")]
+    assert len(warning) == 1 and warning[0].startswith(f"ignoring unreadable few-shot cache {path}: ")
+    assert "Expecting property name" in warning[0]  # json's own message: the error is passed on
+    data = json.loads(path.read_text())
+    data["split_hash"] = "0" * 64
+    path.write_text(json.dumps(data))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="promptlab.data.fewshot"):
+        fewshot_split(ds, 2, 3, cache_dir=cache)
+    assert f"few-shot cache {path} was drawn from a different split; drawing again" in caplog.messages
+
+
+def test_cache_without_a_data_root_keeps_absolute_paths(tmp_path):
+    ds = _memory_dataset([0, 0, 1, 1, 2, 2], 3)
+    first = fewshot_split(ds, 1, 1, cache_dir=tmp_path)
+    rows = json.loads((tmp_path / "fewshot" / "mem_shot1_seed1.json").read_text())["train"]
+    assert all(r[0].startswith("data/x/train/") for r in rows)  # relative to "/"
+    again = fewshot_split(ds, 1, 1, cache_dir=tmp_path)
+    assert again.train == first.train and all(it.path.startswith("/data/x/train/") for it in again.train)
+    # no split file: the draw is keyed by the hash of the items themselves; other items, another draw
+    assert ds.split_hash == "" and json.loads((tmp_path / "fewshot" / "mem_shot1_seed1.json").read_text())[
+        "split_hash"
+    ] == fewshot_mod.hash_splits(ds.train, ds.val, ds.test, None)
+    for split in ("train", "val", "test"):
+        moved = dataclasses.replace(
+            ds, **{split: [Item(it.path + "x", it.label, it.classname) for it in getattr(ds, split)]}
+        )
+        redrawn = fewshot_split(moved, 1, 1, cache_dir=tmp_path)
+        assert all(it.path.endswith("x") for it in redrawn.train) == (split == "train"), split
+        assert redrawn.val == dassl_reference(moved.train, moved.val, 1, 1)[1], split
+
+
+def test_cache_dir_inside_data_root_message(pets_root):
+    ds = load_dataset("oxford_pets", pets_root)
+    with pytest.raises(ValueError) as e:
+        fewshot_split(ds, 2, 1, cache_dir=pets_root)
+    assert str(e.value) == (
+        f"few-shot cache dir {pets_root} is inside the data root {ds.root}; "
+        "promptlab never writes into the data folder. Use the run's cache directory."
+    )
+
+
+def test_subsample_uses_the_labels_present_in_train():
+    """CoOp sorts the labels *of the training items*: a class missing from train is in neither half."""
+    ds = _memory_dataset([0, 1, 2, 3, 5, 5], 6)  # class 4 has no training image
+    new = subsample_classes(ds, "new")
+    assert new.classnames == ["c3", "c5"]  # ceil(5 / 2) = 3 base labels (0, 1, 2); new = 3, 5
+    assert sorted({(it.classname, it.label) for it in new.test}) == [("c3", 0), ("c5", 1)]
+    base = subsample_classes(ds, "base")
+    assert base.classnames == ["c0", "c1", "c2"]
+    with pytest.raises(ValueError, match="^mem is already subsampled to its base classes.$"):
+        subsample_classes(base, "new")
+
+
+def test_subsample_of_a_test_only_dataset_uses_every_class():
+    ds = _memory_dataset([], 5)  # e.g. a cross-dataset target: no training items
+    new = subsample_classes(ds, "new")
+    assert new.classnames == ["c3", "c4"] and new.train == []
+    assert sorted({it.label for it in new.test}) == [0, 1]
