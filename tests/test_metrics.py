@@ -147,3 +147,48 @@ def test_connected_components_8_connectivity() -> None:
     assert int(lab.max()) == sum(ref) == 3
     assert lab[0, 2, 2] == lab[0, 6, 6] != lab[0, 16, 12]
     assert bool((lab[2] == 0).all())
+
+
+# ---------------------------------------------------------------------- edge cases (mutation survivors)
+def test_auroc_ap_resolve_tiny_and_float64_differences() -> None:
+    """Scores that differ only below float32's resolution, or by 1e-9 near zero, are not ties."""
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    near_zero = torch.tensor([1e-9, 2e-9, 3e-9, 4e-9, 5e-9, 6e-9])  # lost if anything adds 1.0 first
+    fine = 1.0 + torch.tensor([1, 2, 3, 4, 5, 6], dtype=torch.float64) * 1e-12  # lost in float32
+    for s in (near_zero, fine):
+        assert auroc(s, y) == pytest.approx(roc_auc_score(y.numpy(), s.double().numpy()), abs=1e-12)
+        ap = average_precision_score(y.numpy(), s.double().numpy())
+        assert average_precision(s, y) == pytest.approx(ap, abs=1e-12)
+    assert auroc(fine, y) != auroc(fine.float(), y)  # float32 would have made them one tie
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_auroc_ap_on_negative_and_large_scores(dtype: torch.dtype) -> None:
+    """Logit-like scores: both signs, wide magnitudes (the integer keys' sign handling)."""
+    g = torch.Generator().manual_seed(11)
+    s = (torch.randn(300, generator=g) * torch.logspace(-3, 3, 300)).to(dtype)
+    y = torch.rand(300, generator=g) < torch.sigmoid(s.double().clamp(-3, 3))
+    ref = s.double().numpy()
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y.numpy(), ref), abs=1e-12)
+    assert average_precision(s, y) == pytest.approx(average_precision_score(y.numpy(), ref), abs=1e-12)
+
+
+def test_ap_with_the_positives_last_or_alone() -> None:
+    """The lowest score a positive (recall reaches 1 only at the last threshold), one single positive,
+    and the highest scores negatives: all valid inputs."""
+    s = torch.tensor([0.9, 0.8, 0.7, 0.1])
+    for y in ([0, 0, 1, 1], [0, 0, 0, 1], [0, 1, 0, 0]):
+        y = torch.tensor(y)
+        assert average_precision(s, y) == pytest.approx(
+            average_precision_score(y.numpy(), s.numpy()), abs=1e-12
+        )
+        assert auroc(s, y) == pytest.approx(roc_auc_score(y.numpy(), s.numpy()), abs=1e-12)
+
+
+def test_metric_errors_say_what_is_missing() -> None:
+    with pytest.raises(ValueError, match="^AUROC needs both normal and anomalous samples$"):
+        auroc(torch.rand(4), torch.ones(4))
+    with pytest.raises(ValueError, match="^AUROC needs both normal and anomalous samples$"):
+        auroc(torch.rand(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="^average precision needs at least one anomalous sample$"):
+        average_precision(torch.rand(4), torch.zeros(4))
