@@ -192,3 +192,53 @@ def test_metric_errors_say_what_is_missing() -> None:
         auroc(torch.rand(4), torch.zeros(4))
     with pytest.raises(ValueError, match="^average precision needs at least one anomalous sample$"):
         average_precision(torch.rand(4), torch.zeros(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adjacent_floats_are_ordered(dtype: torch.dtype) -> None:
+    """Neighbouring floats (one unit in the last place apart), of both signs and magnitudes, keep their order."""
+    finfo = np.float32 if dtype == torch.float32 else np.float64
+    base = np.array([-3.0, -0.5, 0.25, 3.0, 1e6], dtype=finfo)
+    up = np.nextafter(base, np.array(np.inf, dtype=finfo))
+    s = torch.from_numpy(np.concatenate([base, up]))
+    y = torch.tensor([0] * 5 + [1] * 5)  # the upper neighbour is always the positive one
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y.numpy(), s.numpy()), abs=1e-12)
+    assert average_precision(s, y) == pytest.approx(average_precision_score(y.numpy(), s.numpy()), abs=1e-12)
+    pairs = torch.stack([s[:5], s[5:]], 1)  # each pair alone: the positive ranks first
+    for p in pairs:
+        assert auroc(p, torch.tensor([0, 1])) == 1.0
+
+
+def test_aupro_scores_on_the_thresholds_and_one_region() -> None:
+    """Integer maps put pixels exactly on the thresholds (a pixel is positive only *above* one); one
+    defect region in the whole batch is enough."""
+    from promptlab.metrics import _pro_fpr_curve
+
+    rng = np.random.default_rng(8)
+    masks = np.zeros((2, 16, 16), bool)
+    masks[0, 4:9, 3:7] = True  # one region
+    maps = rng.integers(0, 8, masks.shape).astype(np.float64) + 3.0 * masks
+    m, k = torch.from_numpy(maps), torch.from_numpy(masks)
+    assert int(connected_components(k).max()) == 1
+    assert aupro(m, k, steps=10) == pytest.approx(_reference_aupro(maps, masks, steps=10), abs=1e-12)
+    pros, fprs = _reference_curve(maps, masks, steps=10)
+    lo, hi = maps.min(), maps.max()
+    th = torch.from_numpy(np.arange(lo, hi, (hi - lo) / 10))
+    pro, fpr = _pro_fpr_curve(m, k, th)
+    np.testing.assert_allclose(pro.numpy(), pros, atol=1e-12)
+    np.testing.assert_allclose(fpr.numpy(), fprs, atol=1e-12)
+    # pixels go through in chunks; any chunk size gives the same curve
+    small = _pro_fpr_curve(m, k, th, chunk=37)
+    assert torch.equal(small[0], pro) and torch.equal(small[1], fpr)
+
+
+def test_aupro_input_errors() -> None:
+    maps = torch.rand(2, 8, 8)
+    with pytest.raises(ValueError, match="^AUPRO needs at least one anomalous region in the masks$"):
+        aupro(maps, torch.zeros(2, 8, 8, dtype=torch.bool))
+    with pytest.raises(
+        ValueError, match=r"^maps \(2, 8, 8\) and masks \(2, 8, 7\) must both be \[N, H, W\]$"
+    ):
+        aupro(maps, torch.zeros(2, 8, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^convention='x': expected one of \('published', 'fpr_limit'\)$"):
+        aupro(maps, maps > 0.5, convention="x")
