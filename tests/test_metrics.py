@@ -242,3 +242,46 @@ def test_aupro_input_errors() -> None:
         aupro(maps, torch.zeros(2, 8, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"^convention='x': expected one of \('published', 'fpr_limit'\)$"):
         aupro(maps, maps > 0.5, convention="x")
+
+
+def test_aupro_published_edge_curves_match_reference() -> None:
+    """Curves at the edges of the published convention, against the plain loop reference: a normal pixel
+    holding the top score (the kept FPRs do not reach 0), exactly two kept points, an FPR of exactly
+    0.3 (not kept: strictly below the limit), and constant maps (NaN)."""
+    masks = np.zeros((1, 1, 20), bool)
+    masks[0, 0, :10] = True  # one region of 10 pixels, 10 normal pixels
+    normal = np.array([25.0, 1, 2, 3, 4, 5, 6, 7, 8, 0], dtype=np.float64)  # 25: a normal pixel on top
+    two_kept = np.array([25.0, 13, 7, 7, 1, 1, 1, 0, 0, 0])  # steps=4: FPR 0.9, 0.4, 0.2, 0.1
+    for anomalous, normals in (
+        (np.arange(10.0, 20.0), normal),
+        (np.linspace(2.5, 10.0, 10), normal),
+        (np.arange(10.0, 20.0), two_kept),
+    ):
+        maps = np.concatenate([anomalous, normals])[None, None]
+        for steps in (4, 5, 10, 20):
+            pros, fprs = _reference_curve(maps, masks, steps)
+            kept = fprs < 0.3
+            ref = (
+                _reference_aupro(maps, masks, steps=steps)
+                if kept.sum() > 1 and np.ptp(fprs[kept]) > 0
+                else math.nan
+            )
+            ours = aupro(torch.from_numpy(maps), torch.from_numpy(masks), steps=steps)
+            assert ours == pytest.approx(ref, abs=1e-12, nan_ok=True), (steps, anomalous[0])
+    _, fprs = _reference_curve(np.concatenate([np.arange(10.0, 20.0), normal])[None, None], masks, steps=20)
+    assert np.isclose(fprs, 0.3).any() and (fprs > 0).all() and ((fprs < 0.3).sum() >= 2)
+    flat = torch.ones(1, 1, 20, dtype=torch.float64)
+    assert math.isnan(aupro(flat, torch.from_numpy(masks)))
+    assert math.isnan(aupro(flat, torch.from_numpy(masks), convention="fpr_limit"))
+
+
+def test_pro_fpr_curve_with_a_single_normal_pixel() -> None:
+    from promptlab.metrics import _pro_fpr_curve
+
+    masks = torch.ones(1, 3, 3, dtype=torch.bool)
+    masks[0, 1, 1] = False  # one normal pixel, with the top score
+    maps = torch.arange(9, dtype=torch.float64).reshape(1, 3, 3)
+    maps[0, 1, 1] = 100.0
+    pro, fpr = _pro_fpr_curve(maps, masks, torch.tensor([0.5, 50.0], dtype=torch.float64))
+    assert fpr.tolist() == [1.0, 1.0] and pro.tolist() == [7 / 8, 0.0]
+    assert connected_components(masks).dtype == torch.long
