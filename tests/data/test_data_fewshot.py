@@ -227,6 +227,11 @@ def test_cache_file_name_and_reuse_logs(pets_root, tmp_path, caplog):
     assert not any("cache" in m and "ignoring" in m for m in caplog.messages)  # no file yet: nothing read
     caplog.clear()
     path = cache / "fewshot" / "oxford_pets_shot2_seed3.json"
+    with caplog.at_level(logging.INFO, logger="promptlab.data.fewshot"):
+        reused = fewshot_split(ds, 2, 3, cache_dir=cache)
+    assert f"few-shot split: reusing {path}" in caplog.messages
+    assert (reused.shots, reused.seed, reused.train) == (2, 3, first.train)  # a reused draw says what it is
+    caplog.clear()
     assert [p.relative_to(cache) for p in cache.rglob("*.json")] == [path.relative_to(cache)]
     path.write_text("{not json")
     with caplog.at_level(logging.INFO, logger="promptlab.data.fewshot"):
