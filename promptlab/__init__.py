@@ -6,26 +6,36 @@ module = promptlab.methods.CoOp(clip, ["cat", "dog"], n_ctx=16)
 module = promptlab.load_prompts("runs/.../prompts", clip)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from promptlab.clip import FrozenCLIP, load_clip  # noqa: E402
-from promptlab.prompts import PromptModule  # noqa: E402
+# Public names -> the module that defines them. Imported on first use, so that `import promptlab`
+# (and every CLI command that needs no model: --help, ls, cp) does not pay for torch and open_clip.
+_LAZY = {
+    "FrozenCLIP": "promptlab.clip",
+    "load_clip": "promptlab.clip",
+    "PromptModule": "promptlab.prompts",
+    "load_prompts": "promptlab.export",
+}
 
 
-def load_prompts(*args, **kwargs):
-    """See :func:`promptlab.export.load_prompts` (imported lazily: it pulls in every method)."""
-    from promptlab.export import load_prompts as _load
-
-    return _load(*args, **kwargs)
-
-
-def __getattr__(name: str):
-    """``promptlab.methods`` on first use, as the docstring shows, without importing every method up front."""
+def __getattr__(name: str) -> Any:
+    """``promptlab.load_clip``, ``promptlab.methods`` ... on first use (PEP 562)."""
     if name == "methods":
-        import importlib
-
         return importlib.import_module("promptlab.methods")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'promptlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY, "methods"])
 
 
 __all__ = ["FrozenCLIP", "PromptModule", "__version__", "load_clip", "load_prompts"]

@@ -15,20 +15,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from promptlab.resources import resource_dir
+from promptlab.suggest import did_you_mean
 
 RECIPES_DIR = resource_dir("recipes")
 DEFAULT_RECIPE = "demo/coop_tiny"
+# `promptlab import --from` choices: the keys of promptlab.importers.SOURCES (a test keeps them equal),
+# named here so that building the parser does not import torch.
+IMPORT_SOURCES = ("coop", "cocoop", "kgcoop", "maple", "ivlp")
 
 log = logging.getLogger("promptlab")
 
 
 def find_recipe(name: str) -> Path:
-    """A recipe path as given, or ``recipes/<name>[.yaml]``; the error lists what exists."""
+    """A recipe path as given, or ``recipes/<name>[.yaml]``.
+
+    Raises:
+        FileNotFoundError: with the closest recipe names; the CLI exits 2, as for any bad recipe.
+    """
     for cand in (Path(name), RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
         if cand.is_file():
             return cand
-    raise SystemExit(
-        f"promptlab: recipe {name!r} not found (as a path or under {RECIPES_DIR}); `promptlab ls` lists them"
+    raise FileNotFoundError(
+        f"recipe {name!r} not found (as a path or under {RECIPES_DIR}){did_you_mean(name, list_recipes())}; "
+        "`promptlab ls` lists them"
     )
 
 
@@ -183,8 +192,6 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _add_import_command(sub: argparse._SubParsersAction, name: str, source: str | None) -> None:
-    from promptlab.importers import SOURCES
-
     if source is None:
         m = sub.add_parser(
             name,
@@ -192,7 +199,7 @@ def _add_import_command(sub: argparse._SubParsersAction, name: str, source: str 
             "prompts directory",
         )
         m.add_argument(
-            "--from", dest="source", required=True, choices=list(SOURCES), help="the reference that wrote it"
+            "--from", dest="source", required=True, choices=IMPORT_SOURCES, help="the reference that wrote it"
         )
     else:
         m = sub.add_parser(name, help=f"alias of `import --from {source}`")
@@ -269,8 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="destination (default RUN_DIR/prompts)")
     x.set_defaults(func=cmd_export)
 
-    i = sub.add_parser("interpret", help="nearest vocabulary tokens to each learned context vector")
-    i.add_argument("prompts_dir")
+    i = sub.add_parser(
+        "interpret",
+        help="nearest vocabulary tokens to each learned context vector (equal distances: by token id)",
+    )
+    i.add_argument("prompts_dir", help="PROMPTS_DIR, or a RUN_DIR holding prompts/")
     i.add_argument("--topk", type=int, default=5)
     i.add_argument("--pretrained", help="weights to load if not the ones recorded in prompt_config.json")
     i.set_defaults(func=cmd_interpret)

@@ -10,9 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from promptlab.data import dataset_names, fewshot_split, get_spec, load_dataset, subsample_classes
-from promptlab.data.check import check_dataset
-from promptlab.data.items import SPLITS, dump_split_json, items_to_rows
+from promptlab.data.items import SPLITS
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,6 +40,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print one line per known dataset: name, folder, classes, template."""
+    from promptlab.data import dataset_names, get_spec
+
     for name in dataset_names():
         spec = get_spec(name)
         classes = spec.num_classes if spec.num_classes is not None else "-"
@@ -52,6 +52,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
     """Draw and write the split: paths relative to the image folder, labels after relabelling."""
+    from promptlab.data import fewshot_split, load_dataset, subsample_classes
+    from promptlab.data.items import dump_split_json, items_to_rows
+
     try:
         ds = load_dataset(args.name, args.root)
     except (KeyError, FileNotFoundError, ValueError) as e:
@@ -80,6 +83,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     Without names, datasets whose folder is absent are listed as not found but are not errors:
     nobody has all fifteen. Named datasets must be present.
     """
+    from promptlab.data import dataset_names
+    from promptlab.data.check import check_dataset  # reads images: torch, imported per command
+
     names = args.names or dataset_names()
     failed = found = 0
     for name in names:

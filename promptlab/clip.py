@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from promptlab.suggest import did_you_mean
 from promptlab.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -719,6 +720,70 @@ def _is_hf_clip_dir(path: Path) -> bool:
         return False
 
 
+def _names_a_file(pretrained: str) -> bool:
+    """Does ``pretrained`` name a local file or folder rather than an open_clip tag?"""
+    return (
+        Path(pretrained).expanduser().exists()
+        or "/" in pretrained
+        or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    )
+
+
+def backbone_names() -> list[str]:
+    """Every ``arch`` :func:`load_clip` builds by name: promptlab's own (``sandbox``, ``tiny``) and open_clip's."""
+    import open_clip
+
+    return sorted({SANDBOX_ARCH, *TINY_CONFIGS, *open_clip.list_models()})
+
+
+class UnknownBackbone(ValueError):
+    """``model.arch`` or ``model.pretrained`` names nothing :func:`load_clip` can build; ``key`` says which."""
+
+    def __init__(self, key: str, value: str | None, reason: str) -> None:
+        self.key, self.reason = key, f"{value!r} {reason}"
+        super().__init__(f"{key}={self.reason}")
+
+
+def check_backbone(arch: str, pretrained: str | None = None) -> None:
+    """Fail now if :func:`load_clip` would refuse ``arch`` / ``pretrained`` by name (no file is opened).
+
+    The recipe check calls this, so a typo in ``model.arch`` or in an open_clip tag fails before any
+    data is read. A ``pretrained`` that names a file is checked for existence elsewhere (the recipe's
+    path check, then loading); open_clip is imported only for an architecture that is not promptlab's.
+
+    Raises:
+        UnknownBackbone: naming the key, the closest known names and where the full list is.
+    """
+    if arch == SANDBOX_ARCH or (arch in TINY_CONFIGS and pretrained is None):
+        return
+    if pretrained is not None and _names_a_file(pretrained):
+        return
+    if arch in TINY_CONFIGS:
+        raise UnknownBackbone(
+            "model.pretrained",
+            pretrained,
+            f"is given, but {arch!r} is a random tiny CLIP without weights (use null)",
+        )
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise UnknownBackbone(
+            "model.arch",
+            arch,
+            f"is not a known architecture{did_you_mean(arch, backbone_names())}; promptlab's own: "
+            f"{SANDBOX_ARCH}, {', '.join(TINY_CONFIGS)}; open_clip's: "
+            "python -c 'import open_clip; print(open_clip.list_models())'",
+        )
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained is not None and pretrained not in tags:
+        raise UnknownBackbone(
+            "model.pretrained",
+            pretrained,
+            f"is neither an open_clip tag of {arch}{did_you_mean(pretrained, tags)} nor an existing path; "
+            f"tags of {arch}: {', '.join(tags) or '(none)'}",
+        )
+
+
 def load_clip(
     arch: str | nn.Module,
     pretrained: str | None = None,
@@ -759,11 +824,7 @@ def load_clip(
             torch.manual_seed(0)
             model = open_clip.model.CLIP(**TINY_CONFIGS[arch])
         name = arch
-    elif pretrained is not None and (
-        Path(pretrained).expanduser().exists()
-        or "/" in pretrained
-        or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-    ):
+    elif pretrained is not None and _names_a_file(pretrained):
         p = Path(pretrained).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"pretrained={pretrained!r}: no such file or directory")
@@ -780,16 +841,7 @@ def load_clip(
         else:
             model, name = _load_file(arch, p)
     else:
-        if arch not in open_clip.list_models():
-            raise ValueError(
-                f"model.arch={arch!r} is not an open_clip model; known: {', '.join(open_clip.list_models()[:20])}, ..."
-            )
-        if pretrained is not None:
-            tags = open_clip.list_pretrained_tags_by_model(arch)
-            if pretrained not in tags:
-                raise ValueError(
-                    f"model.pretrained={pretrained!r} is not a tag of {arch} (tags: {tags}) nor an existing path"
-                )
+        check_backbone(arch, pretrained)
         quick = pretrained == "openai"  # OpenAI weights were trained with QuickGELU
         model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", force_quick_gelu=quick)
         name = arch

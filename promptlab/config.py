@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import dataclasses
-import difflib
 import importlib
 import inspect
 import os
@@ -33,6 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from promptlab import trust
+from promptlab.suggest import did_you_mean
 
 __all__ = [
     "ConfigError",
@@ -372,8 +372,7 @@ def _check_value(value: Any, tp: Any, key: str, source: str) -> None:
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return did_you_mean(word, choices)
 
 
 def _join(prefix: str, key: Any) -> str:
@@ -545,6 +544,25 @@ def validate_recipe(cfg: DictConfig, source: str = "<recipe>", *, check_paths: b
     )
     if check_paths and isinstance(pretrained, str) and _looks_like_path(pretrained):
         _check_exists(pretrained, "model.pretrained", source)
+    _check_backbone(cfg, source)
+
+
+def _check_backbone(cfg: DictConfig, source: str) -> None:
+    """``model.arch`` and an open_clip tag in ``model.pretrained`` exist, before any data or model is loaded.
+
+    ``data.name`` is looked up by the first step that reads data (``runner.ensure_data``, ``plan_sweep``),
+    still before anything is generated or trained.
+    """
+    from promptlab.clip import UnknownBackbone, check_backbone
+
+    arch = _get(cfg.model, "arch", "model.arch", source)
+    pretrained = (
+        _get(cfg.model, "pretrained", "model.pretrained", source) if "pretrained" in cfg.model else None
+    )
+    try:
+        check_backbone(str(arch), None if pretrained is None else str(pretrained))
+    except UnknownBackbone as e:
+        raise ConfigError(e.reason, key=e.key, source=source) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -700,7 +718,7 @@ def _apply_per_dataset(
         try:
             get_spec(str(ds))
         except KeyError as e:
-            raise ConfigError(f"unknown dataset {ds!r}: {_first_line(e)}", key=key, source=source) from e
+            raise ConfigError(str(e), key=key, source=source) from e
         block = blocks[ds]
         if not isinstance(block, DictConfig):
             raise ConfigError(f"expected a mapping of recipe keys, got {block!r}", key=key, source=source)

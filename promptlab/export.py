@@ -180,7 +180,7 @@ def _jsonable_hparams(module: PromptModule) -> dict[str, Any]:
     return hp
 
 
-def _resolve_export_dir(path: Path) -> Path:
+def resolve_export_dir(path: Path) -> Path:
     """Accept the export directory, its config file, or a run directory holding ``prompts/``."""
     if path.is_file() and path.name == CONFIG_FILE:
         return path.parent
@@ -217,7 +217,7 @@ def load_prompts(
         ValueError: unknown method, different backbone, fingerprint mismatch, files that do not
             match the config, or class names the method cannot serve (e.g. a class-specific context).
     """
-    export_dir = _resolve_export_dir(Path(path))
+    export_dir = resolve_export_dir(Path(path))
     cfg_path = export_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(
@@ -380,12 +380,33 @@ def _token_strings(clip: FrozenCLIP, ids: torch.Tensor) -> list[str]:
     return out
 
 
+def _nearest(x: torch.Tensor, emb: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` rows of ``emb`` [V, W] nearest to each row of ``x`` [b, W]: (scores [b, k], row ids [b, k]).
+
+    ``metric`` is ``"cosine"`` (similarity, largest first) or ``"l2"`` (distance, smallest first). A
+    matrix product shortlists ``k + 16`` candidates; their scores are then recomputed term by term, so
+    equal vectors get equal scores, and a stable sort of the candidates in row order lists equal
+    scores by ascending id (``topk`` orders ties arbitrarily).
+    """
+    cosine = metric == "cosine"
+    if cosine:
+        x, emb = F.normalize(x, dim=-1), F.normalize(emb, dim=-1)
+    scores = x @ emb.t() if cosine else torch.cdist(x, emb)  # [b, V]
+    m = min(scores.shape[1], k + 16)
+    cand = scores.topk(m, dim=-1, largest=cosine).indices.sort(dim=-1).values  # [b, m], ascending id
+    exact = (x[:, None, :] * emb[cand]).sum(-1) if cosine else (x[:, None, :] - emb[cand]).norm(dim=-1)
+    values, order = exact.sort(dim=-1, descending=cosine, stable=True)  # [b, m]
+    return values[:, :k], cand.gather(1, order[:, :k])
+
+
 @torch.no_grad()
 def interpret(module_or_ctx: PromptModule | torch.Tensor, clip: FrozenCLIP, topk: int = 5) -> list[dict]:
     """Nearest vocabulary tokens to each learned context vector, by cosine similarity and by L2 distance.
 
     CoOp's ``interpret_prompt.py`` reads prompts by Euclidean distance to the token embeddings; the
     cosine ranking is added because context vectors often drift in norm while keeping direction.
+    Distances are computed in float64. Tokens whose embedding is all zeros (never learned: the sandbox
+    CLIP's unused vocabulary) are not candidates; equal scores are listed by ascending token id.
 
     Args:
         module_or_ctx: a module with a ``ctx`` tensor, or the tensor itself: [n_ctx, W] or [C, n_ctx, W].
@@ -419,27 +440,25 @@ def interpret(module_or_ctx: PromptModule | torch.Tensor, clip: FrozenCLIP, topk
         classnames = list(getattr(module_or_ctx, "classnames", []) or []) or None
     if ctx.dim() not in (2, 3):
         raise ValueError(f"context should be [n_ctx, W] or [C, n_ctx, W], got {list(ctx.shape)}")
-    emb = clip.token_embedding_table.detach().float()  # [V, W]
-    if ctx.shape[-1] != emb.shape[1]:
+    table = clip.token_embedding_table.detach()  # [V, W]
+    if ctx.shape[-1] != table.shape[1]:
         raise ValueError(
-            f"context width {ctx.shape[-1]} differs from the token embedding width {emb.shape[1]}"
+            f"context width {ctx.shape[-1]} differs from the token embedding width {table.shape[1]}"
         )
+    # Rows of zeros are not words: tokens the backbone never learned (the sandbox CLIP ships its unused
+    # vocabulary as zeros). Kept, each would sit at distance |ctx| and tie with thousands of others.
+    vocab = table.ne(0).any(dim=1).nonzero().squeeze(1)  # [V'] token ids searched, ascending
+    emb = table[vocab].double()  # [V', W]
     csc = ctx.dim() == 3
     n_ctx = ctx.shape[-2]
-    x = ctx.detach().float().to(emb.device).reshape(-1, emb.shape[1])  # [R, W], R = n_cls * n_ctx
+    x = ctx.detach().double().to(emb.device).reshape(-1, emb.shape[1])  # [R, W], R = n_cls * n_ctx
     k = max(1, min(int(topk), emb.shape[0]))
-    margin = min(emb.shape[0], k + 16)
-    emb_n = F.normalize(emb, dim=-1)
 
     rows: list[dict] = []
-    for start in range(0, x.shape[0], 1024):  # bounded memory for class-specific contexts of many classes
-        xb = x[start : start + 1024]  # [b, W]
-        sim, sim_idx = (F.normalize(xb, dim=-1) @ emb_n.t()).topk(k, dim=-1)  # [b, k]
-        # cdist's matrix-product shortcut loses precision near zero; refine a few candidates exactly.
-        _, cand = torch.cdist(xb, emb).topk(margin, dim=-1, largest=False)  # [b, m]
-        exact = (xb[:, None, :] - emb[cand]).norm(dim=-1)  # [b, m]
-        dist, order = exact.topk(k, dim=-1, largest=False)
-        dist_idx = cand.gather(1, order)
+    for start in range(0, x.shape[0], 256):  # bounded memory for class-specific contexts of many classes
+        xb = x[start : start + 256]  # [b, W]
+        sim, sim_idx = _nearest(xb, emb, k, "cosine")
+        dist, dist_idx = _nearest(xb, emb, k, "l2")
         for r in range(xb.shape[0]):
             g = start + r
             c, j = divmod(g, n_ctx)
@@ -448,8 +467,8 @@ def interpret(module_or_ctx: PromptModule | torch.Tensor, clip: FrozenCLIP, topk
                     "class": c if csc else None,
                     "classname": classnames[c] if csc and classnames and c < len(classnames) else None,
                     "position": j,
-                    "cosine": list(zip(_token_strings(clip, sim_idx[r]), sim[r].tolist())),
-                    "l2": list(zip(_token_strings(clip, dist_idx[r]), dist[r].tolist())),
+                    "cosine": list(zip(_token_strings(clip, vocab[sim_idx[r]]), sim[r].tolist())),
+                    "l2": list(zip(_token_strings(clip, vocab[dist_idx[r]]), dist[r].tolist())),
                 }
             )
     return rows

@@ -44,7 +44,7 @@ from promptlab.engine import (
     seed_everything,
     train,
 )
-from promptlab.export import load_prompts, save_prompts
+from promptlab.export import load_prompts, resolve_export_dir, save_prompts
 from promptlab.features import cached_features
 from promptlab.io import atomic_write_json
 from promptlab.prompts import PromptModule
@@ -377,8 +377,10 @@ def load_prompts_dir(
     device: str | torch.device = "cpu",
     hparams: dict[str, Any] | None = None,
 ) -> PromptModule:
-    """A prompts directory on the backbone recorded in it (or on ``pretrained`` weights given instead),
-    in the precision it was trained in (``reference_fp16`` prompts are evaluated in fp16, as there)."""
+    """A prompts directory (or a run directory holding ``prompts/``) on the backbone recorded in it (or
+    on ``pretrained`` weights given instead), in the precision it was trained in (``reference_fp16``
+    prompts are evaluated in fp16, as there)."""
+    prompts_dir = resolve_export_dir(Path(prompts_dir))
     meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
     precision = meta.get("precision", "fp32")
     clip = load_clip(meta["arch"], pretrained or meta.get("pretrained"), device=device, precision=precision)

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-
-#: The 80 prompts of CLIP's ImageNet zero-shot ensemble.
-IMAGENET80: list[str] = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-#: The 7-prompt subset CLIP's authors selected (CoOp's IMAGENET_TEMPLATES_SELECT).
-IMAGENET7: list[str] = [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
-
 DEFAULT_TEMPLATE = "a photo of a {}."
+_ENSEMBLES = {"imagenet80": "IMAGENET80", "imagenet7": "IMAGENET7"}
+
+
+def __getattr__(name: str) -> list[str]:
+    """``IMAGENET80`` (CLIP's 80-prompt ImageNet ensemble) and ``IMAGENET7`` (the 7 its authors selected,
+    CoOp's IMAGENET_TEMPLATES_SELECT), read from open_clip on first use: importing open_clip costs
+    seconds, and a recipe check imports this module (through the methods) without needing them."""
+    if name not in _ENSEMBLES.values():
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    source = OPENAI_IMAGENET_TEMPLATES if name == "IMAGENET80" else SIMPLE_IMAGENET_TEMPLATES
+    return [t("{}") for t in source]
 
 
 def resolve_templates(templates: str | list[str], dataset_template: str | None) -> list[str]:
     """``"dataset"`` (the dataset's own template), ``"imagenet80"``, ``"imagenet7"`` or an explicit list."""
     if isinstance(templates, str):
-        named = {
-            "dataset": [dataset_template or DEFAULT_TEMPLATE],
-            "imagenet80": IMAGENET80,
-            "imagenet7": IMAGENET7,
-        }
-        if templates not in named:
+        if templates == "dataset":
+            return [dataset_template or DEFAULT_TEMPLATE]
+        if templates not in _ENSEMBLES:
             raise ValueError(
-                f"templates={templates!r}: expected one of {sorted(named)} or a list of templates"
+                f"templates={templates!r}: expected one of {sorted(['dataset', *_ENSEMBLES])} or a list of templates"
             )
-        return list(named[templates])
+        return __getattr__(_ENSEMBLES[templates])
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
         raise ValueError(

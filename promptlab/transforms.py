@@ -8,8 +8,10 @@ used; open_clip's own training transform (scale 0.9-1, no flip) is deliberately 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from torchvision import transforms as T
+if TYPE_CHECKING:  # torchvision is imported when a transform is built, not with promptlab.clip
+    from torchvision import transforms as T
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,6 +34,8 @@ def train_transform(
     scale: Sequence[float] = (0.08, 1.0),
 ) -> T.Compose:
     """Dassl's ``random_resized_crop, random_flip, normalize`` at the model's input size."""
+    from torchvision import transforms as T
+
     return T.Compose(
         [
             _ToRGB(),
@@ -47,6 +51,8 @@ def eval_transform(
     size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD
 ) -> T.Compose:
     """Resize the shorter side to ``size`` (bicubic), centre crop, normalise."""
+    from torchvision import transforms as T
+
     return T.Compose(
         [
             _ToRGB(),

@@ -145,3 +145,91 @@ def test_run_refuses_an_n_ctx_that_ctx_init_overrides(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "method.n_ctx" in err and "n_ctx=4" in err
     assert not (out / "metrics.json").exists() and not (out / "prompts").exists()
+
+
+def test_interpret_accepts_a_run_directory(demo_run, capsys):
+    """`interpret RUN_DIR` reads RUN_DIR/prompts, as `eval` and `load_prompts` do."""
+    _, out = demo_run
+    capsys.readouterr()
+    assert main(["interpret", str(out), "--topk", "2"]) == 0
+    assert "unified context: nearest words (L2)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- commands that need no model
+_NO_MODEL = ("torch", "open_clip", "transformers", "torchvision")
+
+
+def _modules_after(code: str, tmp_path: Path) -> dict:
+    """Run ``code`` (which calls promptlab.cli.main) in a fresh interpreter; report the heavy imports."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, sys, contextlib, io\nfrom promptlab.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + f"print(json.dumps({{m: m in sys.modules for m in {_NO_MODEL!r}}}))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_help_ls_cp_import_no_model_library(tmp_path):
+    """`--help`, `ls`, `cp` and every sub-command's --help answer without importing torch (seconds)."""
+    code = "\n".join(
+        [
+            "for argv in (['--help'], ['sweep', '--help'], ['data', '--help'], ['import', '--help']):",
+            "    try:",
+            "        main(argv)",
+            "    except SystemExit:",
+            "        pass",
+            "assert main(['ls']) == 0",
+            "assert main(['cp', 'sandbox/coop_base2new', 'copy.yaml']) == 0",
+        ]
+    )
+    assert _modules_after(code, tmp_path) == dict.fromkeys(_NO_MODEL, False)
+    assert (tmp_path / "copy.yaml").is_file()
+
+
+def test_dry_run_imports_torch_only(tmp_path):
+    """`sweep --dry-run` checks the method's and optimizer's arguments (torch) but loads no CLIP library."""
+    code = f"assert main(['sweep', 'sandbox/coop_base2new', 'seeds=1', '--dry-run', '--out', {str(tmp_path / 's')!r}]) == 0"
+    loaded = _modules_after(code, tmp_path)
+    assert loaded == {"torch": True, "open_clip": False, "transformers": False, "torchvision": False}
+
+
+def test_import_sources_listed_in_the_parser_are_the_importers():
+    from promptlab.cli import IMPORT_SOURCES
+    from promptlab.importers import SOURCES
+
+    assert IMPORT_SOURCES == tuple(SOURCES)
+
+
+def test_unknown_recipe_exits_2_with_suggestions(capsys):
+    """A recipe that is not found is a bad recipe like any other: exit 2, with the closest names."""
+    assert main(["run", "fewshot/coop_vit_b1"]) == 2
+    err = capsys.readouterr().err
+    assert "promptlab: error: recipe 'fewshot/coop_vit_b1' not found" in err
+    assert "did you mean 'fewshot/coop_vit_b16'" in err
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.arch=sandbx", "model.arch: 'sandbx' is not a known architecture (did you mean 'sandbox'?)"),
+        ("model.arch=tiyn", "(did you mean 'tiny'?)"),
+        ("model.arch=vit-b-16", "did you mean 'ViT-B-16'"),
+        ("data.name=synthetc", "error: unknown dataset 'synthetc' (did you mean 'synthetic'?)"),
+    ],
+)
+def test_bad_names_fail_before_any_data_is_made(tmp_path, capsys, override, expected):
+    """The demo generates its images under data.root; a bad name must stop it before that."""
+    root = tmp_path / "data"
+    argv = ["run", f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path}", f"data.root={root}", override]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and '"' not in err  # no stray quotes around the message
+    assert not root.exists() and not (tmp_path / "run").exists()

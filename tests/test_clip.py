@@ -323,7 +323,7 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, monkeypatch: pytest.Monkey
         load_clip("ViT-B-32", str(missing))
     with pytest.raises(FileNotFoundError, match="weights.pt"):
         load_clip("ViT-B-32", "weights.pt")
-    with pytest.raises(ValueError, match="ViT-Nope-99.*not an open_clip model"):
+    with pytest.raises(ValueError, match="ViT-Nope-99.*not a known architecture"):
         load_clip("ViT-Nope-99")
     with pytest.raises(ValueError, match=r"no_such_tag.*(?s:.*)openai"):  # names the valid tags
         load_clip("ViT-B-32", "no_such_tag")

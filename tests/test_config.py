@@ -219,7 +219,7 @@ def test_missing_paths(tmp_path: Path) -> None:
     recipe["model"]["pretrained"] = str(tmp_path / "weights.pt")
     assert "model.pretrained" in load_error(tmp_path, recipe, check_paths=True)
     load_recipe(write(tmp_path, recipe), check_paths=False)
-    recipe["model"]["pretrained"] = "openai"  # a tag, not a path
+    recipe["model"] = {"arch": "ViT-B-16", "pretrained": "openai"}  # a tag, not a path
     load_recipe(write(tmp_path, recipe), check_paths=True)
     with pytest.raises(ConfigError, match="not found"):
         load_recipe(tmp_path / "absent.yaml")
@@ -318,3 +318,24 @@ def test_per_dataset_errors_name_the_block(tmp_path: Path, per_dataset: dict, ex
     message = load_error(tmp_path, {**base_recipe(), "per_dataset": per_dataset}, ("data.name=caltech101",))
     for part in expected:
         assert part in message
+
+
+@pytest.mark.parametrize(
+    "model, key, words",
+    [
+        (
+            {"arch": "sandbx"},
+            "model.arch",
+            ["'sandbx' is not a known architecture", "did you mean 'sandbox'"],
+        ),
+        ({"arch": "vit-b-16", "pretrained": "openai"}, "model.arch", ["did you mean 'ViT-B-16'"]),
+        ({"arch": "ViT-B-16", "pretrained": "opnai"}, "model.pretrained", ["did you mean 'openai'"]),
+        ({"arch": "tiny", "pretrained": "openai"}, "model.pretrained", ["random tiny CLIP"]),
+    ],
+)
+def test_backbone_names_are_checked_with_the_recipe(
+    tmp_path: Path, model: dict, key: str, words: list
+) -> None:
+    """Architecture and weights tag fail at load time, naming the key, with the closest names."""
+    message = load_error(tmp_path, {**base_recipe(), "model": model})
+    assert f": {key}: " in message and all(w in message for w in words)

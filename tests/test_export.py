@@ -260,3 +260,44 @@ def test_interpret_class_specific_tensor(eclip: FrozenCLIP) -> None:
     assert "class 1" in format_interpretation(rows)
     with pytest.raises(ValueError, match="no 'ctx'"):
         interpret(ZeroShotCLIP(eclip, CLASSES), eclip)
+
+
+def test_interpret_matches_coop_distance_with_ties_by_id_and_no_unlearned_tokens() -> None:
+    """A vocabulary like the sandbox CLIP's: most rows zero (never learned), some rows equal.
+
+    Reference: KaiyangZhou/CoOp interpret_prompt.py L45-48 (``torch.cdist(ctx, token_embedding)``,
+    ``argsort``), restated here in float64 over the learned rows, equal distances by token id.
+    """
+    clip = load_clip("tiny")
+    table = clip._tok_emb.weight  # [V, W]
+    g = torch.Generator().manual_seed(0)
+    keep = torch.randperm(table.shape[0], generator=g)[:300].sort().values  # the learned rows
+    ids = _word_ids(clip, WORDS)  # photo, dog, car, tree
+    with torch.no_grad():
+        learned = table[keep].clone()
+        table.zero_()
+        table[keep] = learned
+        table[ids] = torch.randn(table.shape[1], generator=g)  # four tokens with one embedding
+    ctx = torch.stack(
+        [
+            table[ids[0]] + 1e-3 * torch.randn(table.shape[1], generator=g),  # next to the four twins
+            1e-3 * torch.randn(table.shape[1], generator=g),  # nearer to every zero row than to any word
+        ]
+    ).detach()
+    rows = interpret(ctx, clip, topk=6)
+
+    emb = table.detach().double()
+    dist = ((ctx.double()[:, None, :] - emb[None]) ** 2).sum(-1).sqrt()  # [2, V], term by term
+    learned_ids = [i for i in range(emb.shape[0]) if emb[i].abs().sum() > 0]
+    for row, d in zip(rows, dist):
+        ranked = sorted(learned_ids, key=lambda i: (d[i].item(), i))[:6]
+        assert [v for _, v in row["l2"]] == pytest.approx([d[i].item() for i in ranked], abs=1e-9)
+    words = sorted(ids)  # equal distances: ascending token id, in both rankings
+    names = {i: w for i, w in zip(ids, WORDS)}
+    assert [t for t, _ in rows[0]["l2"][:4]] == [names[i] for i in words]
+    assert [t for t, _ in rows[0]["cosine"][:4]] == [names[i] for i in words]
+    l2 = [v for _, v in rows[0]["l2"][:4]]
+    assert l2[0] == l2[1] == l2[2] == l2[3]
+    # the tiny vector's neighbours are learned words, not zero rows tied at distance |ctx|
+    assert len({v for _, v in rows[1]["l2"]}) == 6
+    assert rows[1]["l2"][0][1] > ctx[1].norm().item() * 10

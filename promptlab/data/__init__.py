@@ -20,11 +20,29 @@ Where promptlab deliberately differs from Dassl/CoOp (the draws are otherwise id
   only for best-epoch selection, and the protocol evaluates the last epoch.
 """
 
+import importlib
+from typing import Any
+
 from promptlab.data.fewshot import fewshot_split, subsample_classes
-from promptlab.data.images import ImageDataset, ImageReadError, make_loader, read_image
 from promptlab.data.items import DatasetSplits, Item
 from promptlab.data.registry import DatasetSpec, dataset_names, get_spec, load_dataset
-from promptlab.data.synthetic import make_synthetic_dataset
+
+# Imported on first use: image loading needs torch and torchvision, which a recipe check (dataset
+# names, `promptlab sweep --dry-run`) does not.
+_LAZY = {
+    "ImageDataset": "promptlab.data.images",
+    "ImageReadError": "promptlab.data.images",
+    "make_loader": "promptlab.data.images",
+    "read_image": "promptlab.data.images",
+    "make_synthetic_dataset": "promptlab.data.synthetic",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = [
     "DatasetSpec",

@@ -20,6 +20,7 @@ import yaml
 from promptlab.data.items import SPLITS, DatasetSplits, hash_splits
 from promptlab.data.readers import READERS, fix_hint, where
 from promptlab.resources import resource_dir
+from promptlab.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,14 @@ _REQUIRED_BY_READER = {
 }
 
 
+class UnknownDataset(KeyError):
+    """No dataset YAML of that name. A KeyError (a missing key of the registry) whose message prints
+    as written: ``str(KeyError("x"))`` would wrap it in quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def datasets_dir() -> Path:
     """The folder holding the dataset YAMLs ($PROMPTLAB_DATASETS_DIR, else promptlab's `datasets/`)."""
     env = os.environ.get(DATASETS_ENV)
@@ -167,8 +176,10 @@ def get_spec(name_or_yaml_path: str | Path) -> DatasetSpec:
         return parse_spec(path)
     path = datasets_dir() / f"{s}.yaml"
     if not path.is_file():
-        raise KeyError(
-            f"unknown dataset {s!r}; known: {', '.join(dataset_names())} (YAMLs in {datasets_dir()})."
+        names = dataset_names()
+        raise UnknownDataset(
+            f"unknown dataset {s!r}{did_you_mean(s, names)}; known: {', '.join(names)} "
+            f"(YAMLs in {datasets_dir()}, or give a YAML file's path)"
         )
     return parse_spec(path)
 
