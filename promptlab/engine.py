@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from promptlab import distributed
 from promptlab.io import atomic_save_torch
 from promptlab.prompts import PromptModule
+from promptlab.runlog import progress
 
 log = logging.getLogger(__name__)
 
@@ -266,12 +266,13 @@ def train(
     step, loss_value, n_local = start * len(batches), float("nan"), 0
     module.train()
     prof = _Profiler(profile_steps)
-    for epoch in tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=epochs == 0):
+    # each epoch logs a line: off a terminal the epoch loop needs no lines of its own
+    for epoch in progress(range(start, epochs), "epochs", initial=start, total=epochs, plain_lines=False):
         lr = lr_fn(epoch)
         for group in optimizer.param_groups:  # a group may run at a fixed fraction of the schedule
             group["lr"] = lr * group.get("lr_scale", 1.0)
         correct = seen = 0
-        for i, (inputs, labels) in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", leave=False)):
+        for i, (inputs, labels) in enumerate(progress(batches, f"epoch {epoch + 1}", leave=False)):
             inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
             labels = labels.to(device)
             with autocast(device, amp):
@@ -357,7 +358,7 @@ def evaluate(
     counts = torch.zeros(n_cls)
     module.begin_eval()
     with module.cached_text_features(), autocast(device, amp):
-        for inputs, labels in tqdm(batches, desc="evaluate", leave=False):
+        for inputs, labels in progress(batches, "evaluate", leave=False):
             if labels.numel() == 0:  # DDP: a process's part of the last, small batch
                 continue
             logits = module(**{k: v.to(device) for k, v in inputs.items()})

@@ -28,10 +28,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from promptlab.data import ImageDataset, Item
 from promptlab.io import atomic_save_safetensors
+from promptlab.runlog import progress
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def encode_items(
             )
             feats = [
                 encode(x.to(device)).float().cpu()
-                for x, _, _ in tqdm(loader, desc=f"{desc} view {v + 1}/{views}", leave=False)
+                for x, _, _ in progress(loader, f"{desc} view {v + 1}/{views}", leave=False)
             ]
             out.append(torch.cat(feats) if feats else torch.empty(0))
     return torch.stack(out)

@@ -1,4 +1,5 @@
-"""What long jobs leave in their run directory besides results: ``log.txt`` and TensorBoard scalars.
+"""What long jobs leave in their run directory besides results: ``log.txt`` and TensorBoard scalars,
+and how loops show progress.
 
 Shared by prompt-learning runs (:mod:`promptlab.runner`), the anomaly loop and the sandbox
 pretraining, so every kind of job can be followed (``tail -f log.txt``, ``tensorboard --logdir``)
@@ -8,14 +9,58 @@ the same way.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 LOG_FILE = "log.txt"
 TB_DIR = "tb"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Seconds between the plain progress lines of a long loop whose output is not a terminal.
+PLAIN_EVERY = 60.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def is_terminal(stream: IO[str] | None = None) -> bool:
+    """Can ``stream`` (default stderr) redraw a line: a terminal, or a notebook (tqdm draws widgets there)?"""
+    stream = sys.stderr if stream is None else stream
+    return bool(getattr(stream, "isatty", lambda: False)()) or "ipykernel" in sys.modules
+
+
+def progress(
+    iterable: Iterable[T],
+    desc: str,
+    *,
+    total: int | None = None,
+    initial: int = 0,
+    leave: bool = True,
+    plain_lines: bool = True,
+) -> Iterator[T]:
+    """``iterable`` with a tqdm bar on a terminal; elsewhere (a pipe, a file, a sweep job's log) no bar.
+
+    tqdm redraws with ``\\r`` and moves between nested bars with cursor escapes (``ESC[A``), which a
+    file keeps as garbage. Off a terminal a loop instead logs a plain ``desc: i/total`` line at most
+    every :data:`PLAIN_EVERY` seconds (none with ``plain_lines=False``: loops that log each step).
+    """
+    if is_terminal():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(iterable, desc=desc, total=total, initial=initial, leave=leave, disable=total == 0)
+        return
+    if total is None and hasattr(iterable, "__len__"):
+        total = initial + len(iterable)  # type: ignore[arg-type]
+    start = last = time.monotonic()
+    for i, item in enumerate(iterable, initial + 1):
+        yield item
+        now = time.monotonic()
+        if plain_lines and now - last >= PLAIN_EVERY:
+            last = now
+            log.info("%s: %d/%s (%.0f s)", desc, i, total if total is not None else "?", now - start)
 
 
 def file_logging(run_dir: Path) -> logging.Handler:

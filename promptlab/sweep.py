@@ -36,12 +36,13 @@ import json
 import logging
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from promptlab.config import ConfigError, epochs_for, load_recipe
+from promptlab.runlog import LOG_FILE, is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -344,10 +346,125 @@ def execute_job(job: Job) -> None:
             eval_prompts(run_dir, ev.overrides)
 
 
+_EPOCH_LINE = re.compile(rb"\bepoch (\d+)/(\d+)\b")
+
+
+def logged_epoch(run_dir: str | Path) -> int:
+    """The last epoch a run's ``log.txt`` reports (``epoch e/E ...``, ``resumed ... at epoch e/E``); 0 if none."""
+    path = Path(run_dir) / LOG_FILE
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 16384))
+            found = _EPOCH_LINE.findall(f.read())
+    except OSError:
+        return 0
+    return int(found[-1][0]) if found else 0
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class SweepProgress:
+    """What a sweep shows while it runs: a line when a job starts and ends, and one progress line.
+
+    The progress line (jobs done / N, each running job's epoch read from its ``log.txt``, ETA) is
+    redrawn in place on a terminal; to a pipe or a file it is a plain line every ``every`` seconds,
+    with no escape sequences. Per-run detail stays in each run's ``log.txt`` and ``sweep_job.log``.
+    The ETA assumes the remaining epochs take as long as the ones done in this invocation (one
+    extra unit per job stands for its setup and evaluations).
+    """
+
+    def __init__(self, statuses: Sequence[tuple[Job, str]], stream: Any = None, every: float = 60.0):
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = is_terminal(self.stream)
+        self.every = 1.0 if self.tty else every
+        self.jobs = [j for j, _ in statuses]
+        self.index = {j.run_dir: i for i, j in enumerate(self.jobs, 1)}
+        # epochs already done when the sweep starts (a resumed run; an evaluation-only run: all of them)
+        self.first = {
+            j.run_dir: j.epochs if st == "evaluate" else logged_epoch(j.run_dir) for j, st in statuses
+        }
+        self.total = sum(j.epochs - self.first[j.run_dir] + 1 for j in self.jobs)
+        self.running: dict[str, float] = {}  # run_dir -> start time
+        self.done: dict[str, bool] = {}  # run_dir -> ok
+        self.t0 = time.monotonic()
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._shown = False
+
+    def __enter__(self) -> SweepProgress:
+        self._thread = threading.Thread(target=self._loop, name="sweep-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self.lock:
+            if self._shown:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            with self.lock:
+                self._write(self.line(), status=True)
+
+    def _write(self, text: str, status: bool = False) -> None:
+        if self.tty:  # one line redrawn in place; messages scroll above it
+            self.stream.write("\r\x1b[K" + text + ("" if status else "\n"))
+            self._shown = status
+            if not status and self.running:
+                self.stream.write(self.line())
+                self._shown = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _label(self, job: Job) -> str:
+        return (
+            f"job {self.index[job.run_dir]}/{len(self.jobs)} {job.dataset} shots={job.shots} seed={job.seed}"
+        )
+
+    def started(self, job: Job, status: str) -> None:
+        with self.lock:
+            self.running[job.run_dir] = time.monotonic()
+            what = "evaluate" if status == "evaluate" else f"{status}, {job.epochs} epochs"
+            self._write(f"{self._label(job)}: start ({what}); log: {Path(job.run_dir) / LOG_FILE}")
+
+    def finished(self, job: Job, ok: bool, detail: str = "") -> None:
+        with self.lock:
+            took = time.monotonic() - self.running.pop(job.run_dir, time.monotonic())
+            self.done[job.run_dir] = ok
+            self._write(f"{self._label(job)}: {'done' if ok else 'FAILED'} in {_duration(took)}{detail}")
+
+    def line(self) -> str:
+        """``sweep 2/6 done | job 3/6 dtd shots=16 seed=3 epoch 45/200 | elapsed 4m10s, ETA 9m30s``."""
+        work = sum(self.jobs[self.index[d] - 1].epochs - self.first[d] + 1 for d in self.done)
+        parts = [
+            f"sweep {len(self.done)}/{len(self.jobs)} done"
+            + (f" ({sum(not ok for ok in self.done.values())} failed)" if not all(self.done.values()) else "")
+        ]
+        for d in self.running:
+            job = self.jobs[self.index[d] - 1]
+            epoch = logged_epoch(d)
+            work += max(0, epoch - self.first[d])
+            parts.append(f"{self._label(job)} epoch {epoch}/{job.epochs}")
+        elapsed = time.monotonic() - self.t0
+        eta = _duration(elapsed * (self.total - work) / work) if work > 0 else "?"
+        parts.append(f"elapsed {_duration(elapsed)}, ETA {eta}")
+        return " | ".join(parts)
+
+
 class _Launcher:
     """Runs jobs as child processes, each with its device slot; stops them all on Ctrl-C."""
 
-    def __init__(self, slots: list[str | None]):
+    def __init__(self, slots: list[str | None], on_start: Any = None):
+        self.on_start = on_start  # called with the job when its process starts
         self.slots: queue.Queue[str | None] = queue.Queue()
         for s in slots:
             self.slots.put(s)
@@ -374,6 +491,8 @@ class _Launcher:
                     stderr=subprocess.STDOUT,
                 )
                 self.running.add(proc)
+            if self.on_start is not None:
+                self.on_start(job)
             rc = proc.wait()
             with self.lock:
                 self.running.discard(proc)
@@ -424,6 +543,7 @@ def run_sweep(
     devices: Sequence[str] | None = None,
     in_process: bool = False,
     dry_run: bool = False,
+    progress_every: float = 60.0,
 ) -> SweepResult:
     """Run every unfinished job of ``sweep``; finished ones are skipped, interrupted ones resumed.
 
@@ -433,6 +553,8 @@ def run_sweep(
         devices: GPU ids; each job process sees one of them as its only GPU.
         in_process: run the jobs one after another in this process (debugging, tests).
         dry_run: only report what would run.
+        progress_every: seconds between progress lines when stderr is not a terminal (see
+            :class:`SweepProgress`).
 
     Raises:
         ConfigError: a run directory holds a run of a different configuration.
@@ -450,41 +572,41 @@ def run_sweep(
         return result
     sweep.out.mkdir(parents=True, exist_ok=True)
     write_manifest(sweep)
-    todo = result.ran
+    todo = [(job, status) for job, status in statuses if status != "done"]
     log.info("sweep %s (%s): %d runs, %d to do", sweep.out, sweep.protocol, len(statuses), len(todo))
-    if in_process:
-        for job in todo:
-            execute_job(job)
-        return result
-    launcher = _Launcher(device_slots(jobs, devices))
-    pool = ThreadPoolExecutor(max_workers=launcher.slots.qsize())
-    try:
-        futures = {pool.submit(launcher, job): job for job in todo}
-        for i, (fut, job) in enumerate(futures.items(), 1):
-            try:
-                rc = fut.result()
-            except OSError as e:  # the job could not even start (disk full, permissions)
-                log.error("cannot start %s: %s", job.run_dir, e)
-                rc = -1
-            ok = rc == 0 and job.status() == "done"
-            log.info(
-                "[%d/%d] %s %s shots=%d seed=%d%s",
-                i,
-                len(todo),
-                "done" if ok else "FAILED",
-                job.dataset,
-                job.shots,
-                job.seed,
-                "" if ok else f" (exit {rc}; see {Path(job.run_dir) / JOB_LOG})",
-            )
-            if not ok:
-                result.failed.append(job)
-    except KeyboardInterrupt:
-        log.warning("interrupted: stopping the running jobs; run the same command again to resume")
-        launcher.stop()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    with SweepProgress(todo, every=progress_every) as shown:
+        if in_process:
+            for job, status in todo:
+                shown.started(job, status)
+                execute_job(job)
+                shown.finished(job, True)
+            return result
+        status_of = dict((job.run_dir, status) for job, status in todo)
+        launcher = _Launcher(
+            device_slots(jobs, devices), lambda job: shown.started(job, status_of[job.run_dir])
+        )
+        pool = ThreadPoolExecutor(max_workers=launcher.slots.qsize())
+        try:
+            futures = {pool.submit(launcher, job): job for job, _ in todo}
+            for fut in as_completed(futures):
+                job = futures[fut]
+                try:
+                    rc = fut.result()
+                except OSError as e:  # the job could not even start (disk full, permissions)
+                    log.error("cannot start %s: %s", job.run_dir, e)
+                    rc = -1
+                ok = rc == 0 and job.status() == "done"
+                shown.finished(job, ok, "" if ok else f" (exit {rc}; see {Path(job.run_dir) / JOB_LOG})")
+                if not ok:
+                    result.failed.append(job)
+        except KeyboardInterrupt:
+            log.warning("interrupted: stopping the running jobs; run the same command again to resume")
+            launcher.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+    order = {job.run_dir: i for i, (job, _) in enumerate(todo)}
+    result.failed.sort(key=lambda job: order[job.run_dir])  # plan order, whichever finished first
     return result
 
 
@@ -509,7 +631,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = plan_sweep(find_recipe(args.recipe), args.args, args.out)
     devices = _list(args.devices) if args.devices else None
     result = run_sweep(
-        sweep, jobs=args.jobs, devices=devices, in_process=args.in_process, dry_run=args.dry_run
+        sweep,
+        jobs=args.jobs,
+        devices=devices,
+        in_process=args.in_process,
+        dry_run=args.dry_run,
+        progress_every=args.progress_every,
     )
     if args.dry_run:
         print(f"{sweep.protocol} sweep of {sweep.recipe} into {sweep.out}")
@@ -546,6 +673,14 @@ def add_sweep_command(sub: Any) -> None:
         "--devices", help="GPU ids, e.g. 0,1,2,3: each job process sees one (CUDA_VISIBLE_DEVICES)"
     )
     s.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    s.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between progress lines when the output is not a terminal (default 60; a "
+        "terminal gets one line redrawn in place)",
+    )
     s.add_argument(
         "--in-process", action="store_true", help="run the jobs one by one in this process (debugging)"
     )

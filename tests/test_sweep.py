@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from promptlab.cli import main
 from promptlab.config import ConfigError, load_recipe
 from promptlab.data import make_synthetic_dataset
 from promptlab.report import harmonic_mean, write_report
-from promptlab.sweep import Job, device_slots, execute_job, plan_sweep, run_sweep
+from promptlab.sweep import Job, device_slots, execute_job, logged_epoch, plan_sweep, run_sweep
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "coop_tiny.yaml"
 DATASETS = {"shapes_a": (6, 0), "shapes_b": (4, 1)}  # name -> (classes, render seed)
@@ -346,3 +347,87 @@ def test_crossdataset_zero_shot_uses_the_target_template(world, tmp_path, monkey
     assert cross["accuracy"] == pytest.approx(acc["shapes_d"])
     same = promptlab.runner.eval_prompts(tmp_path / "shapes_a", [])
     assert same["accuracy"] == pytest.approx(acc["shapes_a"])
+
+
+def test_sweep_shows_job_lines_and_progress_without_escapes(world, tmp_path, monkeypatch, capsys):
+    """To a pipe or file: `job i/N` start/done lines and plain progress lines (epoch, ETA), no escapes."""
+
+    class FakeProcess:  # a job process that logs one epoch, as the engine does, then finishes
+        def __init__(self, argv, env, **kw):
+            self.job = Job.from_json(json.loads(Path(argv[-1]).read_text()))
+
+        def wait(self):
+            run_dir = Path(self.job.run_dir)
+            (run_dir / "log.txt").write_text(
+                "2026-01-01 INFO promptlab.engine: epoch 1/3  lr 0.002  loss 1\n"
+            )
+            time.sleep(0.5)  # the progress line (every 0.05 s) sees epoch 1/3
+            (run_dir / "metrics.json").write_text("{}")
+            for e in self.job.evaluations:
+                (run_dir / e.result_file()).write_text("{}")
+            return 0
+
+    monkeypatch.setattr("promptlab.sweep.subprocess.Popen", FakeProcess)
+    sweep = plan_sweep(RECIPE, ["datasets=shapes_a", "seeds=1,2", "shots=4", *_common(world)], tmp_path)
+    assert not run_sweep(sweep, progress_every=0.05).failed
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    for i, seed in ((1, 1), (2, 2)):
+        label = f"job {i}/2 shapes_a shots=4 seed={seed}"
+        assert f"{label}: start (new, 3 epochs)" in err and f"{label}: done in " in err
+    assert "job 1/2 shapes_a shots=4 seed=1 epoch 1/3" in err and "ETA " in err
+    assert "sweep 2/2 done" not in err.splitlines()[0]
+
+
+def test_logged_epoch_reads_the_last_epoch_of_a_run_log(tmp_path):
+    assert logged_epoch(tmp_path) == 0
+    (tmp_path / "log.txt").write_text(
+        "x INFO promptlab.engine: resumed from ck at epoch 4/10\nx INFO promptlab.engine: epoch 5/10  lr 1\n"
+    )
+    assert logged_epoch(tmp_path) == 5
+
+
+def test_loops_off_a_terminal_draw_no_bars_and_log_plain_lines(monkeypatch, capsys, caplog):
+    """tqdm written to a pipe leaves `\\r` and `ESC[A`; off a terminal a loop logs `desc: i/N` lines instead."""
+    import logging
+
+    from promptlab import runlog
+
+    monkeypatch.setattr(runlog, "PLAIN_EVERY", 0.0)
+    with caplog.at_level(logging.INFO, logger="promptlab.runlog"):
+        assert list(runlog.progress(range(3), "epoch 1", leave=False)) == [0, 1, 2]
+        assert list(runlog.progress(range(2), "epochs", plain_lines=False)) == [0, 1]
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err and "epoch 1" not in err
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "epoch 1: 1/3",
+        "epoch 1: 2/3",
+        "epoch 1: 3/3",
+    ]
+
+
+@pytest.mark.slow
+def test_sweep_output_to_a_pipe_has_job_lines_and_no_escapes(world, tmp_path):
+    """The real CLI, its output a pipe: job lines and progress lines, no escape sequences anywhere."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "piped"
+    argv = [sys.executable, "-m", "promptlab.cli", "sweep", str(RECIPE), "datasets=shapes_b", "seeds=1,2"]
+    argv += [
+        "shots=1",
+        "train.epochs_by_shots={1: 2}",
+        *_common(world),
+        "--out",
+        str(out),
+        "--progress-every",
+        "1",
+    ]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    text = res.stdout + res.stderr
+    assert "\x1b" not in text and "\r" not in text
+    assert "job 1/2 shapes_b shots=1 seed=1: start (new, 2 epochs)" in text and "job 2/2 " in text
+    for seed in (1, 2):
+        job_log = (out / "shapes_b" / "shots1" / f"seed{seed}" / "sweep_job.log").read_text()
+        assert "\x1b" not in job_log and "\r" not in job_log and "epoch 2/2" in job_log

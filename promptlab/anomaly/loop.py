@@ -21,7 +21,6 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from promptlab import io
 from promptlab.anomaly.data import LAYOUTS, AnomalyDataset, load_items
@@ -30,7 +29,7 @@ from promptlab.clip import FrozenCLIP, load_clip
 from promptlab.data.generated import run_generator
 from promptlab.engine import autocast, restore_training_state, save_training_state, seed_everything
 from promptlab.metrics import AUPRO_CONVENTIONS, aupro, auroc, average_precision
-from promptlab.runlog import run_log
+from promptlab.runlog import progress, run_log
 
 log = logging.getLogger(__name__)
 CONFIG_FILE, TENSORS_FILE = "prompt_config.json", "prompts.safetensors"
@@ -151,7 +150,7 @@ def train_anomaly(
     stats = {"map_loss": float("nan"), "image_loss": float("nan")}
     for epoch in range(start, epochs):
         map_sum = img_sum = 0.0
-        for images, masks, labels, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False):
+        for images, masks, labels, _ in progress(loader, f"epoch {epoch + 1}", leave=False):
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
             with autocast(device, amp):
                 out = module.outputs(images)
@@ -202,7 +201,7 @@ def evaluate_anomaly(
     scores, maps, gts = [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with module.cached_text_features(), autocast(device, amp):
-        for images, masks, _, _ in tqdm(loader, desc="evaluate", leave=False):
+        for images, masks, _, _ in progress(loader, "evaluate", leave=False):
             s, a = module.scores(module.outputs(images.to(device)), sigma)
             scores.append(s.float().cpu())
             maps.append(a.float().cpu())
