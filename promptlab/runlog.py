@@ -27,9 +27,9 @@ T = TypeVar("T")
 
 
 def is_terminal(stream: IO[str] | None = None) -> bool:
-    """Can ``stream`` (default stderr) redraw a line: a terminal, or a notebook (tqdm draws widgets there)?"""
+    """Can ``stream`` (default stderr) redraw a line in place: is it a terminal?"""
     stream = sys.stderr if stream is None else stream
-    return bool(getattr(stream, "isatty", lambda: False)()) or "ipykernel" in sys.modules
+    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def progress(
@@ -47,7 +47,7 @@ def progress(
     file keeps as garbage. Off a terminal a loop instead logs a plain ``desc: i/total`` line at most
     every :data:`PLAIN_EVERY` seconds (none with ``plain_lines=False``: loops that log each step).
     """
-    if is_terminal():
+    if is_terminal() or "ipykernel" in sys.modules:  # a terminal, or a notebook: tqdm.auto draws a widget
         from tqdm.auto import tqdm
 
         yield from tqdm(iterable, desc=desc, total=total, initial=initial, leave=leave, disable=total == 0)

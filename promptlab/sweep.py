@@ -37,6 +37,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -415,11 +416,14 @@ class SweepProgress:
                 self._write(self.line(), status=True)
 
     def _write(self, text: str, status: bool = False) -> None:
-        if self.tty:  # one line redrawn in place; messages scroll above it
-            self.stream.write("\r\x1b[K" + text + ("" if status else "\n"))
+        if (
+            self.tty
+        ):  # one line redrawn in place (cut to the width: a wrapped line cannot be); messages above it
+            width = shutil.get_terminal_size().columns - 1
+            self.stream.write("\r\x1b[K" + (text[:width] if status else text + "\n"))
             self._shown = status
             if not status and self.running:
-                self.stream.write(self.line())
+                self.stream.write(self.line()[:width])
                 self._shown = True
         else:
             self.stream.write(text + "\n")
