@@ -113,6 +113,11 @@ class TrainConfig:
     warmup_epochs: int = 1  # warm-up epochs before the cosine schedule starts
     warmup_lr: float = 1.0e-5  # constant warm-up lr (Dassl WARMUP_CONS_LR); start lr of linear warm-up
     warmup_type: Literal["constant", "linear"] = "constant"
+    # dassl_cosine: one lr per epoch, cosine restarting at the lr after the warm-up (CoOp, Dassl forks);
+    # timm_cosine: timm's CosineLRScheduler per iteration, warm-up then the cosine at the absolute
+    # iteration down to min_lr_ratio x lr (ViFi-CLIP utils/optimizer.py)
+    lr_schedule: Literal["dassl_cosine", "timm_cosine"] = "dassl_cosine"
+    min_lr_ratio: float = 0.0  # timm_cosine's floor lr_min as a fraction of the lr (ViFi-CLIP: 0.01)
     amp: Precision = "fp32"  # autocast dtype (bf16 / fp16); learned tensors and optimizer stay fp32
     grad_clip: float | None = None  # max global grad norm; null = no clipping
     # recompute text-tower activations in backward: less memory (ImageNet-size C)
@@ -125,6 +130,9 @@ class TrainConfig:
     log_every: int = 20
     profile_steps: int = 0  # > 0: profile that many training steps (after 2 warm-up steps) and log where time goes  # steps between log lines
     grad_accum_steps: int = 1  # optimizer step every N batches (effective batch = N x batch_size)
+    # drop each epoch's last, incomplete accumulation group instead of stepping on it (ViFi-CLIP
+    # zeroes its gradient at the next epoch's start)
+    drop_partial_accum: bool = False
 
 
 @dataclass

@@ -104,6 +104,13 @@ class ImageBatches:
 
 
 # ---------------------------------------------------------------------- schedule
+#: The learning rate of each optimizer step: ``schedule(k)`` is the lr of the run's k-th step (0-based,
+#: counted over the whole run, resumes included). Per-epoch schedules are the special case
+#: ``per_epoch(fn, steps_per_epoch)``.
+LRSchedule = Callable[[int], float]
+SCHEDULES = ("dassl_cosine", "timm_cosine")
+
+
 def lr_at(
     epoch: int,
     base_lr: float,
@@ -123,6 +130,83 @@ def lr_at(
             return warmup_lr + (base_lr - warmup_lr) * epoch / warmup_epochs
         return warmup_lr
     return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+def timm_cosine_lr(
+    t: int, base_lr: float, t_initial: int, warmup_t: int, warmup_lr_init: float, lr_min: float
+) -> float:
+    """timm ``CosineLRScheduler``'s value at update ``t`` with ``cycle_limit=1``, ``warmup_prefix=False``.
+
+    A linear warm-up from ``warmup_lr_init`` over ``warmup_t`` updates, then the cosine evaluated at the
+    *absolute* ``t`` (it does not restart after the warm-up) from ``base_lr`` down to ``lr_min`` at
+    ``t_initial``, and ``lr_min`` after it. Same arithmetic, in the same order, as timm's ``_get_lr``.
+    """
+    if t < warmup_t:
+        return warmup_lr_init + t * ((base_lr - warmup_lr_init) / warmup_t)
+    if t >= t_initial:  # past the single cycle
+        return lr_min
+    return lr_min + 0.5 * (base_lr - lr_min) * (1 + math.cos(math.pi * t / t_initial))
+
+
+def steps_per_epoch(batches_per_epoch: int, accum: int, drop_partial: bool) -> int:
+    """Optimizer steps in an epoch of ``batches_per_epoch`` batches accumulated ``accum`` at a time;
+    the epoch's last, shorter group steps too unless ``drop_partial`` (then its gradient is discarded)."""
+    accum = max(1, accum)
+    return batches_per_epoch // accum if drop_partial else math.ceil(batches_per_epoch / accum)
+
+
+def per_epoch(lr_of_epoch: Callable[[int], float], steps_in_epoch: int) -> LRSchedule:
+    """A per-epoch schedule (one lr for every step of an epoch) as a function of the optimizer step."""
+    n = max(1, steps_in_epoch)
+    return lambda step: lr_of_epoch(step // n)
+
+
+def make_schedule(
+    kind: str,
+    *,
+    base_lr: float,
+    epochs: int,
+    batches_per_epoch: int,
+    accum: int = 1,
+    drop_partial: bool = False,
+    warmup_epochs: int = 0,
+    warmup_lr: float = 1e-5,
+    warmup_type: str = "constant",
+    min_lr_ratio: float = 0.0,
+) -> LRSchedule:
+    """The lr of each optimizer step for a recipe's ``train`` section.
+
+    - ``dassl_cosine``: :func:`lr_at`, one value per epoch (CoOp and the Dassl forks).
+    - ``timm_cosine``: ViFi-CLIP's ``utils/optimizer.py``: timm's CosineLRScheduler over
+      ``epochs x batches_per_epoch`` iterations (``warmup_epochs x batches_per_epoch`` of linear warm-up
+      from ``warmup_lr``, floor ``min_lr_ratio x base_lr``), stepped with ``step_update(epoch *
+      batches_per_epoch + idx)`` after each optimizer step, i.e. at the index of the step's last batch.
+      So a step uses the value set after the *previous* step (the first one the scheduler's initial
+      value); under accumulation the iteration count, not the step count, is the clock
+      (ViFi-CLIP ``main.py`` train_one_epoch).
+    """
+    if kind == "dassl_cosine":
+        return per_epoch(
+            lambda e: lr_at(e, base_lr, epochs, warmup_epochs, warmup_lr, warmup_type),
+            steps_per_epoch(batches_per_epoch, accum, drop_partial),
+        )
+    if kind != "timm_cosine":
+        raise ValueError(f"lr schedule {kind!r}: expected one of {SCHEDULES}")
+    if warmup_type != "linear" and warmup_epochs > 0:
+        raise ValueError("train.lr_schedule=timm_cosine warms up linearly: set train.warmup_type=linear")
+    accum, n = max(1, accum), batches_per_epoch
+    per = steps_per_epoch(n, accum, drop_partial)
+    t_initial, warmup_t = int(epochs * n), int(warmup_epochs * n)  # timm's t_initial, warmup_t
+
+    def value(t: int) -> float:
+        return timm_cosine_lr(t, base_lr, t_initial, warmup_t, warmup_lr, base_lr * min_lr_ratio)
+
+    def last_batch(step: int) -> int:  # iteration index of the last batch of optimizer step `step`
+        e, j = divmod(step, max(1, per))
+        return e * n + min(n, (j + 1) * accum) - 1
+
+    first = warmup_lr if warmup_t > 0 else base_lr  # the lr timm's scheduler sets when it is built
+    return lambda step: first if step == 0 else value(last_batch(step - 1))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -170,14 +254,21 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def save_training_state(
-    path: Path, module: PromptModule, optimizer: torch.optim.Optimizer, epoch: int, generator: torch.Generator
+    path: Path,
+    module: PromptModule,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    generator: torch.Generator,
+    step: int = 0,
 ) -> None:
-    """Atomically write what ``restore_training_state`` needs to continue exactly: learned tensors, optimizer, RNGs."""
+    """Atomically write what ``restore_training_state`` needs to continue exactly: learned tensors,
+    optimizer, RNGs, and the optimizer steps taken (the schedule's clock)."""
     atomic_save_torch(
         {
             "prompt_state": module.prompt_state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
+            "step": step,
             "rng": _rng_state(generator),
         },
         path,
@@ -186,13 +277,14 @@ def save_training_state(
 
 def restore_training_state(
     path: Path, module: PromptModule, optimizer: torch.optim.Optimizer, generator: torch.Generator
-) -> int:
-    """Load a checkpoint written by :func:`save_training_state`; returns the number of epochs already done."""
+) -> tuple[int, int | None]:
+    """Load a checkpoint written by :func:`save_training_state`; returns (epochs done, optimizer steps
+    done), the steps ``None`` for a checkpoint from before they were recorded."""
     ckpt = load_checkpoint(path)
     module.load_prompt_state_dict(ckpt["prompt_state"], source=str(path))
     optimizer.load_state_dict(ckpt["optimizer"])
     _set_rng_state(ckpt["rng"], generator)
-    return int(ckpt["epoch"])
+    return int(ckpt["epoch"]), (int(ckpt["step"]) if "step" in ckpt else None)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -231,7 +323,7 @@ def train(
     optimizer: torch.optim.Optimizer,
     *,
     epochs: int,
-    lr_fn: Callable[[int], float],
+    lr_schedule: LRSchedule,
     generator: torch.Generator,
     run_dir: Path,
     device: torch.device,
@@ -242,6 +334,7 @@ def train(
     resume: bool = False,
     writer: Any = None,
     grad_accum_steps: int = 1,
+    drop_partial_accum: bool = False,
     profile_steps: int = 0,
 ) -> TrainResult:
     """Train the method's learnable tensors for ``epochs`` epochs; the last epoch's model is kept.
@@ -253,26 +346,36 @@ def train(
     last good checkpoint survives. Under ``torchrun`` (see :mod:`promptlab.distributed`) each
     process trains on its part of every global batch, gradients are averaged over processes,
     and only rank 0 writes checkpoints. With ``grad_accum_steps = N`` the optimizer steps once per N
-    batches on their mean gradient (the epoch's last, shorter group steps too).
+    batches on their mean gradient; the epoch's last, shorter group steps too, unless
+    ``drop_partial_accum`` (ViFi-CLIP: its gradient is zeroed at the next epoch's start, so those
+    batches are skipped). Before every optimizer step each parameter group's lr is set to
+    ``lr_schedule(k)``, k the optimizer steps taken so far in the run (kept across resumes).
     """
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    start = 0
+    accum = max(1, int(grad_accum_steps))
+    n_batches = len(batches)
+    # batches that end in an optimizer step; the rest (a dropped partial group) are skipped
+    used = steps_per_epoch(n_batches, accum, drop_partial_accum) * accum if drop_partial_accum else n_batches
+    start, opt_step = 0, 0  # epochs done, optimizer steps done
     if resume and ckpt_path.exists():
-        start = restore_training_state(ckpt_path, module, optimizer, generator)
-        log.info("resumed from %s at epoch %d/%d", ckpt_path, start, epochs)
+        start, saved_step = restore_training_state(ckpt_path, module, optimizer, generator)
+        opt_step = saved_step if saved_step is not None else start * steps_per_epoch(n_batches, accum, False)
+        log.info("resumed from %s at epoch %d/%d (optimizer step %d)", ckpt_path, start, epochs, opt_step)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
     params = module.trainable_parameters()
-    accum = max(1, int(grad_accum_steps))
-    step, loss_value, n_local = start * len(batches), float("nan"), 0
+    step, loss_value, n_local, lr = start * n_batches, float("nan"), 0, lr_schedule(opt_step)
     module.train()
     prof = _Profiler(profile_steps)
     # each epoch logs a line: off a terminal the epoch loop needs no lines of its own
     for epoch in progress(range(start, epochs), "epochs", initial=start, total=epochs, plain_lines=False):
-        lr = lr_fn(epoch)
-        for group in optimizer.param_groups:  # a group may run at a fixed fraction of the schedule
-            group["lr"] = lr * group.get("lr_scale", 1.0)
         correct = seen = 0
         for i, (inputs, labels) in enumerate(progress(batches, f"epoch {epoch + 1}", leave=False)):
+            if i >= used:  # ViFi-CLIP's discarded partial accumulation group
+                break
+            if i % accum == 0:  # the lr of the optimizer step this accumulation group ends in
+                lr = lr_schedule(opt_step)
+                for group in optimizer.param_groups:  # a group may run at a fixed fraction of the schedule
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
             inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
             labels = labels.to(device)
             with autocast(device, amp):
@@ -289,7 +392,7 @@ def train(
                 n_local = 0
             scaler.scale(loss / accum).backward()
             n_local += labels.numel()
-            if (i + 1) % accum == 0 or i + 1 == len(batches):
+            if (i + 1) % accum == 0 or i + 1 == n_batches:
                 distributed.average_gradients(
                     params, n_local
                 )  # DDP: the global batch's gradient; no-op in one process
@@ -298,6 +401,7 @@ def train(
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                opt_step += 1
             loss_value = loss.item()
             correct += (logits.argmax(-1) == labels).sum().item()
             seen += labels.numel()
@@ -313,7 +417,7 @@ def train(
             writer.add_scalar("train/epoch_accuracy", acc, epoch + 1)
             writer.add_scalar("train/epoch_lr", lr, epoch + 1)
         if distributed.is_main() and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
-            save_training_state(ckpt_path, module, optimizer, epoch + 1, generator)
+            save_training_state(ckpt_path, module, optimizer, epoch + 1, generator, opt_step)
     prof.stop()
     module.eval()
     return TrainResult(epochs_run=epochs - start, last_loss=loss_value, resumed_from=start)

@@ -40,7 +40,7 @@ from promptlab.engine import (
     ImageBatches,
     evaluate,
     load_checkpoint,
-    lr_at,
+    make_schedule,
     seed_everything,
     train,
 )
@@ -242,15 +242,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             from torch.utils.tensorboard import SummaryWriter
 
             optimizer = instantiate(cfg.optimizer, module.optimizer_param_groups(), kind="optimizer")
-            base_lr = optimizer.param_groups[0]["lr"]
             tc = cfg.train
+            train_batches = _batches(s, ds.train, train_mode=True, generator=g)
+            schedule = make_schedule(
+                tc.lr_schedule,
+                base_lr=optimizer.param_groups[0]["lr"],
+                epochs=epochs,
+                batches_per_epoch=len(train_batches),
+                accum=tc.grad_accum_steps,
+                drop_partial=tc.drop_partial_accum,
+                warmup_epochs=tc.warmup_epochs,
+                warmup_lr=tc.warmup_lr,
+                warmup_type=tc.warmup_type,
+                min_lr_ratio=tc.min_lr_ratio,
+            )
             with SummaryWriter(str(run_dir / "tb")) if is_main else nullcontext() as writer:
                 result = train(
                     module,
-                    _batches(s, ds.train, train_mode=True, generator=g),
+                    train_batches,
                     optimizer,
                     epochs=epochs,
-                    lr_fn=lambda e: lr_at(e, base_lr, epochs, tc.warmup_epochs, tc.warmup_lr, tc.warmup_type),
+                    lr_schedule=schedule,
                     generator=g,
                     run_dir=run_dir,
                     device=device,
@@ -261,6 +273,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     resume=bool(cfg.resume),
                     writer=writer,
                     grad_accum_steps=tc.grad_accum_steps,
+                    drop_partial_accum=tc.drop_partial_accum,
                     profile_steps=tc.profile_steps,
                 )
                 train_info.update(last_loss=result.last_loss, resumed_from_epoch=result.resumed_from)

@@ -20,7 +20,15 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from promptlab import distributed
-from promptlab.engine import FeatureBatches, ImageBatches, evaluate, load_checkpoint, lr_at, train
+from promptlab.engine import (
+    FeatureBatches,
+    ImageBatches,
+    evaluate,
+    load_checkpoint,
+    lr_at,
+    per_epoch,
+    train,
+)
 
 N_CLASSES, N_ITEMS, VIEWS, BATCH, EPOCHS = 6, 30, 2, 8, 3
 
@@ -101,12 +109,13 @@ def _train_tiny_coop(run_dir: Path, shard: tuple[int, int], batch: int = BATCH) 
     feats, labels = _features()
     g = torch.Generator().manual_seed(1)
     opt = torch.optim.SGD(module.trainable_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    batches = FeatureBatches(feats, labels, batch, g, shard=shard)
     train(
         module,
-        FeatureBatches(feats, labels, batch, g, shard=shard),
+        batches,
         opt,
         epochs=EPOCHS,
-        lr_fn=lambda e: lr_at(e, 0.05, EPOCHS, 1, 1e-5),
+        lr_schedule=per_epoch(lambda e: lr_at(e, 0.05, EPOCHS, 1, 1e-5), len(batches)),
         generator=g,
         run_dir=run_dir,
         device=torch.device("cpu"),

@@ -10,7 +10,7 @@ import torch
 
 from promptlab.clip import load_clip
 from promptlab.data import ImageDataset, load_dataset, make_synthetic_dataset
-from promptlab.engine import FeatureBatches, ImageBatches, evaluate, lr_at, train
+from promptlab.engine import FeatureBatches, ImageBatches, evaluate, lr_at, make_schedule, per_epoch, train
 from promptlab.features import cached_features, encode_items
 from promptlab.methods import CoOp
 
@@ -53,6 +53,138 @@ def test_linear_warmup_rises_to_base():
     assert math.isclose(lr_at(4, 1.0, 10, 4, 0.0, "linear"), 1.0)
 
 
+def _vificlip_reference_lrs(
+    base_lr: float, epochs: int, warmup_epochs: int, n_iter: int, accum: int
+) -> list[float]:
+    """The lr of every optimizer step of a ViFi-CLIP run, replayed with timm's own scheduler.
+
+    muzairkhattak/ViFi-CLIP utils/optimizer.py build_scheduler (L50-64): CosineLRScheduler(t_initial=
+    int(EPOCHS * n_iter_per_epoch), lr_min=LR / 100, warmup_lr_init=0, warmup_t=int(WARMUP_EPOCHS *
+    n_iter_per_epoch), cycle_limit=1, t_in_epochs=False) with n_iter_per_epoch = len(train_loader);
+    main.py train_one_epoch (L137-157): the optimizer steps every ACCUMULATION_STEPS batches (the
+    epoch's leftover batches never step: zero_grad at the next epoch's start) and each step is followed
+    by lr_scheduler.step_update(epoch * num_steps + idx).
+    """
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    sched = CosineLRScheduler(
+        opt,
+        t_initial=int(epochs * n_iter),
+        lr_min=base_lr / 100,
+        warmup_lr_init=0,
+        warmup_t=int(warmup_epochs * n_iter),
+        cycle_limit=1,
+        t_in_epochs=False,
+    )
+    lrs = []
+    for epoch in range(epochs):
+        for idx in range(n_iter):
+            if accum == 1 or (idx + 1) % accum == 0:
+                lrs.append(opt.param_groups[0]["lr"])  # optimizer.step() runs at this lr
+                sched.step_update(epoch * n_iter + idx)
+    return lrs
+
+
+def _recording_sgd(params, lr: float) -> tuple[torch.optim.Optimizer, list[float]]:
+    """An SGD whose step() records the lr it runs at (every group's must agree)."""
+    opt, seen = torch.optim.SGD(params, lr=lr), []
+    plain_step = opt.step
+
+    def step(*a, **kw):
+        lrs = {g["lr"] for g in opt.param_groups}
+        assert len(lrs) == 1
+        seen.append(lrs.pop())
+        return plain_step(*a, **kw)
+
+    opt.step = step
+    return opt, seen
+
+
+def _train_lrs(clip, tmp_path, kind, *, epochs, warmup, n_batches, accum, drop, base_lr=8e-6, **kw):
+    """Train a tiny CoOp through the engine with ``make_schedule(kind, ...)``; the lr of each step."""
+    torch.manual_seed(0)
+    module = CoOp(clip, ["red circle", "blue square", "green star"], n_ctx=2)
+    feats, labels = _features(n=2 * n_batches, d=clip.embed_dim)
+    g = torch.Generator().manual_seed(1)
+    batches = FeatureBatches(feats, labels, 2, g)
+    opt, seen = _recording_sgd(module.trainable_parameters(), base_lr)
+    schedule = make_schedule(
+        kind,
+        base_lr=base_lr,
+        epochs=epochs,
+        batches_per_epoch=len(batches),
+        accum=accum,
+        drop_partial=drop,
+        warmup_epochs=warmup,
+        warmup_lr=0.0 if kind == "timm_cosine" else 1e-5,
+        warmup_type="linear" if kind == "timm_cosine" else "constant",
+        min_lr_ratio=0.01 if kind == "timm_cosine" else 0.0,
+    )
+    train(
+        module,
+        kw.pop("wrap", lambda b: b)(batches),
+        opt,
+        epochs=epochs,
+        lr_schedule=schedule,
+        generator=g,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        grad_accum_steps=accum,
+        drop_partial_accum=drop,
+        **kw,
+    )
+    return module, seen
+
+
+# (epochs, warm-up epochs, batches per epoch, accumulation): ViFi-CLIP base-to-novel on HMDB
+# (11 / 5 epochs, 416 clips / 32 per iteration = 13 iterations, accumulation 2, a leftover batch each
+# epoch), its K400 bridge shape (10 / 5, accumulation 8) and a plain per-iteration run.
+@pytest.mark.parametrize("epochs,warmup,n_batches,accum", [(11, 5, 13, 2), (10, 5, 20, 8), (4, 1, 6, 1)])
+def test_timm_schedule_matches_vificlip_reference(clip, tmp_path, epochs, warmup, n_batches, accum):
+    _, ours = _train_lrs(
+        clip,
+        tmp_path,
+        "timm_cosine",
+        epochs=epochs,
+        warmup=warmup,
+        n_batches=n_batches,
+        accum=accum,
+        drop=True,
+    )
+    ref = _vificlip_reference_lrs(8e-6, epochs, warmup, n_batches, accum)
+    assert len(ours) == len(ref) == epochs * (n_batches // accum)
+    assert ours == pytest.approx(ref, rel=1e-12, abs=0)
+    # not Dassl's schedule: after the warm-up it is well below a cosine restarted at the lr
+    k = warmup * (n_batches // accum)
+    dassl = [lr_at(e, 8e-6, epochs, warmup, 0.0, "linear") for e in range(epochs)]
+    assert sum(ref[k:]) / len(ref[k:]) < 0.6 * sum(dassl[warmup:]) / len(dassl[warmup:])
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_dassl_schedule_through_the_engine_is_per_epoch(clip, tmp_path, accum):
+    epochs, n_batches = 5, 5  # accumulation 2: 3 steps per epoch, the last on one batch
+    _, seen = _train_lrs(
+        clip, tmp_path, "dassl_cosine", epochs=epochs, warmup=1, n_batches=n_batches, accum=accum, drop=False
+    )
+    per = -(-n_batches // accum)
+    assert seen == [
+        lr_at(e, 8e-6, epochs, 1, 1e-5) for e in range(epochs) for _ in range(per)
+    ]  # bit-identical
+
+
+def test_resume_keeps_the_step_clock(clip, tmp_path):
+    """A resumed per-iteration run steps at the same lrs and ends at the same tensors."""
+    kw = dict(epochs=4, warmup=1, n_batches=5, accum=2, drop=True, base_lr=0.5)
+    full, full_lrs = _train_lrs(clip, tmp_path / "full", "timm_cosine", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        _train_lrs(clip, tmp_path / "cut", "timm_cosine", wrap=lambda b: _Interrupting(b, 2), **kw)
+    resumed, tail = _train_lrs(clip, tmp_path / "cut", "timm_cosine", resume=True, **kw)
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)["step"] == 8
+    assert tail == full_lrs[4:]  # epochs 3-4: 2 steps each
+    torch.testing.assert_close(resumed.ctx, full.ctx, rtol=0, atol=0)
+
+
 def _features(n=24, d=32, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, n, d, generator=g), torch.arange(n) % c
@@ -90,7 +222,7 @@ def _run(clip, tmp_path, epochs=4, resume=False, stop_after=None, loss_hook=None
         batches,
         opt,
         epochs=epochs,
-        lr_fn=lambda e: lr_at(e, 0.1, epochs, 1, 1e-3),
+        lr_schedule=per_epoch(lambda e: lr_at(e, 0.1, epochs, 1, 1e-3), len(batches)),
         generator=g,
         run_dir=tmp_path,
         device=torch.device("cpu"),
@@ -334,7 +466,7 @@ def _one_epoch(clip, tmp_path, **kw):
         FeatureBatches(feats, labels, 8, g),
         opt,
         epochs=1,
-        lr_fn=lambda e: 1.0,
+        lr_schedule=lambda k: 1.0,
         generator=g,
         run_dir=tmp_path,
         device=torch.device("cpu"),
@@ -379,7 +511,7 @@ def test_param_group_lr_scale_follows_the_schedule(clip, tmp_path):
         batches,
         opt,
         epochs=3,
-        lr_fn=lambda e: schedule[e],
+        lr_schedule=per_epoch(lambda e: schedule[e], len(batches)),
         generator=torch.Generator().manual_seed(0),
         run_dir=tmp_path,
         device=torch.device("cpu"),

@@ -480,7 +480,7 @@ def test_router_follows_the_gate_loss(tiny_clip: FrozenCLIP, tmp_path: Path) -> 
             FeatureBatches(feats, labels, 32, torch.Generator().manual_seed(0)),
             opt,
             epochs=5,
-            lr_fn=lambda e: 0.5,
+            lr_schedule=lambda k: 0.5,
             generator=torch.Generator().manual_seed(0),
             run_dir=tmp_path / str(weight),
             device=torch.device("cpu"),

@@ -111,7 +111,7 @@ def test_grad_accumulation_equals_the_big_batch(tiny_clip, tmp_path: Path) -> No
             FeatureBatches(feats, labels, batch, g, shuffle=False),
             opt,
             epochs=1,
-            lr_fn=lambda e: 1.0,
+            lr_schedule=lambda k: 1.0,
             generator=g,
             run_dir=tmp_path / f"r{batch}",
             device=torch.device("cpu"),
