@@ -327,8 +327,10 @@ class FrozenCLIP(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        """exp(learned temperature), as CLIP multiplies cosine similarities by it. Scalar tensor."""
-        return self.model.logit_scale.detach().float().exp().reshape(())
+        """exp(learned temperature), as CLIP multiplies cosine similarities by it. Scalar tensor; a graph
+        into the temperature only when a method unfroze it (``TEMPERATURE`` in its backbone parts)."""
+        t = self.model.logit_scale
+        return (t if t.requires_grad else t.detach()).float().exp().reshape(())
 
     @property
     def eot_token_id(self) -> int:
@@ -357,14 +359,23 @@ class FrozenCLIP(nn.Module):
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
-    def tower_parts(self, tower: str) -> tuple[str, ...]:
+    #: The learned temperature as a backbone part (``logit_scale`` in open_clip and HF models alike).
+    TEMPERATURE = "model.logit_scale"
+
+    def tower_parts(self, tower: str, *, word_embeddings: bool = True) -> tuple[str, ...]:
         """Names (sub-modules or parameters, relative to this object) holding one tower's weights.
 
         Args:
-            tower: ``"image"``, ``"text"`` or ``"both"``. The learned temperature is in neither.
+            tower: ``"image"``, ``"text"`` or ``"both"``. The learned temperature is in neither
+                (:attr:`TEMPERATURE` names it).
+            word_embeddings: include the text tower's token-embedding table. Without it the text parts
+                are the tower's other sub-modules and parameters (ViFi-CLIP fine-tunes the text tower
+                on embeddings computed once from the frozen table).
         """
         if tower == "both":
-            return self.tower_parts("image") + self.tower_parts("text")
+            return self.tower_parts("image") + self.tower_parts("text", word_embeddings=word_embeddings)
+        if tower == "text" and not word_embeddings:
+            return self._without_module(self.tower_parts("text"), self._tok_emb)
         m = self.model
         if tower == "image":
             return (
@@ -380,6 +391,25 @@ class FrozenCLIP(nn.Module):
             return ("model.text",)
         names = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
         return tuple(f"model.{n}" for n in names if getattr(m, n, None) is not None)
+
+    def _without_module(self, parts: Sequence[str], excluded: nn.Module) -> tuple[str, ...]:
+        """``parts`` with every part that contains ``excluded`` replaced by its other children."""
+        out: list[str] = []
+        for name in parts:
+            try:
+                mod = self.get_submodule(name)
+            except AttributeError:  # a parameter
+                out.append(name)
+                continue
+            if mod is excluded:
+                continue
+            if not any(m is excluded for m in mod.modules()):
+                out.append(name)
+                continue
+            children = [f"{name}.{n}" for n, _ in mod.named_children()]
+            own = [f"{name}.{n}" for n, _ in mod.named_parameters(recurse=False)]
+            out += own + list(self._without_module(children, excluded))
+        return tuple(out)
 
     def unfreeze(self, parts: Sequence[str]) -> None:
         """Make the named sub-modules or parameters trainable (a method fine-tuning the backbone)."""

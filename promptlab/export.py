@@ -140,7 +140,7 @@ def save_prompts(module: PromptModule, out_dir: str | Path, *, extra: dict | Non
             "rows": "classnames, in order",
             "usage": "logits = logit_scale * normalize(image_features) @ class_embeddings.T",
         }
-        config["logit_scale"] = float(clip.logit_scale)
+        config["logit_scale"] = float(clip.logit_scale.detach())
     config["files"] = {name: {"sha256": hashlib.sha256(b).hexdigest()} for name, b in blobs.items()}
     config.update(extra)
     try:

@@ -69,9 +69,10 @@ def test_bridge_tunes_towers_prompt_tunes_prompts_only() -> None:
     after = clip.model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("visual.") for k in moved) and any(k.startswith("transformer.") for k in moved)
-    assert "logit_scale" not in moved and clip.fingerprint() == pretrained_fp  # pinned identity
+    assert "logit_scale" in moved and "token_embedding.weight" not in moved
+    assert clip.fingerprint() == pretrained_fp  # pinned identity
     state = bridge.prompt_state_dict()
-    assert state and all(k.startswith("clip.model.") for k in state) and "clip.model.logit_scale" not in state
+    assert state and all(k.startswith("clip.model.") for k in state) and "clip.model.logit_scale" in state
     # the learned tensors rebuild the bridged model on a fresh pretrained backbone
     fresh = ViFiCLIP(load_clip("tiny"), CLASSES, stage="bridge")
     with torch.no_grad():
@@ -93,6 +94,48 @@ def test_bridge_tunes_towers_prompt_tunes_prompts_only() -> None:
     assert all(
         not torch.equal(v, prompt.prompt_state_dict()[k]) for k, v in learned.items()
     )  # every prompt moved
+
+
+def _reference_trainable(model: torch.nn.Module, use: str) -> set[str]:
+    """What muzairkhattak/ViFi-CLIP trains in the bridge stage, by CLIP (OpenAI layout) parameter name.
+
+    trainers/vificlip.py: ViFiCLIP holds image_encoder = clip_model.visual, text_encoder =
+    TextEncoder(transformer, positional_embedding, ln_final, text_projection) and logit_scale (L175-181);
+    the text enters as complete_text_embeddings, a buffer computed from token_embedding at build time
+    (L107-114), so token_embedding is no parameter of it. returnCLIP (L228-249): USE="both" sets
+    requires_grad on every named parameter, "image" on names containing "image_encoder", "text" on
+    names containing "text_encoder".
+    """
+    text = ("transformer.", "positional_embedding", "ln_final.", "text_projection")
+    names = {n for n, _ in model.named_parameters() if n != "token_embedding.weight"}
+    if use == "both":
+        return names
+    if use == "image":
+        return {n for n in names if n.startswith("visual.")}
+    return {n for n in names if n.startswith(text)}
+
+
+@pytest.mark.parametrize("use", ["both", "image", "text"])
+def test_bridge_trains_what_the_reference_trains(use: str) -> None:
+    clip = load_clip("tiny")
+    bridge = ViFiCLIP(clip, CLASSES, stage="bridge", tune=use)
+    ours = {n for n, p in clip.model.named_parameters() if p.requires_grad}
+    assert ours == _reference_trainable(clip.model, use)
+    assert ("logit_scale" in ours) == (use == "both") and "token_embedding.weight" not in ours
+    if use == "both":  # the temperature learns: it has a gradient and moves
+        before = float(clip.model.logit_scale.detach())
+        _step(bridge, clips(), torch.tensor([0, 2]))
+        assert clip.model.logit_scale.grad is not None and float(clip.model.logit_scale.detach()) != before
+
+
+def test_bridge_text_parts_without_word_embeddings_on_hf(hf_clip_dir: Path) -> None:
+    clip = load_clip("hf-tiny", str(hf_clip_dir))
+    ViFiCLIP(clip, CLASSES, stage="bridge", tune="text")
+    names = {n for n, p in clip.model.named_parameters() if p.requires_grad}
+    every_text = {
+        n for n, _ in clip.model.named_parameters() if n.startswith(("text_model.", "text_projection"))
+    }
+    assert names == every_text - {"text_model.embeddings.token_embedding.weight"}
 
 
 def test_grad_accumulation_equals_the_big_batch(tiny_clip, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ A video is T frames; each goes through CLIP's image tower and the frame features
 time; the video feature is matched to class-name text features as in CLIP. Two stages:
 
 - ``stage="bridge"``: fine-tune the towers (``tune``: both, image or text) on video, with the prompt
-  "a photo of a {class}." (AdamW, label smoothing, optional mixup / CutMix in the recipe). The run
+  "a photo of a {class}." (AdamW, label smoothing, optional mixup / CutMix in the recipe). As in the
+  reference, ``both`` trains the temperature too, and the word-embedding table never trains. The run
   writes the tuned backbone as a normal checkpoint folder (``<run>/backbone``; ``save_clip``).
 - ``stage="prompt"``: on the bridged backbone (``model.pretrained=<run>/backbone``), frozen, learn
   deep vision + language prompts (IVLP-style: independent tokens in each tower to ``prompt_depth_*``).
@@ -47,7 +48,8 @@ class ViFiCLIP(PromptModule):
 
     Args:
         stage: ``"bridge"`` fine-tunes backbone weights; ``"prompt"`` freezes them and learns prompts.
-        tune: bridge stage: which towers learn, ``"both"``, ``"image"`` or ``"text"``.
+        tune: bridge stage: which towers learn, ``"both"`` (with the temperature), ``"image"`` or
+            ``"text"``; never the token-embedding table.
         template: bridge stage: the text prompt (ViFi-CLIP: "a photo of a {}.").
         n_ctx_text / n_ctx_vision: prompt stage: learned tokens per layer in each tower.
         ctx_init: prompt stage: words initialising the text context (ViFi-CLIP uses them only for
@@ -78,7 +80,12 @@ class ViFiCLIP(PromptModule):
         self.stage, self.template, self.label_smoothing = stage, template, label_smoothing
         if stage == "bridge":
             clip.fingerprint()  # pin the pretrained identity before the weights move (exports name it)
-            self.trainable_backbone_parts = clip.tower_parts(tune)
+            # trainers/vificlip.py returnCLIP: USE="both" trains every ViFiCLIP parameter, logit_scale
+            # included; "image" / "text" only image_encoder / text_encoder. The text enters as
+            # complete_text_embeddings, a buffer of token embeddings computed once: the word
+            # embeddings are not a ViFiCLIP parameter and never train.
+            temperature = (clip.TEMPERATURE,) if tune == "both" else ()
+            self.trainable_backbone_parts = clip.tower_parts(tune, word_embeddings=False) + temperature
             clip.unfreeze(self.trainable_backbone_parts)
         else:
             self.n_ctx_text = n_ctx_text
