@@ -301,19 +301,56 @@ def test_stream_without_timestamps_decodes_from_the_start(
 
 
 # ---------------------------------------------------------------------- transforms and batches
-def test_one_augmentation_per_clip() -> None:
+def test_one_geometry_per_clip_colour_jitter_per_frame() -> None:
     g = torch.Generator().manual_seed(0)
     frame = torch.randint(0, 255, (1, 3, 40, 48), generator=g, dtype=torch.uint8)
     clip = frame.expand(6, -1, -1, -1).contiguous()  # six identical frames
-    t = ClipTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True)
-    outs = [t(clip, torch.Generator().manual_seed(s)) for s in range(6)]
+    plain = ClipTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True, jitter_p=0.0, gray_p=0.0)
+    outs = [plain(clip, torch.Generator().manual_seed(s)) for s in range(6)]
     for out in outs:
         assert out.shape == (6, 3, 32, 32)
-        assert torch.equal(out, out[:1].expand_as(out))  # every frame got the same crop, flip and colour
+        assert torch.equal(out, out[:1].expand_as(out))  # every frame got the same crop and flip
     assert any(not torch.equal(outs[0], o) for o in outs[1:])  # but clips differ
+    t = ClipTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True)  # ViFi-CLIP's p 0.8 / 0.2
+    jittered = [t(clip, torch.Generator().manual_seed(s)) for s in range(6)]
+    assert sum(not torch.equal(o, o[:1].expand_as(o)) for o in jittered) >= 3  # colour drawn per frame
     three = ClipTransform(32, (0.5,) * 3, (0.25,) * 3, train=False, crops=3)(clip)
     assert three.shape == (3, 6, 3, 32, 32)
     assert not torch.equal(three[0], three[1])  # left and right crops of a 48-wide frame differ
+
+
+def test_colour_augmentation_matches_the_reference() -> None:
+    """muzairkhattak/ViFi-CLIP datasets/pipeline.py ColorJitter (L1695-1712): when it fires (p 0.8 per
+    clip) each frame goes through torchvision.transforms.ColorJitter(brightness=0.4, contrast=0.4,
+    saturation=0.2, hue=0.1) as a PIL image, i.e. a fresh get_params draw (random order, factors) per
+    frame; GrayScale (L1716-1730): torchvision Grayscale(num_output_channels=3) on every frame."""
+    import numpy as np
+    import torchvision
+    from PIL import Image
+
+    from promptlab.video.data import color_augment, gray_frames, jitter_frames
+
+    frames = torch.randint(
+        0, 256, (5, 3, 20, 24), generator=torch.Generator().manual_seed(3), dtype=torch.uint8
+    )
+    imgs = [f.permute(1, 2, 0).numpy().copy() for f in frames]  # the pipeline's HWC uint8 RGB frames
+    worker = torchvision.transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    torch.manual_seed(7)  # the reference draws from torch's global RNG; ours from a generator in the same way
+    ref = [np.asarray(worker(Image.fromarray(img))) for img in imgs]
+    ours = jitter_frames(frames, torch.Generator().manual_seed(7))
+    assert torch.equal(ours, torch.from_numpy(np.stack(ref)).permute(0, 3, 1, 2))
+    assert len({tuple(f.flatten()[:50].tolist()) for f in ours}) == 5  # five different draws
+    gray = torchvision.transforms.Grayscale(num_output_channels=3)
+    ref_gray = np.stack([np.asarray(gray(Image.fromarray(img))) for img in imgs])
+    assert torch.equal(gray_frames(frames), torch.from_numpy(ref_gray).permute(0, 3, 1, 2))
+    # the switches: p 1 / 0 is jitter only, p 0 / 1 grey only, 0 / 0 untouched
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(color_augment(frames, torch.Generator().manual_seed(7), 0.0, 0.0), frames)
+    assert torch.equal(color_augment(frames, torch.Generator().manual_seed(7), 0.0, 1.0), gray_frames(frames))
+    torch.rand((), generator=g)  # color_augment's first draw is the jitter switch
+    assert torch.equal(
+        color_augment(frames, torch.Generator().manual_seed(7), 1.0, 0.0), jitter_frames(frames, g)
+    )
 
 
 def _items(paths, labels):

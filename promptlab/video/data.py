@@ -11,8 +11,10 @@ A video item is an ``Item`` whose path is a video file (decoded with PyAV) or a 
   frame at (v + 0.5) / clips of each segment. ViFi-CLIP's multi-view test draws its 4 clips with the
   *training* sampler (random offsets); ours are deterministic, so a test score does not depend on RNG.
 
-Spatial augmentation is drawn once per clip and applied to all its frames (ViFi-CLIP's colour jitter
-is drawn per frame; a clip should look like one video, so we do not). A file that cannot be decoded
+Training augmentation follows ViFi-CLIP's pipeline: crop and flip are drawn once per clip; colour
+jitter is switched on once per clip but each frame draws its own factors and order (torchvision
+ColorJitter applied frame by frame, on PIL images as the reference does), and grayscale, once per clip,
+turns every frame grey. A file that cannot be decoded
 is logged by path and dropped from its batch; the batches count what they skipped. An epoch never
 stops on a bad video.
 """
@@ -27,7 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import transforms as T1
+from torchvision.transforms import functional as F1
 from torchvision.transforms.v2 import functional as TF
 
 from promptlab import distributed
@@ -40,6 +45,11 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)  # MultiScaleCrop scales of ViFi-CLIP's train pipeline
+# ViFi-CLIP datasets/pipeline.py ColorJitter (L1695-1712): p 0.8 (AUG.COLOR_JITTER) per clip, then
+# torchvision ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) on each frame;
+# GrayScale (L1716-1730): p 0.2 (AUG.GRAY_SCALE) per clip. Ranges as torchvision derives them.
+_JITTER = T1.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+JITTER_P, GRAY_P = 0.8, 0.2
 
 
 # ---------------------------------------------------------------------- sampling
@@ -75,13 +85,74 @@ def sample_frame_indices(
 
 
 # ---------------------------------------------------------------------- transforms
+def _jitter_params(g: torch.Generator | None) -> tuple[list[int], float, float, float, float]:
+    """torchvision ``ColorJitter.get_params`` drawn from ``g``: the order of the four adjustments, then
+    brightness, contrast, saturation and hue factors (the same draws, in the same order)."""
+
+    def uniform(lo_hi: list[float]) -> float:
+        return float(torch.empty(1).uniform_(lo_hi[0], lo_hi[1], generator=g))
+
+    order = torch.randperm(4, generator=g).tolist()
+    return (
+        order,
+        uniform(_JITTER.brightness),
+        uniform(_JITTER.contrast),
+        uniform(_JITTER.saturation),
+        uniform(_JITTER.hue),
+    )
+
+
+def _pil(frame: torch.Tensor) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(frame.permute(1, 2, 0).numpy()))  # uint8 [3, H, W] -> RGB
+
+
+def _tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # RGB -> uint8 [3, H, W]
+
+
+def jitter_frames(frames: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """torchvision ColorJitter(0.4, 0.4, 0.2, 0.1) on every frame of uint8 [T, 3, H, W], each frame with
+    its own factors and order drawn from ``generator``; through PIL, as ViFi-CLIP applies it."""
+    adjust = (F1.adjust_brightness, F1.adjust_contrast, F1.adjust_saturation, F1.adjust_hue)
+    out = []
+    for frame in frames:
+        order, *factors = _jitter_params(generator)
+        img = _pil(frame)
+        for i in order:
+            img = adjust[i](img, factors[i])
+        out.append(_tensor(img))
+    return torch.stack(out)
+
+
+def gray_frames(frames: torch.Tensor) -> torch.Tensor:
+    """torchvision Grayscale(num_output_channels=3) on every frame (PIL's luma), uint8 [T, 3, H, W]."""
+    return torch.stack([_tensor(F1.rgb_to_grayscale(_pil(f), num_output_channels=3)) for f in frames])
+
+
+def color_augment(
+    frames: torch.Tensor,
+    generator: torch.Generator | None,
+    jitter_p: float = JITTER_P,
+    gray_p: float = GRAY_P,
+) -> torch.Tensor:
+    """ViFi-CLIP's colour augmentation of one clip, uint8 [T, 3, H, W] -> uint8 [T, 3, H, W]: with
+    probability ``jitter_p`` (one draw per clip) :func:`jitter_frames`, then with probability
+    ``gray_p`` (one draw per clip) :func:`gray_frames`."""
+    if float(torch.rand((), generator=generator)) < jitter_p:
+        frames = jitter_frames(frames, generator)
+    if float(torch.rand((), generator=generator)) < gray_p:
+        frames = gray_frames(frames)
+    return frames
+
+
 @dataclass
 class ClipTransform:
-    """One augmentation per clip, applied to all its frames: uint8 [T, 3, H, W] -> float clips.
+    """Clip augmentation, uint8 [T, 3, H, W] -> float clips.
 
     Training (ViFi-CLIP's pipeline): short side to 256/224 of ``size``, multi-scale crop from fixed
-    positions, resize to ``size`` x ``size``, horizontal flip (p 0.5), colour jitter (p 0.8:
-    brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), grayscale (p 0.2), normalise.
+    positions, resize to ``size`` x ``size``, horizontal flip (p 0.5) (these once per clip), colour
+    jitter (p 0.8 per clip; brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1 drawn per frame),
+    grayscale (p 0.2 per clip), normalise (:func:`color_augment`).
     Returns [T, 3, S, S]. Evaluation: short side to 256/224 of ``size`` and a centre crop, or with
     ``crops=3`` short side to ``size`` and three crops along the long side; returns [crops, T, 3, S, S].
     """
@@ -91,6 +162,8 @@ class ClipTransform:
     std: tuple[float, ...]
     train: bool
     crops: int = 1
+    jitter_p: float = JITTER_P  # probability of colour jitter per clip (ViFi-CLIP AUG.COLOR_JITTER)
+    gray_p: float = GRAY_P  # probability of grayscale per clip (AUG.GRAY_SCALE)
 
     def __call__(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.train:
@@ -124,14 +197,7 @@ class ClipTransform:
         x = TF.resize(TF.crop(x, top, left, ch, cw), [self.size, self.size], antialias=True)
         if rand() < 0.5:
             x = TF.horizontal_flip(x)
-        if rand() < 0.8:
-            x = TF.adjust_brightness(x, 0.6 + 0.8 * rand())
-            x = TF.adjust_contrast(x, 0.6 + 0.8 * rand())
-            x = TF.adjust_saturation(x, 0.8 + 0.4 * rand())
-            x = TF.adjust_hue(x, -0.1 + 0.2 * rand())
-        if rand() < 0.2:
-            x = TF.rgb_to_grayscale(x, num_output_channels=3)
-        return x
+        return color_augment(x, g, self.jitter_p, self.gray_p)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return TF.normalize(x.float() / 255.0, list(self.mean), list(self.std))
