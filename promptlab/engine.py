@@ -356,6 +356,11 @@ def train(
     n_batches = len(batches)
     # batches that end in an optimizer step; the rest (a dropped partial group) are skipped
     used = steps_per_epoch(n_batches, accum, drop_partial_accum) * accum if drop_partial_accum else n_batches
+    if used == 0 and epochs > 0:
+        raise ValueError(
+            f"{n_batches} batches per epoch and grad_accum_steps={accum} with drop_partial_accum: no optimizer "
+            "step would ever run (lower train.grad_accum_steps or train.batch_size)"
+        )
     start, opt_step = 0, 0  # epochs done, optimizer steps done
     if resume and ckpt_path.exists():
         start, saved_step = restore_training_state(ckpt_path, module, optimizer, generator)

@@ -185,6 +185,11 @@ def test_resume_keeps_the_step_clock(clip, tmp_path):
     torch.testing.assert_close(resumed.ctx, full.ctx, rtol=0, atol=0)
 
 
+def test_dropping_every_batch_is_refused(clip, tmp_path):
+    with pytest.raises(ValueError, match="no optimizer step"):
+        _train_lrs(clip, tmp_path, "timm_cosine", epochs=2, warmup=1, n_batches=3, accum=4, drop=True)
+
+
 def _features(n=24, d=32, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, n, d, generator=g), torch.arange(n) % c
