@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from promptlab import distributed
 from promptlab.clip import load_clip
-from promptlab.engine import ImageBatches, lr_at, train
+from promptlab.engine import ImageBatches, lr_at, per_epoch, train
 from promptlab.methods import IVLP, MaPLe, ViFiCLIP
 from promptlab.prompts import PromptModule
 from promptlab.video.data import VideoBatches
@@ -147,7 +147,7 @@ def _train(
         batches,
         optim(module.trainable_parameters()),
         epochs=EPOCHS,
-        lr_fn=lambda e: lr_at(e, 1.0, EPOCHS, 1, 0.1),  # a factor on each optimizer's own lr
+        lr_schedule=per_epoch(lambda e: lr_at(e, 1.0, EPOCHS, 1, 0.1), len(batches)),  # Dassl's, per epoch
         generator=g,
         run_dir=run_dir,
         device=torch.device("cpu"),
