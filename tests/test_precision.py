@@ -134,7 +134,7 @@ def _train(tmp_path: Path, precision: str, amp: str, lr: float, epochs: int, hoo
         batches,
         opt,
         epochs=epochs,
-        lr_fn=lambda e: lr,
+        lr_schedule=lambda k: lr,
         generator=g,
         run_dir=tmp_path,
         device=torch.device("cpu"),
