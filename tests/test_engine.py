@@ -521,5 +521,5 @@ def test_param_group_lr_scale_follows_the_schedule(clip, tmp_path):
         run_dir=tmp_path,
         device=torch.device("cpu"),
     )
-    per_epoch = [lr for step in seen[:: len(batches)] for lr in step]
-    assert per_epoch == pytest.approx([v for lr in schedule for v in (lr, 0.1 * lr)], rel=1e-12)
+    epoch_lrs = [lr for step in seen[:: len(batches)] for lr in step]
+    assert epoch_lrs == pytest.approx([v for lr in schedule for v in (lr, 0.1 * lr)], rel=1e-12)
