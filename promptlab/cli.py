@@ -2,6 +2,19 @@
 
 Recipes are named by path or relative to the repository's ``recipes/`` folder
 (``fewshot/coop_vit_b16``); ``key=value`` arguments override recipe keys.
+
+Errors end the command with one line naming the file or key and an exit code saying which kind of
+problem it is (``--debug`` shows the traceback instead):
+
+- 0: done;
+- 1: the command ran but did not succeed (some jobs of a sweep failed), or an unexpected internal
+  error;
+- 2: the command, a recipe, a dataset YAML, an export or the run directory is not valid for what
+  was asked (unknown key, value out of range, recipe not found, untrusted component, a run
+  directory in use or holding another run);
+- 3: a file cannot be read or written (missing or unreadable image, permissions, an output path
+  that is a file, disk full);
+- 4: training stopped on a non-finite loss (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from promptlab.resources import resource_dir
 from promptlab.suggest import did_you_mean
 
 RECIPES_DIR = resource_dir("recipes")
+EXIT_FAILED, EXIT_INVALID, EXIT_IO, EXIT_DIVERGED = 1, 2, 3, 4  # see the module docstring
 DEFAULT_RECIPE = "demo/coop_tiny"
 # `promptlab import --from` choices: the keys of promptlab.importers.SOURCES (a test keeps them equal),
 # named here so that building the parser does not import torch.
@@ -85,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_recipe(path, overrides, check_paths=False)
     ensure_data(cfg)
     cfg = load_recipe(path, overrides, check_paths=True)
-    metrics = run(cfg)
+    metrics = run(cfg, overwrite=args.overwrite)
     print(
         f"{metrics['dataset']} {metrics['split']} accuracy: {metrics['accuracy']:.2f}% (n={metrics['n']}) -> {cfg.output_dir}"
     )
@@ -121,7 +135,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
     if dest.is_dir():
         dest = dest / src.name
     if dest.exists() and not args.force:
-        raise SystemExit(f"promptlab: {dest} exists; pass --force to overwrite")
+        raise FileExistsError(f"{dest} exists; pass --force to overwrite")
     shutil.copyfile(src, dest)
     print(dest)
     return 0
@@ -231,6 +245,7 @@ def _add_import_command(sub: argparse._SubParsersAction, name: str, source: str 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="promptlab", description="Prompt learning on frozen CLIP models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     p.add_argument(
         "--trust-module",
         action="append",
@@ -253,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="STEPS",
         help="profile STEPS training steps (default 5) and print where a step's time goes",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in output_dir (without it a finished or interrupted run there is kept; "
+        "resume=true continues it with the same configuration)",
     )
     r.set_defaults(func=cmd_run)
 
@@ -305,16 +326,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from promptlab.config import ConfigError
     from promptlab.trust import trust_modules
 
     trust_modules(args.trust_module)  # in the environment too: sweep jobs and torchrun ranks inherit it
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-        print(f"promptlab: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        code, message = describe_error(e)
+        print(f"promptlab: error: {message}", file=sys.stderr)
+        if code == EXIT_FAILED:
+            print("promptlab: this looks like a bug; rerun with --debug for the traceback", file=sys.stderr)
+        return code
+
+
+def describe_error(e: BaseException) -> tuple[int, str]:
+    """The exit code (see the module docstring) and the one-line message for an error a command raised."""
+    from PIL import Image
+
+    from promptlab.config import ConfigError
+
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() adds quotes
+    text = text.strip() or type(e).__name__
+    first = text.splitlines()[0]
+    if isinstance(e, FloatingPointError):
+        return EXIT_DIVERGED, text
+    if isinstance(e, Image.DecompressionBombError):
+        return EXIT_IO, f"{text} (raise PIL.Image.MAX_IMAGE_PIXELS only for images you trust)"
+    if isinstance(e, OSError):
+        return EXIT_IO, text
+    if isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return EXIT_IO, f"cannot write a file: disk full or not writable ({first})"
+    if isinstance(e, (ConfigError, ValueError, KeyError, RuntimeError)):
+        return EXIT_INVALID, text
+    return EXIT_FAILED, f"{type(e).__name__}: {first}"
 
 
 if __name__ == "__main__":

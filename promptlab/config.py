@@ -70,7 +70,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Schema. Field metadata: ``component=(runtime args...)`` marks a ``_component_`` node and lists the
 # arguments the engine passes at build time (excluded from validation), ``kind=`` its role under the
-# trust rule (promptlab.trust); ``pattern=(regex, description)``
+# trust rule (promptlab.trust); ``min=`` the smallest number allowed; ``pattern=(regex, description)``
 # constrains a string; ``path=True`` marks a value that must exist when ``check_paths`` is on.
 # Fields without a default are required; defaulted fields may be left out and are filled in on load.
 # --------------------------------------------------------------------------------------------------
@@ -95,23 +95,25 @@ class DataConfig:
 
     root: str = field(metadata={"path": True})  # $DATA in CoOp's DATASETS.md layout; must exist
     name: str  # a dataset under datasets/ (oxford_pets, imagenet, ..., synthetic)
-    num_workers: int = 4  # DataLoader workers
+    num_workers: int = field(default=4, metadata={"min": 0})  # DataLoader workers
     # RandomResizedCrop area range of the training transform; CoOp/Dassl: [0.08, 1.0]. Tiny images
     # (the 48 px sandbox) lose their content at 8 % crops and use a milder range.
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     # official split 1..3 of video datasets (UCF101, HMDB51): fills `{fold}` in their list names
-    fold: int = 1
+    fold: int = field(default=1, metadata={"min": 1})
 
 
 @dataclass
 class TrainConfig:
     """The training loop (``promptlab.engine.train``)."""
 
-    epochs: int = 200  # 0 = no training (zero-shot evaluation only)
+    epochs: int = field(default=200, metadata={"min": 0})  # 0 = no training (zero-shot evaluation only)
     epochs_by_shots: dict[int, int] = field(default_factory=dict)  # shots -> epochs; overrides `epochs`
-    batch_size: int = 32
-    warmup_epochs: int = 1  # warm-up epochs before the cosine schedule starts
-    warmup_lr: float = 1.0e-5  # constant warm-up lr (Dassl WARMUP_CONS_LR); start lr of linear warm-up
+    batch_size: int = field(default=32, metadata={"min": 1})
+    # warm-up epochs before the cosine schedule starts
+    warmup_epochs: int = field(default=1, metadata={"min": 0})
+    # constant warm-up lr (Dassl WARMUP_CONS_LR); start lr of linear warm-up
+    warmup_lr: float = field(default=1.0e-5, metadata={"min": 0})
     warmup_type: Literal["constant", "linear"] = "constant"
     # dassl_cosine: one lr per epoch, cosine restarting at the lr after the warm-up (CoOp, Dassl forks);
     # timm_cosine: timm's CosineLRScheduler per iteration, warm-up then the cosine at the absolute
@@ -125,11 +127,14 @@ class TrainConfig:
     # frozen image side: train on aug_views cached augmented views per image (a speed option, seeded by
     # the run seed); false = the references' protocol, a fresh crop + flip every epoch
     feature_cache: bool = True
-    aug_views: int = 10  # augmented views per training image encoded once for the feature cache
-    checkpoint_every: int = 1  # epochs between checkpoints
-    log_every: int = 20
-    profile_steps: int = 0  # > 0: profile that many training steps (after 2 warm-up steps) and log where time goes  # steps between log lines
-    grad_accum_steps: int = 1  # optimizer step every N batches (effective batch = N x batch_size)
+    # augmented views per training image encoded once for the feature cache
+    aug_views: int = field(default=10, metadata={"min": 1})
+    checkpoint_every: int = field(default=1, metadata={"min": 1})  # epochs between checkpoints
+    log_every: int = field(default=20, metadata={"min": 1})  # steps between TensorBoard scalars
+    # > 0: profile that many training steps (after 2 warm-up steps) and log where time goes
+    profile_steps: int = field(default=0, metadata={"min": 0})
+    # optimizer step every N batches (effective batch = N x batch_size)
+    grad_accum_steps: int = field(default=1, metadata={"min": 1})
     # drop each epoch's last, incomplete accumulation group instead of stepping on it (ViFi-CLIP
     # zeroes its gradient at the next epoch's start)
     drop_partial_accum: bool = False
@@ -139,12 +144,16 @@ class TrainConfig:
 class VideoConfig:
     """Clips of video datasets (``modality: video``; see ``promptlab.video``). Ignored for images."""
 
-    num_frames: int = 8  # T frames per clip, one per temporal segment (ViFi-CLIP: 32)
-    test_clips: int = 1  # temporal views per test video (ViFi-CLIP multi-view test: 4)
-    test_crops: int = 1  # spatial views per test clip: 1 (centre) or 3 (ViFi-CLIP multi-view test)
+    # T frames per clip, one per temporal segment (ViFi-CLIP: 32)
+    num_frames: int = field(default=8, metadata={"min": 1})
+    # temporal views per test video (ViFi-CLIP multi-view test: 4)
+    test_clips: int = field(default=1, metadata={"min": 1})
+    # spatial views per test clip: 1 (centre) or 3 (ViFi-CLIP multi-view test)
+    test_crops: int = field(default=1, metadata={"min": 1})
     normalize: Literal["clip", "imagenet"] = "clip"  # pixel mean/std; ViFi-CLIP normalises with ImageNet's
-    mixup: float = 0.0  # mixup Beta alpha on training batches; 0 = off (ViFi-CLIP: 0.8)
-    cutmix: float = 0.0  # CutMix Beta alpha; 0 = off (ViFi-CLIP: 1.0)
+    # mixup Beta alpha on training batches; 0 = off (ViFi-CLIP: 0.8)
+    mixup: float = field(default=0.0, metadata={"min": 0})
+    cutmix: float = field(default=0.0, metadata={"min": 0})  # CutMix Beta alpha; 0 = off (ViFi-CLIP: 1.0)
     mix_switch_prob: float = 0.5  # probability of CutMix rather than mixup when both are on
 
 
@@ -152,7 +161,7 @@ class VideoConfig:
 class EvalConfig:
     """Evaluation of the last-epoch model (CoOp protocol: no model selection)."""
 
-    batch_size: int = 100
+    batch_size: int = field(default=100, metadata={"min": 1})
     split: Literal["val", "test"] = "test"
 
 
@@ -449,6 +458,18 @@ def _validate_section(cfg: Any, schema: type, prefix: str, source: str, check_pa
         else:
             value = _plain(value, key, source)
             _check_value(value, tp, key, source)
+            low = f.metadata.get("min")
+            if (
+                low is not None
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and value < low
+            ):
+                raise ConfigError(f"must be >= {low}, got {value!r}", key=key, source=source)
+            if name == "epochs_by_shots" and isinstance(value, Mapping):
+                for shots, n in value.items():
+                    if isinstance(n, int) and n < 0:
+                        raise ConfigError(f"must be >= 0, got {n!r}", key=f"{key}.{shots}", source=source)
             pattern, allowed = f.metadata.get("pattern", (None, None))
             if pattern and isinstance(value, str) and not re.fullmatch(pattern, value):
                 raise ConfigError(f"expected {allowed}, got {value!r}", key=key, source=source)

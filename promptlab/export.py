@@ -44,6 +44,7 @@ __all__ = [
     "import_coop_checkpoint",
     "interpret",
     "load_prompts",
+    "read_prompt_config",
     "save_prompts",
 ]
 
@@ -189,6 +190,32 @@ def resolve_export_dir(path: Path) -> Path:
     return path
 
 
+def read_prompt_config(path: str | Path) -> dict[str, Any]:
+    """The ``prompt_config.json`` of an export directory (or of a run directory's ``prompts/``), checked.
+
+    Raises:
+        FileNotFoundError: there is none; ValueError: it is empty, not JSON, not a promptlab
+        prompt config, or of a newer format. Every message names the file.
+    """
+    cfg_path = resolve_export_dir(Path(path)) / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"{cfg_path}: no prompt export here (expected {CONFIG_FILE} from save_prompts)"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e}); export the prompts again") from e
+    if not isinstance(cfg, dict) or "method" not in cfg:
+        raise ValueError(f"{cfg_path}: not a promptlab prompt config (no 'method' entry)")
+    if int(cfg.get("format_version", 1)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{cfg_path}: export format {cfg['format_version']} is newer than this promptlab understands "
+            f"({FORMAT_VERSION}); upgrade promptlab"
+        )
+    return cfg
+
+
 def load_prompts(
     path: str | Path,
     clip: FrozenCLIP,
@@ -219,21 +246,7 @@ def load_prompts(
     """
     export_dir = resolve_export_dir(Path(path))
     cfg_path = export_dir / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(
-            f"{cfg_path}: no prompt export here (expected {CONFIG_FILE} from save_prompts)"
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict) or "method" not in cfg:
-        raise ValueError(f"{cfg_path}: not a promptlab prompt config (no 'method' entry)")
-    if int(cfg.get("format_version", 1)) > FORMAT_VERSION:
-        raise ValueError(
-            f"{cfg_path}: export format {cfg['format_version']} is newer than this promptlab understands "
-            f"({FORMAT_VERSION}); upgrade promptlab"
-        )
+    cfg = read_prompt_config(export_dir)
     method = cfg["method"]
     cls = method_class(cfg, cfg_path)
     _check_backbone(cfg, clip, cfg_path, strict_weights)

@@ -111,8 +111,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def atomic_save_torch(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj, path)``, atomically: an interrupted save never corrupts the last checkpoint."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save(obj, path)``, atomically: an interrupted save never corrupts the last checkpoint.
+
+    Raises:
+        OSError: the file could not be written (torch reports a full disk as a RuntimeError from its
+            zip writer, "inline_container.cc"; it is re-raised as an OSError naming ``path``).
+    """
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:
+        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise OSError(f"cannot write {path}: disk full or not writable ({first})") from e
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:

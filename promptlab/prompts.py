@@ -253,6 +253,8 @@ def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None = "") -> tor
                 n_ctx,
             )
         return ctx
+    if not isinstance(n_ctx, int) or n_ctx < 1:
+        raise ValueError(f"n_ctx must be a positive number of context tokens, got {n_ctx!r}")
     return nn.init.normal_(torch.empty(n_ctx, clip.width), std=0.02)
 
 

@@ -80,6 +80,17 @@ def close_file_logging(handler: logging.Handler | None) -> None:
         handler.close()
 
 
+def record_failure(handler: logging.Handler | None, exc: BaseException) -> None:
+    """Write why a run stopped, with its traceback, to ``log.txt`` only (the console gets one line from the CLI)."""
+    if handler is None:
+        return
+    record = logging.LogRecord(
+        "promptlab", logging.ERROR, __file__, 0, "run failed: %s: %s", (type(exc).__name__, exc), None
+    )
+    record.exc_info = (type(exc), exc, exc.__traceback__)
+    handler.handle(record)
+
+
 @contextmanager
 def run_log(run_dir: Path) -> Iterator[Any]:
     """``log.txt`` for the duration, and a TensorBoard ``SummaryWriter`` on ``run_dir/tb`` to log scalars to."""

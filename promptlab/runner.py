@@ -44,11 +44,12 @@ from promptlab.engine import (
     seed_everything,
     train,
 )
-from promptlab.export import load_prompts, resolve_export_dir, save_prompts
+from promptlab.export import load_prompts, read_prompt_config, resolve_export_dir, save_prompts
 from promptlab.features import cached_features
 from promptlab.io import atomic_write_json
 from promptlab.prompts import PromptModule
-from promptlab.runlog import close_file_logging, file_logging
+from promptlab.rundir import claim_run_dir
+from promptlab.runlog import close_file_logging, file_logging, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -200,21 +201,21 @@ def _video_batches(s: _Setup, items: list[Item], *, train_mode: bool, generator:
     )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Train (if the recipe has epochs) and evaluate the last-epoch model; returns the metrics.
 
     Launched by ``torchrun``, every process runs this; ``train.batch_size`` is the global batch,
-    and only rank 0 writes into the run directory.
+    and only rank 0 writes into the run directory. Rank 0 first claims the run directory
+    (:func:`promptlab.rundir.claim_run_dir`): it refuses a directory in use or holding another run
+    (unless ``overwrite``, or ``resume=true`` with the same configuration) and writes ``config.yaml``.
     """
     dist_info = distributed.init_from_env(cfg.device)  # no-op without torchrun
     is_main = distributed.is_main()
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim = claim_run_dir(run_dir, cfg, overwrite=overwrite) if is_main else None
     handler = file_logging(run_dir) if is_main else None
     t0 = time.time()
     try:
-        if is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         seed_everything(int(cfg.seed))
         device = distributed.local_device(resolve_device(cfg.device), dist_info)
         ds = prepare_data(cfg)
@@ -335,8 +336,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             run_dir / "metrics.json",
         )
         return out
+    except Exception as e:
+        record_failure(handler, e)  # log.txt says why the run stopped (NaN loss, disk full, ...)
+        raise
     finally:
         close_file_logging(handler)
+        if claim is not None:
+            claim.release()
         if dist_info.owns_group:
             distributed.shutdown()
 
@@ -394,7 +400,7 @@ def load_prompts_dir(
     on ``pretrained`` weights given instead), in the precision it was trained in (``reference_fp16``
     prompts are evaluated in fp16, as there)."""
     prompts_dir = resolve_export_dir(Path(prompts_dir))
-    meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
+    meta = read_prompt_config(prompts_dir)
     precision = meta.get("precision", "fp32")
     clip = load_clip(meta["arch"], pretrained or meta.get("pretrained"), device=device, precision=precision)
     return load_prompts(prompts_dir, clip, strict_weights=pretrained is None, hparams=hparams)
@@ -406,7 +412,7 @@ def _eval_dataset_hparams(prompts_dir: Path, method_cfg: DictConfig, ds: Dataset
 
     ``dataset_name`` is not refilled: it selects learned structure (MoCoOp's experts per template group).
     """
-    meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
+    meta = read_prompt_config(prompts_dir)
     if meta.get("dataset") in (None, ds.name) or "template" not in (meta.get("hparams") or {}):
         return {}
     return {} if method_cfg.get("template") is not None else {"template": ds.template}
@@ -430,7 +436,7 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
     if run_cfg.exists():
         cfg = load_recipe(run_cfg, overrides, check_paths=False)
     else:
-        meta = json.loads(_need(prompts_dir / "prompt_config.json").read_text())
+        meta = read_prompt_config(prompts_dir)
         base = OmegaConf.create(
             {
                 "output_dir": str(path),

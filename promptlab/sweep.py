@@ -48,8 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
+from promptlab import rundir
 from promptlab.config import ConfigError, epochs_for, load_recipe
 from promptlab.runlog import LOG_FILE, is_terminal
 
@@ -77,8 +76,6 @@ SWEEP_KEYS = ("protocol", "datasets", "seeds", "shots", "targets")
 MANIFEST = "sweep.json"
 JOB_FILE = "sweep_job.json"
 JOB_LOG = "sweep_job.log"
-# Keys that may differ between a run directory's config.yaml and a new plan without changing results.
-_IGNORED_KEYS = {"resume", "output_dir", "cache_dir", "device", "data.root", "data.num_workers"}
 
 
 @dataclass(frozen=True)
@@ -266,30 +263,12 @@ def plan_sweep(recipe: str | Path, args: Sequence[str] = (), out: str | Path | N
     return sweep
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def config_conflicts(job: Job) -> list[str]:
     """Keys whose value in the run directory's ``config.yaml`` differs from the job's config."""
     saved = Path(job.run_dir) / "config.yaml"
     if not saved.is_file():
         return []
-    old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
-    new = _flat(
-        OmegaConf.to_container(load_recipe(job.recipe, job.overrides, check_paths=False), resolve=True)
-    )
-    keys = sorted(set(old) | set(new), key=str)
-    return [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in keys
-        if k not in _IGNORED_KEYS and old.get(k) != new.get(k)
-    ]
+    return rundir.config_conflicts(saved, load_recipe(job.recipe, job.overrides, check_paths=False))
 
 
 def write_manifest(sweep: Sweep) -> Path:
@@ -574,7 +553,19 @@ def run_sweep(
             )
     if dry_run:
         return result
-    sweep.out.mkdir(parents=True, exist_ok=True)
+    with rundir.lock_dir(sweep.out, "sweep"):  # a second sweep over this output refuses instead of rerunning
+        return _run_jobs(sweep, result, jobs, devices, in_process, progress_every)
+
+
+def _run_jobs(
+    sweep: Sweep,
+    result: SweepResult,
+    jobs: int | None,
+    devices: Sequence[str] | None,
+    in_process: bool,
+    progress_every: float,
+) -> SweepResult:
+    statuses = result.statuses
     write_manifest(sweep)
     todo = [(job, status) for job, status in statuses if status != "done"]
     log.info("sweep %s (%s): %d runs, %d to do", sweep.out, sweep.protocol, len(statuses), len(todo))

@@ -27,6 +27,10 @@ def read_image(path: str) -> Image.Image:
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for bad files
         raise ImageReadError(f"cannot read image {path}: {e}") from e
+    except Image.DecompressionBombError as e:  # a file claiming more pixels than PIL will decode
+        raise ImageReadError(
+            f"cannot read image {path}: {e} (raise PIL.Image.MAX_IMAGE_PIXELS only for images you trust)"
+        ) from e
 
 
 class ImageDataset(Dataset):
