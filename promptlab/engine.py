@@ -460,7 +460,11 @@ class _Profiler:
 def evaluate(
     module: PromptModule, batches: Iterable[Batch], *, device: torch.device, amp: str = "fp32"
 ) -> dict[str, Any]:
-    """Top-1 accuracy and mean per-class accuracy (in %), with text features computed once."""
+    """Top-1 accuracy and mean per-class accuracy (in %), with text features computed once.
+
+    Batches that drop unreadable files (``skipped``: their paths) add ``skipped: {count, files}``, so a
+    smaller ``n`` is never silent.
+    """
     module.eval()
     n_cls = len(module.classnames)
     hits = torch.zeros(n_cls)
@@ -484,6 +488,14 @@ def evaluate(
         else 0.0,
         "n": int(counts.sum()),
     }
+    skipped = getattr(batches, "skipped", None)  # unreadable files the batches dropped (VideoBatches)
+    if skipped is not None:
+        (n_skipped,) = distributed.all_sum(len(skipped))
+        out["skipped"] = {"count": int(n_skipped), "files": sorted(set(skipped))}  # files: this process's
+        if skipped:
+            log.warning(
+                "evaluation skipped %d unreadable file(s); n=%d counts the others", len(skipped), out["n"]
+            )
     stats = module.end_eval()
     if stats:
         out["method_stats"] = stats

@@ -147,7 +147,21 @@ def safetensors_bytes(
     from safetensors.torch import save
 
     plain = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    return save(plain, metadata=dict(metadata) if metadata is not None else None)
+    return _canonical_safetensors(save(plain, metadata=dict(metadata) if metadata is not None else None))
+
+
+def _canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted, so equal tensors give equal bytes.
+
+    safetensors writes ``__metadata__`` from a Rust hash map whose order changes from call to call;
+    the header is ``u64 length + JSON`` padded with spaces to 8 bytes, and the data offsets are
+    relative to the end of the header, so rewriting it leaves the tensor bytes valid.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def atomic_save_safetensors(

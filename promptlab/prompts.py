@@ -51,6 +51,10 @@ class PromptModule(nn.Module):
     #: PREC=fp16, because it creates them outside the fp16 CLIP (e.g. MaPLe's deep prompts). Every other
     #: learned tensor takes ``clip.prompt_dtype`` in :meth:`match_backbone_precision`.
     fp32_in_reference: ClassVar[tuple[str, ...]] = ()
+    #: What was learned belongs to the classes it was learned on (CoOp's class-specific context):
+    #: ``set_classnames`` then refuses any other list of names, even one of the same length, instead
+    #: of silently applying class i's context to another class i. A property where an hparam decides.
+    class_bound: bool = False
 
     hparams: dict[str, Any]
 
@@ -86,8 +90,24 @@ class PromptModule(nn.Module):
 
     # ------------------------------------------------------------------ to implement
     def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Rebuild the class-derived buffers for new class names, keeping what was learned."""
-        self.classnames = list(classnames)
+        """Rebuild the class-derived buffers for new class names, keeping what was learned.
+
+        Subclasses call ``super().set_classnames(names)`` first; for a ``class_bound`` method the
+        first call fixes the names the learned state belongs to and later calls must repeat them.
+        """
+        names = list(classnames)
+        learned_for = self.__dict__.get("_learned_classnames")
+        if self.class_bound and learned_for is not None and names != learned_for:
+            other = next((f"{a!r} -> {b!r}" for a, b in zip(learned_for, names) if a != b), "")
+            raise ValueError(
+                f"{type(self).__name__}'s learned state is specific to the {len(learned_for)} classes it was "
+                f"learned on and cannot serve {len(names)} other ones"
+                + (f" (first difference: {other})" if other else "")
+                + "; evaluate it on those classes, or learn a class-independent one for transfer"
+            )
+        if self.class_bound and learned_for is None:
+            self.__dict__["_learned_classnames"] = names
+        self.classnames = names
 
     def text_features(self) -> torch.Tensor:
         """[C, D] text features of the current classes (image-independent methods)."""

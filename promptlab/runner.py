@@ -424,12 +424,17 @@ def _need(path: Path) -> Path:
     return path
 
 
+_BACKBONE_KEYS = ("model.arch", "model.pretrained", "model.precision")
+
+
 def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
     """Evaluate a run directory's (or a prompts directory's) learned prompts, e.g. on new classes or another dataset.
 
     A run directory brings its own resolved config; ``key=value`` overrides change the dataset
     (``data.name``, ``data.root``), ``subsample`` (base -> new) or ``eval.split``. A bare prompts
-    directory needs ``data.root`` and ``data.name``.
+    directory needs ``data.root`` and ``data.name``. ``model.arch`` / ``model.pretrained`` /
+    ``model.precision`` put the prompts on another backbone (its widths must match; other weights
+    are allowed, with a warning) and are recorded in the result.
     """
     run_cfg = path / "config.yaml"
     prompts_dir = path / "prompts" if run_cfg.exists() else path
@@ -456,10 +461,15 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
         0 if cfg.eval.split == "test" else cfg.shots
     )  # the test split is never subsampled by shots
     ds = prepare_data(eval_cfg)
-    module = load_prompts_dir(
-        prompts_dir, device=device, hparams=_eval_dataset_hparams(prompts_dir, cfg.method, ds)
-    ).to(device)
-    module.set_classnames(ds.classnames)
+    hparams = _eval_dataset_hparams(prompts_dir, cfg.method, ds)
+    backbone = sorted({o.split("=", 1)[0].strip() for o in overrides} & {"model", *_BACKBONE_KEYS})
+    if backbone:  # honour model.* overrides: the prompts go onto the backbone asked for, if shapes agree
+        clip = load_clip(cfg.model.arch, cfg.model.pretrained, device=device, precision=cfg.model.precision)
+        same_weights = not set(backbone) & {"model", "model.arch", "model.pretrained"}
+        module = load_prompts(prompts_dir, clip, strict_weights=same_weights, hparams=hparams).to(device)
+    else:
+        module = load_prompts_dir(prompts_dir, device=device, hparams=hparams).to(device)
+    module.set_classnames(ds.classnames)  # refuses classes a class-bound method did not learn
     s = _Setup(cfg, path, device, module.clip, ds, module)
     metrics = evaluate(
         module,
@@ -473,7 +483,9 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
         **metrics,
         "prompts": str(prompts_dir),
         "arch": module.clip.arch,
+        "pretrained": module.clip.pretrained,
         "weights_fingerprint": module.clip.fingerprint(),
+        "backbone_overrides": backbone,
         "split_hash": ds.split_hash,
         "promptlab_version": promptlab.__version__,
         "git_commit": git_commit(),

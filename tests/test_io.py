@@ -103,3 +103,29 @@ def test_stage_then_commit(tmp_path: Path) -> None:
     assert target.read_text() == "new" and _leftovers(tmp_path) == []
     io.discard(io.stage(target, lambda f: f.write(b"dropped")))
     assert target.read_text() == "new" and _leftovers(tmp_path) == []
+
+
+def test_safetensors_bytes_do_not_depend_on_metadata_order() -> None:
+    """Issue 15 item 10: safetensors writes __metadata__ in hash-map order, which changes call to call."""
+    tensors = {"ctx": torch.arange(6.0).reshape(2, 3), "b": torch.ones(1)}
+    meta = {f"key{i}": str(i) for i in range(6)}
+    outs = {io.safetensors_bytes(tensors, dict(reversed(meta.items()) if i % 2 else meta)) for i in range(12)}
+    assert len(outs) == 1
+    from safetensors.torch import load
+
+    assert torch.equal(load(outs.pop())["ctx"], tensors["ctx"])
+
+
+def test_exports_of_identical_modules_are_byte_identical(tmp_path: Path, tiny_clip) -> None:
+    from promptlab.export import load_prompts, save_prompts
+    from promptlab.methods import CoOp
+
+    torch.manual_seed(0)
+    module = CoOp(tiny_clip, ["cat", "dog"], n_ctx=2, ctx_init=None)
+    for name in ("a", "b"):
+        save_prompts(module, tmp_path / name, extra={"dataset": "x", "seed": 1, "shots": 4})
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files and files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert torch.equal(load_prompts(tmp_path / "b", tiny_clip).ctx, module.ctx)

@@ -252,8 +252,10 @@ def test_coop_csc_refuses_other_class_count(tiny_clip: FrozenCLIP, images: torch
         m.set_classnames(OTHER_CLASSNAMES)
     assert torch.equal(m.ctx, ctx) and m.classnames == CLASSNAMES
     assert m(images).shape == (images.shape[0], len(CLASSNAMES))  # still usable after the refusal
-    renamed = ["dog", "horse", "fire_truck", "lion"]  # same count: allowed
-    m.set_classnames(renamed)
+    renamed = ["dog", "horse", "fire_truck", "lion"]  # same count, other classes: refused too (issue 15)
+    with pytest.raises(ValueError, match=r"specific to the 4 classes.*first difference"):
+        m.set_classnames(renamed)
+    m.set_classnames(list(CLASSNAMES))  # its own classes again: fine
     assert m(images).shape == (images.shape[0], 4) and torch.equal(m.ctx, ctx)
 
 

@@ -54,6 +54,11 @@ class CoOp(PromptModule):
         self.ctx = nn.Parameter(ctx)  # [n_ctx, W] or [C, n_ctx, W]
         self.set_classnames(classnames)
 
+    @property
+    def class_bound(self) -> bool:  # type: ignore[override]
+        """A class-specific context belongs to its classes (PromptModule.class_bound)."""
+        return self.csc
+
     def set_classnames(self, classnames: Sequence[str]) -> None:
         if self.csc and len(classnames) != self.ctx.shape[0]:
             raise ValueError(
