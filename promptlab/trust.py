@@ -87,8 +87,9 @@ def trusted_modules() -> tuple[str, ...]:
 
 def trust_modules(names: Iterable[str]) -> None:
     """Trust ``names`` in this process and in the processes it starts (sweep jobs, torchrun ranks)."""
-    merged = dict.fromkeys([*trusted_modules(), *(n.strip() for n in names if n.strip())])
-    os.environ[TRUST_ENV] = ",".join(merged)
+    new = [n.strip() for n in names if n.strip()]
+    if new:
+        os.environ[TRUST_ENV] = ",".join(dict.fromkeys([*trusted_modules(), *new]))
 
 
 def _under(dotted: str, roots: Iterable[str]) -> bool:
