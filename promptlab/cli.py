@@ -10,10 +10,10 @@ problem it is (``--debug`` shows the traceback instead):
 - 1: the command ran but did not succeed (some jobs of a sweep failed), or an unexpected internal
   error;
 - 2: the command, a recipe, a dataset YAML, an export or the run directory is not valid for what
-  was asked (unknown key, value out of range, recipe not found, untrusted component, a run
-  directory in use or holding another run);
-- 3: a file cannot be read or written (missing or unreadable image, permissions, an output path
-  that is a file, disk full);
+  was asked (unknown key, value out of range, recipe or named file not found, untrusted component,
+  a run directory in use or holding another run);
+- 3: a file that is there cannot be read or written (unreadable image, permissions, an output
+  path that is a file, disk full);
 - 4: training stopped on a non-finite loss (the last good checkpoint is kept).
 """
 
@@ -355,6 +355,8 @@ def describe_error(e: BaseException) -> tuple[int, str]:
         return EXIT_DIVERGED, text
     if isinstance(e, Image.DecompressionBombError):
         return EXIT_IO, f"{text} (raise PIL.Image.MAX_IMAGE_PIXELS only for images you trust)"
+    if isinstance(e, FileNotFoundError):  # a path the command, recipe or dataset YAML names
+        return EXIT_INVALID, text
     if isinstance(e, OSError):
         return EXIT_IO, text
     if isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):

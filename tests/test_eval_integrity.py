@@ -52,7 +52,8 @@ def test_eval_refuses_a_backbone_of_another_width(csc_base_run: Path, capsys) ->
     assert "prompts were learned on a different backbone: width" in capsys.readouterr().err
 
 
-def test_unreadable_test_videos_are_counted_and_named(tiny_clip, tmp_path: Path) -> None:
+def test_unreadable_test_videos_are_counted_and_named(tmp_path: Path) -> None:
+    from promptlab.clip import load_clip
     from promptlab.data import Item
     from promptlab.engine import evaluate
     from promptlab.methods import ViFiCLIP
@@ -72,6 +73,6 @@ def test_unreadable_test_videos_are_counted_and_named(tiny_clip, tmp_path: Path)
     items.insert(1, Item(str(bad), 1, "c1"))
     ev = ClipTransform(32, (0.5,) * 3, (0.25,) * 3, train=False)
     batches = VideoBatches(VideoDataset(items, 4, ev), 2, torch.Generator(), shuffle=False)
-    module = ViFiCLIP(tiny_clip, ["c0", "c1"], stage="bridge")
+    module = ViFiCLIP(load_clip("tiny"), ["c0", "c1"], stage="bridge")  # its own CLIP: bridge unfreezes it
     out = evaluate(module, batches, device=torch.device("cpu"))
     assert out["n"] == 4 and out["skipped"] == {"count": 1, "files": [str(bad)]}
