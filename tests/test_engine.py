@@ -389,7 +389,7 @@ def _view_tagged(views: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_feature_batches_draw_one_view_per_image_per_epoch():
-    """The README's "one view is drawn per epoch": every image once per epoch, from one of its views,
+    """The README's "each epoch uses one of them per image": every image once per epoch, from one of its views,
     the views varying across images and epochs (not always view 0)."""
     views, n = 10, 48
     feats, labels = _view_tagged(views, n)
@@ -523,3 +523,30 @@ def test_param_group_lr_scale_follows_the_schedule(clip, tmp_path):
     )
     epoch_lrs = [lr for step in seen[:: len(batches)] for lr in step]
     assert epoch_lrs == pytest.approx([v for lr in schedule for v in (lr, 0.1 * lr)], rel=1e-12)
+
+
+def test_runner_seeds_training_views_with_the_run_seed(tmp_path, monkeypatch):
+    """`promptlab run seed=S` encodes its training views with seed S; the test set (no randomness) with 0."""
+    import promptlab.runner
+    from promptlab.config import load_recipe
+
+    seen = []
+    real = promptlab.runner.cached_features
+
+    def spy(*args, **kw):
+        seen.append((kw["views"], kw["seed"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(promptlab.runner, "cached_features", spy)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "coop_tiny.yaml"
+    for seed in (2, 3):
+        overrides = [
+            f"seed={seed}",
+            "train.epochs=1",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"output_dir={tmp_path / str(seed)}",
+        ]
+        cfg = load_recipe(recipe, overrides, check_paths=False)
+        promptlab.runner.ensure_data(cfg)
+        promptlab.runner.run(cfg)
+    assert seen == [(2, 2), (1, 0), (2, 3), (1, 0)]  # (views, seed): training views, then the test set
