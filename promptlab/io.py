@@ -19,9 +19,10 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use: the CLI's --help / ls / cp import this module without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def atomic_save_torch(obj: Any, path: str | Path) -> Path:
             zip writer, "inline_container.cc"; it is re-raised as an OSError naming ``path``).
     """
     try:
+        import torch
+
         return atomic_write(path, lambda f: torch.save(obj, f))
     except RuntimeError as e:
         if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
@@ -144,6 +147,7 @@ def safetensors_bytes(
     safetensors refuses non-contiguous tensors and tensors that share storage (views of one
     parameter, tied weights); an explicit copy of each makes any state dict acceptable.
     """
+    import torch
     from safetensors.torch import save
 
     plain = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
