@@ -76,12 +76,12 @@ def test_decompression_bomb_names_the_file(tmp_path, capsys, monkeypatch) -> Non
 
 
 def test_disk_full_while_checkpointing(tmp_path, capsys, monkeypatch) -> None:
-    import promptlab.io
+    import torch
 
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1536 vs 1430")
 
-    monkeypatch.setattr(promptlab.io.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)  # promptlab.io imports torch when it first saves
     assert main(_run(tmp_path, "train.epochs=1")) == 3
     err = _err(capsys)
     assert f"cannot write {tmp_path / 'run' / 'checkpoints' / 'last.pt'}: disk full" in err
