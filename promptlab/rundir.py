@@ -29,8 +29,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from promptlab.io import atomic_write_bytes
-
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -208,6 +206,8 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig, *, overwrite: bool = False) ->
         RunDirError: the directory is busy or holds another run (nothing was written or removed).
         OSError: the directory cannot be written; the previous config.yaml is left as it was.
     """
+    from promptlab.io import atomic_write_bytes  # here: `promptlab sweep --help` must not import torch
+
     run_dir = Path(run_dir)
     claim = lock_dir(run_dir)
     try:
