@@ -1,8 +1,8 @@
 """Benchmark: how long CLI commands that need no model take, against ``python -c "import torch"``.
 
-Commands that only read recipes (``--help``, ``ls``, ``cp``) import neither torch nor open_clip;
-``sweep --dry-run`` checks every job's recipe, which imports torch (the method's and optimizer's
-signatures) but no CLIP library for a sandbox recipe. Each command runs in a fresh interpreter,
+Commands that only read recipes (``--help``, ``ls``, ``cp``, ``sweep --dry-run``) import neither torch
+nor open_clip; ``sweep --dry-run --check`` also checks every job's method and optimizer arguments, which
+imports torch (their signatures) but no CLIP library for a sandbox recipe. Each command runs in a fresh interpreter,
 ``--repeat`` times (the median is kept), interleaved with ``import torch`` in the same run, so the
 ratios hold on a loaded machine even when the seconds do not.
 
@@ -35,6 +35,16 @@ def commands(tmp: Path) -> dict[str, list[str]]:
             "sandbox/coop_base2new",
             "seeds=1,2,3",
             "--dry-run",
+            "--out",
+            str(tmp / "sweep"),
+        ],
+        "promptlab sweep sandbox/coop_base2new --dry-run --check": [
+            *cli,
+            "sweep",
+            "sandbox/coop_base2new",
+            "seeds=1,2,3",
+            "--dry-run",
+            "--check",
             "--out",
             str(tmp / "sweep"),
         ],

@@ -423,7 +423,9 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".tar"))
 
 
-def _validate_section(cfg: Any, schema: type, prefix: str, source: str, check_paths: bool) -> None:
+def _validate_section(
+    cfg: Any, schema: type, prefix: str, source: str, check_paths: bool, check_components: bool = True
+) -> None:
     """Check a plain section against a schema dataclass: keys, types, required fields, paths."""
     if not isinstance(cfg, DictConfig):
         raise ConfigError(
@@ -452,9 +454,11 @@ def _validate_section(cfg: Any, schema: type, prefix: str, source: str, check_pa
         if "component" in f.metadata:
             if value is None and _matches(None, tp) is True:
                 continue
-            _validate_component(value, f.metadata["component"], key, source, f.metadata.get("kind"))
+            _validate_component(
+                value, f.metadata["component"], key, source, f.metadata.get("kind"), check_components
+            )
         elif dataclasses.is_dataclass(tp):
-            _validate_section(value, tp, key, source, check_paths)
+            _validate_section(value, tp, key, source, check_paths, check_components)
         else:
             value = _plain(value, key, source)
             _check_value(value, tp, key, source)
@@ -497,10 +501,19 @@ def _signature(target: Callable[..., Any], key: str, source: str) -> tuple[inspe
 
 
 def _validate_component(
-    node: Any, runtime_args: Sequence[str], key: str, source: str, kind: str | None = None
+    node: Any,
+    runtime_args: Sequence[str],
+    key: str,
+    source: str,
+    kind: str | None = None,
+    check_signature: bool = True,
 ) -> None:
     """Check a ``_component_`` node: the target is allowed for ``kind`` and imports, and every key is a
-    valid keyword argument. Nested nodes may build classes only (see :mod:`promptlab.trust`)."""
+    valid keyword argument. Nested nodes may build classes only (see :mod:`promptlab.trust`).
+
+    With ``check_signature=False`` nothing is imported: the path must be well formed and trusted for
+    its role (checked by name), and nested nodes likewise; the arguments are not checked.
+    """
     if not _is_component(node):
         raise ConfigError(
             f"expected a mapping with a {COMPONENT_KEY!r} key (dotted path of a callable), got {node!r}",
@@ -508,6 +521,13 @@ def _validate_component(
             source=source,
         )
     dotted = _plain(node[COMPONENT_KEY], _join(key, COMPONENT_KEY), source)
+    if not check_signature:
+        _check_component_path(dotted, kind, _join(key, COMPONENT_KEY), source)
+        for name in node:
+            value = _get(node, name, _join(key, name), source)
+            if name != COMPONENT_KEY and _is_component(value):
+                _validate_component(value, (), _join(key, name), source, None, False)
+        return
     try:
         target = resolve_component(dotted, kind)
     except ConfigError as e:
@@ -548,7 +568,9 @@ def _validate_component(
         )
 
 
-def validate_recipe(cfg: DictConfig, source: str = "<recipe>", *, check_paths: bool = True) -> None:
+def validate_recipe(
+    cfg: DictConfig, source: str = "<recipe>", *, check_paths: bool = True, check_components: bool = True
+) -> None:
     """Validate a recipe against :class:`RecipeConfig` and its components' signatures.
 
     Args:
@@ -556,11 +578,14 @@ def validate_recipe(cfg: DictConfig, source: str = "<recipe>", *, check_paths: b
         source: the recipe file, named in every error.
         check_paths: require ``data.root`` and a path-like ``model.pretrained`` to exist. Off for
             recipe tests on machines without data.
+        check_components: import each ``_component_`` to check its arguments, and check
+            ``model.arch``. Both need torch (seconds to import), so ``sweep --dry-run`` turns this
+            off to list a plan at once; the sweep itself checks everything before any job starts.
 
     Raises:
         ConfigError: the first problem found, naming ``source`` and the key path.
     """
-    _validate_section(cfg, RecipeConfig, "", source, check_paths)
+    _validate_section(cfg, RecipeConfig, "", source, check_paths, check_components)
     amp = (cfg.get("train") or {}).get("amp", "fp32")
     if cfg.model.get("precision") == "reference_fp16" and amp != "fp32":
         raise ConfigError(
@@ -573,7 +598,22 @@ def validate_recipe(cfg: DictConfig, source: str = "<recipe>", *, check_paths: b
     )
     if check_paths and isinstance(pretrained, str) and _looks_like_path(pretrained):
         _check_exists(pretrained, "model.pretrained", source)
-    _check_backbone(cfg, source)
+    if check_components:
+        _check_backbone(cfg, source)
+
+
+def _check_component_path(dotted: Any, kind: str | None, key: str, source: str) -> None:
+    """The import-free half of :func:`resolve_component`: well formed and trusted for ``kind``."""
+    if not isinstance(dotted, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", dotted):
+        raise ConfigError(
+            f"_component_ must be a dotted path like 'pkg.module.Name', got {dotted!r}",
+            key=key,
+            source=source,
+        )
+    try:
+        trust.check_path(dotted, kind)
+    except trust.UntrustedComponent as e:
+        raise ConfigError(str(e), key=key, source=source) from None
 
 
 def _check_backbone(cfg: DictConfig, source: str) -> None:
@@ -680,7 +720,13 @@ def _fill_defaults(cfg: DictConfig, schema: type) -> None:
             _fill_defaults(cfg[f.name], tp)
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True) -> DictConfig:
+def load_recipe(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    check_paths: bool = True,
+    check_components: bool = True,
+) -> DictConfig:
     """Load a recipe, apply ``key=value`` overrides, validate it and resolve interpolations.
 
     Args:
@@ -688,7 +734,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_paths:
         overrides: dotlist items such as ``"shots=4"``, ``"data.root=/x"``, ``"method.csc=true"``.
             Only existing keys may be overridden, except inside ``_component_`` nodes (any argument
             of the target) and free-form maps such as ``train.epochs_by_shots``.
-        check_paths: see :func:`validate_recipe`.
+        check_paths, check_components: see :func:`validate_recipe`.
 
     Returns:
         The validated, resolved config, with schema defaults filled in for omitted optional keys.
@@ -710,8 +756,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_paths:
     for parts, value in parsed:
         _apply_override(cfg, parts, value, source)
     _fill_defaults(cfg, RecipeConfig)  # again, for sections an override replaced wholesale
-    cfg = _apply_per_dataset(cfg, parsed, source, check_paths)
-    validate_recipe(cfg, source, check_paths=check_paths)
+    cfg = _apply_per_dataset(cfg, parsed, source, check_paths, check_components)
+    validate_recipe(cfg, source, check_paths=check_paths, check_components=check_components)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -722,7 +768,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_paths:
 
 
 def _apply_per_dataset(
-    cfg: DictConfig, parsed: Sequence[tuple[list[str], Any]], source: str, check_paths: bool
+    cfg: DictConfig,
+    parsed: Sequence[tuple[list[str], Any]],
+    source: str,
+    check_paths: bool,
+    check_components: bool = True,
 ) -> DictConfig:
     """Merge ``per_dataset[<data.name>]`` over the recipe, then the command-line overrides again.
 
@@ -758,7 +808,7 @@ def _apply_per_dataset(
         merged = OmegaConf.merge(cfg, block)
         merged.per_dataset = {}
         try:
-            validate_recipe(merged, source, check_paths=False)
+            validate_recipe(merged, source, check_paths=False, check_components=check_components)
         except ConfigError as e:
             raise ConfigError(e.reason, key=_join(key, e.key) if e.key else key, source=source) from e
         if ds == name or ds == own:

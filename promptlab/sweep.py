@@ -193,13 +193,21 @@ def default_out(recipe: Path, protocol: str) -> Path:
     return Path("runs") / "sweeps" / f"{rel.as_posix()}-{protocol}"
 
 
-def plan_sweep(recipe: str | Path, args: Sequence[str] = (), out: str | Path | None = None) -> Sweep:
+def plan_sweep(
+    recipe: str | Path,
+    args: Sequence[str] = (),
+    out: str | Path | None = None,
+    *,
+    check_components: bool = True,
+) -> Sweep:
     """Plan the grid of a recipe under a protocol; every job's config is loaded (validated) now.
 
     Args:
         recipe: the recipe file.
         args: ``protocol= datasets= seeds= shots= targets=`` and any recipe ``key=value`` overrides.
         out: the sweep directory (default :func:`default_out`).
+        check_components: import the method, optimizer and backbone to check their arguments
+            (torch: seconds). ``--dry-run`` leaves it off so that a plan lists at once.
 
     Raises:
         ConfigError: a bad sweep key or recipe override, naming it.
@@ -207,7 +215,7 @@ def plan_sweep(recipe: str | Path, args: Sequence[str] = (), out: str | Path | N
     """
     recipe = Path(recipe).resolve()
     own, overrides = split_sweep_args(args)
-    base = load_recipe(recipe, overrides, check_paths=False)
+    base = load_recipe(recipe, overrides, check_paths=False, check_components=check_components)
     protocol = own.get("protocol") or ("base2new" if base.subsample == "base" else "fewshot")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}", key="protocol")
@@ -246,7 +254,7 @@ def plan_sweep(recipe: str | Path, args: Sequence[str] = (), out: str | Path | N
                     f"output_dir={run_dir}",
                     "resume=true",
                 ]
-                cfg = load_recipe(recipe, job_overrides, check_paths=False)
+                cfg = load_recipe(recipe, job_overrides, check_paths=False, check_components=check_components)
                 sweep.jobs.append(
                     Job(
                         str(recipe),
@@ -623,7 +631,8 @@ def format_plan(result: SweepResult) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from promptlab.cli import find_recipe
 
-    sweep = plan_sweep(find_recipe(args.recipe), args.args, args.out)
+    check = not args.dry_run or args.check
+    sweep = plan_sweep(find_recipe(args.recipe), args.args, args.out, check_components=check)
     devices = _list(args.devices) if args.devices else None
     result = run_sweep(
         sweep,
@@ -636,6 +645,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"{sweep.protocol} sweep of {sweep.recipe} into {sweep.out}")
         print(format_plan(result))
+        if not check:
+            print(
+                "method, optimizer and backbone arguments are checked when the sweep starts, before any "
+                "run (--check checks them now; it imports torch)",
+                file=sys.stderr,
+            )
         return 0
     if result.failed:
         print(f"{len(result.failed)} of {len(result.ran)} runs failed:", file=sys.stderr)
@@ -668,6 +683,11 @@ def add_sweep_command(sub: Any) -> None:
         "--devices", help="GPU ids, e.g. 0,1,2,3: each job process sees one (CUDA_VISIBLE_DEVICES)"
     )
     s.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="with --dry-run: also import the method, optimizer and backbone to check their arguments (slower)",
+    )
     s.add_argument(
         "--progress-every",
         type=float,

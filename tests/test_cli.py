@@ -193,11 +193,37 @@ def test_help_ls_cp_import_no_model_library(tmp_path):
     assert (tmp_path / "copy.yaml").is_file()
 
 
-def test_dry_run_imports_torch_only(tmp_path):
-    """`sweep --dry-run` checks the method's and optimizer's arguments (torch) but loads no CLIP library."""
-    code = f"assert main(['sweep', 'sandbox/coop_base2new', 'seeds=1', '--dry-run', '--out', {str(tmp_path / 's')!r}]) == 0"
+def test_dry_run_imports_no_model_library(tmp_path):
+    """`sweep --dry-run` lists the plan without torch; `--dry-run --check` imports torch (the method's
+    and optimizer's signatures) but still no CLIP library for a sandbox recipe."""
+    out = str(tmp_path / "s")
+    code = f"assert main(['sweep', 'sandbox/coop_base2new', 'seeds=1', '--dry-run', '--out', {out!r}]) == 0"
+    assert _modules_after(code, tmp_path) == dict.fromkeys(_NO_MODEL, False)
+    code = code.replace("'--dry-run'", "'--dry-run', '--check'")
     loaded = _modules_after(code, tmp_path)
     assert loaded == {"torch": True, "open_clip": False, "transformers": False, "torchvision": False}
+
+
+def test_dry_run_without_check_still_refuses_untrusted_and_unknown_keys(tmp_path, capsys):
+    """The torch-free dry run keeps the checks that need no import: the trust rule and the schema.
+    A wrong method argument is caught by --check, and by the sweep before any run starts."""
+
+    def sweep(override: str, *options: str) -> int:
+        return main(
+            ["sweep", "sandbox/coop_base2new", "seeds=1", override, "--out", str(tmp_path / "s"), *options]
+        )
+
+    assert sweep("method._component_=os.system", "--dry-run") == 2
+    assert "os.system" in capsys.readouterr().err
+    assert sweep("train.epoks=3", "--dry-run") == 2
+    assert "train.epoks" in capsys.readouterr().err
+    assert sweep("method.n_ctxx=3", "--dry-run") == 0  # arguments are not checked without --check
+    assert "checked when the sweep starts" in capsys.readouterr().err
+    assert sweep("method.n_ctxx=3", "--dry-run", "--check") == 2
+    assert "n_ctxx" in capsys.readouterr().err
+    assert sweep("method.n_ctxx=3") == 2  # the real sweep checks before anything runs
+    assert "n_ctxx" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_import_sources_listed_in_the_parser_are_the_importers():
