@@ -1,4 +1,4 @@
-"""`promptlab data list | fewshot | check`: inspect, export and verify datasets from the shell.
+"""`promptlab data list | fewshot | check | prepare`: inspect, export and verify datasets from the shell.
 
 `cli.py` calls `add_data_commands(subparsers)`; every subcommand sets `args.func(args) -> int`
 (the exit code). `main_data(argv)` runs the same commands standalone, for tests.
@@ -16,7 +16,7 @@ from promptlab.data.items import SPLITS
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `data` and its subcommands on a parent parser's subparsers."""
     data = subparsers.add_parser("data", help="list, export and check datasets")
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{list,fewshot,check}")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{list,fewshot,check,prepare}")
 
     p = sub.add_parser("list", help="show the known datasets")
     p.set_defaults(func=cmd_list)
@@ -35,6 +35,30 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("names", nargs="*", help="datasets to check (default: every known dataset found)")
     p.add_argument("--full", action="store_true", help="decode every image, not a sample")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "prepare",
+        help="download, verify and lay out datasets in CoOp's layout, then check them",
+        description="Fetch each dataset's files into ROOT/downloads/ (resumable, checksums verified), "
+        "extract them into CoOp's DATASETS.md layout and run `data check`. ImageNet and Stanford Cars "
+        "are guided: the command says which files to get by hand and where to put them.",
+    )
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="datasets to prepare, or 'all' (the 11 and the ImageNet shifts)",
+    )
+    p.add_argument("--root", help="data root ($DATA)")
+    p.add_argument(
+        "--url", action="append", default=[], metavar="FILE=URL", help="fetch FILE from a mirror (repeatable)"
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the final `data check` (it decodes a sample of images)"
+    )
+    p.add_argument("--delete-archives", action="store_true", help="remove each archive once it is extracted")
+    p.add_argument("--list", action="store_true", help="show every dataset's files and where they come from")
+    p.set_defaults(func=cmd_prepare)
     return data
 
 
@@ -109,6 +133,39 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not args.names and not found:
         print(f"no known dataset found under {args.root}")
         return 1
+    return 1 if failed else 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Prepare each named dataset; exit 0 when all are ready, 1 when one needs a hand or failed."""
+    from promptlab.data.prepare import PLANS, describe_plans, get_plan, parse_url_overrides, prepare_dataset
+
+    if args.list:
+        print(describe_plans())
+        return 0
+    if not args.names or not args.root:
+        raise ValueError(
+            "give the datasets and the data root: promptlab data prepare NAME [NAME ...] --root $DATA (NAME may be 'all')"
+        )
+    names = list(PLANS) if args.names == ["all"] else args.names
+    for name in names:
+        get_plan(name)  # unknown names fail before anything is downloaded
+    urls = parse_url_overrides(args.url)
+    failed = 0
+    for name in names:
+        print(f"{name}: preparing under {args.root}", file=sys.stderr)
+        out = prepare_dataset(
+            name, args.root, urls=urls, check=not args.no_check, delete_archives=args.delete_archives
+        )
+        for note in out.notes:
+            print(f"{name}: note: {note}")
+        if out.ready:
+            print(f"{name}: ready" + ("" if args.no_check else " (data check passed)"))
+            continue
+        failed += 1
+        print(f"{name}: NOT READY")
+        for problem in out.problems:
+            print("  - " + problem.replace("\n", "\n    "))
     return 1 if failed else 0
 
 

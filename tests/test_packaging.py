@@ -77,3 +77,12 @@ def test_readme_python_snippet_classifies_an_image(tmp_path: Path, monkeypatch: 
     printed: list[str] = []
     exec(compile(block, "README.md", "exec"), {"print": printed.append})  # noqa: S102 - our own README
     assert printed and printed[0] in ("red circle", "blue square")
+
+
+def test_distribution_name_is_not_the_unrelated_pypi_promptlab() -> None:
+    """`promptlab` on PyPI is an LLM prompt tool: the distribution is `promptlab-clip` (free when
+    chosen: `pip index versions promptlab-clip` found nothing), the import name and command stay."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "promptlab-clip"
+    assert project["scripts"] == {"promptlab": "promptlab.cli:main"}
+    assert "distribution is named `promptlab-clip`" in (REPO / "README.md").read_text()

@@ -77,6 +77,18 @@ def classnames_from_labels(names: dict[int, str], spec: DatasetSpec, source: Pat
     return [names[y] for y in range(n)]
 
 
+def is_split_row(row: object) -> bool:
+    """Whether `row` is a split-file entry: ``[relpath, label, classname]`` (label an int)."""
+    return (
+        isinstance(row, list)
+        and len(row) == 3
+        and isinstance(row[0], str)
+        and isinstance(row[1], int)
+        and not isinstance(row[1], bool)
+        and isinstance(row[2], str)
+    )
+
+
 def read_split_file(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> tuple[Splits, list[str]]:
     """Read a CoOp split file `{"train": [[relpath, label, classname], ...], "val": ..., "test": ...}`.
 
@@ -104,14 +116,7 @@ def read_split_file(spec: DatasetSpec, dataset_dir: Path, check_files: bool) -> 
         items = []
         for i, row in enumerate(data.get(split) or []):
             entry = f"{path} {split}[{i}] = {row!r}"
-            if not (
-                isinstance(row, list)
-                and len(row) == 3
-                and isinstance(row[0], str)
-                and isinstance(row[1], int)
-                and not isinstance(row[1], bool)
-                and isinstance(row[2], str)
-            ):
+            if not is_split_row(row):
                 raise ValueError(
                     f"{where(spec)}: malformed entry {entry}; expected [relpath, label, classname]."
                 )

@@ -51,6 +51,8 @@ class DatasetSpec:
         test_only: The dataset is only evaluated on (ImageNet shifts).
         expected: Expected item count per split, checked by `promptlab data check`.
         download: File or folder (relative to `folder`, or "*") -> how to obtain it.
+        urls: File name -> URL: mirrors for the files `promptlab data prepare` fetches (the names
+            `promptlab data prepare --list` shows); the published checksums still apply.
         generator: Procedural datasets only: `{_component_: dotted.path, **kwargs}`, called as
             `fn(data_root, **kwargs)` to write the dataset on first use (`runner.ensure_data`).
         modality: "image", or "video" (items are video files or frame folders, read by
@@ -75,6 +77,7 @@ class DatasetSpec:
     test_only: bool = False
     expected: dict[str, int] = field(default_factory=dict)
     download: dict[str, str] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
     generator: dict | None = None
     modality: str = "image"
     yaml_path: Path | None = None
@@ -162,6 +165,7 @@ def parse_spec(path: Path) -> DatasetSpec:
     spec.split_ratio = tuple(spec.split_ratio)
     spec.splits = {str(k): str(v) for k, v in (spec.splits or {}).items()}
     spec.download = {str(k): str(v) for k, v in (spec.download or {}).items()}
+    spec.urls = {str(k): str(v) for k, v in (spec.urls or {}).items()}
     spec.expected = dict(spec.expected or {})
     return spec
 
