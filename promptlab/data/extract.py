@@ -32,24 +32,36 @@ class ArchiveError(ValueError):
     """An archive is corrupt, truncated, of an unknown format, or holds a member we refuse."""
 
 
-def _safe_name(archive: Path, name: str) -> PurePosixPath:
+def _safe_name(label: str, name: str) -> PurePosixPath:
     """The member's relative path, or ArchiveError for a name that would leave the folder."""
     norm = name.replace("\\", "/")
     p = PurePosixPath(norm)
     if not norm or p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
-        raise ArchiveError(f"{archive.name}: refusing member {name!r}: its path leaves the extraction folder")
+        raise ArchiveError(f"{label}: refusing member {name!r}: its path leaves the extraction folder")
     return PurePosixPath(*[part for part in p.parts if part not in ("", ".")])
 
 
-def _members(archive: Path) -> Iterator[tuple[PurePosixPath, bool, IO[bytes] | None]]:
-    """(relative path, is_dir, open file or None) for each member, after the safety checks."""
+Member = tuple[PurePosixPath, bool, IO[bytes] | None]  # relative path, is a folder, its bytes
+
+
+def _tar_members(tf: tarfile.TarFile, label: str) -> Iterator[Member]:
+    for m in tf:
+        if not (m.isfile() or m.isdir()):
+            raise ArchiveError(
+                f"{label}: refusing member {m.name!r}: links and special files are not extracted"
+            )
+        rel = _safe_name(label, m.name)
+        yield rel, m.isdir(), (None if m.isdir() else tf.extractfile(m))
+
+
+def _members(archive: Path) -> Iterator[Member]:
+    """Each member of a zip or tar archive, after the safety checks."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             for info in z.infolist():
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
+                if stat.S_ISLNK(info.external_attr >> 16):
                     raise ArchiveError(f"{archive.name}: refusing link member {info.filename!r}")
-                rel = _safe_name(archive, info.filename)
+                rel = _safe_name(archive.name, info.filename)
                 if info.is_dir():
                     yield rel, True, None
                 else:
@@ -61,20 +73,56 @@ def _members(archive: Path) -> Iterator[tuple[PurePosixPath, bool, IO[bytes] | N
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise ArchiveError(f"{archive.name}: not a readable tar or zip archive ({e})") from e
     with tf:
-        for m in tf:
-            if not (m.isfile() or m.isdir()):
-                raise ArchiveError(
-                    f"{archive.name}: refusing member {m.name!r}: links and special files are not extracted"
-                )
-            rel = _safe_name(archive, m.name)
-            yield rel, m.isdir(), (None if m.isdir() else tf.extractfile(m))
+        yield from _tar_members(tf, archive.name)
 
 
-def _merge(src: Path, dst: Path) -> None:
+def _write(members: Iterator[Member], into: Path, label: str) -> None:
+    """Write `members` under `into` (a scratch folder), bytes only (no modes, owners, times)."""
+    try:
+        for rel, is_dir, f in members:
+            target = into.joinpath(*rel.parts)
+            if is_dir:
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as out:
+                shutil.copyfileobj(f, out, CHUNK)
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive
+            raise
+        raise ArchiveError(f"{label}: corrupt or truncated archive ({type(e).__name__}: {e})") from e
+
+
+def unpack_all(archive: Path, into: Path) -> None:
+    """Extract every member of `archive` under `into` (a scratch folder), with the checks above."""
+    _write(_members(archive), into, archive.name)
+
+
+def unpack_class_tars(archive: Path, into: Path) -> None:
+    """ILSVRC-2012's train archive: a tar of one tar per class (``n01440764.tar``), written as
+    ``into/n01440764/*.JPEG``. Streamed: the inner tars are never written to disk (138 GB, not 276)."""
+
+    def members() -> Iterator[Member]:
+        for rel, is_dir, f in _members(archive):
+            if is_dir:
+                continue
+            if rel.suffix != ".tar" or len(rel.parts) != 1:
+                raise ArchiveError(f"{archive.name}: expected one tar per class, found {rel.as_posix()!r}")
+            label = f"{archive.name}:{rel.name}"
+            with tarfile.open(fileobj=f, mode="r:") as inner:
+                for sub, sub_dir, g in _tar_members(inner, label):
+                    yield PurePosixPath(rel.stem, *sub.parts), sub_dir, g
+
+    _write(members(), into, archive.name)
+
+
+def merge_into(src: Path, dst: Path) -> None:
     """Move `src` to `dst`; where both are folders, merge (files of `src` replace those of `dst`)."""
     if src.is_dir() and dst.is_dir():
         for child in src.iterdir():
-            _merge(child, dst / child.name)
+            merge_into(child, dst / child.name)
         src.rmdir()
         return
     if dst.is_dir():
@@ -99,25 +147,6 @@ def scratch_dir(beside: Path, tag: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if created and not any(beside.iterdir()):
             beside.rmdir()
-
-
-def unpack_all(archive: Path, into: Path) -> None:
-    """Extract every member of `archive` under `into` (a scratch folder), with the checks above."""
-    try:
-        for rel, is_dir, f in _members(archive):
-            target = into.joinpath(*rel.parts)
-            if is_dir:
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as out:
-                shutil.copyfileobj(f, out, CHUNK)
-    except ArchiveError:
-        raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
-        if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive
-            raise
-        raise ArchiveError(f"{archive.name}: corrupt or truncated archive ({type(e).__name__}: {e})") from e
 
 
 def extract(archive: Path, dest: Path, moves: Mapping[str, str]) -> list[Path]:
@@ -149,6 +178,6 @@ def extract(archive: Path, dest: Path, moves: Mapping[str, str]) -> list[Path]:
         written = []
         for rel, target in moves.items():
             out = dest if target == "." else dest / target
-            _merge(sources[rel], out)
+            merge_into(sources[rel], out)
             written.append(out)
     return written

@@ -1,15 +1,16 @@
 """`promptlab data prepare`: from nothing to CoOp's DATASETS.md layout, one command per dataset.
 
 Each dataset has a `Plan`: the files it needs (`Source`) and the steps that turn them into the
-layout (`Unpack` an archive, `Place` a file). Files are fetched into ``$DATA/downloads/`` with
+layout (`Unpack` an archive, `Place` a file, `Build` a folder: ImageNet's tars). Files are fetched into ``$DATA/downloads/`` with
 resume and checksum (`promptlab.data.download`), archives are extracted as hostile input
 (`promptlab.data.extract`), and every dataset ends with `promptlab data check`.
 
 Where the URLs come from:
 
-- the official archives of eight datasets: torchvision's dataset classes, which keep their URLs
-  and MD5s up to date (Caltech101 moved to data.caltech.edu, EuroSAT to Hugging Face). Their
-  source is *read* (`ast`), not imported, so preparing data does not load torch;
+- the official archives of eight datasets (and the MD5s of ImageNet's): torchvision's dataset
+  classes, which keep their URLs and MD5s up to date (Caltech101 moved to data.caltech.edu,
+  EuroSAT to Hugging Face). Their source is *read* (`ast`), not imported, so fetching and
+  extracting data does not load torch (the final `data check` decodes images with it);
 - CoOp's split files and ImageNet's classnames.txt: the Google Drive files of CoOp's DATASETS.md.
   Nobody publishes their checksums; each split file is validated against the split-file schema,
   and `data check` then compares its sizes with the dataset YAML;
@@ -22,7 +23,8 @@ applies, so a mirror must serve the same bytes.
 
 Guided datasets: ImageNet needs an account and Stanford Cars' host is gone. For them (and for any
 file whose download fails) the command says which file to get, from where, and the exact path to
-put it at; the next run picks it up, verifies it and goes on.
+put it at; the next run picks it up, verifies it and goes on (for ImageNet: unpacks the train tar's
+per-class tars and sorts the validation images into class folders by the devkit's labels).
 """
 
 from __future__ import annotations
@@ -33,12 +35,19 @@ import json
 import re
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from promptlab.data.download import DownloadError, download, gdrive, verify
-from promptlab.data.extract import ArchiveError, extract
+from promptlab.data.extract import (
+    ArchiveError,
+    extract,
+    merge_into,
+    scratch_dir,
+    unpack_all,
+    unpack_class_tars,
+)
 from promptlab.data.readers import is_split_row
 
 DOWNLOADS = "downloads"
@@ -93,12 +102,26 @@ class Place:
 
 
 @dataclass(frozen=True)
+class Build:
+    """Make the folder `dest` (under the dataset folder) from ``downloads/<inputs>`` with
+    ``fn(input paths, out)``, where `out` is a scratch folder renamed to `dest` only when `fn`
+    returns: what torchvision-free code must do beyond unpacking (ImageNet's tars)."""
+
+    inputs: tuple[str, ...]
+    dest: str
+    fn: Callable[[list[Path], Path], None]
+
+
+Step = Unpack | Place | Build
+
+
+@dataclass(frozen=True)
 class Plan:
     """How one dataset is prepared. `guide` (format fields `root`, `folder`): what a person must
     do that no step can (ImageNet's images), shown while the image folder is missing."""
 
     sources: tuple[Source, ...]
-    steps: tuple[Unpack | Place, ...]
+    steps: tuple[Step, ...]
     guide: str = ""
 
 
@@ -129,17 +152,79 @@ CARS_HOST_GONE = (
     "Stanford Cars: the official host (ai.stanford.edu/~jkrause/cars) is gone; get the original "
     "file from a copy you trust (a colleague, an institutional mirror; pass its URL with --url)"
 )
+IMAGENET_BY_HAND = (
+    "ImageNet needs an account: sign in at https://image-net.org and download it from the ILSVRC 2012 "
+    "page (https://image-net.org/challenges/LSVRC/2012/2012-downloads.php)"
+)
 IMAGENET_GUIDE = """\
-ImageNet needs an account: sign in at https://image-net.org, download ILSVRC2012_img_train.tar
-(138 GB) and ILSVRC2012_img_val.tar (6.3 GB) (ILSVRC 2012, "Training images (Task 1 & 2)" and
-"Validation images (all tasks)"), then:
-  - extract the train tar into {root}/{folder}/images/train/; it holds one tar per class: extract
-    each into a folder named after it (images/train/n01440764/*.JPEG, ... 1000 folders);
-  - extract the val tar into {root}/{folder}/images/val/ and sort the 50,000 images into the same
-    1000 wnid folders (e.g. with valprep.sh of PyTorch's ImageNet example);
-  - or, if ImageNet is already extracted elsewhere in that layout, link it:
-    ln -s /path/to/train {root}/{folder}/images/train (and the same for val).
-Then run `promptlab data prepare imagenet --root {root}` again to check it."""
+Alternatively, if ImageNet is already extracted elsewhere as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG,
+link it instead of downloading: ln -s /path/to/train {root}/{folder}/images/train (and the same for
+val), then rerun `promptlab data prepare imagenet --root {root}`."""
+
+
+def _imagenet_val_wnids(devkit: Path) -> list[str]:
+    """The wnid of each validation image, in file-name order, from ILSVRC-2012's devkit:
+    ``data/ILSVRC2012_validation_ground_truth.txt`` (one ILSVRC2012_ID per image) mapped through the
+    leaf synsets of ``data/meta.mat`` (read by scipy's MATLAB reader: no pickle, no torch)."""
+    import scipy.io
+
+    with scratch_dir(devkit.parent, devkit.name) as tmp:
+        unpack_all(devkit, tmp)
+        found = {p.name: p for p in tmp.rglob("*") if p.parent.name == "data"}
+        missing = {"meta.mat", "ILSVRC2012_validation_ground_truth.txt"} - set(found)
+        if missing:
+            raise ArchiveError(f"{devkit.name}: no data/{sorted(missing)} inside (not ILSVRC-2012's devkit?)")
+        try:
+            synsets = scipy.io.loadmat(found["meta.mat"], squeeze_me=True)["synsets"]
+        except Exception as e:  # scipy's MatReadError and friends: a damaged or foreign file
+            raise ArchiveError(f"{devkit.name}: cannot read data/meta.mat ({e})") from e
+        truth = found["ILSVRC2012_validation_ground_truth.txt"].read_text().split()
+    wnid_of = {
+        int(i): str(w)
+        for i, w, c in zip(synsets["ILSVRC2012_ID"], synsets["WNID"], synsets["num_children"])
+        if c == 0
+    }
+    try:
+        return [wnid_of[int(t)] for t in truth]
+    except (KeyError, ValueError) as e:
+        raise ArchiveError(f"{devkit.name}: validation ground truth names an unknown class ({e})") from e
+
+
+def _imagenet_train(paths: list[Path], out: Path) -> None:
+    unpack_class_tars(paths[0], out)
+
+
+def _imagenet_val(paths: list[Path], out: Path) -> None:
+    """Extract the 50,000 flat validation images, then sort them into wnid folders (as Dassl reads them)."""
+    val_tar, devkit = paths
+    wnids = _imagenet_val_wnids(devkit)
+    unpack_all(val_tar, out)
+    images = sorted(p for p in out.iterdir() if p.is_file())
+    if len(images) != len(wnids):
+        raise ArchiveError(f"{val_tar.name}: {len(images)} images but the devkit labels {len(wnids)}")
+    for image, wnid in zip(images, wnids):
+        (out / wnid).mkdir(exist_ok=True)
+        image.rename(out / wnid / image.name)
+
+
+def _imagenet_tar(name: str) -> Source:
+    return Source(name, torchvision=("imagenet", ""), manual=IMAGENET_BY_HAND)
+
+
+IMAGENET = Plan(
+    (
+        IMAGENET_CLASSNAMES,
+        _imagenet_tar("ILSVRC2012_img_train.tar"),
+        _imagenet_tar("ILSVRC2012_img_val.tar"),
+        _imagenet_tar("ILSVRC2012_devkit_t12.tar.gz"),
+    ),
+    (
+        Place(IMAGENET_CLASSNAMES.name, "classnames.txt"),
+        Build(("ILSVRC2012_img_train.tar",), "images/train", _imagenet_train),
+        Build(("ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"), "images/val", _imagenet_val),
+    ),
+    IMAGENET_GUIDE,
+)
 
 
 def _variant(folder_in_archive: str, archive: Source, to: str) -> Plan:
@@ -152,9 +237,7 @@ def _variant(folder_in_archive: str, archive: Source, to: str) -> Plan:
 
 # The 11 benchmarks and the 4 ImageNet shifts, in CoOp's DATASETS.md order; `all` prepares these.
 PLANS: dict[str, Plan] = {
-    "imagenet": Plan(
-        (IMAGENET_CLASSNAMES,), (Place(IMAGENET_CLASSNAMES.name, "classnames.txt"),), IMAGENET_GUIDE
-    ),
+    "imagenet": IMAGENET,
     "caltech101": _with_split(
         (_tv("caltech-101.zip", "caltech", "Caltech101"),),
         (  # the zip holds caltech-101/101_ObjectCategories.tar.gz
@@ -301,12 +384,13 @@ def _literal(node: ast.AST):
         return None
 
 
-def torchvision_source(module: str, cls: str, name: str) -> tuple[str, str | None]:
-    """The URL and MD5 (None if it has none) that torchvision's `cls` downloads `name` from.
+def torchvision_source(module: str, cls: str, name: str) -> tuple[str | None, str | None]:
+    """The URL and MD5 (each None where torchvision has none) of the file `name` in torchvision.
 
-    Reads ``torchvision/datasets/<module>.py``: the class's constants (``_URL``/``_MD5``, tables of
-    ``(url or file name, md5)``, a URL prefix) and the literal arguments of its
-    ``download_url`` / ``download_and_extract_archive`` calls.
+    Reads ``torchvision/datasets/<module>.py``: the constants of class `cls` (of the module itself
+    when `cls` is "": ImageNet's ``ARCHIVE_META``, MD5s of files fetched by hand) such as
+    ``_URL``/``_MD5``, tables of ``(url or file name, md5)`` and URL prefixes, and the literal
+    arguments of the class's ``download_url`` / ``download_and_extract_archive`` calls.
 
     Raises:
         LookupError: torchvision is missing, or its source no longer names `name`.
@@ -316,7 +400,11 @@ def torchvision_source(module: str, cls: str, name: str) -> tuple[str, str | Non
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise LookupError(f"cannot read {path}: {e}") from e
-    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
+    node = (
+        tree
+        if not cls
+        else next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
+    )
     if node is None:
         raise LookupError(f"{path} has no class {cls}")
     consts: dict[str, object] = {}
@@ -355,8 +443,8 @@ def torchvision_source(module: str, cls: str, name: str) -> tuple[str, str | Non
         for first, md5 in pairs(value):
             if first.startswith("http") and first.endswith("/" + name):
                 return first, md5
-            if first == name and prefixes:
-                return prefixes[0] + name, md5
+            if first == name:
+                return (prefixes[0] + name if prefixes else None), md5
     for attr, value in consts.items():
         if isinstance(value, str) and value.startswith("http") and value.endswith("/" + name):
             md5 = consts.get(attr.replace("URL", "MD5"))
@@ -387,25 +475,50 @@ def get_plan(name: str) -> Plan:
     return PLANS[name]
 
 
-def _needed(plan: Plan, dataset_dir: Path, downloads: Path) -> tuple[list[Unpack | Place], set[str]]:
+def _inputs(step: Step) -> tuple[str, ...]:
+    """The ``downloads/`` files a step reads."""
+    if isinstance(step, Place):
+        return (step.source,)
+    return step.inputs if isinstance(step, Build) else (step.archive,)
+
+
+def _needed(plan: Plan, dataset_dir: Path, downloads: Path) -> tuple[list[Step], set[str]]:
     """The steps still to run and the downloads they need (walking the steps backwards, so an
     archive inside an archive is only fetched while what it unpacks to is missing)."""
-    steps: list[Unpack | Place] = []
+    steps: list[Step] = []
     wanted: set[str] = set()
     for step in reversed(plan.steps):
-        if isinstance(step, Place):
+        if isinstance(step, (Place, Build)):
             run = not (dataset_dir / step.dest).exists()
-            inputs = step.source
         elif step.to_downloads:
             run = any(out in wanted and not (downloads / out).exists() for out in step.moves.values())
-            inputs = step.archive
         else:
             run = not all((dataset_dir / out).exists() for out in step.moves.values())
-            inputs = step.archive
         if run:
             steps.append(step)
-            wanted.add(inputs)
+            wanted.update(_inputs(step))
     return steps[::-1], wanted
+
+
+def _run(step: Step, paths: list[Path], dataset_dir: Path, downloads: Path, remove: bool) -> None:
+    """Run one step on its (present) inputs; `remove`: delete the archive once extracted."""
+    if isinstance(step, Place):
+        if step.source.startswith("split_zhou_"):
+            check_split_schema(paths[0])
+        dest = dataset_dir / step.dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths[0], dest)
+    elif isinstance(step, Build):
+        dest = dataset_dir / step.dest
+        print(f"  building {dest} from {', '.join(step.inputs)}", file=sys.stderr)
+        with scratch_dir(dest.parent, dest.name) as tmp:
+            step.fn(paths, tmp)
+            merge_into(tmp, dest)
+    else:
+        print(f"  extracting {step.archive}", file=sys.stderr)
+        extract(paths[0], downloads if step.to_downloads else dataset_dir, step.moves)
+        if remove:
+            paths[0].unlink()
 
 
 def check_split_schema(path: Path) -> None:
@@ -494,33 +607,25 @@ def prepare_dataset(
         if problem:
             (out.notes if src.optional else out.problems).append(problem)
     for step in steps:
-        needs = step.source if isinstance(step, Place) else step.archive
-        path = downloads / needs
-        if not path.exists():
+        paths = [downloads / n for n in _inputs(step)]
+        if not all(p.exists() for p in paths):
             continue  # reported above, or made by an earlier step that could not run
+        # an archive taken out of another archive is not worth keeping once extracted
+        remove = (
+            isinstance(step, Unpack)
+            and not step.to_downloads
+            and (delete_archives or step.archive not in by_name)
+        )
         try:
-            if isinstance(step, Place):
-                if needs.startswith("split_zhou_"):
-                    check_split_schema(path)
-                dest = dataset_dir / step.dest
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, dest)
-            else:
-                print(f"  extracting {needs}", file=sys.stderr)
-                extract(path, downloads if step.to_downloads else dataset_dir, step.moves)
-                if delete_archives and needs in by_name:
-                    path.unlink()
-                elif not step.to_downloads and needs not in by_name:
-                    path.unlink()  # an archive taken out of another archive: not worth keeping
+            _run(step, paths, dataset_dir, downloads, remove)
         except (ArchiveError, ValueError) as e:
-            out.problems.append(f"{e}. Delete {path} and rerun to fetch it again")
-    if out.problems:
-        return out
+            out.problems.append(f"{e}. Delete {', '.join(map(str, paths))} and rerun to fetch it again")
     absent = [
         rel for rel, what in spec.required_paths() if "folder" in what and not (dataset_dir / rel).exists()
     ]
     if plan.guide and absent:
         out.problems.append(plan.guide.format(root=root, folder=spec.folder))
+    if out.problems:
         return out
     if check:
         from promptlab.data.check import check_dataset

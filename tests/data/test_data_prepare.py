@@ -750,21 +750,101 @@ def test_stanford_cars_is_guided_then_validated(tmp_path, server, monkeypatch, s
         assert (root / rel).is_file()
 
 
-def test_imagenet_is_guided_then_validated(tmp_path, server, monkeypatch, small_yamls, capsys):
-    serve_dataset(monkeypatch, server, "imagenet", {"imagenet_classnames.txt": CLASSNAMES})
+def fake_imagenet():
+    """ILSVRC-2012 as image-net.org ships it: the train tar holds one tar per class; the val tar holds
+    flat ILSVRC2012_val_<n>.JPEG; the devkit's data/ holds the val ground truth (ILSVRC2012_IDs, one
+    per image in file order) and meta.mat (synsets: IDs 1..1000 are the leaves, not in wnid order)."""
+    import numpy as np
+    import scipy.io
+
+    ids = {WNIDS[2]: 1, WNIDS[0]: 2, WNIDS[3]: 3, WNIDS[1]: 4}  # ILSVRC2012_ID per wnid, not sorted
+    train = {f"{w}.tar": tar_bytes({f"{w}_{i}.JPEG": jpeg(i) for i in range(3)}, "w") for w in WNIDS}
+    val_wnids = [WNIDS[i % 4] for i in (3, 1, 0, 2, 2, 1, 0, 3)]
+    val = {f"ILSVRC2012_val_{n + 1:08d}.JPEG": jpeg(n) for n in range(len(val_wnids))}
+    fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O")]
+    rows = [(ids[w], w, f"class {w}", "", 0) for w in WNIDS] + [(1001, "n00001740", "entity", "", 4)]
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"synsets": np.array(rows, dtype=fields)})
+    devkit = {
+        "ILSVRC2012_devkit_t12/data/meta.mat": buf.getvalue(),
+        "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": "".join(
+            f"{ids[w]}\n" for w in val_wnids
+        ).encode(),
+        "ILSVRC2012_devkit_t12/readme.txt": b"devkit",
+    }
+    files = {
+        "imagenet_classnames.txt": CLASSNAMES,
+        "ILSVRC2012_img_train.tar": tar_bytes(train, "w"),
+        "ILSVRC2012_img_val.tar": tar_bytes(val, "w"),
+        "ILSVRC2012_devkit_t12.tar.gz": tar_bytes(devkit),
+    }
+    return files, val_wnids
+
+
+def test_imagenet_is_guided_then_built_from_the_official_tars(
+    tmp_path, server, monkeypatch, small_yamls, capsys
+):
+    files, val_wnids = fake_imagenet()
+    serve_dataset(monkeypatch, server, "imagenet", files, hosted=False)  # only classnames.txt is hosted
     small_yamls("imagenet", len(WNIDS))
     root = tmp_path / "data"
     assert main_data(["prepare", "imagenet", "--root", str(root)]) == 1
     out = capsys.readouterr().out
-    assert "ILSVRC2012_img_train.tar" in out and "ILSVRC2012_img_val.tar" in out
-    assert f"{root}/imagenet/images/train/" in out and f"{root}/imagenet/images/val/" in out
+    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"):
+        assert f"{name}: ImageNet needs an account: sign in at https://image-net.org" in out
+        assert f"save it as {root / 'downloads' / name}" in out
+    assert (
+        f"ln -s /path/to/train {root}/imagenet/images/train" in out
+    )  # the alternative: link existing folders
     assert (root / "imagenet" / "classnames.txt").read_bytes() == CLASSNAMES  # fetched already
+    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"):
+        (root / "downloads" / name).write_bytes(files[name])
+    assert main_data(["prepare", "imagenet", "--root", str(root)]) == 0
+    images = root / "imagenet" / "images"
+    assert sorted(p.name for p in (images / "train").iterdir()) == sorted(WNIDS)
+    assert (images / "train" / WNIDS[1] / f"{WNIDS[1]}_2.JPEG").read_bytes() == jpeg(2)
+    for n, wnid in enumerate(val_wnids):  # each val image in the folder of its ground-truth class
+        assert (images / "val" / wnid / f"ILSVRC2012_val_{n + 1:08d}.JPEG").read_bytes() == jpeg(n)
+    assert not [p for p in tree(root) if ".extracting" in p]
+
+
+def test_imagenet_from_folders_linked_by_hand(tmp_path, server, monkeypatch, small_yamls):
+    files, _ = fake_imagenet()
+    serve_dataset(monkeypatch, server, "imagenet", files, hosted=False)
+    small_yamls("imagenet", len(WNIDS))
     for split in ("train", "val"):
         for i, w in enumerate(WNIDS):
-            path = root / "imagenet" / "images" / split / w / f"{w}_{i}.JPEG"
+            path = tmp_path / "elsewhere" / split / w / f"{w}_{i}.JPEG"
             path.parent.mkdir(parents=True)
             path.write_bytes(jpeg(i))
-    assert main_data(["prepare", "imagenet", "--root", str(root)]) == 0
+        (tmp_path / "imagenet" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imagenet" / "images" / split).symlink_to(tmp_path / "elsewhere" / split)
+    out = prepare.prepare_dataset("imagenet", tmp_path)
+    assert out.ready, out.problems
+    assert server.requests_for("ILSVRC2012_img_train.tar") == []
+
+
+def test_a_val_tar_that_disagrees_with_the_devkit_leaves_no_val_folder(
+    tmp_path, server, monkeypatch, small_yamls
+):
+    files, _ = fake_imagenet()
+    files["ILSVRC2012_img_val.tar"] = tar_bytes({"ILSVRC2012_val_00000001.JPEG": jpeg(0)}, "w")
+    serve_dataset(monkeypatch, server, "imagenet", files)
+    small_yamls("imagenet", len(WNIDS))
+    out = prepare.prepare_dataset("imagenet", tmp_path)
+    assert "ILSVRC2012_img_val.tar: 1 images but the devkit labels 8" in out.problems[0]
+    assert (tmp_path / "imagenet" / "images" / "train").is_dir()
+    assert not (tmp_path / "imagenet" / "images" / "val").exists()
+
+
+def test_class_tars_refuse_hostile_inner_members(tmp_path):
+    from promptlab.data.extract import unpack_class_tars
+
+    inner = hostile_tar("dotdot")
+    archive = tmp_path / "ILSVRC2012_img_train.tar"
+    archive.write_bytes(tar_bytes({"n01440764.tar": inner}, "w"))
+    with pytest.raises(ArchiveError, match=r"ILSVRC2012_img_train.tar:n01440764.tar: refusing member"):
+        unpack_class_tars(archive, tmp_path / "out")
 
 
 def test_variants_copy_imagenets_classnames_instead_of_downloading(
@@ -833,6 +913,16 @@ def test_bad_url_overrides_and_names_fail_before_any_download(capsys):
         main_data(["prepare", "oxford_pet", "--root", "/tmp/x"])
 
 
+def test_data_check_hints_point_to_prepare():
+    from promptlab.data import get_spec
+
+    for name in prepare.PLANS:
+        hints = get_spec(name).download
+        assert hints and all(f"`promptlab data prepare {name} --root $DATA`" in h for h in hints.values()), (
+            name
+        )
+
+
 def test_google_drive_share_links_become_direct_downloads():
     direct = "https://drive.usercontent.google.com/download?id=1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o&export=download&confirm=t"
     assert (
@@ -868,8 +958,12 @@ def test_torchvision_sources_resolve_from_its_source_without_importing_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr
     found = json.loads(res.stdout)
-    assert len(found) == 10
+    by_hand = {"ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"}
+    assert len(found) == 13 and by_hand <= set(found)
     for name, (url, digest) in found.items():
+        if name in by_hand:  # an account is needed: torchvision has their MD5s only
+            assert url is None and len(digest) == 32
+            continue
         assert url.startswith(("https://", "http://")) and url.endswith("/" + name), (name, url)
         assert (digest is None) == (name == "fgvc-aircraft-2013b.tar.gz"), (name, digest)
         assert digest is None or len(digest) == 32
