@@ -165,6 +165,8 @@ def download(
         ChecksumError: the complete file does not match `md5` (its ``.part`` is removed).
     """
     url = direct_url(url)
+    if not url.startswith(("https://", "http://")):  # file:// or ftp:// from a shared YAML: refused
+        raise DownloadError(f"{url}: only http(s) URLs are fetched")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries + 1):

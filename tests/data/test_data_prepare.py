@@ -923,6 +923,15 @@ def test_data_check_hints_point_to_prepare():
         )
 
 
+def test_only_http_urls_are_fetched(tmp_path):
+    """A shared dataset YAML's `urls` must not copy local files (file://) into the data root."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    with pytest.raises(DownloadError, match="only http"):
+        download(secret.as_uri(), tmp_path / "split_zhou_DescribableTextures.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.txt"]
+
+
 def test_google_drive_share_links_become_direct_downloads():
     direct = "https://drive.usercontent.google.com/download?id=1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o&export=download&confirm=t"
     assert (
