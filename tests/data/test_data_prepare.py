@@ -589,6 +589,16 @@ def test_a_truncated_archive_without_checksum_leaves_nothing_half_extracted(
     assert not [p for p in tree(tmp_path) if ".extracting" in p]
 
 
+@pytest.mark.parametrize("cut", [0.5, 0.98])
+def test_a_truncated_zip_is_a_clear_error(cut, tmp_path):
+    archive = tmp_path / "EuroSAT.zip"
+    whole = zip_bytes(image_tree("2750/", ["Forest"], lambda c, i: f"{c}/{c}_{i}.jpg")[0])
+    archive.write_bytes(whole[: int(len(whole) * cut)])
+    with pytest.raises(ArchiveError, match="EuroSAT.zip: corrupt or truncated archive"):
+        extract(archive, tmp_path / "eurosat", {"2750": "2750"})
+    assert sorted(tree(tmp_path)) == ["EuroSAT.zip"]
+
+
 def test_an_archive_of_another_layout_is_refused_by_name(tmp_path):
     archive = tmp_path / "x.tar.gz"
     archive.write_bytes(tar_bytes({"other/readme.txt": b"x"}))
@@ -976,6 +986,39 @@ def test_torchvision_sources_resolve_from_its_source_without_importing_torch():
         assert url.startswith(("https://", "http://")) and url.endswith("/" + name), (name, url)
         assert (digest is None) == (name == "fgvc-aircraft-2013b.tar.gz"), (name, digest)
         assert digest is None or len(digest) == 32
+
+
+def test_prepare_without_the_final_check_never_imports_torch(tmp_path):
+    """Fetching, verifying and extracting need no torch: `data prepare --no-check` in a fresh
+    interpreter, against a plain `http.server` on 127.0.0.1 in that interpreter."""
+    files, _, expect = fake_dtd()
+    (tmp_path / "www").mkdir()
+    for name, data in files.items():
+        (tmp_path / "www" / name).write_bytes(data)
+    md5s = {name: md5(data) for name, data in files.items()}
+    code = f"""
+import dataclasses, functools, sys, threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from promptlab.cli import main
+from promptlab.data import prepare
+handler = functools.partial(SimpleHTTPRequestHandler, directory={str(tmp_path / "www")!r})
+httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+threading.Thread(target=httpd.serve_forever, daemon=True).start()
+base = f"http://127.0.0.1:{{httpd.server_address[1]}}/"
+plan = prepare.PLANS["dtd"]
+md5s = {md5s!r}
+sources = tuple(dataclasses.replace(s, url=base + s.name, md5=md5s[s.name], torchvision=None) for s in plan.sources)
+prepare.PLANS["dtd"] = dataclasses.replace(plan, sources=sources)
+assert main(["data", "prepare", "--list"]) == 0
+assert main(["data", "prepare", "dtd", "--root", {str(tmp_path / "data")!r}, "--no-check"]) == 0
+httpd.shutdown()
+assert "torch" not in sys.modules and "torchvision" not in sys.modules, "torch was imported"
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "dtd: ready" in res.stdout
+    for rel in expect:
+        assert (tmp_path / "data" / rel).is_file()
 
 
 def test_torchvision_lookup_failure_asks_for_a_url(tmp_path, server, monkeypatch, small_yamls):
