@@ -38,6 +38,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "LauncherConfig",
     "ModelConfig",
     "RecipeConfig",
     "TrainConfig",
@@ -166,6 +167,25 @@ class EvalConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """What ``promptlab sweep --launcher slurm`` asks Slurm for, per job (see ``promptlab.launchers``).
+
+    Local runs ignore it, and a change here never makes a run directory "another configuration":
+    resubmitting with more time or another partition resumes the same run.
+    """
+
+    partition: str | None = None  # sbatch --partition; null = the cluster's default
+    time: int = field(default=60, metadata={"min": 1})  # minutes per job (sbatch --time)
+    gpus_per_job: int = field(default=0, metadata={"min": 0})  # > 1: the run trains under torchrun
+    cpus_per_job: int = field(default=1, metadata={"min": 1})  # sbatch --cpus-per-task
+    mem: str | int | None = field(  # sbatch --mem: MB, or 32G; null = the cluster's default
+        default=None, metadata={"pattern": (r"\d+[KMGT]?", "a size such as 16000, 32G or 1T")}
+    )
+    # any other sbatch option, name without dashes -> value (true for a bare flag): {account: x, qos: y}
+    sbatch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RecipeConfig:
     """A whole recipe (top level of the YAML file)."""
 
@@ -189,6 +209,7 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # sweeps on Slurm (--launcher slurm)
     # dataset name -> recipe keys merged over this recipe when data.name is that dataset (the
     # references' per-dataset configs, e.g. CoOp's 50 ImageNet epochs); command-line overrides still
     # win. Applied (and then emptied) by load_recipe, so a run's config.yaml holds the merged values.

@@ -57,6 +57,8 @@ IGNORED_KEYS = frozenset(
         "train.profile_steps",
     }
 )
+# Sections that only say where a run is scheduled (partition, time, GPUs): never a different run.
+IGNORED_SECTIONS = ("launcher",)
 # What a run leaves in its directory; a file among these means "a run is here". --overwrite removes all.
 _RUN_EVIDENCE = ("metrics.json", "checkpoints/last.pt", "prompts/prompt_config.json")
 _RUN_OUTPUTS = ("config.yaml", "metrics.json", "log.txt", "checkpoints", "prompts", "tb", "backbone")
@@ -159,7 +161,7 @@ def config_conflicts(saved: Path, cfg: DictConfig) -> list[str]:
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in keys
-        if k not in IGNORED_KEYS and old.get(k) != new.get(k)
+        if k not in IGNORED_KEYS and k.split(".")[0] not in IGNORED_SECTIONS and old.get(k) != new.get(k)
     ]
 
 

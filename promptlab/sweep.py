@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from promptlab import rundir
 from promptlab.config import ConfigError, epochs_for, load_recipe
 from promptlab.runlog import LOG_FILE, is_terminal
@@ -107,6 +109,7 @@ class Job:
     evaluations: tuple[Evaluation, ...] = ()
     epochs: int = 0
     split: str = "test"
+    launcher: dict[str, Any] = field(default_factory=dict)  # the recipe's launcher section (Slurm resources)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,6 +269,7 @@ def plan_sweep(
                         tuple(evals),
                         epochs_for(cfg),
                         str(cfg.eval.split),
+                        OmegaConf.to_container(cfg.launcher, resolve=True),
                     )
                 )
     return sweep
@@ -296,10 +300,12 @@ def write_manifest(sweep: Sweep) -> Path:
     for job in sweep.jobs:
         rel = Path(job.run_dir).relative_to(sweep.out).as_posix()
         runs[rel] = {
+            **runs.get(rel, {}),  # keeps what a launcher recorded (slurm_jobs)
             "dir": rel,
             "dataset": job.dataset,
             "shots": job.shots,
             "seed": job.seed,
+            "epochs": job.epochs,
             "evaluations": [
                 dataclasses.asdict(e) | {"file": e.result_file(job.split)} for e in job.evaluations
             ],
@@ -329,6 +335,8 @@ def execute_job(job: Job) -> None:
         cfg = load_recipe(job.recipe, job.overrides, check_paths=False)
         ensure_data(cfg)
         run(load_recipe(job.recipe, job.overrides, check_paths=True))
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun (gpus_per_job > 1) rank 0 alone evaluates, as it alone writes files
     for ev in job.evaluations:
         if not (run_dir / ev.result_file(job.split)).is_file():
             eval_prompts(run_dir, ev.overrides)
@@ -631,7 +639,19 @@ def format_plan(result: SweepResult) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from promptlab.cli import find_recipe
 
+    if args.status:
+        from promptlab.launchers import cmd_status
+
+        return cmd_status(args.status)
+    if not args.recipe:
+        raise ValueError("sweep: give a RECIPE to run, or --status DIR")
     check = not args.dry_run or args.check
+    if args.launcher == "slurm":
+        from promptlab.launchers import launcher_overrides, slurm_sweep
+
+        own = [*args.args, *launcher_overrides(args)]
+        sweep = plan_sweep(find_recipe(args.recipe), own, args.out, check_components=check)
+        return slurm_sweep(sweep, dry_run=args.dry_run, wait_for=args.wait, every=args.progress_every)
     sweep = plan_sweep(find_recipe(args.recipe), args.args, args.out, check_components=check)
     devices = _list(args.devices) if args.devices else None
     result = run_sweep(
@@ -667,7 +687,7 @@ def add_sweep_command(sub: Any) -> None:
     s = sub.add_parser(
         "sweep", help="run a protocol's grid (datasets x shots x seeds) from a recipe: resumable, parallel"
     )
-    s.add_argument("recipe", help="recipe path or name under recipes/")
+    s.add_argument("recipe", nargs="?", help="recipe path or name under recipes/")
     s.add_argument(
         "args",
         nargs="*",
@@ -699,7 +719,32 @@ def add_sweep_command(sub: Any) -> None:
     s.add_argument(
         "--in-process", action="store_true", help="run the jobs one by one in this process (debugging)"
     )
+    _add_launcher_arguments(s)
     s.set_defaults(func=cmd_sweep)
+
+
+def _add_launcher_arguments(s: argparse.ArgumentParser) -> None:
+    """``--launcher slurm`` and its resources (promptlab.launchers; each overrides the recipe's ``launcher.*``)."""
+    s.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: child processes here (default); slurm: one sbatch job per run through submitit",
+    )
+    s.add_argument("--status", metavar="DIR", help="pending / running / done / failed of each run of a sweep")
+    g = s.add_argument_group("slurm (override the recipe's launcher: section)")
+    g.add_argument("--partition")
+    g.add_argument("--time", type=int, metavar="MINUTES", help="time limit per job")
+    g.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job; more than 1 runs torchrun")
+    g.add_argument("--cpus-per-job", type=int, metavar="N")
+    g.add_argument("--mem", metavar="SIZE", help="memory per job, e.g. 32G")
+    g.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="NAME[=VALUE]",
+        help="any other sbatch option, e.g. --sbatch qos=high --sbatch exclusive (repeatable)",
+    )
+    g.add_argument("--wait", action="store_true", help="wait for the jobs, then exit 0 if all are done")
 
 
 def _job_main(argv: Sequence[str]) -> int:
