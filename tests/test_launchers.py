@@ -100,7 +100,7 @@ def test_launcher_dry_run_and_help_import_no_model_library_nor_submitit(tmp_path
         "import sys, contextlib, io\nfrom promptlab.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    assert main(['sweep', '{RECIPE}', 'seeds=1', '--launcher', 'slurm', '--dry-run', '--out', 's']) == 0\n"
-        "print(sorted(m for m in ('submitit', 'open_clip', 'torchvision') if m in sys.modules))\n"
+        "print(sorted(m for m in ('submitit', 'torch', 'open_clip', 'torchvision') if m in sys.modules))\n"
     )
     res = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300
