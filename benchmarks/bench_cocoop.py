@@ -8,7 +8,7 @@ Three ways to compute the same step (logits, cross-entropy, backward into ctx an
 Weights are random (open_clip ViT-B-16 text tower: width 512, 12 layers, 8 heads; a tiny image tower,
 since the step starts from image features). Logits and gradients of the three are checked to agree.
 
-    python benchmarks/bench_cocoop.py [--classes 20] [--batch 4] [--repeats 3] [--threads 2]
+    python benchmarks/bench_cocoop.py [--classes 20] [--batch 4] [--repeats 3] [--threads 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_cocoop_parity import ref_cocoop_logits  # noqa: E402  (the reference formulation, written once)
+from common import add_runtime_args, runtime, synchronize  # noqa: E402
+from test_cocoop_parity import RefCoCoOp  # noqa: E402  (the reference formulation, written once)
 
 from promptlab.clip import load_clip  # noqa: E402
 from promptlab.methods import CoCoOp  # noqa: E402
@@ -71,19 +72,23 @@ PET_NAMES = [
 
 def timed(fn, repeats: int) -> tuple[float, tuple]:
     out = fn()  # warm-up
+    synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
         out = fn()
+    synchronize()
     return (time.perf_counter() - t0) / repeats, out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_runtime_args(ap)
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    rt = runtime(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -93,36 +98,58 @@ def main() -> None:
         text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12),
         quick_gelu=True,
     )
-    clip = load_clip(model)
     names = (PET_NAMES * (args.classes // len(PET_NAMES) + 1))[: args.classes]
-    m = CoCoOp(clip, names, ctx_init="a photo of a")
-    feats = torch.randn(args.batch, clip.embed_dim)
-    labels = torch.arange(args.batch) % args.classes
+    ref = RefCoCoOp(
+        model, names, n_ctx=4, ctx_init="a photo of a"
+    )  # built on the CPU fp32 model, as the reference
+    clip = load_clip(
+        model, device=rt.device, precision=rt.model_precision
+    )  # moves and casts `model` in place
+    m = CoCoOp(clip, names, ctx_init="a photo of a").to(rt.device)
+    m.match_backbone_precision()
+    ref.meta_net = m.meta_net  # the same learned tensors on both sides: only the formulation differs
+    ref.ctx = m.ctx
+    ref.tokenized_prompts = ref.tokenized_prompts.to(rt.device)
+    ref.token_prefix = ref.token_prefix.to(rt.device, clip.prompt_dtype)
+    ref.token_suffix = ref.token_suffix.to(rt.device, clip.prompt_dtype)
+    feats = torch.randn(args.batch, clip.embed_dim, device=rt.device, dtype=m.head_dtype)
+    labels = torch.arange(args.batch, device=rt.device) % args.classes
     params = [m.ctx, *m.meta_net.parameters()]
 
+    def grads(logits):
+        with rt.autocast():
+            loss = F.cross_entropy(logits, labels)
+        return (logits.detach().float(), *(g.float() for g in torch.autograd.grad(loss, params)))
+
     def batched():
-        logits = m(image_features=feats)
-        return (logits.detach(), *torch.autograd.grad(F.cross_entropy(logits, labels), params))
+        with rt.autocast():
+            logits = m(image_features=feats)
+        return grads(logits)
 
     def loop():
-        logits = torch.cat([m(image_features=f[None]) for f in feats])
-        return (logits.detach(), *torch.autograd.grad(F.cross_entropy(logits, labels), params))
+        with rt.autocast():
+            logits = torch.cat([m(image_features=f[None]) for f in feats])
+        return grads(logits)
 
     def reference():
-        logits = ref_cocoop_logits(clip.model, names, "a photo of a", m.ctx, m.meta_net, feats)
-        return (logits.detach(), *torch.autograd.grad(F.cross_entropy(logits, labels), params))
+        with rt.autocast():
+            logits = ref.forward_features(feats)
+        return grads(logits)
 
     print(
         f"CoCoOp step, ViT-B/16 text tower (random weights), B={args.batch} images x C={args.classes} classes, "
-        f"{args.threads} threads, mean of {args.repeats} after a warm-up; longest prompt "
+        f"{rt.describe()}, mean of {args.repeats} after a warm-up; longest prompt "
         f"{int(m._eot.max()) + 1} of 77 tokens"
     )
-    t_ref, out_ref = timed(reference, args.repeats)
-    t_loop, out_loop = timed(loop, args.repeats)
-    t_bat, out_bat = timed(batched, args.repeats)
+    with rt.peak("reference step"):
+        t_ref, out_ref = timed(reference, args.repeats)
+    with rt.peak("per-image truncated step"):
+        t_loop, out_loop = timed(loop, args.repeats)
+    with rt.peak("batched step"):
+        t_bat, out_bat = timed(batched, args.repeats)
     for what, out in (("loop", out_loop), ("batched", out_bat)):
         err = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(out, out_ref))
-        assert err < 1e-4, f"{what} disagrees with the reference: max relative error {err:.2e}"
+        assert err < rt.tolerance, f"{what} disagrees with the reference: max relative error {err:.2e}"
         print(f"  {what:9s} agrees with the reference: max relative error over logits and grads {err:.1e}")
     print(f"  reference (per-image loop, 77 tokens): {t_ref * 1e3:9.1f} ms")
     print(

@@ -6,7 +6,7 @@ Incumbent: every step re-encodes its images through the frozen image tower and r
 Both are measured on a few steps here (ViT-B/16 shapes, random weights, 224 px inputs) and projected
 to the 200-epoch schedule: 592 images, batch 32 -> 18 steps per epoch.
 
-    python benchmarks/bench_coop_run.py [--epochs 200] [--views 10]
+    python benchmarks/bench_coop_run.py [--epochs 200] [--views 10] [--device cuda] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -14,13 +14,22 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import classnames, coop_loss, median_time, reference_text_features, vit_b16
+from common import (
+    add_runtime_args,
+    classnames,
+    coop_loss,
+    median_time,
+    reference_text_features,
+    runtime,
+    vit_b16,
+)
 
 from promptlab.methods import CoOp
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    add_runtime_args(ap)
     ap.add_argument("--classes", type=int, default=37)
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=200)
@@ -28,38 +37,48 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    clip = vit_b16()
+    rt = runtime(args)
+    clip = vit_b16(rt=rt)
     torch.manual_seed(1)
-    module = CoOp(clip, classnames(args.classes), n_ctx=16)
-    images = torch.randn(args.batch, 3, 224, 224)
-    labels = torch.randint(args.classes, (args.batch,))
+    module = CoOp(clip, classnames(args.classes), n_ctx=16).to(rt.device)
+    module.match_backbone_precision()
+    images = torch.randn(args.batch, 3, 224, 224).to(rt.device, clip.prompt_dtype)
+    labels = torch.randint(args.classes, (args.batch,)).to(rt.device)
     n_images = args.classes * args.shots
     steps = n_images // args.batch
 
-    with torch.no_grad():
-        t_encode = median_time(
-            lambda: clip.encode_image(images), args.repeats
-        )  # one batch through the image tower
-    feats = clip.encode_image(images).detach()
+    def encode():
+        with torch.no_grad(), rt.autocast():
+            return clip.encode_image(images)
+
+    with rt.peak("image-tower batch"):
+        t_encode = median_time(encode, args.repeats)  # one batch through the image tower
+    feats = encode().detach()
 
     def our_step():
         module.ctx.grad = None
-        coop_loss(clip.logit_scale, module.text_features(), feats, labels).backward()
+        with rt.autocast():
+            loss = coop_loss(clip.logit_scale, module.text_features(), feats, labels)
+        loss.backward()
 
     def ref_step():
         module.ctx.grad = None
-        with torch.no_grad():
+        with torch.no_grad(), rt.autocast():
             f = clip.model.encode_image(images)  # the incumbent encodes every step
-        coop_loss(clip.logit_scale, reference_text_features(clip, module), f, labels).backward()
+        with rt.autocast():
+            loss = coop_loss(clip.logit_scale, reference_text_features(clip, module), f, labels)
+        loss.backward()
 
-    t_ours = median_time(our_step, args.repeats)
-    t_ref = median_time(ref_step, args.repeats)
+    with rt.peak("promptlab text step"):
+        t_ours = median_time(our_step, args.repeats)
+    with rt.peak("incumbent step"):
+        t_ref = median_time(ref_step, args.repeats)
     batches_to_cache = args.views * n_images / args.batch
     ours = batches_to_cache * t_encode + args.epochs * steps * t_ours
     ref = args.epochs * steps * t_ref
     print(
         f"16-shot CoOp, {args.classes} classes ({n_images} images), {args.epochs} epochs x {steps} steps, ViT-B/16, "
-        f"{torch.get_num_threads()} threads"
+        f"{rt.describe()}"
     )
     print(
         f"  image tower: {t_encode / args.batch * 1000:.1f} ms/image; text step: promptlab {t_ours * 1000:.0f} ms, "
