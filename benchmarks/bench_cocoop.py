@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import add_runtime_args, runtime, synchronize  # noqa: E402
 from test_cocoop_parity import RefCoCoOp  # noqa: E402  (the reference formulation, written once)
 
-from promptlab.clip import load_clip  # noqa: E402
+from promptlab.backbones import load_clip  # noqa: E402
 from promptlab.methods import CoCoOp  # noqa: E402
 
 PET_NAMES = [

@@ -21,7 +21,7 @@ import torch
 from common import add_runtime_args, classnames, runtime, synchronize
 from PIL import Image
 
-from promptlab.clip import load_clip
+from promptlab.backbones import load_clip
 from promptlab.data import Item
 from promptlab.engine import FeatureBatches, evaluate
 from promptlab.features import cached_features

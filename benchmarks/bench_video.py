@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from promptlab.clip import load_clip
+from promptlab.backbones import load_clip
 from promptlab.data import Item
 from promptlab.methods import ViFiCLIP
 from promptlab.video import data as video_data

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.backbones import load_clip
+from promptlab.clip import FrozenCLIP
 
 #: ``--precision`` values: fp32; bf16 autocast (promptlab's ``train.amp=bf16``); the CoOp-family
 #: references' pure fp16 (``PREC=fp16``: promptlab's ``model.precision=reference_fp16``).

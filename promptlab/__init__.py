@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # (and every CLI command that needs no model: --help, ls, cp) does not pay for torch and open_clip.
 _LAZY = {
     "FrozenCLIP": "promptlab.clip",
-    "load_clip": "promptlab.clip",
+    "load_clip": "promptlab.backbones",
     "PromptModule": "promptlab.prompts",
     "load_prompts": "promptlab.export",
 }

@@ -27,10 +27,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from promptlab.resources import resource_dir
-from promptlab.suggest import did_you_mean
+from promptlab.resources import find_recipe, list_recipes
 
-RECIPES_DIR = resource_dir("recipes")
 EXIT_FAILED, EXIT_INVALID, EXIT_IO, EXIT_DIVERGED = 1, 2, 3, 4  # see the module docstring
 DEFAULT_RECIPE = "demo/coop_tiny"
 # `promptlab import --from` choices: the keys of promptlab.importers.SOURCES (a test keeps them equal),
@@ -38,25 +36,6 @@ DEFAULT_RECIPE = "demo/coop_tiny"
 IMPORT_SOURCES = ("coop", "cocoop", "kgcoop", "maple", "ivlp")
 
 log = logging.getLogger("promptlab")
-
-
-def find_recipe(name: str) -> Path:
-    """A recipe path as given, or ``recipes/<name>[.yaml]``.
-
-    Raises:
-        FileNotFoundError: with the closest recipe names; the CLI exits 2, as for any bad recipe.
-    """
-    for cand in (Path(name), RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(
-        f"recipe {name!r} not found (as a path or under {RECIPES_DIR}){did_you_mean(name, list_recipes())}; "
-        "`promptlab ls` lists them"
-    )
-
-
-def list_recipes() -> list[str]:
-    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
 
 
 def recipe_kind(path: Path) -> str:
@@ -177,7 +156,7 @@ def _import_classnames(args: argparse.Namespace) -> tuple[list[str], str | None,
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from promptlab.clip import load_clip
+    from promptlab.backbones import load_clip
     from promptlab.export import save_prompts
     from promptlab.importers import SOURCES, find_checkpoint, import_checkpoint
 

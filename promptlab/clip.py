@@ -5,24 +5,23 @@ OpenAI ``.pt`` file, a Hugging Face ``CLIPModel`` directory). The transformer bl
 are driven by *one* per-layer loop written here (``_block_forward``), so that prompt injection at
 any layer, causal truncation of the text tower and activation checkpointing are implemented once,
 never by forking the backbone's code.
+
+Which library builds the model is the business of the backbone loaders (:class:`BackboneLoader`,
+registered with :func:`register_backbone`); this module imports none of them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from promptlab.suggest import did_you_mean
 from promptlab.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -68,19 +67,6 @@ def to_reference_fp16(model: nn.Module) -> nn.Module:
             m.__class__ = _LayerNormFp32  # same parameters; only the forward's arithmetic changes
     return model
 
-
-# Tiny open_clip configurations, randomly initialised, for tests and the offline demo.
-TINY_CONFIGS: dict[str, dict] = {
-    "tiny": dict(
-        embed_dim=32,
-        vision_cfg=dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
-        text_cfg=dict(layers=2, width=32, heads=2),
-    ),
-}
-
-# The offline sandbox CLIP: pretrained on promptlab's procedural world, its weights ship in the
-# package (promptlab/sandbox/sandbox_clip.safetensors; architecture in the .json beside it).
-SANDBOX_ARCH = "sandbox"
 
 # DeepPrompts: per-layer tokens for the text tower. Either a mapping {layer index: tensor}, where
 # the tensor ([n, W] or [N, n, W]) replaces the n tokens right after the start token before that
@@ -219,7 +205,7 @@ def _hf_blocks(encoder: nn.Module) -> list[_Block]:
 class FrozenCLIP(nn.Module):
     """A frozen CLIP model behind one interface.
 
-    Build it with :func:`load_clip`. All weights are frozen and the model stays in eval mode
+    Build it with :func:`promptlab.load_clip` (:mod:`promptlab.backbones`). All weights are frozen and the model stays in eval mode
     (RN50's BatchNorm statistics must not move); methods learn only their own parameters.
     """
 
@@ -707,223 +693,65 @@ def _apply_deep_prompts(deep: DeepPrompts, layer: int, x: torch.Tensor) -> torch
     return torch.cat([x[:, :1], p, x[:, 1 + p.shape[1] :]], dim=1)
 
 
-# ---------------------------------------------------------------------- loading
-def _is_jit_archive(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+# ---------------------------------------------------------------------- backbone loaders
+@dataclass(frozen=True)
+class BackboneLoader:
+    """One way of building the CLIP model behind a :class:`FrozenCLIP` (open_clip tag, local file,
+    Hugging Face directory, OpenAI ``.pt``, the sandbox, tiny random models, or a user's own).
 
+    FrozenCLIP imports none of them: loaders register here (:func:`register_backbone`) and
+    :func:`promptlab.backbones.load_clip` asks them, the most recently registered first.
 
-def _load_file(arch: str | None, path: Path) -> tuple[nn.Module, str]:
-    """A local checkpoint: OpenAI format (JIT archive, or a plain ``.pt``/``.pth`` state dict) or open_clip."""
-    import open_clip
-
-    if _is_jit_archive(path):
-        return open_clip.load_openai_model(str(path), precision="fp32", device="cpu"), arch or "openai-jit"
-    sd = torch.load(path, map_location="cpu", weights_only=True) if path.suffix != ".safetensors" else None
-    wrapped = isinstance(sd, dict) and "state_dict" in sd
-    if sd is not None and not wrapped and path.suffix in (".pt", ".pth"):
-        # OpenAI format as the `clip` package saves it: shapes define the model, QuickGELU activations.
-        from open_clip.model import build_model_from_openai_state_dict
-
-        model = build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=torch.float32)
-        return model.float(), arch or "openai-state-dict"
-    if not arch:
-        raise ValueError(f"{path}: an open_clip checkpoint needs the architecture name (model.arch)")
-    return open_clip.create_model(arch, pretrained=str(path), device="cpu"), arch
-
-
-def _load_hf_dir(path: Path) -> nn.Module:
-    from transformers import CLIPModel
-
-    return CLIPModel.from_pretrained(str(path), local_files_only=True).float()
-
-
-def _is_hf_clip_dir(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == "clip"
-    except json.JSONDecodeError:
-        return False
-
-
-def _names_a_file(pretrained: str) -> bool:
-    """Does ``pretrained`` name a local file or folder rather than an open_clip tag?"""
-    return (
-        Path(pretrained).expanduser().exists()
-        or "/" in pretrained
-        or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-    )
-
-
-def backbone_names() -> list[str]:
-    """Every ``arch`` :func:`load_clip` builds by name: promptlab's own (``sandbox``, ``tiny``) and open_clip's."""
-    import open_clip
-
-    return sorted({SANDBOX_ARCH, *TINY_CONFIGS, *open_clip.list_models()})
-
-
-class UnknownBackbone(ValueError):
-    """``model.arch`` or ``model.pretrained`` names nothing :func:`load_clip` can build; ``key`` says which."""
-
-    def __init__(self, key: str, value: str | None, reason: str) -> None:
-        self.key, self.reason = key, f"{value!r} {reason}"
-        super().__init__(f"{key}={self.reason}")
-
-
-def check_backbone(arch: str, pretrained: str | None = None) -> None:
-    """Fail now if :func:`load_clip` would refuse ``arch`` / ``pretrained`` by name (no file is opened).
-
-    The recipe check calls this, so a typo in ``model.arch`` or in an open_clip tag fails before any
-    data is read. A ``pretrained`` that names a file is checked for existence elsewhere (the recipe's
-    path check, then loading); open_clip is imported only for an architecture that is not promptlab's.
-
-    Raises:
-        UnknownBackbone: naming the key, the closest known names and where the full list is.
+    Attributes:
+        name: for messages and :func:`backbone_loaders`.
+        claims: ``(arch, pretrained) -> bool``: does this loader build it? No file is opened.
+        load: ``(arch, pretrained) -> (model, arch name to record, tokenizer or None)``; the model is
+            an open_clip ``CLIP`` or a Hugging Face ``CLIPModel`` in fp32 on the CPU.
+        check: ``(arch, pretrained) -> None``: refuse a name this loader claims but cannot build
+            (raises :class:`promptlab.backbones.UnknownBackbone`), without loading anything.
+        model_config: ``FrozenCLIP -> dict | None``: the open_clip model config of a model this
+            loader built, so that ``save_clip`` can write it as a ``local-dir`` folder.
+        archs: ``() -> names``: the architectures it builds by name (for suggestions).
     """
-    if arch == SANDBOX_ARCH or (arch in TINY_CONFIGS and pretrained is None):
-        return
-    if pretrained is not None and _names_a_file(pretrained):
-        return
-    if arch in TINY_CONFIGS:
-        raise UnknownBackbone(
-            "model.pretrained",
-            pretrained,
-            f"is given, but {arch!r} is a random tiny CLIP without weights (use null)",
-        )
-    import open_clip
 
-    if arch not in open_clip.list_models():
-        raise UnknownBackbone(
-            "model.arch",
-            arch,
-            f"is not a known architecture{did_you_mean(arch, backbone_names())}; promptlab's own: "
-            f"{SANDBOX_ARCH}, {', '.join(TINY_CONFIGS)}; open_clip's: "
-            "python -c 'import open_clip; print(open_clip.list_models())'",
-        )
-    tags = open_clip.list_pretrained_tags_by_model(arch)
-    if pretrained is not None and pretrained not in tags:
-        raise UnknownBackbone(
-            "model.pretrained",
-            pretrained,
-            f"is neither an open_clip tag of {arch}{did_you_mean(pretrained, tags)} nor an existing path; "
-            f"tags of {arch}: {', '.join(tags) or '(none)'}",
-        )
+    name: str
+    claims: Callable[[str, str | None], bool]
+    load: Callable[[str, str | None], tuple[nn.Module, str, object]]
+    check: Callable[[str, str | None], None] | None = None
+    model_config: Callable[[FrozenCLIP], dict | None] | None = None
+    archs: Callable[[], Sequence[str]] = tuple
 
 
-def load_clip(
-    arch: str | nn.Module,
-    pretrained: str | None = None,
+_LOADERS: list[BackboneLoader] = []
+
+
+def register_backbone(loader: BackboneLoader) -> BackboneLoader:
+    """Add a loader; it is asked before every loader registered earlier (a later one may specialise)."""
+    _LOADERS[:] = [ld for ld in _LOADERS if ld.name != loader.name] + [loader]
+    return loader
+
+
+def backbone_loaders() -> list[BackboneLoader]:
+    """The registered loaders, in the order they are asked (most recently registered first)."""
+    return _LOADERS[::-1]
+
+
+def wrap_model(
+    model: nn.Module,
     *,
+    arch: str,
+    pretrained: str | None,
+    tokenizer: object = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
 ) -> FrozenCLIP:
-    """Build a :class:`FrozenCLIP`.
-
-    Args:
-        arch: an open_clip model name (``"ViT-B-16"``, ``"RN50"``), a promptlab tiny config
-            (``"tiny"``, random weights), ``"sandbox"`` (the shipped offline CLIP; ``pretrained``
-            may name another sandbox ``.safetensors``), or an in-memory open_clip ``CLIP`` / HF ``CLIPModel``.
-        pretrained: ``None`` (random init), an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``),
-            a local OpenAI ``.pt`` (JIT archive or state dict; QuickGELU), a local open_clip checkpoint,
-            a Hugging Face CLIP directory, or an open_clip ``local-dir:`` model folder.
-        device: where to put the model.
-        precision: ``fp32``; ``fp16`` or ``bf16`` (every frozen weight stored in that dtype; learned
-            tensors stay fp32); or ``reference_fp16``, the CoOp-family references' PREC=fp16
-            (:func:`to_reference_fp16`; learned tensors in fp16 too, see ``FrozenCLIP.prompt_dtype``).
-    """
+    """Cast and move a loaded CLIP model as ``precision`` says and wrap it in a :class:`FrozenCLIP`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
-    import open_clip
-
-    tokenizer = None
-    if isinstance(arch, nn.Module):
-        model, name = arch, type(arch).__name__
-    elif arch == SANDBOX_ARCH and not (
-        pretrained and Path(pretrained).expanduser().is_dir()
-    ):  # a dir: save_clip's
-        from promptlab.sandbox import WEIGHTS, load_sandbox_model
-
-        model, name = load_sandbox_model(Path(pretrained).expanduser() if pretrained else WEIGHTS), arch
-    elif arch in TINY_CONFIGS and pretrained is None:
-        g = torch.random.fork_rng()
-        with g:
-            torch.manual_seed(0)
-            model = open_clip.model.CLIP(**TINY_CONFIGS[arch])
-        name = arch
-    elif pretrained is not None and _names_a_file(pretrained):
-        p = Path(pretrained).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"pretrained={pretrained!r}: no such file or directory")
-        if p.is_dir():
-            if _is_hf_clip_dir(p):
-                model, name = _load_hf_dir(p), arch or f"hf:{p.name}"
-            elif (p / "open_clip_config.json").is_file():
-                model, name = open_clip.create_model(f"local-dir:{p}", device="cpu"), arch or p.name
-            else:
-                raise ValueError(
-                    f"pretrained={pretrained!r}: directory is neither a Hugging Face CLIP model "
-                    "(config.json with model_type 'clip') nor an open_clip model folder (open_clip_config.json)"
-                )
-        else:
-            model, name = _load_file(arch, p)
-    else:
-        check_backbone(arch, pretrained)
-        quick = pretrained == "openai"  # OpenAI weights were trained with QuickGELU
-        model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", force_quick_gelu=quick)
-        name = arch
-        tokenizer = open_clip.get_tokenizer(arch)
     if precision == REFERENCE_FP16:
         model = to_reference_fp16(model.to(device=device, dtype=torch.float32))
     else:
         model = model.to(device=device, dtype=_DTYPES[precision])
-    clip = FrozenCLIP(model, arch=name, pretrained=pretrained, tokenizer=tokenizer)
+    clip = FrozenCLIP(model, arch=arch, pretrained=pretrained, tokenizer=tokenizer)
     clip.precision = precision
     return clip
-
-
-def save_clip(clip: FrozenCLIP, path: str | Path) -> Path:
-    """Write the backbone's current weights as a checkpoint folder :func:`load_clip` reads back.
-
-    An open_clip model becomes an open_clip ``local-dir`` folder (``open_clip_config.json`` +
-    ``open_clip_model.safetensors``; load with ``model.pretrained=<folder>``), a Hugging Face model a
-    ``save_pretrained`` folder. This is how a fine-tuned backbone (ViFi-CLIP's bridge stage) becomes
-    the frozen backbone of any method.
-    """
-    import open_clip
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if clip.backend == "hf":
-        clip.model.save_pretrained(str(path))
-        return path
-    if clip.arch in TINY_CONFIGS:
-        cfg = json.loads(json.dumps(TINY_CONFIGS[clip.arch]))
-    elif (
-        clip.arch == SANDBOX_ARCH
-    ):  # e.g. bridged on sandbox videos; loads back as load_clip("sandbox", path)
-        from promptlab.sandbox import WEIGHTS, sandbox_metadata
-
-        src = Path(clip.pretrained).expanduser() if clip.pretrained else WEIGHTS
-        cfg = (
-            json.loads((src / "open_clip_config.json").read_text())["model_cfg"]
-            if src.is_dir()
-            else sandbox_metadata(src)["model_config"]
-        )
-    elif clip.arch in open_clip.list_models():
-        cfg = dict(open_clip.get_model_config(clip.arch))
-    else:
-        raise ValueError(
-            f"save_clip: no open_clip configuration known for arch {clip.arch!r}; pass model.arch by name"
-        )
-    if any(isinstance(m, open_clip.transformer.QuickGELU) for m in clip.model.modules()):
-        cfg["quick_gelu"] = True  # OpenAI weights: the activation is part of the model
-    meta = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(clip.image_mean), "std": list(clip.image_std)}}
-    (path / "open_clip_config.json").write_text(json.dumps(meta, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in clip.model.state_dict().items()}
-    save_file(state, str(path / "open_clip_model.safetensors"))
-    return path

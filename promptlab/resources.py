@@ -1,4 +1,5 @@
-"""Where promptlab's data folders live: ``datasets/`` (dataset YAMLs, template groups) and ``recipes/``.
+"""Where promptlab's data folders live: ``datasets/`` (dataset YAMLs, template groups) and ``recipes/``,
+and how a recipe is found by name (``fewshot/coop_vit_b16``).
 
 They sit at the top of the source tree, beside the package, so that researchers edit them as files.
 In a source checkout (the README's editable install) they are used in place; a wheel installs a
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+
+from promptlab.suggest import did_you_mean
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 FOLDERS = ("datasets", "recipes")
@@ -39,3 +42,29 @@ def resource_dir(name: str, package_root: Path = PACKAGE_ROOT) -> Path:
         return checkout / name
     candidates = _installed_candidates(name)
     return next((p for p in candidates if p.is_dir()), candidates[0])
+
+
+RECIPES_DIR = resource_dir("recipes")
+
+
+def list_recipes() -> list[str]:
+    """Every recipe under ``recipes/``, named as :func:`find_recipe` takes them (``sandbox/coop_base2new``)."""
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe path as given, or ``recipes/<name>[.yaml]``.
+
+    Here rather than in the CLI so that ``sweep`` and ``anomaly`` find recipes without importing the
+    CLI that registers them (no import circle).
+
+    Raises:
+        FileNotFoundError: with the closest recipe names; the CLI exits 2, as for any bad recipe.
+    """
+    for cand in (Path(name), RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(
+        f"recipe {name!r} not found (as a path or under {RECIPES_DIR}){did_you_mean(name, list_recipes())}; "
+        "`promptlab ls` lists them"
+    )

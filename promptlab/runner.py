@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import promptlab
 from promptlab import distributed
-from promptlab.clip import FrozenCLIP, load_clip, save_clip
+from promptlab.backbones import load_clip, save_clip
+from promptlab.clip import FrozenCLIP
 from promptlab.config import ConfigError, epochs_for, instantiate, load_recipe, resolve_component
 from promptlab.data import (
     DatasetSplits,

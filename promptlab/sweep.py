@@ -187,7 +187,7 @@ def _dataset_name(name: str) -> str:
 
 def default_out(recipe: Path, protocol: str) -> Path:
     """``runs/sweeps/<recipe relative to recipes/, or its stem>-<protocol>``."""
-    from promptlab.cli import RECIPES_DIR
+    from promptlab.resources import RECIPES_DIR
 
     try:
         rel = recipe.resolve().relative_to(RECIPES_DIR.resolve()).with_suffix("")
@@ -637,7 +637,7 @@ def format_plan(result: SweepResult) -> str:
 
 # ---------------------------------------------------------------------- command line
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from promptlab.cli import find_recipe
+    from promptlab.resources import find_recipe
 
     if args.status:
         from promptlab.launchers import cmd_status

@@ -53,7 +53,7 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_clip():
     """promptlab's own tiny FrozenCLIP (open_clip backend, 2 blocks per tower, seed 0). Frozen, so shared."""
-    from promptlab.clip import load_clip
+    from promptlab.backbones import load_clip
 
     return load_clip("tiny")
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from promptlab.anomaly.method import AnomalyCLIP
-from promptlab.clip import load_clip
+from promptlab.backbones import load_clip
 
 N_CTX, DEPTH, T_N_CTX = 3, 3, 2  # --n_ctx, --depth, --t_n_ctx (12, 9, 4 in the paper)
 OUT_LAYERS = [3, 4, 5, 6]  # --features_list 6 12 18 24: the first one is DPAM's first block

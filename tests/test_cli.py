@@ -9,7 +9,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from promptlab.cli import RECIPES_DIR, list_recipes, main
+from promptlab.cli import main
+from promptlab.resources import RECIPES_DIR, list_recipes
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 from open_clip.transformer import QuickGELU
 
+import promptlab.backbones as backbones
 import promptlab.clip as pclip
-from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.backbones import load_clip
+from promptlab.clip import FrozenCLIP
 
 ATOL = 1e-5
 TEXTS = [
@@ -43,7 +45,7 @@ def _library_copy(clip: FrozenCLIP) -> nn.Module:
 
         fresh = CLIPModel(clip.model.config)
     else:
-        fresh = open_clip.model.CLIP(**pclip.TINY_CONFIGS["tiny"])
+        fresh = open_clip.model.CLIP(**backbones.TINY_CONFIGS["tiny"])
     fresh.load_state_dict(copy.deepcopy(clip.model.state_dict()), strict=True)
     return fresh.eval()
 
@@ -192,7 +194,7 @@ def test_load_openai_state_dict(tmp_path: Path, images: torch.Tensor) -> None:
     src = _openai_style_model(seed=5)
     path = tmp_path / "ViT-tiny.pt"
     torch.save(_openai_state_dict(src), path)
-    assert not pclip._is_jit_archive(path)  # torch.save's zip is not mistaken for TorchScript
+    assert not backbones._is_jit_archive(path)  # torch.save's zip is not mistaken for TorchScript
     clip = load_clip("ViT-tiny", str(path))
     assert clip.backend == "open_clip" and clip.width == 64 and clip.image_size == 32
     _assert_quick_gelu_and_equal(clip, src, images)
@@ -222,7 +224,7 @@ def test_load_openai_jit_archive(tmp_path: Path, images: torch.Tensor) -> None:
     sd = {k: v for k, v in _openai_state_dict(src).items() if v.is_floating_point()}
     path = tmp_path / "ViT-tiny-jit.pt"
     _jit_archive(sd, path)
-    assert pclip._is_jit_archive(path)
+    assert backbones._is_jit_archive(path)
     assert set(torch.jit.load(str(path)).state_dict()) == set(sd)
     clip = load_clip("ViT-tiny", str(path))
     _assert_quick_gelu_and_equal(clip, src, images)

@@ -92,7 +92,7 @@ def test_helpers_are_no_ops_in_one_process():
 
 
 def _tiny_coop():
-    from promptlab.clip import load_clip
+    from promptlab.backbones import load_clip
     from promptlab.methods import CoOp
 
     torch.manual_seed(1)

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.backbones import load_clip
+from promptlab.clip import FrozenCLIP
 from promptlab.methods import IVLP, MaPLe
 
 CLASSNAMES = ["cat", "sea_lion", "a very long class name with many words"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from promptlab.clip import load_clip
+from promptlab.backbones import load_clip
 from promptlab.data import ImageDataset, load_dataset, make_synthetic_dataset
 from promptlab.engine import FeatureBatches, ImageBatches, evaluate, lr_at, make_schedule, per_epoch, train
 from promptlab.features import cached_features, encode_items

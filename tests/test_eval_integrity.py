@@ -34,7 +34,7 @@ def test_class_specific_context_refuses_other_classes_of_the_same_count(csc_base
 
 
 def test_eval_honours_a_backbone_override(csc_base_run: Path, tmp_path: Path) -> None:
-    from promptlab.clip import load_clip, save_clip
+    from promptlab.backbones import load_clip, save_clip
 
     clip = load_clip("tiny")
     with torch.no_grad():
@@ -53,7 +53,7 @@ def test_eval_refuses_a_backbone_of_another_width(csc_base_run: Path, capsys) ->
 
 
 def test_unreadable_test_videos_are_counted_and_named(tmp_path: Path) -> None:
-    from promptlab.clip import load_clip
+    from promptlab.backbones import load_clip
     from promptlab.data import Item
     from promptlab.engine import evaluate
     from promptlab.methods import ViFiCLIP

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from promptlab import export
-from promptlab.clip import TINY_CONFIGS, FrozenCLIP, load_clip
+from promptlab.backbones import TINY_CONFIGS, load_clip
+from promptlab.clip import FrozenCLIP
 from promptlab.export import (
     format_interpretation,
     interpret,

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from promptlab import distributed
-from promptlab.clip import load_clip
+from promptlab.backbones import load_clip
 from promptlab.engine import ImageBatches, lr_at, per_epoch, train
 from promptlab.methods import IVLP, MaPLe, ViFiCLIP
 from promptlab.prompts import PromptModule

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.backbones import load_clip
+from promptlab.clip import FrozenCLIP
 from promptlab.methods import METHODS, CoOp
 from promptlab.prompts import PromptModule
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.backbones import load_clip
+from promptlab.clip import FrozenCLIP
 from promptlab.config import load_recipe
 from promptlab.data import DatasetSplits, Item, subsample_classes
 from promptlab.data.registry import dataset_names

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
-from promptlab.clip import load_clip
+from promptlab.backbones import load_clip
 from promptlab.methods import MoCoOp
 
 _tokenizer = SimpleTokenizer()

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from promptlab.clip import load_clip
+from promptlab.backbones import load_clip
 from promptlab.config import ConfigError, load_recipe
 from promptlab.engine import FeatureBatches, train
 from promptlab.methods import CoOp

@@ -13,7 +13,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from promptlab.clip import load_clip
+from promptlab.backbones import load_clip
 from promptlab.data import load_dataset, subsample_classes
 from promptlab.runner import ensure_data
 from promptlab.sandbox import METADATA, WEIGHTS, load_sandbox_model, sandbox_metadata
@@ -245,7 +245,7 @@ def test_coop_beats_zero_shot_on_sandbox_base_classes(tmp_path: Path) -> None:
 
 def test_sandbox_clip_saved_and_reloaded_is_the_same_model(tmp_path: Path) -> None:
     """A tuned sandbox backbone (e.g. ViFi-CLIP's bridge) is saved as a folder that load_clip("sandbox", dir) reads."""
-    from promptlab.clip import save_clip
+    from promptlab.backbones import save_clip
 
     clip = load_clip("sandbox")
     with torch.no_grad():

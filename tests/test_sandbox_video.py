@@ -12,8 +12,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from promptlab.backbones import load_clip
 from promptlab.cli import main
-from promptlab.clip import load_clip
 from promptlab.data import load_dataset, subsample_classes
 from promptlab.data.generated import PARAMS_FILE
 from promptlab.runner import ensure_data

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from promptlab.backbones import load_clip
 from promptlab.cli import main
-from promptlab.clip import load_clip
 from promptlab.methods import CoOp, ViFiCLIP
 from promptlab.methods.vificlip import average_views
 

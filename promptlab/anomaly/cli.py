@@ -18,7 +18,7 @@ def _print_metrics(m: dict) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from promptlab.anomaly.loop import load_anomaly_recipe, run_anomaly
-    from promptlab.cli import find_recipe
+    from promptlab.resources import find_recipe
 
     cfg = load_anomaly_recipe(find_recipe(args.recipe), args.overrides)
     m = run_anomaly(cfg, resume=args.resume)

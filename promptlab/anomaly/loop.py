@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from promptlab import io
 from promptlab.anomaly.data import LAYOUTS, AnomalyDataset, load_items
 from promptlab.anomaly.method import AnomalyCLIP
-from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.backbones import load_clip
+from promptlab.clip import FrozenCLIP
 from promptlab.data.generated import run_generator
 from promptlab.engine import autocast, restore_training_state, save_training_state, seed_everything
 from promptlab.metrics import AUPRO_CONVENTIONS, aupro, auroc, average_precision

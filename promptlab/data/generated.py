@@ -148,7 +148,7 @@ def run_generator(spec: dict[str, Any], root: Path, source: str = "generator") -
     """
     import inspect
 
-    from promptlab.config import ConfigError, resolve_component
+    from promptlab.components import ConfigError, resolve_component
 
     kwargs = dict(spec)
     try:  # only registered generators (or those of a module the user trusted) run

@@ -24,7 +24,7 @@ from promptlab import trust
 from promptlab.data.items import SPLITS, Item
 
 if TYPE_CHECKING:
-    from promptlab.data.registry import DatasetSpec
+    from promptlab.data.spec import DatasetSpec
 
 Splits = dict[str, list[Item]]
 

@@ -4,7 +4,8 @@ Real CLIP weights and benchmarks are gigabytes and want a GPU; the sandbox lets 
 meaningfully on a laptop CPU in minutes, with no network. ``load_clip("sandbox")`` loads the shipped
 weights; ``datasets/sandbox_*.yaml`` are generated on first use (``promptlab.sandbox.datasets``).
 
-This module stays import-light (no torch at import time): ``promptlab.clip`` imports it lazily.
+This module stays import-light (no torch at import time); :mod:`promptlab.backbones` registers its
+loader with FrozenCLIP.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 WEIGHTS = Path(__file__).resolve().parent / "sandbox_clip.safetensors"
 METADATA = WEIGHTS.with_suffix(".json")
+VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer
+TOKEN_IDS_KEY = "token_embedding.token_ids"  # int32 [n]: the tokenizer id of each compact table row
 
 
 def sandbox_metadata(weights: str | Path = WEIGHTS) -> dict[str, Any]:
@@ -41,8 +44,6 @@ def load_sandbox_model(weights: str | Path = WEIGHTS):
     import open_clip
     import torch
     from safetensors.torch import load_file
-
-    from promptlab.sandbox.pretrain import TOKEN_IDS_KEY, VOCAB_SIZE
 
     weights = Path(weights)
     meta = sandbox_metadata(weights)

@@ -33,13 +33,11 @@ from tqdm import tqdm
 
 from promptlab.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
 from promptlab.runlog import run_log
+from promptlab.sandbox import TOKEN_IDS_KEY, VOCAB_SIZE
 from promptlab.sandbox.world import COLOURS, SHAPES, Style, caption, render, sample_scene
 from promptlab.transforms import OPENAI_MEAN, OPENAI_STD
 
 log = logging.getLogger(__name__)
-
-VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer
-TOKEN_IDS_KEY = "token_embedding.token_ids"  # int32 [n]: the tokenizer id of each compact table row
 
 
 @dataclass
@@ -307,7 +305,7 @@ def record(weights: str | Path, data_root: str | Path) -> dict[str, Any]:
     """
     from PIL import Image
 
-    from promptlab.clip import load_clip
+    from promptlab.backbones import load_clip
     from promptlab.data import get_spec, load_dataset
     from promptlab.sandbox.datasets import check_set, make_sandbox_dataset, zeroshot_accuracy
 
