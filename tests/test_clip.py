@@ -441,3 +441,33 @@ def test_visual_prompts_and_tokens(any_clip: FrozenCLIP, images: torch.Tensor) -
     assert torch.isfinite(tokens).all()
     # the tokens are patch tokens, not copies of the pooled class token
     assert (tokens - pooled[:, None]).abs().max() > 1e-4
+
+
+def test_a_registered_backbone_loader_is_asked_before_the_built_in_ones(monkeypatch):
+    """FrozenCLIP imports no loader: a user's loader registers and load_clip / check_backbone /
+    save_clip ask it first (issue 22: backbone loaders registered with FrozenCLIP)."""
+    monkeypatch.setattr(pclip, "_LOADERS", list(pclip._LOADERS))  # leave the registry as it was
+    built = []
+
+    def load(arch, pretrained):
+        built.append((arch, pretrained))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return open_clip.model.CLIP(**backbones.TINY_CONFIGS["tiny"]), "mine", None
+
+    pclip.register_backbone(
+        pclip.BackboneLoader(
+            "mine",
+            claims=lambda arch, pretrained: arch == "tiny" and pretrained == "mine-weights",
+            load=load,
+            model_config=lambda clip: dict(backbones.TINY_CONFIGS["tiny"]) if clip.arch == "mine" else None,
+            archs=lambda: ["mine"],
+        )
+    )
+    backbones.check_backbone("tiny", "mine-weights")  # the tiny loader would refuse weights
+    clip = load_clip("tiny", "mine-weights", precision="fp16")
+    assert built == [("tiny", "mine-weights")]
+    assert clip.arch == "mine" and clip.dtype == torch.float16 and clip.precision == "fp16"
+    assert "mine" in backbones.backbone_names()
+    with pytest.raises(backbones.UnknownBackbone, match="random tiny CLIP"):
+        backbones.check_backbone("tiny", "openai")  # the built-in loaders still answer the rest

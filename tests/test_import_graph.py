@@ -91,7 +91,9 @@ def test_the_graph_sees_function_level_and_type_checking_imports(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "data" / "__init__.py").write_text("")
     (pkg / "a.py").write_text("def f():\n    from promptlab.b import g\n")
-    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from promptlab import a\n")
+    (pkg / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from promptlab import a\n"
+    )
     (pkg / "data" / "c.py").write_text("from . import d\nfrom ..a import f\n")
     (pkg / "data" / "d.py").write_text("import promptlab.data.c\n")
     graph = import_graph(pkg)
