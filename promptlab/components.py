@@ -40,15 +40,27 @@ def resolve_component(dotted: str, kind: str | Sequence[str] | None = None) -> C
     Raises:
         ConfigError: naming ``dotted`` and why it could not be imported or is not allowed.
     """
-    if not isinstance(dotted, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", dotted):
-        raise ConfigError(f"_component_ must be a dotted path like 'pkg.module.Name', got {dotted!r}")
+    check_component_path(dotted, kind)
     try:
-        trust.check_path(dotted, kind)
         obj = _import_dotted(dotted)
         trust.check_object(obj, dotted, kind)
     except trust.UntrustedComponent as e:
         raise ConfigError(str(e)) from None
     return obj
+
+
+def check_component_path(dotted: Any, kind: str | Sequence[str] | None = None) -> None:
+    """The import-free half of :func:`resolve_component`: ``dotted`` is well formed and trusted for ``kind``.
+
+    Raises:
+        ConfigError: naming ``dotted`` and why it is refused.
+    """
+    if not isinstance(dotted, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", dotted):
+        raise ConfigError(f"_component_ must be a dotted path like 'pkg.module.Name', got {dotted!r}")
+    try:
+        trust.check_path(dotted, kind)
+    except trust.UntrustedComponent as e:
+        raise ConfigError(str(e)) from None
 
 
 def _import_dotted(dotted: str) -> Any:

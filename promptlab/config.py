@@ -30,7 +30,7 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from promptlab.components import COMPONENT_KEY, ConfigError, resolve_component
+from promptlab.components import COMPONENT_KEY, ConfigError, check_component_path, resolve_component
 from promptlab.suggest import did_you_mean
 
 __all__ = [
@@ -561,16 +561,10 @@ def validate_recipe(
 
 def _check_component_path(dotted: Any, kind: str | None, key: str, source: str) -> None:
     """The import-free half of :func:`resolve_component`: well formed and trusted for ``kind``."""
-    if not isinstance(dotted, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", dotted):
-        raise ConfigError(
-            f"_component_ must be a dotted path like 'pkg.module.Name', got {dotted!r}",
-            key=key,
-            source=source,
-        )
     try:
-        trust.check_path(dotted, kind)
-    except trust.UntrustedComponent as e:
-        raise ConfigError(str(e), key=key, source=source) from None
+        check_component_path(dotted, kind)
+    except ConfigError as e:
+        raise ConfigError(e.reason, key=key, source=source) from None
 
 
 def _check_backbone(cfg: DictConfig, source: str) -> None:
