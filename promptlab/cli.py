@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     from promptlab.anomaly.cli import add_anomaly_commands
     from promptlab.cli_data import add_data_commands
     from promptlab.report import add_report_command
-    from promptlab.sweep import add_sweep_command
+    from promptlab.sweep_cli import add_sweep_command
 
     add_data_commands(sub)
     add_sweep_command(sub)

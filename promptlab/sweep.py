@@ -30,7 +30,6 @@ time; ``--devices 0,1`` gives each process one GPU through ``CUDA_VISIBLE_DEVICE
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -633,118 +632,6 @@ def format_plan(result: SweepResult) -> str:
     }
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- command line
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from promptlab.resources import find_recipe
-
-    if args.status:
-        from promptlab.launchers import cmd_status
-
-        return cmd_status(args.status)
-    if not args.recipe:
-        raise ValueError("sweep: give a RECIPE to run, or --status DIR")
-    check = not args.dry_run or args.check
-    if args.launcher == "slurm":
-        from promptlab.launchers import launcher_overrides, slurm_sweep
-
-        own = [*args.args, *launcher_overrides(args)]
-        sweep = plan_sweep(find_recipe(args.recipe), own, args.out, check_components=check)
-        return slurm_sweep(sweep, dry_run=args.dry_run, wait_for=args.wait, every=args.progress_every)
-    sweep = plan_sweep(find_recipe(args.recipe), args.args, args.out, check_components=check)
-    devices = _list(args.devices) if args.devices else None
-    result = run_sweep(
-        sweep,
-        jobs=args.jobs,
-        devices=devices,
-        in_process=args.in_process,
-        dry_run=args.dry_run,
-        progress_every=args.progress_every,
-    )
-    if args.dry_run:
-        print(f"{sweep.protocol} sweep of {sweep.recipe} into {sweep.out}")
-        print(format_plan(result))
-        if not check:
-            print(
-                "method, optimizer and backbone arguments are checked when the sweep starts, before any "
-                "run (--check checks them now; it imports torch)",
-                file=sys.stderr,
-            )
-        return 0
-    if result.failed:
-        print(f"{len(result.failed)} of {len(result.ran)} runs failed:", file=sys.stderr)
-        for job in result.failed:
-            print(f"  {job.run_dir} (log: {Path(job.run_dir) / JOB_LOG})", file=sys.stderr)
-        return 1
-    print(f"{len(result.ran)} runs done, {len(result.statuses) - len(result.ran)} skipped -> {sweep.out}")
-    print(f"tables and plots: promptlab report {sweep.out}")
-    return 0
-
-
-def add_sweep_command(sub: Any) -> None:
-    """Register ``promptlab sweep`` on the CLI's subparsers."""
-    s = sub.add_parser(
-        "sweep", help="run a protocol's grid (datasets x shots x seeds) from a recipe: resumable, parallel"
-    )
-    s.add_argument("recipe", nargs="?", help="recipe path or name under recipes/")
-    s.add_argument(
-        "args",
-        nargs="*",
-        metavar="key=value",
-        help="protocol=base2new|fewshot|crossdataset datasets=all|a,b seeds=1,2,3 shots=1,2,4,8,16 "
-        "targets=all|a,b (crossdataset), and any recipe override",
-    )
-    s.add_argument("--out", help="sweep directory (default runs/sweeps/<recipe>-<protocol>)")
-    s.add_argument(
-        "--jobs", type=int, help="runs side by side, one process each (default: one per device, or 1)"
-    )
-    s.add_argument(
-        "--devices", help="GPU ids, e.g. 0,1,2,3: each job process sees one (CUDA_VISIBLE_DEVICES)"
-    )
-    s.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
-    s.add_argument(
-        "--check",
-        action="store_true",
-        help="with --dry-run: also import the method, optimizer and backbone to check their arguments (slower)",
-    )
-    s.add_argument(
-        "--progress-every",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="seconds between progress lines when the output is not a terminal (default 60; a "
-        "terminal gets one line redrawn in place)",
-    )
-    s.add_argument(
-        "--in-process", action="store_true", help="run the jobs one by one in this process (debugging)"
-    )
-    _add_launcher_arguments(s)
-    s.set_defaults(func=cmd_sweep)
-
-
-def _add_launcher_arguments(s: argparse.ArgumentParser) -> None:
-    """``--launcher slurm`` and its resources (promptlab.launchers; each overrides the recipe's ``launcher.*``)."""
-    s.add_argument(
-        "--launcher",
-        choices=("local", "slurm"),
-        default="local",
-        help="local: child processes here (default); slurm: one sbatch job per run through submitit",
-    )
-    s.add_argument("--status", metavar="DIR", help="pending / running / done / failed of each run of a sweep")
-    g = s.add_argument_group("slurm (override the recipe's launcher: section)")
-    g.add_argument("--partition")
-    g.add_argument("--time", type=int, metavar="MINUTES", help="time limit per job")
-    g.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job; more than 1 runs torchrun")
-    g.add_argument("--cpus-per-job", type=int, metavar="N")
-    g.add_argument("--mem", metavar="SIZE", help="memory per job, e.g. 32G")
-    g.add_argument(
-        "--sbatch",
-        action="append",
-        metavar="NAME[=VALUE]",
-        help="any other sbatch option, e.g. --sbatch qos=high --sbatch exclusive (repeatable)",
-    )
-    g.add_argument("--wait", action="store_true", help="wait for the jobs, then exit 0 if all are done")
 
 
 def _job_main(argv: Sequence[str]) -> int:
