@@ -282,6 +282,76 @@ def find_published(
     return None
 
 
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b of two paired score lists (ties in either list handled, as scipy's default).
+
+    tau-b = (concordant - discordant) / sqrt((n0 - ties_x) * (n0 - ties_y)) over all n0 = n(n-1)/2
+    pairs; nan when either list is constant or there are fewer than two pairs.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"kendall_tau needs paired lists, got {len(x)} and {len(y)} values")
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            ties_x += dx == 0
+            ties_y += dy == 0
+            if dx * dy > 0:
+                concordant += 1
+            elif dx * dy < 0:
+                discordant += 1
+    n0 = len(x) * (len(x) - 1) // 2
+    denom = math.sqrt((n0 - ties_x) * (n0 - ties_y))
+    return (concordant - discordant) / denom if denom else math.nan
+
+
+def published_ranking(
+    hm_by_method: dict[str, float], path: Path = PUBLISHED_FILE
+) -> tuple[float, list[tuple[str, float, float]]] | None:
+    """How well a set of methods' HMs ranks like the published base-to-new averages.
+
+    ``hm_by_method`` maps a PromptModule class name (as metrics.json records it) to the HM it got
+    here, on whatever backbone and data (the sandbox, typically). Each is paired with the published
+    11-dataset average HM of the same method (``published.yaml``; ViT-B/16 when several backbones are
+    listed). Returns Kendall's tau-b over the methods that have a published entry, and the pairs
+    (method, HM here, published HM) sorted by the published HM; ``None`` with fewer than 3 such methods,
+    where a ranking says nothing.
+    """
+    table = load_published(path).get("base2new", {})
+    published: dict[str, float] = {}
+    for entry in table.values():
+        method = entry.get("method")
+        if method in hm_by_method and (method not in published or entry.get("arch") == "ViT-B-16"):
+            published[method] = float(entry["average"]["hm"])
+    pairs = sorted(((m, hm_by_method[m], published[m]) for m in published), key=lambda p: -p[2])
+    if len(pairs) < 3:
+        return None
+    return kendall_tau([p[1] for p in pairs], [p[2] for p in pairs]), pairs
+
+
+def ranking_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison's sentence on ranking agreement: one HM per sweep (its average over datasets, or
+    its one dataset), one sweep per method; empty when fewer than 3 methods have published numbers."""
+    hm: dict[str, float] = {}
+    for sweep in dict.fromkeys(r["sweep"] for r in rows):
+        mine = [r for r in rows if r["sweep"] == sweep]
+        avg = [r for r in mine if r["dataset"].startswith("Average")]
+        row = avg[0] if avg else mine[0] if len(mine) == 1 else None  # the average, or the one dataset
+        if row is not None:
+            hm.setdefault(str(row["method"]), float(row["hm"]))
+    ranked = published_ranking(hm)
+    if ranked is None:
+        return ""
+    tau, pairs = ranked
+    body = [[m, f"{here:.2f}", f"{pub:.2f}"] for m, here, pub in pairs]
+    return (
+        "### Ranking against the published base-to-new averages\n\n"
+        + _md_table(["method", "HM here", "published HM (11 datasets, ViT-B/16)"], body)
+        + f"\n\nKendall's tau-b between the two rankings: **{tau:.2f}** over {len(pairs)} methods "
+        "(1: the same order; 0: unrelated; -1: reversed)."
+    )
+
+
 # ---------------------------------------------------------------------- formatting
 def _pm(m: float, sd: float) -> str:
     if math.isnan(m):
@@ -615,10 +685,12 @@ def compare_sweeps(sweep_dirs: Sequence[str | Path], out: str | Path) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     md = out / "comparison.md"
     note = "HM of the seed-averaged Base and New." if protocol == "base2new" else "Top-1 accuracy (%)."
+    ranking = ranking_markdown(rows) if protocol == "base2new" else ""
     md.write_text(
         f"# {protocol} comparison\n\n"
         + "\n\n".join(sections)
         + f"\n\nMean ± population std over seeds; {note}\n"
+        + (f"\n{ranking}\n" if ranking else "")
     )
     csv_path = write_csv(out / "comparison.csv", rows)
     if protocol == "base2new":  # one group of bars per sweep

@@ -16,6 +16,7 @@ from promptlab.report import (
     compare_sweeps,
     find_published,
     harmonic_mean,
+    kendall_tau,
     load_published,
     load_sweep,
     mean_std,
@@ -318,3 +319,36 @@ def test_plot_legend_covers_no_data(protocol):
         if ax.axison:
             assert not _overlaps(box, ax.get_window_extent(renderer)), f"legend over the {protocol} axes"
     plt.close(fig)
+
+
+def test_kendall_tau_against_hand_values():
+    """tau-b = (C - D) / sqrt((n0 - ties_x)(n0 - ties_y)), counted by hand for each case."""
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx((5 - 1) / 6)  # one swapped pair
+    assert kendall_tau([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(5 * 6))  # a tie in x
+    assert kendall_tau([1, 1, 2, 2], [1, 2, 1, 2]) == pytest.approx(0.0)
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))  # a constant list ranks nothing
+    with pytest.raises(ValueError, match="paired"):
+        kendall_tau([1, 2], [1])
+    import scipy.stats as scipy_stats  # a dependency of promptlab (metrics)
+
+    x, y = [3.1, 1.0, 2.2, 2.2, 5.0, 4.4], [2.0, 1.0, 3.0, 2.5, 4.0, 4.0]
+    assert kendall_tau(x, y) == pytest.approx(scipy_stats.kendalltau(x, y).statistic)
+
+
+def test_comparison_ranks_methods_against_the_published_averages(tmp_path, capsys):
+    """Three base2new sweeps of methods with published averages: the comparison gives Kendall's tau of
+    their HMs against the published HMs (KgCoOp 77.00 > CoCoOp 75.83 > CoOp 71.66)."""
+    hm_here = {"CoOp": 60.0, "CoCoOp": 70.0, "KgCoOp": 65.0}  # CoCoOp/KgCoOp swapped: C=2, D=1 -> 1/3
+    dirs = []
+    for method, acc in hm_here.items():
+        d = tmp_path / method.lower()
+        _manifest(d, "base2new", [_write_run(d, "dtd", 16, 1, acc, {"dtd": ("new", acc)}, method=method)])
+        dirs.append(str(d))
+    assert main(["report", *dirs]) == 0
+    printed = capsys.readouterr().out
+    assert "Kendall's tau-b between the two rankings: **0.33** over 3 methods" in printed
+    assert "| KgCoOp | 65.00 | 77.00 |" in printed  # sorted by the published HM
+    assert (tmp_path / "comparison" / "comparison.md").read_text().count("Kendall") == 1
+    assert main(["report", *dirs[:2], "--out", str(tmp_path / "two")]) == 0
+    assert "Kendall" not in capsys.readouterr().out  # two methods: no ranking to speak of
