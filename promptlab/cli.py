@@ -39,7 +39,8 @@ log = logging.getLogger("promptlab")
 
 
 def recipe_kind(path: Path) -> str:
-    """A recipe's ``kind``: ``prompt`` (prompt learning, the default), ``anomaly`` or ``pretrain``."""
+    """A recipe's ``kind``: ``prompt`` (every prompt-learning recipe, whatever its ``task``, the default)
+    or ``pretrain`` (the sandbox CLIP's contrastive pretraining, ``promptlab.sandbox.pretrain``)."""
     from omegaconf import DictConfig, OmegaConf
 
     try:
@@ -47,7 +48,13 @@ def recipe_kind(path: Path) -> str:
     except Exception as e:  # a malformed file: load_recipe reports it with its location
         log.debug("could not peek at %s: %s", path, e)
         return "prompt"
-    return str(raw.get("kind", "prompt")) if isinstance(raw, DictConfig) else "prompt"
+    kind = str(raw.get("kind", "prompt")) if isinstance(raw, DictConfig) else "prompt"
+    if kind == "anomaly":
+        raise ValueError(
+            f"{path}: `kind: anomaly` recipes are now `task: anomaly` recipes of the one schema "
+            "(see recipes/sandbox/anomalyclip.yaml: an `anomaly` section, `method._component_`, `optimizer`)"
+        )
+    return kind
 
 
 def _split_recipe_args(args: Sequence[str]) -> tuple[str, list[str]]:
@@ -58,30 +65,20 @@ def _split_recipe_args(args: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from promptlab.config import load_recipe
-    from promptlab.runner import ensure_data, run
+    from promptlab.runner import run_recipe
+    from promptlab.tasks import task_for
 
     name, overrides = _split_recipe_args(args.args)
     path = find_recipe(name)
-    kind = recipe_kind(path)
-    if kind == "anomaly":  # the anomaly loop has its own schema and loop (promptlab anomaly train)
-        from promptlab.anomaly.cli import cmd_train
-
-        return cmd_train(argparse.Namespace(recipe=str(path), overrides=overrides, resume=False))
-    if kind == "pretrain":
+    if recipe_kind(path) == "pretrain":  # contrastive pretraining of the sandbox CLIP, not a prompt run
         from promptlab.sandbox.pretrain import main as pretrain_main
 
         pretrain_main([str(path), *overrides])
         return 0
     if args.profile:
         overrides.append(f"train.profile_steps={args.profile}")
-    cfg = load_recipe(path, overrides, check_paths=False)
-    ensure_data(cfg)
-    cfg = load_recipe(path, overrides, check_paths=True)
-    metrics = run(cfg, overwrite=args.overwrite)
-    print(
-        f"{metrics['dataset']} {metrics['split']} accuracy: {metrics['accuracy']:.2f}% (n={metrics['n']}) -> {cfg.output_dir}"
-    )
+    cfg, metrics = run_recipe(path, overrides, overwrite=args.overwrite)
+    print(f"{task_for(cfg).summary(metrics)} -> {cfg.output_dir}")
     print(f"prompts exported to {metrics['prompts']}")
     return 0
 

@@ -34,6 +34,8 @@ from promptlab.components import COMPONENT_KEY, ConfigError, check_component_pat
 from promptlab.suggest import did_you_mean
 
 __all__ = [
+    "AnomalyConfig",
+    "AnomalyDataConfig",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
@@ -108,7 +110,8 @@ class TrainConfig:
     # dassl_cosine: one lr per epoch, cosine restarting at the lr after the warm-up (CoOp, Dassl forks);
     # timm_cosine: timm's CosineLRScheduler per iteration, warm-up then the cosine at the absolute
     # iteration down to min_lr_ratio x lr (ViFi-CLIP utils/optimizer.py)
-    lr_schedule: Literal["dassl_cosine", "timm_cosine"] = "dassl_cosine"
+    # constant: the lr after the warm-up throughout (AnomalyCLIP's train.py has no scheduler)
+    lr_schedule: Literal["dassl_cosine", "timm_cosine", "constant"] = "dassl_cosine"
     min_lr_ratio: float = 0.0  # timm_cosine's floor lr_min as a fraction of the lr (ViFi-CLIP: 0.01)
     amp: Precision = "fp32"  # autocast dtype (bf16 / fp16); learned tensors and optimizer stay fp32
     grad_clip: float | None = None  # max global grad norm; null = no clipping
@@ -175,6 +178,37 @@ class LauncherConfig:
 
 
 @dataclass
+class AnomalyDataConfig:
+    """One anomaly-detection dataset in a layout of ``promptlab.anomaly.data`` (images and pixel masks)."""
+
+    root: str = field(metadata={"path": True})  # the dataset's folder; must exist (unless generated)
+    layout: Literal["mvtec", "visa", "folder"] = "mvtec"
+    split: str = "test"  # the auxiliary dataset's test split is the one with masks
+    categories: list[str] | None = None  # null = every category found
+    # procedural data only (the sandbox): {_component_: dotted.path, **kwargs}, called as
+    # fn(root, **kwargs) to write the dataset at `root` on first use; it skips work when complete
+    generator: dict[str, Any] | None = None
+
+
+@dataclass
+class AnomalyConfig:
+    """The ``anomaly`` task (``task: anomaly``, AnomalyCLIP's zero-shot protocol): train the prompts on
+    ``train_data``'s images and masks, evaluate per category on ``eval_data`` (objects never seen)."""
+
+    train_data: AnomalyDataConfig
+    eval_data: AnomalyDataConfig
+    data_root: str = "data"  # a folder the two roots may interpolate (${anomaly.data_root}/visa)
+    image_size: int = field(default=518, metadata={"min": 1})  # square input, positions interpolated
+    sigma: float = field(default=4.0, metadata={"min": 0})  # Gaussian smoothing of the maps, pixels
+    aupro: Literal["published", "fpr_limit"] = "published"  # see promptlab.metrics.aupro
+    num_workers: int = field(default=0, metadata={"min": 0})  # DataLoader workers
+
+
+#: The recipe's ``task``: which data, batches and evaluator a run uses (``promptlab.tasks``).
+TASK_SECTIONS = {"classification": "data", "anomaly": "anomaly"}
+
+
+@dataclass
 class RecipeConfig:
     """A whole recipe (top level of the YAML file)."""
 
@@ -182,7 +216,11 @@ class RecipeConfig:
     model: ModelConfig
     # PromptModule subclass, built as Cls(clip, classnames, **hparams)
     method: dict[str, Any] = field(metadata={"component": ("clip", "classnames"), "kind": "method"})
-    data: DataConfig
+    # classification: images or videos of a dataset YAML (the `data` section; video datasets read the
+    # `video` section too); anomaly: pixel-level anomaly detection (the `anomaly` section)
+    task: Literal["classification", "anomaly"] = "classification"
+    data: DataConfig | None = None  # task: classification
+    anomaly: AnomalyConfig | None = None  # task: anomaly
     seed: int = 1  # seeds python, numpy and torch; also the few-shot draw
     shots: int = 16  # K shots per class; <= 0 means all training data
     subsample: Literal["all", "base", "new"] = "all"  # base-to-new protocol: train on base, test both
@@ -414,8 +452,10 @@ def _validate_section(
             _validate_component(
                 value, f.metadata["component"], key, source, f.metadata.get("kind"), check_components
             )
-        elif dataclasses.is_dataclass(tp):
-            _validate_section(value, tp, key, source, check_paths, check_components)
+        elif (section := _section_schema(tp)) is not None:
+            if value is None and section is not tp:  # an optional section left empty
+                continue
+            _validate_section(value, section, key, source, check_paths, check_components)
         else:
             value = _plain(value, key, source)
             _check_value(value, tp, key, source)
@@ -435,8 +475,24 @@ def _validate_section(
             if pattern and isinstance(value, str) and not re.fullmatch(pattern, value):
                 raise ConfigError(f"expected {allowed}, got {value!r}", key=key, source=source)
             if check_paths and f.metadata.get("path") and isinstance(value, str):
-                if not (schema is DataConfig and cfg.get("name") in GENERATED_DATASETS):
+                if not _is_generated(schema, cfg):
                     _check_exists(value, key, source)
+
+
+def _section_schema(tp: Any) -> type | None:
+    """The dataclass of a section annotated ``Section`` or ``Section | None``; None for a plain value."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    is_optional = typing.get_origin(tp) in (Union, types.UnionType) and len(inner) == 1
+    return inner[0] if is_optional and dataclasses.is_dataclass(inner[0]) else None
+
+
+def _is_generated(schema: type, cfg: DictConfig) -> bool:
+    """Data written on first use: its root need not exist when the recipe is checked."""
+    if schema is DataConfig:
+        return cfg.get("name") in GENERATED_DATASETS
+    return schema is AnomalyDataConfig and cfg.get("generator") is not None
 
 
 def _check_exists(value: str, key: str, source: str) -> None:
@@ -543,6 +599,7 @@ def validate_recipe(
         ConfigError: the first problem found, naming ``source`` and the key path.
     """
     _validate_section(cfg, RecipeConfig, "", source, check_paths, check_components)
+    _check_task_section(cfg, source)
     amp = (cfg.get("train") or {}).get("amp", "fp32")
     if cfg.model.get("precision") == "reference_fp16" and amp != "fp32":
         raise ConfigError(
@@ -557,6 +614,21 @@ def validate_recipe(
         _check_exists(pretrained, "model.pretrained", source)
     if check_components:
         _check_backbone(cfg, source)
+
+
+def _check_task_section(cfg: DictConfig, source: str) -> None:
+    """The recipe has its task's section (``data`` / ``anomaly``) and no other task's."""
+    task = _plain(_get(cfg, "task", "task", source), "task", source) if "task" in cfg else "classification"
+    for other, section in TASK_SECTIONS.items():
+        present = cfg.get(section) is not None
+        if other == task and not present:
+            raise ConfigError(f"task {task!r} needs the {section!r} section", key=section, source=source)
+        if other != task and present:
+            raise ConfigError(
+                f"the {section!r} section belongs to task {other!r}, and this recipe's task is {task!r}",
+                key=section,
+                source=source,
+            )
 
 
 def _check_component_path(dotted: Any, kind: str | None, key: str, source: str) -> None:
@@ -594,7 +666,8 @@ def _schema_type(path: Sequence[Any]) -> Any:
     """The schema annotation at a key path (None if the path is not in the schema)."""
     tp: Any = RecipeConfig
     for part in path:
-        if not dataclasses.is_dataclass(tp):
+        tp = _section_schema(tp)
+        if tp is None:
             return None
         hints = typing.get_type_hints(tp)
         if part not in hints:
@@ -667,8 +740,8 @@ def _fill_defaults(cfg: DictConfig, schema: type) -> None:
             elif f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
                 cfg[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
-        elif dataclasses.is_dataclass(tp) and isinstance(cfg[f.name], DictConfig):
-            _fill_defaults(cfg[f.name], tp)
+        elif _section_schema(tp) is not None and isinstance(cfg[f.name], DictConfig):
+            _fill_defaults(cfg[f.name], _section_schema(tp))
 
 
 def load_recipe(

@@ -241,17 +241,19 @@ def sharded_loader(
     shuffle: bool,
     num_workers: int = 0,
     shard: tuple[int, int] = (0, 1),
+    drop_last: bool | None = None,
     **loader_kwargs: Any,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over this process's part of every global batch, shuffled by ``generator``.
 
     The batch sampler is the one ``DataLoader(shuffle=...)`` would build (the last incomplete batch
-    dropped when training, as Dassl's loader does), wrapped in :class:`ShardedBatchSampler`; the same
-    ``generator`` seeds the workers' augmentation streams.
+    dropped when training, as Dassl's loader does, unless ``drop_last`` says otherwise), wrapped in
+    :class:`ShardedBatchSampler`; the same ``generator`` seeds the workers' augmentation streams.
     """
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-    drop_last = shuffle and len(dataset) >= batch_size
+    if drop_last is None:  # Dassl: drop the last incomplete training batch when there is a full one
+        drop_last = shuffle and len(dataset) >= batch_size
     sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     batches = ShardedBatchSampler(BatchSampler(sampler, batch_size, drop_last), shard)
     return DataLoader(

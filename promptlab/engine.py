@@ -1,8 +1,18 @@
-"""train() and evaluate(): one loop, read top to bottom.
+"""train() and evaluate(): one loop for every task, read top to bottom.
 
 Precision, device, the learning-rate schedule, checkpoints, resume and NaN handling live here once,
-for every method. Batches come either from cached image features (``{"image_features": ...}``) or
-from images (``{"images": ...}``); the loop does not care which.
+for every method and every task (classification, video, anomaly detection, a user's own). What a
+task changes sits behind three small contracts (see :mod:`promptlab.tasks`):
+
+- **a batch** is ``(inputs, labels)``: ``inputs`` a dict of tensors (``images``; ``image_features``
+  from the feature cache; clips under ``images`` for video; ``images`` and ``masks`` for anomaly
+  detection), ``labels`` [B] (or [B, C] soft targets for mixup); the loop moves them to the device;
+- **the loss** is the module's: :meth:`PromptModule.training_step(inputs, labels)
+  <promptlab.prompts.PromptModule.training_step>` returns ``(logits, loss)``; the default is
+  ``module(**inputs)`` and ``module.loss(logits, labels, **inputs)``;
+- **the evaluator** (:class:`Evaluator`) ``observe``s each evaluation batch and returns the metrics:
+  :class:`AccuracyEvaluator` (classification; multi-view video batches are classified the same way),
+  ``promptlab.anomaly.evaluator.AnomalyEvaluator`` (per-category pixel / image metrics).
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,7 +38,7 @@ from promptlab.runlog import progress
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # (forward kwargs, labels)
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # (inputs, labels); see the module docstring
 
 
 # ---------------------------------------------------------------------- batches
@@ -108,7 +118,7 @@ class ImageBatches:
 #: counted over the whole run, resumes included). Per-epoch schedules are the special case
 #: ``per_epoch(fn, steps_per_epoch)``.
 LRSchedule = Callable[[int], float]
-SCHEDULES = ("dassl_cosine", "timm_cosine")
+SCHEDULES = ("dassl_cosine", "timm_cosine", "constant")
 
 
 def lr_at(
@@ -177,6 +187,7 @@ def make_schedule(
     """The lr of each optimizer step for a recipe's ``train`` section.
 
     - ``dassl_cosine``: :func:`lr_at`, one value per epoch (CoOp and the Dassl forks).
+    - ``constant``: ``base_lr`` after the warm-up (AnomalyCLIP's train.py: no scheduler).
     - ``timm_cosine``: ViFi-CLIP's ``utils/optimizer.py``: timm's CosineLRScheduler over
       ``epochs x batches_per_epoch`` iterations (``warmup_epochs x batches_per_epoch`` of linear warm-up
       from ``warmup_lr``, floor ``min_lr_ratio x base_lr``), stepped with ``step_update(epoch *
@@ -188,6 +199,15 @@ def make_schedule(
     if kind == "dassl_cosine":
         return per_epoch(
             lambda e: lr_at(e, base_lr, epochs, warmup_epochs, warmup_lr, warmup_type),
+            steps_per_epoch(batches_per_epoch, accum, drop_partial),
+        )
+    if kind == "constant":  # after the warm-up, base_lr throughout (AnomalyCLIP's Adam)
+        return per_epoch(
+            lambda e: (
+                lr_at(e, base_lr, epochs, warmup_epochs, warmup_lr, warmup_type)
+                if e < warmup_epochs
+                else base_lr
+            ),
             steps_per_epoch(batches_per_epoch, accum, drop_partial),
         )
     if kind != "timm_cosine":
@@ -384,8 +404,7 @@ def train(
             inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
             labels = labels.to(device)
             with autocast(device, amp):
-                logits = module(**inputs)
-                loss = module.loss(logits, labels, **inputs)
+                logits, loss = module.training_step(inputs, labels)  # the loss is the module's
             if not distributed.all_finite(loss):  # DDP: every process stops, none waits for the others
                 raise FloatingPointError(
                     f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: stopping before the "
@@ -456,38 +475,66 @@ class _Profiler:
 
 
 # ---------------------------------------------------------------------- evaluate
+class Evaluator(Protocol):
+    """What :func:`evaluate` asks of a task: ``observe`` every batch (inputs on the device, labels on
+    the CPU; under ``torch.no_grad`` with the text features cached), then ``result`` the metrics."""
+
+    def observe(
+        self, module: PromptModule, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+class AccuracyEvaluator:
+    """Top-1 accuracy and mean per-class accuracy (in %) over every process's batches."""
+
+    def __init__(self, num_classes: int):
+        self.hits = torch.zeros(num_classes)
+        self.counts = torch.zeros(num_classes)
+
+    def observe(self, module: PromptModule, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        logits = module(**inputs)
+        module.observe_eval(logits, labels)
+        ok = (logits.argmax(-1).cpu() == labels).float()
+        self.hits.index_add_(0, labels, ok)
+        self.counts.index_add_(0, labels, torch.ones_like(ok))
+
+    def result(self) -> dict[str, Any]:
+        hits, counts = distributed.all_sum(self.hits, self.counts)  # DDP: each process saw a part
+        present = counts > 0
+        return {
+            "accuracy": float(100.0 * hits.sum() / counts.sum().clamp(min=1)),
+            "mean_per_class_accuracy": float(100.0 * (hits[present] / counts[present]).mean())
+            if present.any()
+            else 0.0,
+            "n": int(counts.sum()),
+        }
+
+
 @torch.no_grad()
 def evaluate(
-    module: PromptModule, batches: Iterable[Batch], *, device: torch.device, amp: str = "fp32"
+    module: PromptModule,
+    batches: Iterable[Batch],
+    *,
+    device: torch.device,
+    amp: str = "fp32",
+    evaluator: Evaluator | None = None,
 ) -> dict[str, Any]:
-    """Top-1 accuracy and mean per-class accuracy (in %), with text features computed once.
+    """The evaluator's metrics (default: :class:`AccuracyEvaluator`), with text features computed once.
 
     Batches that drop unreadable files (``skipped``: their paths) add ``skipped: {count, files}``, so a
-    smaller ``n`` is never silent.
+    smaller ``n`` is never silent; a method's own statistics (``end_eval``) come as ``method_stats``.
     """
     module.eval()
-    n_cls = len(module.classnames)
-    hits = torch.zeros(n_cls)
-    counts = torch.zeros(n_cls)
+    evaluator = evaluator if evaluator is not None else AccuracyEvaluator(len(module.classnames))
     module.begin_eval()
     with module.cached_text_features(), autocast(device, amp):
         for inputs, labels in progress(batches, "evaluate", leave=False):
             if labels.numel() == 0:  # DDP: a process's part of the last, small batch
                 continue
-            logits = module(**{k: v.to(device) for k, v in inputs.items()})
-            module.observe_eval(logits, labels)
-            ok = (logits.argmax(-1).cpu() == labels).float()
-            hits.index_add_(0, labels, ok)
-            counts.index_add_(0, labels, torch.ones_like(ok))
-    hits, counts = distributed.all_sum(hits, counts)  # DDP: each process saw a part of the test set
-    present = counts > 0
-    out: dict[str, Any] = {
-        "accuracy": float(100.0 * hits.sum() / counts.sum().clamp(min=1)),
-        "mean_per_class_accuracy": float(100.0 * (hits[present] / counts[present]).mean())
-        if present.any()
-        else 0.0,
-        "n": int(counts.sum()),
-    }
+            evaluator.observe(module, {k: v.to(device) for k, v in inputs.items()}, labels)
+    out = evaluator.result()
     skipped = getattr(batches, "skipped", None)  # unreadable files the batches dropped (VideoBatches)
     if skipped is not None:
         (n_skipped,) = distributed.all_sum(len(skipped))

@@ -139,6 +139,19 @@ class PromptModule(nn.Module):
         """Training objective; methods add their regularisers here."""
         return F.cross_entropy(logits, labels)
 
+    def training_step(
+        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch -> ``(logits [B, C], loss)``; the engine calls this, under autocast.
+
+        ``inputs`` is what the task's batches hold (``images``, ``image_features``, ``masks``, ...; see
+        :mod:`promptlab.engine`). The default is ``forward(**inputs)`` then ``loss(logits, labels,
+        **inputs)``; a method whose loss needs more than the logits (AnomalyCLIP's pixel maps)
+        overrides this instead of the loop. ``logits`` feed the epoch's training accuracy.
+        """
+        logits = self(**inputs)
+        return logits, self.loss(logits, labels, **inputs)
+
     def class_text_features(self) -> torch.Tensor:
         """Text features, from the evaluation cache when one is active."""
         return self._text_cache if self._text_cache is not None else self.text_features()

@@ -1,7 +1,9 @@
-"""One run of a recipe: config -> data -> CLIP -> method -> train -> evaluate -> metrics and export.
+"""One run of a recipe: prepare data -> build the backbone -> build the method -> train -> evaluate -> record.
 
-This is the glue the CLI's ``run`` calls. Everything it does is a call into one module that owns
-the concern (data, features, engine, export); the run directory records what produced the result.
+This is the glue the CLI's ``run`` calls, the same steps for every task (classification, video,
+anomaly detection): what differs between tasks (which data, what a batch holds, which evaluator) is
+in :mod:`promptlab.tasks`; the loop is :mod:`promptlab.engine`; the run directory records what
+produced the result.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,31 +27,14 @@ from promptlab import distributed
 from promptlab.backbones import load_clip, save_clip
 from promptlab.clip import FrozenCLIP
 from promptlab.config import ConfigError, epochs_for, instantiate, load_recipe, resolve_component
-from promptlab.data import (
-    DatasetSplits,
-    ImageDataset,
-    Item,
-    fewshot_split,
-    get_spec,
-    load_dataset,
-    subsample_classes,
-)
-from promptlab.data.generated import run_generator
-from promptlab.engine import (
-    FeatureBatches,
-    ImageBatches,
-    evaluate,
-    load_checkpoint,
-    make_schedule,
-    seed_everything,
-    train,
-)
+from promptlab.data import DatasetSplits
+from promptlab.engine import evaluate, load_checkpoint, make_schedule, seed_everything, train
 from promptlab.export import load_prompts, read_prompt_config, resolve_export_dir, save_prompts
-from promptlab.features import cached_features
 from promptlab.io import atomic_write_json
 from promptlab.prompts import PromptModule
 from promptlab.rundir import claim_run_dir
 from promptlab.runlog import close_file_logging, file_logging, record_failure
+from promptlab.tasks import Classification, Task, task_for
 
 log = logging.getLogger(__name__)
 
@@ -106,104 +90,29 @@ def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: DatasetSplits) -> Prompt
 
 
 def ensure_data(cfg: DictConfig) -> None:
-    """Generate a procedural dataset on first use: its YAML names a ``generator`` (``synthetic``,
-    ``sandbox_*``); the generator skips work when the files are complete. Real datasets are never touched."""
-    spec = get_spec(cfg.data.name)
-    if spec.generator:
-        run_generator(dict(spec.generator), Path(cfg.data.root), source=f"{spec.yaml_path}: generator")
+    """Generate the recipe's procedural data on first use (its task knows where); real data is never touched."""
+    task_for(cfg).ensure_data(cfg)
 
 
 def prepare_data(cfg: DictConfig) -> DatasetSplits:
-    """The dataset, its few-shot draw for (shots, seed) and its base/new half, as the protocol says."""
-    params = {
-        "fold": int(cfg.data.get("fold", 1)),
-        "seed": int(cfg.seed),
-        "shots": int(cfg.shots),
-    }  # video list names
-    ds = load_dataset(cfg.data.name, Path(cfg.data.root).expanduser(), params=params)
-    if int(cfg.shots) > 0:
-        ds = fewshot_split(ds, int(cfg.shots), int(cfg.seed), cache_dir=Path(cfg.cache_dir).expanduser())
-    return subsample_classes(ds, cfg.subsample)
+    """A classification recipe's dataset, few-shot draw and base/new half (:class:`promptlab.tasks.Classification`)."""
+    return Classification().prepare(cfg)
 
 
-@dataclass
-class _Setup:
-    cfg: DictConfig
-    run_dir: Path
-    device: torch.device
-    clip: FrozenCLIP
-    ds: DatasetSplits
-    module: PromptModule
-
-
-def _batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch.Generator):
-    """Cached features when the method's image side is frozen (and the recipe allows it), else images;
-    clips for a video dataset."""
-    cfg, clip, module = s.cfg, s.clip, s.module
-    if get_spec(cfg.data.name).modality == "video":
-        return _video_batches(s, items, train_mode=train_mode, generator=generator)
-    batch_size = cfg.train.batch_size if train_mode else cfg.eval.batch_size
-    labels = torch.tensor([it.label for it in items], dtype=torch.long)
-    train_tf = clip.make_train_transform(cfg.data.crop_scale)
-    if module.image_side_frozen and (cfg.train.feature_cache or not train_mode):
-        transform = train_tf if train_mode else clip.eval_transform
-        views = int(cfg.train.aug_views) if train_mode else 1
-        with distributed.main_first():  # DDP: rank 0 encodes and caches, the others read the cache
-            feats = cached_features(
-                module.encode_image,
-                items,
-                transform,
-                fingerprint=f"{clip.arch}:{clip.fingerprint()}",
-                cache_dir=Path(cfg.cache_dir).expanduser(),
-                views=views,
-                seed=int(cfg.seed) if train_mode else 0,  # training views differ between seeds
-                batch_size=cfg.eval.batch_size,
-                num_workers=cfg.data.num_workers,
-                device=s.device,
-                desc="train features" if train_mode else "test features",
-            )
-        return FeatureBatches(
-            feats, labels, batch_size, generator, shuffle=train_mode, shard=distributed.current_shard()
-        )
-    transform = train_tf if train_mode else clip.eval_transform
-    return ImageBatches(
-        ImageDataset(items, transform),
-        batch_size,
-        generator,
-        shuffle=train_mode,
-        num_workers=cfg.data.num_workers,
-        shard=distributed.current_shard(),
-    )
-
-
-def _video_batches(s: _Setup, items: list[Item], *, train_mode: bool, generator: torch.Generator):
-    """Clips of T frames (``video`` section of the recipe); test batches hold every view of a video."""
-    from promptlab.video.data import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, VideoBatches, VideoDataset
-
-    cfg, clip, v = s.cfg, s.clip, s.cfg.video
-    mean, std = (
-        (IMAGENET_MEAN, IMAGENET_STD) if v.normalize == "imagenet" else (clip.image_mean, clip.image_std)
-    )
-    transform = ClipTransform(
-        clip.image_size, mean, std, train=train_mode, crops=1 if train_mode else int(v.test_crops)
-    )
-    dataset = VideoDataset(items, int(v.num_frames), transform, clips=1 if train_mode else int(v.test_clips))
-    return VideoBatches(
-        dataset,
-        cfg.train.batch_size if train_mode else cfg.eval.batch_size,
-        generator,
-        shuffle=train_mode,
-        num_workers=cfg.data.num_workers,
-        shard=distributed.current_shard(),
-        num_classes=len(s.ds.classnames),
-        mixup=float(v.mixup),
-        cutmix=float(v.cutmix),
-        switch_prob=float(v.mix_switch_prob),
-    )
+def run_recipe(
+    path: Path, overrides: list[str], *, overwrite: bool = False
+) -> tuple[DictConfig, dict[str, Any]]:
+    """``promptlab run``: load the recipe, generate its procedural data, check its paths, run it."""
+    cfg = load_recipe(path, overrides, check_paths=False)
+    ensure_data(cfg)  # generated data exists before its paths are checked
+    cfg = load_recipe(path, overrides, check_paths=True)
+    return cfg, run(cfg, overwrite=overwrite)
 
 
 def run(cfg: DictConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Train (if the recipe has epochs) and evaluate the last-epoch model; returns the metrics.
+    """Prepare the data, build the backbone, build the method, train (if the recipe has epochs),
+    evaluate the last-epoch model, record; returns the metrics. Every task (``cfg.task``) runs these
+    same steps; what differs between tasks is in their :class:`promptlab.tasks.Task`.
 
     Launched by ``torchrun``, every process runs this; ``train.batch_size`` is the global batch,
     and only rank 0 writes into the run directory. Rank 0 first claims the run directory
@@ -211,132 +120,36 @@ def run(cfg: DictConfig, *, overwrite: bool = False) -> dict[str, Any]:
     (unless ``overwrite``, or ``resume=true`` with the same configuration) and writes ``config.yaml``.
     """
     dist_info = distributed.init_from_env(cfg.device)  # no-op without torchrun
-    is_main = distributed.is_main()
     run_dir = Path(cfg.output_dir)
-    claim = claim_run_dir(run_dir, cfg, overwrite=overwrite) if is_main else None
-    handler = file_logging(run_dir) if is_main else None
+    claim = claim_run_dir(run_dir, cfg, overwrite=overwrite) if distributed.is_main() else None
+    handler = file_logging(run_dir) if distributed.is_main() else None
     t0 = time.time()
     try:
+        task = task_for(cfg)
         seed_everything(int(cfg.seed))
         device = distributed.local_device(resolve_device(cfg.device), dist_info)
-        ds = prepare_data(cfg)
+        data = task.prepare(cfg)
         clip = load_clip(cfg.model.arch, cfg.model.pretrained, device=device, precision=cfg.model.precision)
         clip.grad_checkpointing = bool(cfg.train.grad_checkpointing)
         seed_everything(int(cfg.seed))  # model init draws (random context) depend on the seed only
-        module = build_method(cfg, clip, ds).to(device)
+        module = build_method(cfg, clip, data).to(device)
         module.match_backbone_precision()  # reference_fp16: learned tensors in fp16, as the reference's
-        s = _Setup(cfg, run_dir, device, clip, ds, module)
-        log.info(
-            "run %s: %s on %s (%d classes, %d train / %d test images), %s",
-            run_dir,
-            type(module).__name__,
-            ds.name,
-            len(ds.classnames),
-            len(ds.train),
-            len(getattr(ds, cfg.eval.split)),
-            device,
-        )
-
-        epochs = epochs_for(cfg)
+        log.info("run %s: %s on %s, %s", run_dir, type(module).__name__, task.describe(cfg, data), device)
         g = torch.Generator().manual_seed(int(cfg.seed))
-        train_info: dict[str, Any] = {"epochs": epochs}
-        if epochs > 0 and module.trainable_parameters():
-            from torch.utils.tensorboard import SummaryWriter
-
-            optimizer = instantiate(cfg.optimizer, module.optimizer_param_groups(), kind="optimizer")
-            tc = cfg.train
-            train_batches = _batches(s, ds.train, train_mode=True, generator=g)
-            schedule = make_schedule(
-                tc.lr_schedule,
-                base_lr=optimizer.param_groups[0]["lr"],
-                epochs=epochs,
-                batches_per_epoch=len(train_batches),
-                accum=tc.grad_accum_steps,
-                drop_partial=tc.drop_partial_accum,
-                warmup_epochs=tc.warmup_epochs,
-                warmup_lr=tc.warmup_lr,
-                warmup_type=tc.warmup_type,
-                min_lr_ratio=tc.min_lr_ratio,
-            )
-            with SummaryWriter(str(run_dir / "tb")) if is_main else nullcontext() as writer:
-                result = train(
-                    module,
-                    train_batches,
-                    optimizer,
-                    epochs=epochs,
-                    lr_schedule=schedule,
-                    generator=g,
-                    run_dir=run_dir,
-                    device=device,
-                    amp=tc.amp,
-                    grad_clip=tc.grad_clip,
-                    checkpoint_every=tc.checkpoint_every,
-                    log_every=tc.log_every,
-                    resume=bool(cfg.resume),
-                    writer=writer,
-                    grad_accum_steps=tc.grad_accum_steps,
-                    drop_partial_accum=tc.drop_partial_accum,
-                    profile_steps=tc.profile_steps,
-                )
-                train_info.update(last_loss=result.last_loss, resumed_from_epoch=result.resumed_from)
-                metrics = evaluate(
-                    module,
-                    _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g),
-                    device=device,
-                    amp=tc.amp,
-                )
-                if writer is not None:
-                    writer.add_scalar(f"{cfg.eval.split}/accuracy", metrics["accuracy"], epochs)
-        else:
+        epochs = epochs_for(cfg)
+        trains = epochs > 0 and bool(module.trainable_parameters())
+        with _tensorboard(run_dir) if trains and distributed.is_main() else nullcontext() as writer:
+            train_info = _train(cfg, task, data, module, device, g, writer) if trains else {"epochs": epochs}
             metrics = evaluate(
                 module,
-                _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=g),
+                task.batches(cfg, data, module, train=False, generator=g, device=device),
                 device=device,
                 amp=cfg.train.amp,
+                evaluator=task.evaluator(cfg, data, module),
             )
-        export_dir = run_dir / "prompts"
-        if is_main:
-            save_prompts(
-                module, export_dir, extra={"dataset": ds.name, "seed": int(cfg.seed), "shots": int(cfg.shots)}
-            )
-            if (
-                module.trainable_backbone_parts and "last_loss" in train_info
-            ):  # tuned backbone: a checkpoint load_clip reads
-                log.info(
-                    "tuned backbone -> %s (use it as model.pretrained)", save_clip(clip, run_dir / "backbone")
-                )
-        out = {
-            "dataset": ds.name,
-            "split": cfg.eval.split,
-            "subsample": cfg.subsample,
-            "shots": int(cfg.shots),
-            "seed": int(cfg.seed),
-            **metrics,
-            "train": train_info,
-            "method": type(module).__name__,
-            "arch": clip.arch,
-            "pretrained": clip.pretrained,
-            "weights_fingerprint": clip.fingerprint(),
-            "split_hash": getattr(ds, "split_hash", None),
-            "promptlab_version": promptlab.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "wall_time_s": round(time.time() - t0, 2),
-            "peak_memory_mb": _peak_memory_mb(device),
-            "prompts": str(export_dir),
-            "git_commit": git_commit(),
-            "world_size": dist_info.world_size,
-        }
-        if is_main:
-            atomic_write_json(run_dir / "metrics.json", out)
-        log.info(
-            "%s accuracy %.2f%% (n=%d) -> %s",
-            cfg.eval.split,
-            metrics["accuracy"],
-            metrics["n"],
-            run_dir / "metrics.json",
-        )
-        return out
+            for key, value in task.scalars(cfg, metrics).items() if writer is not None else ():
+                writer.add_scalar(key, value, epochs)
+        return _record(cfg, task, data, module, metrics, train_info, dist_info.world_size, t0)
     except Exception as e:
         record_failure(handler, e)  # log.txt says why the run stopped (NaN loss, disk full, ...)
         raise
@@ -346,6 +159,102 @@ def run(cfg: DictConfig, *, overwrite: bool = False) -> dict[str, Any]:
             claim.release()
         if dist_info.owns_group:
             distributed.shutdown()
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _train(
+    cfg: DictConfig,
+    task: Task,
+    data: Any,
+    module: PromptModule,
+    device: torch.device,
+    g: torch.Generator,
+    writer: Any,
+) -> dict[str, Any]:
+    """The recipe's optimizer, batches and lr schedule around :func:`promptlab.engine.train`."""
+    tc, epochs = cfg.train, epochs_for(cfg)
+    optimizer = instantiate(cfg.optimizer, module.optimizer_param_groups(), kind="optimizer")
+    batches = task.batches(cfg, data, module, train=True, generator=g, device=device)
+    schedule = make_schedule(
+        tc.lr_schedule,
+        base_lr=optimizer.param_groups[0]["lr"],
+        epochs=epochs,
+        batches_per_epoch=len(batches),
+        accum=tc.grad_accum_steps,
+        drop_partial=tc.drop_partial_accum,
+        warmup_epochs=tc.warmup_epochs,
+        warmup_lr=tc.warmup_lr,
+        warmup_type=tc.warmup_type,
+        min_lr_ratio=tc.min_lr_ratio,
+    )
+    result = train(
+        module,
+        batches,
+        optimizer,
+        epochs=epochs,
+        lr_schedule=schedule,
+        generator=g,
+        run_dir=Path(cfg.output_dir),
+        device=device,
+        amp=tc.amp,
+        grad_clip=tc.grad_clip,
+        checkpoint_every=tc.checkpoint_every,
+        log_every=tc.log_every,
+        resume=bool(cfg.resume),
+        writer=writer,
+        grad_accum_steps=tc.grad_accum_steps,
+        drop_partial_accum=tc.drop_partial_accum,
+        profile_steps=tc.profile_steps,
+    )
+    return {"epochs": epochs, "last_loss": result.last_loss, "resumed_from_epoch": result.resumed_from}
+
+
+def _record(
+    cfg: DictConfig,
+    task: Task,
+    data: Any,
+    module: PromptModule,
+    metrics: dict[str, Any],
+    train_info: dict[str, Any],
+    world_size: int,
+    t0: float,
+) -> dict[str, Any]:
+    """Export the prompts (and a tuned backbone) and write ``metrics.json`` on rank 0; returns the metrics."""
+    clip, run_dir = module.clip, Path(cfg.output_dir)
+    export_dir = run_dir / "prompts"
+    if distributed.is_main():
+        save_prompts(module, export_dir, extra={"seed": int(cfg.seed), **task.export_info(cfg, data)})
+        if module.trainable_backbone_parts and "last_loss" in train_info:  # a checkpoint load_clip reads
+            log.info(
+                "tuned backbone -> %s (use it as model.pretrained)", save_clip(clip, run_dir / "backbone")
+            )
+    out = {
+        **task.record(cfg, data),
+        "seed": int(cfg.seed),
+        **metrics,
+        "train": train_info,
+        "method": type(module).__name__,
+        "arch": clip.arch,
+        "pretrained": clip.pretrained,
+        "weights_fingerprint": clip.fingerprint(),
+        "promptlab_version": promptlab.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "wall_time_s": round(time.time() - t0, 2),
+        "peak_memory_mb": _peak_memory_mb(clip.device),
+        "prompts": str(export_dir),
+        "git_commit": git_commit(),
+        "world_size": world_size,
+    }
+    if distributed.is_main():
+        atomic_write_json(run_dir / "metrics.json", out)
+    log.info("%s -> %s", task.summary(out), run_dir / "metrics.json")
+    return out
 
 
 def git_commit() -> str | None:
@@ -441,6 +350,10 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
     prompts_dir = path / "prompts" if run_cfg.exists() else path
     if run_cfg.exists():
         cfg = load_recipe(run_cfg, overrides, check_paths=False)
+        if cfg.task != "classification":
+            raise ValueError(
+                f"{path}: a `task: {cfg.task}` run; evaluate its prompts with `promptlab anomaly eval`"
+            )
     else:
         meta = read_prompt_config(prompts_dir)
         base = OmegaConf.create(
@@ -471,10 +384,9 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
     else:
         module = load_prompts_dir(prompts_dir, device=device, hparams=hparams).to(device)
     module.set_classnames(ds.classnames)  # refuses classes a class-bound method did not learn
-    s = _Setup(cfg, path, device, module.clip, ds, module)
     metrics = evaluate(
         module,
-        _batches(s, getattr(ds, cfg.eval.split), train_mode=False, generator=torch.Generator()),
+        Classification().batches(cfg, ds, module, train=False, generator=torch.Generator(), device=device),
         device=device,
     )
     out = {
@@ -499,10 +411,10 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     """Re-export a run's prompts from its last checkpoint (e.g. after an interrupted run)."""
     cfg = load_recipe(_need(run_dir / "config.yaml"), check_paths=False)
     ckpt = load_checkpoint(_need(run_dir / "checkpoints" / "last.pt"))
-    ds = prepare_data(cfg)
+    task = task_for(cfg)
+    data = task.prepare(cfg)
     clip = load_clip(cfg.model.arch, cfg.model.pretrained, precision=cfg.model.precision)
-    module = build_method(cfg, clip, ds)
+    module = build_method(cfg, clip, data)
     module.load_prompt_state_dict(ckpt["prompt_state"], source=str(run_dir / "checkpoints" / "last.pt"))
-    return save_prompts(
-        module, out or run_dir / "prompts", extra={"dataset": ds.name, "epoch": int(ckpt["epoch"])}
-    )
+    extra = {"seed": int(cfg.seed), **task.export_info(cfg, data), "epoch": int(ckpt["epoch"])}
+    return save_prompts(module, out or run_dir / "prompts", extra=extra)

@@ -218,6 +218,13 @@ def plan_sweep(
     recipe = Path(recipe).resolve()
     own, overrides = split_sweep_args(args)
     base = load_recipe(recipe, overrides, check_paths=False, check_components=check_components)
+    if base.task != "classification":  # the protocols are grids of datasets, shots and class halves
+        raise ConfigError(
+            f"sweeps run classification recipes; this one is `task: {base.task}` "
+            "(run its seeds with `promptlab run RECIPE seed=N`)",
+            key="task",
+            source=str(recipe),
+        )
     protocol = own.get("protocol") or ("base2new" if base.subsample == "base" else "fewshot")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}", key="protocol")

@@ -18,19 +18,39 @@ from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
 
 from promptlab.anomaly.data import AnomalyDataset, load_items, write_synthetic
-from promptlab.anomaly.loop import (
-    evaluate_anomaly,
-    load_anomaly_prompts,
-    load_anomaly_recipe,
-    save_anomaly_prompts,
-    train_anomaly,
-)
+from promptlab.anomaly.evaluator import AnomalyEvaluator
 from promptlab.anomaly.method import AnomalyCLIP, gaussian_blur, map_loss, resolve_feature_layers
+from promptlab.anomaly.task import AnomalyBatches
 from promptlab.cli import main
+from promptlab.config import ConfigError, load_recipe
+from promptlab.engine import evaluate, make_schedule, train
+from promptlab.export import load_prompts, save_prompts
 from promptlab.metrics import aupro
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "anomaly").glob("*.yaml"))
 SMALL = dict(n_ctx=3, deep_depth=2, deep_n_ctx=2, feature_layers=[1, 2], dpam_layers=1)
+
+
+def evaluate_anomaly(module, ds, *, device, batch_size=8, sigma=4.0, aupro_convention="published"):
+    """The engine's evaluate with the anomaly task's batches and evaluator (what a run does)."""
+    batches = AnomalyBatches(ds, batch_size, torch.Generator(), shuffle=False)
+    evaluator = AnomalyEvaluator(ds.items, sigma=sigma, aupro_convention=aupro_convention)
+    return evaluate(module, batches, device=device, evaluator=evaluator)
+
+
+def train_anomaly(module, ds, *, epochs, batch_size, lr, run_dir, device, seed=111):
+    """The engine's train on the anomaly task's batches: Adam(lr, (0.5, 0.999)) at a constant lr."""
+    g = torch.Generator().manual_seed(seed)
+    batches = AnomalyBatches(ds, batch_size, g, shuffle=True)
+    opt = torch.optim.Adam(module.trainable_parameters(), lr=lr, betas=(0.5, 0.999))
+    schedule = make_schedule("constant", base_lr=lr, epochs=epochs, batches_per_epoch=len(batches))
+    return train(
+        module, batches, opt, epochs=epochs, lr_schedule=schedule, generator=g, run_dir=run_dir, device=device
+    )
+
+
+def load_anomaly_recipe(path, overrides=()):
+    return load_recipe(path, list(overrides), check_paths=False)
 
 
 @pytest.mark.parametrize("layout", ["mvtec", "visa", "folder"])
@@ -163,12 +183,14 @@ def test_feature_layer_presets() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_anomaly_recipes_validate(path: Path) -> None:
-    cfg = load_anomaly_recipe(path, ["data_root=/data"])
-    assert cfg.kind == "anomaly" and cfg.train.epochs == 15 and cfg.image_size == 518
+    cfg = load_anomaly_recipe(path, ["anomaly.data_root=/data"])
+    assert cfg.task == "anomaly" and cfg.train.epochs == 15 and cfg.anomaly.image_size == 518
     # the published configuration (zqhang/AnomalyCLIP train.sh / test.sh --features_list 24, train.py lam = 4)
     assert resolve_feature_layers(cfg.method.feature_layers, 24) == [24] and cfg.method.map_loss_weight == 4
-    assert cfg.method.deep_fp16 is True and cfg.eval.sigma == 4 and cfg.method.image_score == "global"
-    assert (cfg.train.lr, list(cfg.train.betas), cfg.train.batch_size) == (1e-3, [0.5, 0.999], 8)
+    assert cfg.method.deep_fp16 is True and cfg.anomaly.sigma == 4 and cfg.method.image_score == "global"
+    assert cfg.optimizer._component_ == "torch.optim.Adam" and cfg.train.lr_schedule == "constant"
+    assert (cfg.optimizer.lr, list(cfg.optimizer.betas), cfg.train.batch_size) == (1e-3, [0.5, 0.999], 8)
+    assert cfg.train.warmup_epochs == 0
     assert (cfg.method.n_ctx, cfg.method.deep_depth, cfg.method.deep_n_ctx, cfg.method.dpam_layers) == (
         12,
         9,
@@ -176,13 +198,15 @@ def test_anomaly_recipes_validate(path: Path) -> None:
         19,
     )
     assert "multilayer" in path.read_text()  # the other named option is documented in the recipe
-    other = load_anomaly_recipe(path, ["data_root=/data", "method.feature_layers=multilayer"])
+    other = load_anomaly_recipe(path, ["anomaly.data_root=/data", "method.feature_layers=multilayer"])
     assert resolve_feature_layers(other.method.feature_layers, 24) == [6, 12, 18, 24]
-    assert cfg.train_data.layout != cfg.eval_data.layout  # cross-dataset protocol
-    assert cfg.train_data.split == "test"  # the auxiliary dataset's test split has the masks
-    with pytest.raises(ValueError, match="not AnomalyCLIP arguments"):
+    a = cfg.anomaly
+    assert a.train_data.layout != a.eval_data.layout  # cross-dataset protocol
+    assert a.train_data.split == "test"  # the auxiliary dataset's test split has the masks
+    assert a.train_data.root.startswith("/data/") and a.eval_data.root.startswith("/data/")
+    with pytest.raises(ConfigError, match="n_ctxx"):
         load_anomaly_recipe(path, ["method.n_ctxx=3"])
-    with pytest.raises(ValueError, match="train.epochs"):
+    with pytest.raises(ConfigError, match="train.epochs"):
         load_anomaly_recipe(path, ["train.epochs=many"])
 
 
@@ -202,10 +226,10 @@ def test_train_evaluate_predict_end_to_end(tmp_path: Path, tiny_clip) -> None:
         run_dir=tmp_path / "run",
         device=torch.device("cpu"),
     )
-    assert (module.ctx_anomalous - before).abs().max() > 0 and stats["map_loss"] > 0
+    assert (module.ctx_anomalous - before).abs().max() > 0 and stats.last_loss > 0
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
-    save_anomaly_prompts(module, tmp_path / "run" / "prompts", {"image_size": 32, "sigma": 1.0})
-    again = load_anomaly_prompts(tmp_path / "run" / "prompts", tiny_clip)
+    save_prompts(module, tmp_path / "run" / "prompts", extra={"image_size": 32, "sigma": 1.0})
+    again = load_prompts(tmp_path / "run" / "prompts", tiny_clip)
     torch.testing.assert_close(again.text_features(), module.text_features())
 
     metrics = evaluate_anomaly(
@@ -290,7 +314,7 @@ def eval_setup(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> tuple[Pat
     with torch.random.fork_rng():
         torch.manual_seed(5)
         module = AnomalyCLIP(tiny_clip, **SMALL).eval()
-    save_anomaly_prompts(module, tmp / "prompts", {"image_size": 32, "sigma": 1.0})
+    save_prompts(module, tmp / "prompts", extra={"image_size": 32, "sigma": 1.0})
     return root, tmp / "prompts", module
 
 
@@ -399,3 +423,37 @@ def test_predict_skips_reports_and_counts_unreadable_images(
     # nothing readable: one error line, exit 2, no table
     assert main(["anomaly", "predict", str(prompts), str(broken), "--out", str(tmp_path / "none")]) == 2
     assert "none of the 1 images could be read" in capsys.readouterr().err
+
+
+def test_engine_training_is_the_reference_loop(tmp_path: Path, tiny_clip) -> None:
+    """zqhang/AnomalyCLIP train.py L70-104, restated: a DataLoader shuffled by the seeded generator (the
+    last short batch kept), Adam(1e-3, (0.5, 0.999)) at a constant lr, image cross-entropy plus the map
+    losses. engine.train on the anomaly task's batches learns bit-identical prompts (issue 22: the
+    anomaly loop folded into the engine changes no number)."""
+    from torch.utils.data import DataLoader
+
+    root = write_synthetic(tmp_path / "visa", "visa", categories=("a",), n_good=3, n_defect=2, size=32)
+    ds = AnomalyDataset(load_items("visa", root), 32)  # 5 images in batches of 2: a short last batch
+
+    def fresh() -> AnomalyCLIP:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return AnomalyCLIP(tiny_clip, **SMALL)
+
+    ref = fresh()
+    g = torch.Generator().manual_seed(111)
+    opt = torch.optim.Adam([ref.ctx_normal, ref.ctx_anomalous, ref.deep], lr=1e-3, betas=(0.5, 0.999))
+    for _ in range(2):
+        for images, masks, labels, _ in DataLoader(ds, batch_size=2, shuffle=True, generator=g):
+            out = ref.outputs(images)
+            loss = F.cross_entropy(out.image_logits, labels) + map_loss(out.layer_maps, masks, 4.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    mine = fresh()
+    train_anomaly(
+        mine, ds, epochs=2, batch_size=2, lr=1e-3, run_dir=tmp_path / "run", device=torch.device("cpu")
+    )
+    for k, v in ref.prompt_state_dict().items():
+        assert torch.equal(mine.prompt_state_dict()[k], v), k
+    assert not torch.equal(ref.ctx_anomalous, fresh().ctx_anomalous)  # training moved them

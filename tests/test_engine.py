@@ -528,16 +528,17 @@ def test_param_group_lr_scale_follows_the_schedule(clip, tmp_path):
 def test_runner_seeds_training_views_with_the_run_seed(tmp_path, monkeypatch):
     """`promptlab run seed=S` encodes its training views with seed S; the test set (no randomness) with 0."""
     import promptlab.runner
+    import promptlab.tasks
     from promptlab.config import load_recipe
 
     seen = []
-    real = promptlab.runner.cached_features
+    real = promptlab.tasks.cached_features
 
     def spy(*args, **kw):
         seen.append((kw["views"], kw["seed"]))
         return real(*args, **kw)
 
-    monkeypatch.setattr(promptlab.runner, "cached_features", spy)
+    monkeypatch.setattr(promptlab.tasks, "cached_features", spy)
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "coop_tiny.yaml"
     for seed in (2, 3):
         overrides = [

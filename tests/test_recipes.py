@@ -14,10 +14,10 @@ import yaml
 from promptlab.config import ConfigError, epochs_for, load_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-# Files with a top-level `kind: pretrain` (recipes/sandbox/pretrain.yaml) are backbone pretraining
-# recipes with their own schema, validated in tests/test_sandbox.py; `kind: anomaly` recipes
-# (recipes/anomaly/) have theirs, validated in tests/test_anomaly.py.
-OTHER_KINDS = ("pretrain", "anomaly")
+# Files with a top-level `kind: pretrain` (recipes/sandbox/pretrain.yaml) pretrain the sandbox CLIP
+# itself (not a prompt-learning run) with their own schema, validated in tests/test_sandbox.py. Every
+# other recipe, whatever its task (classification, video, anomaly), goes through the one schema.
+OTHER_KINDS = ("pretrain",)
 RECIPES = sorted(
     p
     for p in RECIPES_DIR.rglob("*.yaml")

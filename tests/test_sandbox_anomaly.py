@@ -13,9 +13,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from promptlab.anomaly.data import AnomalyDataset, load_items
-from promptlab.anomaly.loop import load_anomaly_recipe
 from promptlab.anomaly.method import resolve_feature_layers
 from promptlab.cli import main
+from promptlab.config import load_recipe
 from promptlab.data.generated import PARAMS_FILE
 from promptlab.sandbox.anomaly import (
     CATEGORIES,
@@ -124,33 +124,34 @@ def test_generation_is_deterministic_and_skipped_when_complete(tmp_path: Path) -
 
 # ------------------------------------------------------------------------------------------ recipe
 def test_recipe_is_zero_shot_on_the_sandbox_clip() -> None:
-    cfg = load_anomaly_recipe(RECIPE, ["data_root=/data"])
-    assert cfg.model.arch == "sandbox" and cfg.image_size == 48
+    cfg = load_recipe(RECIPE, ["anomaly.data_root=/data"], check_paths=False)
+    assert cfg.task == "anomaly" and cfg.model.arch == "sandbox" and cfg.anomaly.image_size == 48
     assert set(SET_A).isdisjoint(SET_B) and set(SET_A) | set(SET_B) == set(CATEGORIES)
-    assert list(cfg.train_data.generator.categories) == list(SET_A)
-    assert list(cfg.eval_data.generator.categories) == list(SET_B)  # evaluated on objects never trained on
-    assert cfg.train_data.split == "test" and cfg.train_data.root != cfg.eval_data.root
+    a = cfg.anomaly
+    assert list(a.train_data.generator.categories) == list(SET_A)
+    assert list(a.eval_data.generator.categories) == list(SET_B)  # evaluated on objects never trained on
+    assert a.train_data.split == "test" and a.train_data.root != a.eval_data.root
     assert cfg.method.dpam_layers < 3 and cfg.method.deep_depth <= 2
     # the published recipes' configuration: the last block's map, map loss x 4
     assert resolve_feature_layers(cfg.method.feature_layers, 3) == [3] and cfg.method.map_loss_weight == 4
     allowed = set(inspect.signature(make_anomaly_dataset).parameters) - {"root"}
-    for spec in (cfg.train_data, cfg.eval_data):  # a misspelt generator key would only fail at run time
+    for spec in (a.train_data, a.eval_data):  # a misspelt generator key would only fail at run time
         assert spec.generator._component_ == "promptlab.sandbox.anomaly.make_anomaly_dataset"
         assert set(spec.generator) - {"_component_"} <= allowed
 
 
 @pytest.mark.parametrize(
     "command", [["anomaly", "train"], ["run"]]
-)  # `promptlab run` dispatches on `kind: anomaly`
+)  # `promptlab anomaly train` is `promptlab run` of a `task: anomaly` recipe
 def test_recipe_runs_end_to_end_and_generates_its_data(
     tmp_path: Path, capsys: pytest.CaptureFixture, command: list[str]
 ) -> None:
-    small = [f"{d}.generator.{k}={v}" for d in ("train_data", "eval_data") for k, v in TINY.items()]
+    small = [f"anomaly.{d}.generator.{k}={v}" for d in ("train_data", "eval_data") for k, v in TINY.items()]
     out = tmp_path / "run"
     args = [
         *command,
         str(RECIPE),
-        f"data_root={tmp_path / 'data'}",
+        f"anomaly.data_root={tmp_path / 'data'}",
         f"output_dir={out}",
         "train.epochs=1",
         *small,

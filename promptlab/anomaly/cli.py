@@ -3,45 +3,44 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 
-def _print_metrics(m: dict) -> None:
-    fmt = lambda v: "  -  " if v is None else f"{v:5.1f}"  # noqa: E731
-    keys = ("pixel_auroc", "pixel_aupro", "image_auroc", "image_ap")
-    print(f"{'category':<16}" + "".join(f"{k:>13}" for k in keys))
-    for cat, row in [*m["categories"].items(), ("mean", m["mean"])]:
-        print(f"{cat:<16}" + "".join(f"{fmt(row[k]):>13}" for k in keys))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from promptlab.anomaly.loop import load_anomaly_recipe, run_anomaly
+    """``promptlab run`` of a ``task: anomaly`` recipe (``--resume``: ``resume=true``)."""
+    from promptlab.anomaly.task import AnomalyDetection
     from promptlab.resources import find_recipe
+    from promptlab.runner import run_recipe
 
-    cfg = load_anomaly_recipe(find_recipe(args.recipe), args.overrides)
-    m = run_anomaly(cfg, resume=args.resume)
-    if "mean" in m:
-        _print_metrics(m)
+    overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
+    _, m = run_recipe(find_recipe(args.recipe), overrides, overwrite=args.overwrite)
+    print(AnomalyDetection().summary(m))
     print(f"prompts exported to {m['prompts']}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from promptlab.anomaly.data import AnomalyDataset, load_items
-    from promptlab.anomaly.loop import _device, evaluate_anomaly, load_anomaly_prompts
+    """Exported prompts on a dataset, through the engine's evaluate and the anomaly evaluator."""
+    import torch
 
-    device = _device(args.device)
-    module = load_anomaly_prompts(args.prompts_dir, device=device)
-    meta = json.loads((Path(module_dir(args.prompts_dir)) / "prompt_config.json").read_text())
-    size = args.image_size or meta.get("image_size") or module.clip.image_size
+    from promptlab.anomaly.data import AnomalyDataset, load_items
+    from promptlab.anomaly.evaluator import AnomalyEvaluator
+    from promptlab.anomaly.task import AnomalyBatches, AnomalyDetection
+    from promptlab.engine import evaluate
+    from promptlab.export import read_prompt_config
+    from promptlab.runner import load_prompts_dir, resolve_device
+
+    device = resolve_device(args.device)
+    prompts = module_dir(args.prompts_dir)
+    module = load_prompts_dir(prompts, device=device)
+    size = args.image_size or read_prompt_config(prompts).get("image_size") or module.clip.image_size
     items = load_items(args.layout, args.root, args.split)
     ds = AnomalyDataset(items, size, module.clip.image_mean, module.clip.image_std)
-    m = evaluate_anomaly(
-        module, ds, device=device, batch_size=args.batch_size, sigma=args.sigma, aupro_convention=args.aupro
-    )
-    _print_metrics(m)
+    batches = AnomalyBatches(ds, args.batch_size, torch.Generator(), shuffle=False)
+    evaluator = AnomalyEvaluator(items, sigma=args.sigma, aupro_convention=args.aupro)
+    m = evaluate(module, batches, device=device, evaluator=evaluator)
+    print(AnomalyDetection().summary(m))
     if args.out:
         from promptlab import io
 
@@ -82,11 +81,13 @@ def add_anomaly_commands(sub: argparse._SubParsersAction) -> None:
     asub = a.add_subparsers(dest="anomaly_command", required=True)
 
     t = asub.add_parser(
-        "train", help="train on the auxiliary dataset, export, evaluate (a `kind: anomaly` recipe)"
+        "train",
+        help="train on the auxiliary dataset, export, evaluate (a `task: anomaly` recipe; as `promptlab run`)",
     )
     t.add_argument("recipe", help="e.g. anomaly/anomalyclip_mvtec")
     t.add_argument("overrides", nargs="*", metavar="key=value")
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in output_dir")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     t.set_defaults(func=cmd_train)
 
     e = asub.add_parser("eval", help="evaluate exported prompts on a dataset (per category and mean)")

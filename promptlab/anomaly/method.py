@@ -179,6 +179,16 @@ class AnomalyCLIP(PromptModule):
             raise ValueError("AnomalyCLIP needs images (its features come from several layers)")
         return self.outputs(images).image_logits
 
+    def training_step(
+        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of ``images`` and pixel ``masks`` -> (image logits, image + map losses): the engine's
+        training contract, so AnomalyCLIP trains in :func:`promptlab.engine.train` like every method."""
+        out = self.outputs(inputs["images"])
+        return out.image_logits, self.loss(
+            out.image_logits, labels, layer_maps=out.layer_maps, masks=inputs["masks"]
+        )
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, **aux: torch.Tensor) -> torch.Tensor:
         """Image cross-entropy; with ``layer_maps`` and ``masks`` in ``aux`` also the map losses."""
         loss = F.cross_entropy(logits, labels.long())

@@ -22,7 +22,6 @@ from PIL import Image
 
 from promptlab import io
 from promptlab.anomaly.data import image_transform
-from promptlab.anomaly.loop import load_anomaly_prompts
 from promptlab.data.images import ImageReadError, read_image
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,9 @@ def predict(
         if (Path(prompts_dir) / "prompt_config.json").exists()
         else {}
     )
-    module = load_anomaly_prompts(prompts_dir, device=device).eval()
+    from promptlab.runner import load_prompts_dir
+
+    module = load_prompts_dir(Path(prompts_dir), device=device).eval()
     size = int(image_size or meta.get("image_size") or module.clip.image_size)
     sigma = float(meta.get("sigma", 4.0) if sigma is None else sigma)
     tf = image_transform(size, module.clip.image_mean, module.clip.image_std)
