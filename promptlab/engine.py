@@ -100,10 +100,11 @@ class ImageBatches:
         shuffle: bool = True,
         num_workers: int = 0,
         shard: tuple[int, int] = (0, 1),
+        drop_last: bool | None = None,
     ):
-        self.loader = distributed.sharded_loader(
-            dataset, batch_size, generator, shuffle=shuffle, num_workers=num_workers, shard=shard
-        )
+        # drop_last None: Dassl's rule (the last short training batch dropped; see sharded_loader)
+        kw = dict(shuffle=shuffle, num_workers=num_workers, shard=shard, drop_last=drop_last)
+        self.loader = distributed.sharded_loader(dataset, batch_size, generator, **kw)
 
     def __len__(self) -> int:
         return len(self.loader)

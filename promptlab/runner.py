@@ -64,8 +64,8 @@ def dataset_kwargs(cls: type, method_cfg: DictConfig, ds: DatasetSplits) -> dict
     return {k: get() for k, get in available.items() if k in params and method_cfg.get(k) is None}
 
 
-def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: DatasetSplits) -> PromptModule:
-    """Instantiate ``cfg.method`` on the dataset's classes.
+def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: Any) -> PromptModule:
+    """Instantiate ``cfg.method`` on the classes of the task's data ``ds`` (``ds.classnames``).
 
     A recipe value the method did not use (``n_ctx`` beside a ``ctx_init`` of another length: the
     words set the length) is refused, so a run's ``config.yaml`` never describes a model that was

@@ -50,6 +50,15 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: with several threads, OpenMP hand-offs cost more than the maths on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     """promptlab's own tiny FrozenCLIP (open_clip backend, 2 blocks per tower, seed 0). Frozen, so shared."""

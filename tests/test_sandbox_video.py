@@ -32,15 +32,6 @@ RECIPES = REPO / "recipes" / "sandbox"
 SHAPES4 = ["square", "triangle", "star", "heart"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: with several threads, OpenMP hand-offs cost more than the maths on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------ classes
 def test_checkerboard_halves_hold_every_motion_and_shape() -> None:
     names = video_classnames(MOTIONS, SHAPES4)

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import promptlab.engine as engine
@@ -23,14 +22,6 @@ from promptlab.tasks import TASKS
 
 SANDBOX = RECIPES_DIR / "sandbox"
 TINY_ANOMALY = dict(train_good=1, test_good=2, test_defect=2)
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _anomaly_args(tmp_path: Path, out: Path, *extra: str) -> list[str]:

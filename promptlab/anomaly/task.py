@@ -24,7 +24,7 @@ from promptlab import distributed
 from promptlab.anomaly.data import AnomalyDataset, AnomalyItem, load_items
 from promptlab.anomaly.evaluator import AnomalyEvaluator
 from promptlab.data.generated import run_generator
-from promptlab.engine import Batch
+from promptlab.engine import Batch, ImageBatches
 from promptlab.prompts import PromptModule
 
 
@@ -38,7 +38,7 @@ class AnomalyData:
     classnames: tuple[str, ...] = ("normal", "anomalous")  # AnomalyCLIP is object-agnostic
 
 
-class AnomalyBatches:
+class AnomalyBatches(ImageBatches):
     """``({"images", "masks"}, labels)`` batches of an :class:`AnomalyDataset`, shuffled by ``generator``
     when training; the last short batch is kept (the reference's DataLoader)."""
 
@@ -52,18 +52,7 @@ class AnomalyBatches:
         num_workers: int = 0,
         shard: tuple[int, int] = (0, 1),
     ):
-        self.loader = distributed.sharded_loader(
-            dataset,
-            batch_size,
-            generator,
-            shuffle=shuffle,
-            num_workers=num_workers,
-            shard=shard,
-            drop_last=False,
-        )
-
-    def __len__(self) -> int:
-        return len(self.loader)
+        super().__init__(dataset, batch_size, generator, shuffle, num_workers, shard, drop_last=False)
 
     def __iter__(self) -> Iterator[Batch]:
         for images, masks, labels, _ in self.loader:
