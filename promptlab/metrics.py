@@ -49,18 +49,17 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.double()
     bits = (x + 0.0).view(torch.int32 if x.dtype == torch.float32 else torch.int64)
     magnitude = 0x7FFFFFFF if bits.dtype == torch.int32 else 0x7FFFFFFFFFFFFFFF
-    return bits ^ ((bits >> (8 * bits.element_size() - 1)) & magnitude)
+    return torch.where(bits < 0, bits ^ magnitude, bits)
 
 
 def _distinct_counts(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cumulative true / false positives at each distinct score, from the highest score down: [T], [T]."""
-    y = labels.reshape(-1).to(scores.device).bool()
-    # ~key reverses the order without overflow; the order inside a run of ties does not matter, since
-    # only the counts at the end of each run are kept.
-    keys, order = torch.sort(~_order_keys(scores), stable=True)  # [P], highest score first
-    last = torch.ones_like(keys, dtype=torch.bool)
-    last[:-1] = keys[1:] != keys[:-1]
-    ends = last.nonzero().squeeze(1)  # [T]: the last index of each run of equal scores
+    y = scores.new_empty(scores.numel(), dtype=torch.bool).copy_(labels.reshape(-1))  # [P], nonzero = True
+    # ~key reverses the order without overflow; the order inside a run of ties does not matter (so the
+    # sort need not be stable), since only the counts at the end of each run are kept.
+    keys, order = torch.sort(~_order_keys(scores))  # [P], highest score first
+    _, run_lengths = torch.unique_consecutive(keys, return_counts=True)  # [T]: one run per distinct score
+    ends = torch.cumsum(run_lengths, 0) - 1  # [T]: the last index of each run
     tps = torch.cumsum(y[order], 0)[ends]  # int64, exact
     fps = ends + 1 - tps
     return tps.double(), fps.double()
@@ -100,10 +99,10 @@ def connected_components(masks: torch.Tensor) -> torch.Tensor:
     structure whose only nonzero plane is the middle one: full 8-connectivity inside an image (the
     reference code's skimage default), none across images.
     """
-    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure = np.zeros((3, 3, 3))  # nonzero = connected
     structure[1] = True
     lab, _ = ndimage.label(masks.detach().bool().cpu().numpy(), structure=structure)
-    return torch.from_numpy(lab).to(device=masks.device, dtype=torch.long)
+    return masks.new_tensor(lab, dtype=torch.long)  # on the masks' device
 
 
 def _pro_fpr_curve(
@@ -123,9 +122,9 @@ def _pro_fpr_curve(
     if R == 0:
         raise ValueError("AUPRO needs at least one anomalous region in the masks")
     th = thresholds.double().contiguous()
-    hist = torch.zeros((R + 1) * (K + 1), dtype=torch.long, device=s.device)
+    hist = regions.new_zeros((R + 1) * (K + 1))  # int64
     for i in range(0, s.numel(), chunk):
-        b = torch.searchsorted(th, s[i : i + chunk].double(), right=False)  # [c] in 0..K
+        b = torch.searchsorted(th, s[i : i + chunk].double())  # [c] in 0..K: thresholds strictly below
         hist += torch.bincount(regions[i : i + chunk] * (K + 1) + b, minlength=(R + 1) * (K + 1))
     hist = hist.reshape(R + 1, K + 1).double()  # row 0: normal pixels
     above = torch.flip(torch.cumsum(torch.flip(hist, [1]), 1), [1])[:, 1:]  # [R + 1, K]: count with b > k
@@ -154,7 +153,8 @@ def aupro(
 
     Returns:
         AUPRO in [0, 1]; NaN under ``"published"`` when fewer than two thresholds give FPR < limit
-        (the reference code divides by zero there too).
+        (the reference code divides by zero there too). Under ``"fpr_limit"`` a curve whose FPR never
+        reaches the limit (e.g. binary maps) is integrated up to its last point, not extended.
     """
     if convention not in AUPRO_CONVENTIONS:
         raise ValueError(f"convention={convention!r}: expected one of {AUPRO_CONVENTIONS}")
@@ -163,15 +163,16 @@ def aupro(
     lo, hi = float(maps.min()), float(maps.max())
     delta = (hi - lo) / steps
     if delta == 0:
-        return float("nan")
+        return math.nan
     n = math.ceil((hi - lo) / delta)  # numpy.arange(lo, hi, delta)'s length: `steps`, rarely one more
-    thresholds = lo + delta * torch.arange(n, dtype=torch.float64, device=maps.device)
+    k = torch.arange(n, device=maps.device)  # pragma: no mutate (device placement: one device in tests)
+    thresholds = lo + delta * k.double()  # float64 whatever the maps' dtype
     pro, fpr = _pro_fpr_curve(maps, masks.bool(), thresholds)
     if convention == "published":
         keep = fpr < fpr_limit
         f, p = fpr[keep], pro[keep]
         if f.numel() < 2 or f.max() == f.min():
-            return float("nan")
+            return math.nan
         f = (f - f.min()) / (f.max() - f.min())
         return float(abs(torch.trapezoid(p, f)))
     # fpr_limit: ascending FPR, closed at (0, 0), cut at the limit by linear interpolation.
@@ -182,9 +183,9 @@ def aupro(
     inside = f <= fpr_limit
     fi, pi = f[inside], p[inside]
     j = int(inside.sum())
-    if j < f.numel():  # interpolate the curve at exactly fpr_limit
-        f0, f1, p0, p1 = f[j - 1], f[j], p[j - 1], p[j]
-        pl = p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0) if f1 > f0 else p1
+    if j < f.numel():  # interpolate the curve at exactly fpr_limit (else it stops short: not extended)
+        f0, f1, p0, p1 = f[j - 1], f[j], p[j - 1], p[j]  # f0 <= fpr_limit < f1
+        pl = p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0)
         fi = torch.cat([fi, fi.new_tensor([fpr_limit])])
         pi = torch.cat([pi, pl.reshape(1)])
     return float(torch.trapezoid(pi, fi) / fpr_limit)

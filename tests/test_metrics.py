@@ -285,3 +285,63 @@ def test_pro_fpr_curve_with_a_single_normal_pixel() -> None:
     pro, fpr = _pro_fpr_curve(maps, masks, torch.tensor([0.5, 50.0], dtype=torch.float64))
     assert fpr.tolist() == [1.0, 1.0] and pro.tolist() == [7 / 8, 0.0]
     assert connected_components(masks).dtype == torch.long
+
+
+# ---------------------------------------------------------------------- mutation-testing survivors (#24)
+def test_32_bit_scores_sort_as_32_bit_keys() -> None:
+    """Half and single precision sort as int32 keys (half the memory of a VisA category's 10^8 pixels),
+    everything else as int64."""
+    from promptlab.metrics import _order_keys
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert _order_keys(torch.zeros(3, dtype=dtype)).dtype == torch.int32, dtype
+    for dtype in (torch.float64, torch.int64, torch.int32):
+        assert _order_keys(torch.zeros(3, dtype=dtype)).dtype == torch.int64, dtype
+
+
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.int64])
+def test_labels_count_as_binary_whatever_their_dtype(score_dtype: torch.dtype) -> None:
+    """Labels are anomalous where nonzero: 0/255 masks read from PNGs, float and bool labels agree."""
+    g = torch.Generator().manual_seed(12)
+    s = torch.randint(0, 20, (200,), generator=g).to(score_dtype)
+    y = torch.rand(200, generator=g) < 0.3
+    ref_auroc, ref_ap = roc_auc_score(y.numpy(), s.numpy()), average_precision_score(y.numpy(), s.numpy())
+    for labels in (y, y.to(torch.uint8) * 255, y.double(), y.long() * 3):
+        assert auroc(s, labels) == pytest.approx(ref_auroc, abs=1e-12), labels.dtype
+        assert average_precision(s, labels) == pytest.approx(ref_ap, abs=1e-12), labels.dtype
+
+
+def _one_row(anomalous: list[float], normal: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 1 x P image: one defect region (the first pixels), then the normal pixels."""
+    maps = torch.tensor([anomalous + normal], dtype=torch.float64)[None]
+    masks = torch.zeros_like(maps, dtype=torch.bool)
+    masks[..., : len(anomalous)] = True
+    return maps, masks
+
+
+def test_aupro_published_is_nan_when_no_threshold_is_below_the_limit() -> None:
+    """Every normal pixel on the top score: each threshold's FPR is 1, none is kept (NaN, as the
+    reference's division by zero; not an error)."""
+    maps, masks = _one_row([0.0, 1.0, 2.0, 3.0], [3.0] * 4)
+    assert math.isnan(aupro(maps, masks, steps=4))
+
+
+def test_aupro_fpr_limit_stops_at_a_curve_that_never_reaches_the_limit() -> None:
+    """Binary maps: half the defect and one normal pixel in ten are 1. At every threshold PRO = 0.5 and
+    FPR = 0.1, so the curve is (0, 0) -> (0.1, 0.5) and stops there: area 0.025, / 0.3."""
+    maps, masks = _one_row([1.0] * 5 + [0.0] * 5, [1.0] + [0.0] * 9)
+    assert aupro(maps, masks, convention="fpr_limit") == pytest.approx(0.025 / 0.3, abs=1e-12)
+    assert math.isnan(aupro(maps, masks))  # published: one distinct kept FPR, no width to rescale
+
+
+def test_aupro_thresholds_are_float64() -> None:
+    """Float64 maps get float64 thresholds, like numpy.arange in the reference: a pixel just above 1/3
+    is above the threshold 1/3 (it would not be above float32's 1/3, 0.33333334327)."""
+    maps, masks = _one_row([0.33333334, 0.33333334, 1.0], [0.0, 0.2, 0.33333334, 0.5, 0.9])
+    m, k = maps.numpy(), masks.numpy()
+    pros, fprs = _reference_curve(m, k, steps=3)  # thresholds 0, 1/3, 2/3
+    assert pros == pytest.approx([1.0, 1.0, 1 / 3]) and fprs == pytest.approx([0.8, 0.6, 0.2])
+    assert math.isnan(aupro(maps, masks, steps=3))  # published: a single FPR below 0.3
+    # fpr_limit by hand: (0, 0) -> (0.2, 1/3) -> cut at 0.3, a quarter of the way to (0.6, 1): PRO 1/2
+    by_hand = (0.2 * (1 / 3) / 2 + 0.1 * (1 / 3 + 1 / 2) / 2) / 0.3
+    assert aupro(maps, masks, steps=3, convention="fpr_limit") == pytest.approx(by_hand, abs=1e-12)
