@@ -175,6 +175,7 @@ def test_subsample_equals_coop_with_odd_class_count(pets_root, which):
         assert sorted({it.label for it in split}) == list(range(len(expected_old)))
         assert all(out.classnames[it.label] == it.classname for it in split)
     assert out.subsample == which
+    assert out.all_classnames == ds.classnames  # every name, for MoCoOp's text loss over base and new
 
 
 def test_subsample_all_is_identity_and_bad_name_rejected(pets_root):
