@@ -205,3 +205,29 @@ def test_loss_and_gradient_match_the_reference(tiny_clip: FrozenCLIP, images: to
     m.ctx.grad = None
     (w * m.knowledge_loss()).backward()
     torch.testing.assert_close(m.ctx.grad, term_grad, atol=1e-6, rtol=1e-4)
+
+
+def test_knowledge_term_is_fp16_under_reference_fp16(images: torch.Tensor) -> None:
+    """Under PREC=fp16 the reference's prompt features and its hand-crafted ones both come out of fp16
+    CLIPs (htyao89/KgCoOp trainers/kgcoop.py L132-143, L229-241): the score is an fp16 number, and so is
+    the whole loss (L310), not an fp32 promotion of it."""
+    from promptlab.clip import load_clip
+
+    m = KgCoOp(load_clip("tiny", precision="reference_fp16"), CLASSNAMES, template=PETS)
+    m.match_backbone_precision()
+    term = m.knowledge_loss()
+    assert term.dtype == torch.float16 and 0 < float(term.detach()) < 1
+    assert m.loss(m(images), torch.tensor([0, 3, 1])).dtype == torch.float16
+
+
+def test_knowledge_term_is_the_references_formula_in_float64(tiny_clip: FrozenCLIP, monkeypatch) -> None:
+    """In float64, where rounding cannot hide a 1e-7 change, the term is exactly the reference's
+    ``1 - mean(CosineSimilarity(dim=1, eps=1e-07)(t / |t|, hand))`` (trainers/kgcoop.py L238-241)."""
+    monkeypatch.setattr(KgCoOp, "head_dtype", property(lambda self: torch.float64))
+    m = KgCoOp(tiny_clip, CLASSNAMES, template=PETS)
+    hand = m._hand.double()  # [C, D], normalised
+    g = torch.Generator().manual_seed(3)
+    for t in (hand, 7.0 * (hand + 0.05 * torch.randn(hand.shape, generator=g, dtype=torch.float64))):
+        cos = torch.nn.CosineSimilarity(dim=1, eps=1e-07)(t / t.norm(dim=-1, keepdim=True), hand)
+        assert abs(float(m.knowledge_loss(t)) - float(1.0 - torch.mean(cos))) < 1e-12
+    assert abs(float(m.knowledge_loss(hand))) < 1e-12  # the template itself: cos = 1, the term vanishes
