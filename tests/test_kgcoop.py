@@ -211,7 +211,7 @@ def test_knowledge_term_is_fp16_under_reference_fp16(images: torch.Tensor) -> No
     """Under PREC=fp16 the reference's prompt features and its hand-crafted ones both come out of fp16
     CLIPs (htyao89/KgCoOp trainers/kgcoop.py L132-143, L229-241): the score is an fp16 number, and so is
     the whole loss (L310), not an fp32 promotion of it."""
-    from promptlab.clip import load_clip
+    from promptlab.backbones import load_clip
 
     m = KgCoOp(load_clip("tiny", precision="reference_fp16"), CLASSNAMES, template=PETS)
     m.match_backbone_precision()
