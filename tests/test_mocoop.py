@@ -311,14 +311,19 @@ def test_loss_terms_zero_and_positive(tiny_clip: FrozenCLIP) -> None:
         assert float(m.loss_terms(m(image_features=x), labels)["text"]) > before
 
 
-def test_loss_recomputes_without_a_forward(tiny_clip: FrozenCLIP) -> None:
+def test_loss_recomputes_without_a_forward(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
     m = MoCoOp(tiny_clip, CLASSES, templates=GROUPS)
     x = torch.randn(4, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         logits = m(image_features=x)
         expected = m.loss(logits, torch.arange(4))  # the loss clears what the forward pass left
         assert torch.equal(m.loss(logits, torch.arange(4), image_features=x), expected)
-        with pytest.raises(ValueError, match="forward pass first"):
+        labels = torch.arange(images.shape[0])  # from images: the loss encodes them as the forward pass did
+        logits = m(images)
+        expected = m.loss(logits, labels)
+        assert torch.equal(m.loss(logits, labels, images=images), expected)
+        message = "^MoCoOp.loss needs the forward pass first, or image_features / images$"
+        with pytest.raises(ValueError, match=message):
             m.loss(logits, torch.arange(4))
 
 

@@ -127,9 +127,9 @@ def text_to_text_loss(expert_features: torch.Tensor, prototypes: torch.Tensor) -
     expert_features, prototypes: [E, C, D], L2-normalised. Plain cosine logits (the reference has no
     temperature here); cross-entropy over classes, mean over experts and classes.
     """
-    E, C, _ = prototypes.shape
-    sims = expert_features @ prototypes.transpose(1, 2)  # [E, C, C]
-    return F.cross_entropy(sims.reshape(E * C, C), torch.arange(C, device=sims.device).repeat(E))
+    sims = expert_features @ prototypes.transpose(1, 2)  # [E, C, C]: expert e's class c vs its group's
+    # cross-entropy toward class c for row c (the diagonal): the reference's CE with labels arange(C)
+    return -sims.log_softmax(-1).diagonal(dim1=-2, dim2=-1).mean()
 
 
 # ---------------------------------------------------------------------- the method
