@@ -24,7 +24,8 @@ stop() {
 if [ "${1:-}" = stop ]; then stop; exit 0; fi
 
 node_idle() { sinfo -h -o '%T' 2>/dev/null | grep -qx 'idle'; }
-if [ -f "$CONF" ] && command -v sinfo >/dev/null && node_idle; then
+node_up() { sinfo -h -o '%T' 2>/dev/null | grep -qxE 'idle|mixed|allocated|completing'; }  # busy counts as up
+if [ -f "$CONF" ] && command -v sinfo >/dev/null && node_up; then
     echo "export SLURM_CONF=$CONF"
     exit 0
 fi
@@ -38,7 +39,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     apt-get install -y -q --no-install-recommends "${pkgs[@]}" >"$DIR.apt.log" 2>&1 \
         || { apt-get update -q >>"$DIR.apt.log" 2>&1 \
              && apt-get install -y -q --no-install-recommends "${pkgs[@]}" >>"$DIR.apt.log" 2>&1; } \
-        || die "apt-get install ${pkgs[*]} failed (log: $DIR.apt.log): $(tail -3 "$DIR.apt.log")"
+        || die "apt-get install ${pkgs[*]} failed (log: $DIR.apt.log): $(tail -n 3 "$DIR.apt.log")"
 fi
 
 # ---- configuration (rewritten each time the cluster is not up: CPUs / memory of this machine)
@@ -86,14 +87,14 @@ chown munge:munge "$DIR/munge" 2>/dev/null || true
 [ -s /etc/munge/munge.key ] || { mungekey --create --keyfile=/etc/munge/munge.key && chown munge:munge /etc/munge/munge.key; }
 runuser -u munge -- munged --socket="$MUNGE_SOCKET" --pid-file="$DIR/munge/munged.pid" \
     --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" \
-    || die "munged did not start: $(tail -3 "$DIR/munge/munged.log" 2>/dev/null)"
+    || die "munged did not start: $(tail -n 3 "$DIR/munge/munged.log" 2>/dev/null)"
 
 # ---- daemons (they fork into the background and write their pid files)
-slurmctld -f "$CONF" || die "slurmctld did not start: $(tail -5 "$DIR/slurmctld.log" 2>/dev/null)"
-slurmd -f "$CONF" || die "slurmd did not start: $(tail -5 "$DIR/slurmd.log" 2>/dev/null)"
+slurmctld -f "$CONF" || die "slurmctld did not start: $(tail -n 5 "$DIR/slurmctld.log" 2>/dev/null)"
+slurmd -f "$CONF" || die "slurmd did not start: $(tail -n 5 "$DIR/slurmd.log" 2>/dev/null)"
 
 for _ in $(seq 60); do
     if node_idle; then echo "export SLURM_CONF=$CONF"; exit 0; fi
     sleep 1
 done
-die "the node is not idle after 60 s: sinfo says '$(sinfo -h -o '%T %E' 2>&1)'; logs: $(tail -3 "$DIR/slurmctld.log" "$DIR/slurmd.log" 2>&1)"
+die "the node is not idle after 60 s: sinfo says '$(sinfo -h -o '%T %E' 2>&1)'; logs: $(tail -n 3 "$DIR/slurmctld.log" "$DIR/slurmd.log" 2>&1)"
