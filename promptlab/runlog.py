@@ -1,7 +1,7 @@
 """What long jobs leave in their run directory besides results: ``log.txt`` and TensorBoard scalars,
 and how loops show progress.
 
-Shared by prompt-learning runs (:mod:`promptlab.runner`), the anomaly loop and the sandbox
+Shared by every run of :mod:`promptlab.runner` (anomaly detection included) and the sandbox
 pretraining, so every kind of job can be followed (``tail -f log.txt``, ``tensorboard --logdir``)
 the same way.
 """

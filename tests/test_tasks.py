@@ -110,6 +110,10 @@ def test_an_anomaly_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monk
     assert resumed["train"]["last_loss"] == full["train"]["last_loss"]
     prompts = json.loads((cut / "prompts" / "prompt_config.json").read_text())  # the one export format
     assert prompts["component"] == "promptlab.anomaly.method.AnomalyCLIP" and prompts["image_size"] == 48
+    assert main(["export", str(cut), "--out", str(tmp_path / "again")]) == 0  # from the last checkpoint
+    again = json.loads((tmp_path / "again" / "prompt_config.json").read_text())
+    assert again["files"] == prompts["files"] and again["epoch"] == 2  # the same learned tensors
+    assert main(["eval", str(cut)]) == 2  # classification's eval refuses it, naming `anomaly eval`
 
 
 def test_the_constant_schedule_is_the_lr_after_its_warm_up() -> None:
