@@ -28,14 +28,196 @@ from promptlab.clip import (
 )
 from promptlab.suggest import did_you_mean
 
-# Tiny open_clip configurations, randomly initialised, for tests and the offline demo.
+# Tiny open_clip configurations, randomly initialised, for tests and the offline demo: one per backbone
+# family, each the family's real configuration (tower classes, activations, masks, pooling) at toy
+# width and depth. The timm image towers are timm's own model classes at toy size (registered with
+# timm as ``promptlab_tiny_*`` when first built).
+_TINY_TEXT = dict(layers=2, width=32, heads=2)
 TINY_CONFIGS: dict[str, dict] = {
+    # open_clip ViT (LAION / DataComp / DFN weights): GELU
     "tiny": dict(
         embed_dim=32,
         vision_cfg=dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
-        text_cfg=dict(layers=2, width=32, heads=2),
+        text_cfg=_TINY_TEXT,
+    ),
+    # OpenAI's ViT and the open_clip ``-quickgelu`` variants: QuickGELU activations
+    "tiny-quickgelu": dict(
+        embed_dim=32,
+        quick_gelu=True,
+        vision_cfg=dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
+        text_cfg=_TINY_TEXT,
+    ),
+    # OpenAI's ResNet (ModifiedResNet with attention pooling)
+    "tiny-rn": dict(
+        embed_dim=32,
+        quick_gelu=True,
+        vision_cfg=dict(layers=[1, 1, 1, 1], width=8, image_size=64),
+        text_cfg=_TINY_TEXT,
+    ),
+    # EVA02-B-16: timm Eva image tower (RoPE, SwiGLU), causal CLIP text tower
+    "tiny-eva02": dict(
+        embed_dim=32,
+        custom_text=True,
+        vision_cfg=dict(
+            image_size=32, timm_model_name="promptlab_tiny_eva02", timm_pool="token", timm_proj=None
+        ),
+        text_cfg=_TINY_TEXT,
+    ),
+    # ViT-B-16-SigLIP: timm ViT with attention-pool head; bidirectional text tower pooled at its last
+    # position (context 64), a SentencePiece-style tokenizer without start token, sigmoid logits with bias
+    "tiny-siglip": dict(
+        embed_dim=32,
+        init_logit_bias=-10,
+        custom_text=True,
+        vision_cfg=dict(
+            image_size=32, timm_model_name="promptlab_tiny_siglip", timm_pool="map", timm_proj="none"
+        ),
+        text_cfg=dict(
+            _TINY_TEXT,
+            context_length=64,
+            vocab_size=128,
+            no_causal_mask=True,
+            proj_bias=True,
+            pool_type="last",
+            norm_kwargs={"eps": 1e-6},
+        ),
+    ),
+    # PE-Core-B-16: timm Eva image tower (RoPE, attention pool), causal text tower of context 32
+    "tiny-pe": dict(
+        embed_dim=32,
+        custom_text=True,
+        vision_cfg=dict(image_size=32, timm_model_name="promptlab_tiny_pe", timm_pool="map", timm_proj=None),
+        text_cfg=dict(_TINY_TEXT, context_length=32),
+    ),
+    # MobileCLIP-S1: timm FastViT (convolutional) image tower, bidirectional text tower pooled at EOT
+    "tiny-mobileclip": dict(
+        embed_dim=32,
+        custom_text=True,
+        vision_cfg=dict(
+            image_size=64, timm_model_name="promptlab_tiny_mobileclip", timm_pool="avg", timm_proj=None
+        ),
+        text_cfg=dict(_TINY_TEXT, no_causal_mask=True),
     ),
 }
+
+# timm image towers of the tiny configurations: the real family's timm model at toy size.
+_TINY_TIMM = {
+    "promptlab_tiny_eva02": (
+        "eva02_base_patch16_clip_224",
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, ref_feat_shape=(4, 4)),
+    ),
+    "promptlab_tiny_siglip": (
+        "vit_base_patch16_siglip_224",
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+    ),
+    "promptlab_tiny_pe": (
+        "vit_pe_core_base_patch16_224",
+        dict(
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            ref_feat_shape=(4, 4),
+            attn_pool_num_heads=2,
+        ),
+    ),
+    "promptlab_tiny_mobileclip": ("fastvit_mci1", dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64))),
+}
+
+
+def _register_tiny_timm() -> None:
+    """Register the toy-size timm towers under their ``promptlab_tiny_*`` names (idempotent)."""
+    import timm
+    from timm.models import register_model
+
+    for name, (base, kwargs) in _TINY_TIMM.items():
+        if name in timm.list_models(name):
+            continue
+
+        def entry(pretrained: bool = False, _base: str = base, _kw: dict = kwargs, **kw) -> nn.Module:
+            return timm.create_model(_base, pretrained=False, **{**_kw, **kw})
+
+        entry.__name__ = name
+        register_model(entry)
+
+
+# The tiny SigLIP tokenizer's vocabulary: special tokens, a few whole words, and every lowercase letter
+# and digit alone and as a word-piece continuation, so that any (canonicalized) text tokenizes offline.
+_TINY_WORDS = ("a", "photo", "of", "the", "x", "an", "image")
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def tiny_hf_tokenizer():
+    """A Hugging Face fast tokenizer built in memory, shaped like SigLIP's: no start token, ``</s>`` ends
+    the text and pads it. For ``tiny-siglip``; ``save_pretrained`` writes it as a local tokenizer folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for t in ("<pad>", "</s>", "<unk>", *_TINY_WORDS, *_CHARS, *(f"##{c}" for c in _CHARS)):
+        vocab.setdefault(t, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="</s>", unk_token="<unk>"
+    )
+
+
+class HFTextTokenizer:
+    """A Hugging Face tokenizer called the way open_clip's are: ``(texts, context_length) -> [N, L]`` ids.
+
+    Same cleaning, padding and truncation as ``open_clip.tokenizer.HFTokenizer`` (whose constructor
+    insists on a Hub name or folder); built from an in-memory tokenizer or a local folder, it needs no
+    network.
+    """
+
+    def __init__(self, tokenizer, clean: str = "whitespace", context_length: int | None = None) -> None:
+        from open_clip.tokenizer import get_clean_fn
+
+        self.tokenizer, self.clean_fn, self.context_length = tokenizer, get_clean_fn(clean), context_length
+
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.tokenizer(
+            [self.clean_fn(t) for t in texts],
+            return_tensors="pt",
+            max_length=context_length or self.context_length,
+            padding="max_length",
+            truncation=True,
+        ).input_ids
+
+
+def load_tokenizer(path: str | Path, arch: str | None = None) -> HFTextTokenizer:
+    """A tokenizer from a local Hugging Face tokenizer folder (``tokenizer.json`` and its config).
+
+    For models whose tokenizer open_clip fetches from the Hub (SigLIP): save it once with
+    ``save_pretrained`` and pass the folder as ``model.tokenizer``. The text cleaning is the one the
+    architecture's open_clip config names (``tokenizer_kwargs.clean``), else whitespace only.
+    """
+    from transformers import AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"model.tokenizer={str(path)!r}: no such tokenizer folder")
+    cfg = TINY_CONFIGS.get(arch or "")
+    if cfg is None and arch:
+        import open_clip
+
+        cfg = open_clip.get_model_config(arch) if arch in open_clip.list_models() else None
+    text_cfg = (cfg or {}).get("text_cfg", {})
+    clean = text_cfg.get("tokenizer_kwargs", {}).get(
+        "clean", "canonicalize" if arch == "tiny-siglip" else "whitespace"
+    )
+    return HFTextTokenizer(AutoTokenizer.from_pretrained(str(p), local_files_only=True), clean=clean)
+
 
 # The offline sandbox CLIP: pretrained on promptlab's procedural world, its weights ship in the
 # package (promptlab/sandbox/sandbox_clip.safetensors; architecture in the .json beside it).
@@ -148,13 +330,36 @@ def _check_open_clip(arch: str, pretrained: str | None) -> None:
         )
 
 
+class _LazyTokenizer:
+    """open_clip's tokenizer of ``arch``, built on first use: SigLIP's comes from the Hub, so it is not
+    fetched when ``load_clip(tokenizer=folder)`` replaces it."""
+
+    def __init__(self, arch: str) -> None:
+        self._arch, self._tok = arch, None
+
+    def _get(self):
+        if self._tok is None:
+            import open_clip
+
+            self._tok = open_clip.get_tokenizer(self._arch)
+        return self._tok
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self._get()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+
 def _load_open_clip(arch: str, pretrained: str | None) -> tuple[nn.Module, str, object]:
     import open_clip
 
     _check_open_clip(arch, pretrained)
     quick = pretrained == "openai"  # OpenAI weights were trained with QuickGELU
     model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", force_quick_gelu=quick)
-    return model, arch, open_clip.get_tokenizer(arch)
+    return model, arch, _LazyTokenizer(arch)
 
 
 def _open_clip_config(clip: FrozenCLIP) -> dict | None:
@@ -173,14 +378,25 @@ def _check_tiny(arch: str, pretrained: str | None) -> None:
         )
 
 
-def _load_tiny(arch: str, pretrained: str | None) -> tuple[nn.Module, str, object]:
+def build_open_clip(cfg: dict) -> nn.Module:
+    """An open_clip model from a configuration dict given in memory (random weights), like open_clip's
+    JSON model configs: ``custom_text`` selects ``CustomTextCLIP``; timm tower names are timm's."""
     import open_clip
 
+    cfg = dict(cfg)
+    if str(cfg.get("vision_cfg", {}).get("timm_model_name", "")).startswith("promptlab_tiny_"):
+        _register_tiny_timm()
+    cls = open_clip.model.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.model.CLIP
+    return cls(**cfg)
+
+
+def _load_tiny(arch: str, pretrained: str | None) -> tuple[nn.Module, str, object]:
     _check_tiny(arch, pretrained)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = open_clip.model.CLIP(**TINY_CONFIGS[arch])
-    return model, arch, None
+        model = build_open_clip(TINY_CONFIGS[arch])
+    tokenizer = HFTextTokenizer(tiny_hf_tokenizer(), clean="canonicalize") if arch == "tiny-siglip" else None
+    return model, arch, tokenizer
 
 
 # ---------------------------------------------------------------------- the shipped sandbox CLIP
@@ -280,6 +496,7 @@ def load_clip(
     *,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    tokenizer: str | Path | None = None,
 ) -> FrozenCLIP:
     """Build a :class:`FrozenCLIP`.
 
@@ -297,15 +514,32 @@ def load_clip(
             tensors stay fp32); or ``reference_fp16``, the CoOp-family references' PREC=fp16
             (:func:`promptlab.clip.to_reference_fp16`; learned tensors in fp16 too, see
             ``FrozenCLIP.prompt_dtype``).
+        tokenizer: a local Hugging Face tokenizer folder (:func:`load_tokenizer`) used instead of the
+            loader's: SigLIP's tokenizer is otherwise fetched from the Hub.
     """
     if precision not in PRECISIONS:  # before anything is loaded
         raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if tokenizer is not None and not Path(tokenizer).expanduser().is_dir():  # before any download
+        raise FileNotFoundError(f"model.tokenizer={str(tokenizer)!r}: no such tokenizer folder")
     if isinstance(arch, nn.Module):
-        model, name, tokenizer = arch, type(arch).__name__, None
+        model, name, tok = arch, type(arch).__name__, None
     else:
-        model, name, tokenizer = _loader_for(arch, pretrained).load(arch, pretrained)
+        model, name, tok = _loader_for(arch, pretrained).load(arch, pretrained)
+    if tokenizer is not None:  # replaces the loader's, which is then never built (it may need the Hub)
+        tok = load_tokenizer(tokenizer, name)
     return wrap_model(
-        model, arch=name, pretrained=pretrained, tokenizer=tokenizer, device=device, precision=precision
+        model, arch=name, pretrained=pretrained, tokenizer=tok, device=device, precision=precision
+    )
+
+
+def load_backbone(model_cfg, *, device: str | torch.device = "cpu") -> FrozenCLIP:
+    """:func:`load_clip` from a recipe's ``model`` section (arch, pretrained, precision, tokenizer)."""
+    return load_clip(
+        model_cfg.arch,
+        model_cfg.pretrained,
+        device=device,
+        precision=model_cfg.precision,
+        tokenizer=model_cfg.get("tokenizer"),
     )
 
 

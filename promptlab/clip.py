@@ -223,6 +223,7 @@ class FrozenCLIP(nn.Module):
             tokenizer = SimpleTokenizer()
         self.tokenizer = tokenizer
         self._fingerprint: str | None = None
+        self._n_start: int | None = None
         if self.backend == "hf":
             self._init_hf(model)
         else:
@@ -238,6 +239,18 @@ class FrozenCLIP(nn.Module):
         self._tok_emb, self._pos_emb, self._ln_final = t.token_embedding, t.positional_embedding, t.ln_final
         self._text_proj_w = t.text_projection
         self._text_blocks = _open_clip_blocks(t.transformer)
+        if getattr(t, "cls_emb", None) is not None or getattr(t, "use_pad_mask", False):
+            raise TypeError(
+                f"{type(m).__name__}: text towers with an appended class token or a padding mask (CoCa-style) "
+                "are not supported"
+            )
+        pool = getattr(t, "pool_type", "argmax")
+        if pool not in ("argmax", "eos", "last"):
+            raise TypeError(
+                f"{type(m).__name__}: text pooling {pool!r} is not supported (argmax, eos or last)"
+            )
+        self.text_causal = getattr(t, "attn_mask", True) is not None  # open_clip: no mask = bidirectional
+        self.text_pool = "last" if pool == "last" else "eot"
         v = m.visual
         self.vision_is_transformer = hasattr(v, "conv1") and hasattr(v, "class_embedding")
         if self.vision_is_transformer:
@@ -266,6 +279,7 @@ class FrozenCLIP(nn.Module):
         self._ln_final = tm.final_layer_norm
         self._text_proj_w = m.text_projection
         self._text_blocks = _hf_blocks(tm.encoder)
+        self.text_causal, self.text_pool = True, "eot"  # HF CLIPTextModel: causal mask, EOT pooling
         self._vis_blocks = _hf_blocks(vm.encoder)
         self.vision_is_transformer = True
         cfg = m.config
@@ -298,8 +312,50 @@ class FrozenCLIP(nn.Module):
 
     @property
     def is_causal(self) -> bool:
-        """CLIP's text tower is causal: the EOT feature depends only on the tokens up to EOT."""
-        return True
+        """The text tower's attention is causal (CLIP's is; SigLIP's and MobileCLIP's are bidirectional)."""
+        return self.text_causal
+
+    @property
+    def can_truncate_text(self) -> bool:
+        """Cutting a batch of prompts to its longest prompt (max EOT + 1) leaves the features unchanged.
+
+        True only for a causal tower pooled at the end-of-text token: the pooled state then depends on
+        the tokens up to EOT alone. A bidirectional tower (padding tokens are attended) or last-token
+        pooling (SigLIP pools position context_length - 1) needs the full context. Decided from the
+        model, never per method.
+        """
+        return self.text_causal and self.text_pool == "eot"
+
+    @property
+    def can_share_prefix(self) -> bool:
+        """A prefix shared by several prompts may be run once (:meth:`encode_text_prefixed`'s fast path).
+
+        Exact for the same reason as :attr:`can_truncate_text`: the prefix's states must not depend on
+        what follows, and the pooled token must lie in the suffix.
+        """
+        return self.can_truncate_text
+
+    @property
+    def n_start_tokens(self) -> int:
+        """Tokens the tokenizer puts before the text: 1 for CLIP's start-of-text, 0 for SigLIP's.
+
+        Context slots and deep text prompts go right after them.
+        """
+        if self._n_start is None:
+            self._n_start = int(self.eot_index(self.tokenize(""))[0])
+        return self._n_start
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """SigLIP's learned logit bias (``logit_scale * cos + logit_bias``), or None for a CLIP.
+
+        It is a constant added to every class's logit, so it changes neither a softmax over classes nor
+        an argmax: promptlab's cross-entropy objective and zero-shot evaluation use
+        ``logit_scale * cos`` alone and are the same with or without it. Exposed for users who want
+        SigLIP's own per-pair sigmoid probabilities, ``sigmoid(logit_scale * cos + logit_bias)``.
+        """
+        b = getattr(self.model, "logit_bias", None)
+        return None if b is None else b.detach().float().reshape(())
 
     @property
     def text_layers(self) -> int:
@@ -320,7 +376,14 @@ class FrozenCLIP(nn.Module):
 
     @property
     def eot_token_id(self) -> int:
-        return int(self.tokenizer.eot_token_id)
+        """The end-of-text id: open_clip's ``SimpleTokenizer.eot_token_id`` or a Hugging Face tokenizer's EOS."""
+        tok = self.tokenizer
+        eot = getattr(tok, "eot_token_id", None)
+        if eot is None:
+            eot = getattr(getattr(tok, "tokenizer", tok), "eos_token_id", None)
+        if eot is None:
+            raise TypeError(f"{type(tok).__name__}: tokenizer has no end-of-text (EOS) token id")
+        return int(eot)
 
     @property
     def train_transform(self) -> Callable:
@@ -448,21 +511,42 @@ class FrozenCLIP(nn.Module):
         Returns:
             [N, D] projected text features.
 
-        The tower is causal, so the batch is cut to its longest prompt (max EOT + 1) instead of
-        the full context: the features are identical and the work is several times smaller.
+        Where :attr:`can_truncate_text` holds (causal tower, EOT pooling) the batch is cut to its
+        longest prompt (max EOT + 1) instead of the full context: the features are identical and the
+        work is several times smaller. Otherwise the tower sees the full context, as the model does:
+        shorter inputs are padded with the padding token's embedding, and a last-token pooled tower
+        (SigLIP) reads position ``context_length - 1`` whatever ``eot_index`` says.
         """
         _check_deep_keys(deep_prompts)
         eot_index = eot_index.to(x.device)
-        L = int(eot_index.max()) + 1 if self.is_causal else x.shape[1]
-        x = x[:, :L].to(self.dtype) + self._pos_emb[:L].to(self.dtype)
+        if self.can_truncate_text:
+            L = int(eot_index.max()) + 1
+            x = x[:, :L]
+        else:
+            x = self._pad_to_context(x)
+            L = x.shape[1]
+        x = x.to(self.dtype) + self._pos_emb[:L].to(self.dtype)
+        start = self.n_start_tokens if deep_prompts is not None else 1
         for i, blk in enumerate(self._text_blocks):
             if deep_prompts is not None and i > 0:
-                x = _apply_deep_prompts(deep_prompts, i, x)
-            x = self._run_block(blk, x, causal=True)
+                x = _apply_deep_prompts(deep_prompts, i, x, start)
+            x = self._run_block(blk, x, causal=self.text_causal)
         x = self._ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index]  # [N, W]
+        pooled_at = eot_index if self.text_pool == "eot" else torch.full_like(eot_index, L - 1)
+        x = x[torch.arange(x.shape[0], device=x.device), pooled_at]  # [N, W]
         x = self._project_text(x)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def _pad_to_context(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L, W] -> [N, context_length, W], filled with the padding token's embedding (an empty text's last id)."""
+        missing = self.context_length - x.shape[1]
+        if missing < 0:
+            raise ValueError(f"{x.shape[1]} text tokens exceed the context length {self.context_length}")
+        if missing == 0:
+            return x
+        pad_id = self.tokenize("")[:, -1:]  # [1, 1]
+        pad = self.embed_tokens(pad_id).to(x.dtype).expand(x.shape[0], missing, -1)
+        return torch.cat([x, pad], dim=1)
 
     def encode_text_prefixed(
         self, prefix: torch.Tensor, suffix: torch.Tensor, eot_index: torch.Tensor, normalize: bool = False
@@ -477,13 +561,17 @@ class FrozenCLIP(nn.Module):
             normalize: L2-normalize the output.
 
         Returns:
-            [G, C, D], equal to :meth:`encode_text_embeddings` of the concatenated prompts.
+            [G, C, D], equal to :meth:`encode_text_embeddings` of the concatenated prompts. Where the
+            fast path would be inexact (:attr:`can_share_prefix` is False) it computes exactly that.
         """
-        if not self.is_causal:
-            raise ValueError("a shared prefix is only exact for a causal text tower")
         G, P, _ = prefix.shape
         suffix = suffix.expand(G, *suffix.shape[-3:]) if suffix.dim() == 3 else suffix
         eot_index = eot_index.to(prefix.device)
+        if not self.can_share_prefix:  # inexact here: run every full prompt (see can_share_prefix)
+            C = suffix.shape[1]
+            full = torch.cat([prefix.unsqueeze(1).expand(G, C, P, -1).to(suffix.dtype), suffix], dim=2)
+            feats = self.encode_text_embeddings(full.flatten(0, 1), eot_index.repeat(G), normalize=normalize)
+            return feats.reshape(G, C, -1)
         S = int(eot_index.max()) + 1 - P
         xp = prefix.to(self.dtype) + self._pos_emb[:P].to(self.dtype)
         xs = suffix[:, :, :S].to(self.dtype) + self._pos_emb[P : P + S].to(self.dtype)
@@ -684,13 +772,14 @@ def _check_deep_keys(deep: DeepPrompts | None) -> None:
         )
 
 
-def _apply_deep_prompts(deep: DeepPrompts, layer: int, x: torch.Tensor) -> torch.Tensor:
+def _apply_deep_prompts(deep: DeepPrompts, layer: int, x: torch.Tensor, start: int = 1) -> torch.Tensor:
+    """Replace the n tokens after the ``start`` leading tokens (CLIP's [SOS]: 1; SigLIP: 0)."""
     if callable(deep) and not isinstance(deep, Mapping):
         return deep(layer, x)
     if layer not in deep:
         return x
     p = _expand(deep[layer], x.shape[0]).to(x.dtype)  # [N, n, W]
-    return torch.cat([x[:, :1], p, x[:, 1 + p.shape[1] :]], dim=1)
+    return torch.cat([x[:, :start], p, x[:, start + p.shape[1] :]], dim=1)
 
 
 # ---------------------------------------------------------------------- backbone loaders

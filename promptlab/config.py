@@ -79,6 +79,8 @@ class ModelConfig:
     # CoOp-family references' PREC=fp16 (fp16 CLIP with fp32 LayerNorms, fp16 learned tensors stepped in
     # fp16, fp16 logits); use it with train.amp=fp32. See the README's "Precision".
     precision: ModelPrecision = "fp32"
+    # a local Hugging Face tokenizer folder replacing the model's own (SigLIP's is fetched from the Hub)
+    tokenizer: str | None = None
 
 
 @dataclass

@@ -261,11 +261,12 @@ def _as_used(module: nn.Module, hparams: dict[str, Any]) -> dict[str, Any]:
 def word_embeddings(clip: FrozenCLIP, words: str) -> torch.Tensor:
     """[n, W] token embeddings of ``words`` (no start/end tokens): to initialise context from text."""
     ids = clip.tokenize(words)
-    n = int(clip.eot_index(ids)[0]) - 1
+    s = clip.n_start_tokens
+    n = int(clip.eot_index(ids)[0]) - s
     if n <= 0:
         raise ValueError(f"ctx_init={words!r} has no tokens")
     with torch.no_grad():
-        return clip.embed_tokens(ids)[0, 1 : 1 + n].float().clone()
+        return clip.embed_tokens(ids)[0, s : s + n].float().clone()
 
 
 def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None = "") -> torch.Tensor:
@@ -293,7 +294,7 @@ def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None = "") -> tor
 
 def n_tokens(clip: FrozenCLIP, text: str) -> int:
     """Number of BPE tokens of ``text`` without start/end tokens."""
-    return int(clip.eot_index(clip.tokenize(text))[0]) - 1
+    return int(clip.eot_index(clip.tokenize(text))[0]) - clip.n_start_tokens
 
 
 def build_prompt_layout(
@@ -330,21 +331,22 @@ def build_prompt_layout(
     )  # [C, L]
     name_lens = [n_tokens(clip, name) for name in names]
     half = n_ctx // 2 if n_before is None else n_before
+    s = clip.n_start_tokens  # CLIP's [SOS]: 1; SigLIP's tokenizer puts nothing first: 0
     rows, pos = [], []
     for row, n in zip(ids, name_lens):
         sos, ctx, name, rest = (
-            row[:1],
-            row[1 : 1 + n_ctx],
-            row[1 + n_ctx : 1 + n_ctx + n],
-            row[1 + n_ctx + n :],
+            row[:s],
+            row[s : s + n_ctx],
+            row[s + n_ctx : s + n_ctx + n],
+            row[s + n_ctx + n :],
         )
         if position == "end":
-            parts, p = [sos, ctx, name, rest], list(range(1, 1 + n_ctx))
+            parts, p = [sos, ctx, name, rest], list(range(s, s + n_ctx))
         elif position == "middle":
             parts = [sos, ctx[:half], name, ctx[half:], rest]
-            p = list(range(1, 1 + half)) + list(range(1 + half + n, 1 + n_ctx + n))
+            p = list(range(s, s + half)) + list(range(s + half + n, s + n_ctx + n))
         else:
-            parts, p = [sos, name, ctx, rest], list(range(1 + n, 1 + n + n_ctx))
+            parts, p = [sos, name, ctx, rest], list(range(s + n, s + n + n_ctx))
         rows.append(torch.cat(parts))
         pos.append(p)
     ids = torch.stack(rows)
@@ -402,11 +404,12 @@ def prompt_buffers(
         if n_tokens(clip, prefix) < n_ctx:
             raise ValueError(f"prefix {prefix!r} has fewer than n_ctx={n_ctx} tokens")
         ids = clip.tokenize([f"{prefix} {clean_classname(c)}." for c in classnames])  # [C, 77]
-        pos = torch.arange(1, 1 + n_ctx, device=ids.device).expand(len(classnames), -1).contiguous()
+        s = clip.n_start_tokens
+        pos = torch.arange(s, s + n_ctx, device=ids.device).expand(len(classnames), -1).contiguous()
         eot = clip.eot_index(ids)
     else:
         ids, pos, eot = build_prompt_layout(clip, classnames, n_ctx, position)
-    L = int(eot.max()) + 1
+    L = int(eot.max()) + 1 if clip.can_truncate_text else ids.shape[1]  # a bidirectional tower sees padding
     with torch.no_grad():
         base = clip.embed_tokens(ids[:, :L]).float()  # [C, L, W]
     return {"_base": base, "_ctx_pos": pos, "_eot": eot}
@@ -465,9 +468,9 @@ def encode_context_prefix(
     """
     grouped = ctx.dim() == 3
     ctx = ctx if grouped else ctx.unsqueeze(0)  # [G, n, W]
-    n = ctx.shape[1]
-    prefix = torch.cat([base[:1, :1].expand(ctx.shape[0], 1, -1).to(ctx.dtype), ctx], dim=1)  # [G, 1 + n, W]
-    feats = clip.encode_text_prefixed(prefix, base[:, 1 + n :], eot)  # [G, C, D]
+    n, s = ctx.shape[1], clip.n_start_tokens
+    prefix = torch.cat([base[:1, :s].expand(ctx.shape[0], s, -1).to(ctx.dtype), ctx], dim=1)  # [G, s + n, W]
+    feats = clip.encode_text_prefixed(prefix, base[:, s + n :], eot)  # [G, C, D]
     return feats if grouped else feats[0]
 
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import promptlab
 from promptlab import distributed
-from promptlab.backbones import load_clip, save_clip
+from promptlab.backbones import load_backbone, load_clip, save_clip
 from promptlab.clip import FrozenCLIP
 from promptlab.config import ConfigError, epochs_for, instantiate, load_recipe, resolve_component
 from promptlab.data import DatasetSplits
@@ -129,7 +129,7 @@ def run(cfg: DictConfig, *, overwrite: bool = False) -> dict[str, Any]:
         seed_everything(int(cfg.seed))
         device = distributed.local_device(resolve_device(cfg.device), dist_info)
         data = task.prepare(cfg)
-        clip = load_clip(cfg.model.arch, cfg.model.pretrained, device=device, precision=cfg.model.precision)
+        clip = load_backbone(cfg.model, device=device)
         clip.grad_checkpointing = bool(cfg.train.grad_checkpointing)
         seed_everything(int(cfg.seed))  # model init draws (random context) depend on the seed only
         module = build_method(cfg, clip, data).to(device)
@@ -378,7 +378,7 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
     hparams = _eval_dataset_hparams(prompts_dir, cfg.method, ds)
     backbone = sorted({o.split("=", 1)[0].strip() for o in overrides} & {"model", *_BACKBONE_KEYS})
     if backbone:  # honour model.* overrides: the prompts go onto the backbone asked for, if shapes agree
-        clip = load_clip(cfg.model.arch, cfg.model.pretrained, device=device, precision=cfg.model.precision)
+        clip = load_backbone(cfg.model, device=device)
         same_weights = not set(backbone) & {"model", "model.arch", "model.pretrained"}
         module = load_prompts(prompts_dir, clip, strict_weights=same_weights, hparams=hparams).to(device)
     else:
@@ -413,7 +413,7 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     ckpt = load_checkpoint(_need(run_dir / "checkpoints" / "last.pt"))
     task = task_for(cfg)
     data = task.prepare(cfg)
-    clip = load_clip(cfg.model.arch, cfg.model.pretrained, precision=cfg.model.precision)
+    clip = load_backbone(cfg.model)
     module = build_method(cfg, clip, data)
     module.load_prompt_state_dict(ckpt["prompt_state"], source=str(run_dir / "checkpoints" / "last.pt"))
     extra = {"seed": int(cfg.seed), **task.export_info(cfg, data), "epoch": int(ckpt["epoch"])}

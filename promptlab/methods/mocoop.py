@@ -250,17 +250,19 @@ class MoCoOp(PromptModule):
         names = [n.replace("_", " ") for n in names]
         name_lens = [n_tokens(self.clip, n) for n in names]
         layouts = []
+        st = self.clip.n_start_tokens  # 1 after CLIP's [SOS]; 0 for SigLIP's tokenizer
         for before, after, nb, na in self._parts:
             ids = self.clip.tokenize(
                 [f"{before} {n}{after}{'.' if period else ''}" for n in names]
             )  # [C, 77]
             pos = torch.tensor(
-                [list(range(1, 1 + nb)) + list(range(1 + nb + k, 1 + nb + k + na)) for k in name_lens],
+                [list(range(st, st + nb)) + list(range(st + nb + k, st + nb + k + na)) for k in name_lens],
                 dtype=torch.long,
                 device=ids.device,
             ).reshape(len(names), nb + na)  # [C, n_e]
             layouts.append((ids, pos, self.clip.eot_index(ids)))
         L = max(max(int(eot.max()), int(pos.max())) for _, pos, eot in layouts) + 1
+        L = L if self.clip.can_truncate_text else layouts[0][0].shape[1]  # bidirectional: full context
         with torch.no_grad():
             base = torch.stack([self.clip.embed_tokens(ids[:, :L]).float() for ids, _, _ in layouts])
         out = {
@@ -398,12 +400,13 @@ class MoCoOp(PromptModule):
 
 
 def _leading_embeddings(clip: FrozenCLIP, text: str, n: int) -> torch.Tensor:
-    """[n, W] token embeddings at positions 1..n of ``text`` tokenised alone (end and padding tokens
+    """[n, W] token embeddings at positions 1..n (after the start token) of ``text`` tokenised alone (end and padding tokens
     included when the reference's word count exceeds the BPE tokens)."""
     if n == 0:
         return torch.empty(0, clip.width)
     with torch.no_grad():
-        return clip.embed_tokens(clip.tokenize(text.replace("_", " ")))[0, 1 : 1 + n].float().clone()
+        s = clip.n_start_tokens
+        return clip.embed_tokens(clip.tokenize(text.replace("_", " ")))[0, s : s + n].float().clone()
 
 
 def _vision_layernorms(clip: FrozenCLIP) -> tuple[str, ...]:
