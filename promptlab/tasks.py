@@ -18,7 +18,9 @@ build the method, train with :func:`promptlab.engine.train`, evaluate with
   the end; ``scalars(cfg, metrics)``: the evaluation's TensorBoard scalars.
 
 The loss is always the module's (:meth:`promptlab.prompts.PromptModule.training_step`), the loop
-always the engine's. A user's own task implements these methods and is added to :data:`TASKS`.
+always the engine's. A new task implements these methods and is added to :data:`TASKS`, with its
+recipe section in :mod:`promptlab.config` (``RecipeConfig.task``, ``TASK_SECTIONS``), so that its
+recipes are validated like every other.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from promptlab import distributed
 from promptlab.anomaly.data import AnomalyDataset, AnomalyItem, load_items
-from promptlab.anomaly.evaluator import AnomalyEvaluator
+from promptlab.anomaly.evaluator import METRICS, AnomalyEvaluator
 from promptlab.data.generated import run_generator
 from promptlab.engine import Batch, ImageBatches
 from promptlab.prompts import PromptModule
@@ -60,7 +60,7 @@ class AnomalyBatches(ImageBatches):
 
 
 def _generate(spec: Any) -> None:
-    if spec is not None and spec.generator:  # procedural data (the sandbox), written on first use
+    if spec.generator:  # procedural data (the sandbox), written on first use
         run_generator(
             OmegaConf.to_container(spec.generator),
             Path(spec.root).expanduser(),
@@ -69,8 +69,6 @@ def _generate(spec: Any) -> None:
 
 
 def _items(spec: Any) -> list[AnomalyItem]:
-    if spec is None:
-        return []
     cats = list(spec.categories) if spec.categories else None
     return load_items(spec.layout, Path(spec.root).expanduser(), spec.split, cats)
 
@@ -85,8 +83,7 @@ class AnomalyDetection:
     def prepare(self, cfg: DictConfig) -> AnomalyData:
         a = cfg.anomaly
         self.ensure_data(cfg)
-        name = Path(a.eval_data.root).name if a.eval_data is not None else ""
-        return AnomalyData(name, _items(a.train_data), _items(a.eval_data))
+        return AnomalyData(Path(a.eval_data.root).name, _items(a.train_data), _items(a.eval_data))
 
     def batches(
         self,
@@ -129,17 +126,16 @@ class AnomalyDetection:
         a = cfg.anomaly
         return {
             "dataset": data.name,
-            "split": a.eval_data.split if a.eval_data is not None else None,
-            "train_data": OmegaConf.to_container(a.train_data) if a.train_data is not None else None,
-            "eval_data": OmegaConf.to_container(a.eval_data) if a.eval_data is not None else None,
+            "split": a.eval_data.split,
+            "train_data": OmegaConf.to_container(a.train_data),
+            "eval_data": OmegaConf.to_container(a.eval_data),
         }
 
     def summary(self, metrics: dict[str, Any]) -> str:
         fmt = lambda v: "  -  " if v is None else f"{v:5.1f}"  # noqa: E731
-        keys = ("pixel_auroc", "pixel_aupro", "image_auroc", "image_ap")
-        lines = [f"{'category':<16}" + "".join(f"{k:>13}" for k in keys)]
+        lines = [f"{'category':<16}" + "".join(f"{k:>13}" for k in METRICS)]
         for cat, row in [*metrics["categories"].items(), ("mean", metrics["mean"])]:
-            lines.append(f"{cat:<16}" + "".join(f"{fmt(row[k]):>13}" for k in keys))
+            lines.append(f"{cat:<16}" + "".join(f"{fmt(row[k]):>13}" for k in METRICS))
         return "\n".join(lines)
 
     def scalars(self, cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, float]:
