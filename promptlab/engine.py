@@ -287,6 +287,7 @@ def save_training_state(
     atomic_save_torch(
         {
             "prompt_state": module.prompt_state_dict(),
+            "method_state": module.training_state_dict(),  # what end_epoch carries across epochs
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "step": step,
@@ -303,6 +304,7 @@ def restore_training_state(
     done), the steps ``None`` for a checkpoint from before they were recorded."""
     ckpt = load_checkpoint(path)
     module.load_prompt_state_dict(ckpt["prompt_state"], source=str(path))
+    module.load_training_state_dict(ckpt.get("method_state", {}))
     optimizer.load_state_dict(ckpt["optimizer"])
     _set_rng_state(ckpt["rng"], generator)
     return int(ckpt["epoch"]), (int(ckpt["step"]) if "step" in ckpt else None)
@@ -415,7 +417,7 @@ def train(
             if i % accum == 0:  # first batch of an accumulation group
                 optimizer.zero_grad(set_to_none=True)
                 n_local = 0
-            scaler.scale(loss / accum).backward()
+            module.backward(scaler.scale(loss / accum))  # the method's gradient hook (default: .backward())
             n_local += labels.numel()
             if (i + 1) % accum == 0 or i + 1 == n_batches:
                 distributed.average_gradients(
@@ -441,6 +443,7 @@ def train(
         if writer is not None:
             writer.add_scalar("train/epoch_accuracy", acc, epoch + 1)
             writer.add_scalar("train/epoch_lr", lr, epoch + 1)
+        module.end_epoch(epoch + 1, epochs)  # per-epoch method state (PromptSRC's prompt averaging)
         if distributed.is_main() and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
             save_training_state(ckpt_path, module, optimizer, epoch + 1, generator, opt_step)
     prof.stop()

@@ -185,6 +185,35 @@ class PromptModule(nn.Module):
         """Called after an evaluation pass: statistics to report beside the accuracy (JSON-able)."""
         return {}
 
+    # ------------------------------------------------------------------ training hooks (called by engine.train)
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of a training step's ``loss`` (already scaled by the engine for
+        gradient accumulation and fp16 loss scaling) into ``.grad``: the gradient-manipulation hook.
+
+        Default ``loss.backward()``. A method that edits its gradient before the optimizer step (ProGrad:
+        drop the part that conflicts with a second loss's gradient) overrides this; it must *add* to
+        ``.grad`` (the engine accumulates over micro-batches) and stay linear in ``loss`` (the scale).
+        """
+        loss.backward()
+
+    def end_epoch(self, epoch: int, epochs: int) -> None:
+        """Called after the last optimizer step of epoch ``epoch`` (1-based) of ``epochs``, before the
+        epoch's checkpoint is written: per-epoch state such as PromptSRC's Gaussian-weighted prompt average."""
+
+    def training_state_dict(self) -> dict[str, torch.Tensor]:
+        """State that ``end_epoch`` carries across epochs (not learned tensors), saved in training
+        checkpoints so that a resumed run ends with the same numbers. Default: none."""
+        return {}
+
+    def load_training_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`training_state_dict` returned (an empty dict: start afresh)."""
+
+    @torch.no_grad()
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, D] features of the unprompted, untuned image tower (no graph): the zero-shot teacher that
+        self-consistency losses (PromptSRC) compare the prompted features with, on the same images."""
+        return self.clip.encode_image(images)
+
     def register_class_buffers(self, tensors: dict[str, torch.Tensor]) -> None:
         """Register class-derived tensors as non-persistent buffers: rebuilt by ``set_classnames``, never saved."""
         for name, t in tensors.items():
@@ -417,21 +446,26 @@ def prompt_buffers(
 
 @torch.no_grad()
 def hand_crafted_features(
-    clip: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str]
+    clip: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str], *, normalize_each: bool = True
 ) -> torch.Tensor:
     """[C, D] L2-normalised text features of hand-written prompts, averaged over ``templates``.
 
     Each template's features are normalised before the mean and the mean is normalised again (CLIP's
-    prompt ensembling); with one template this is just its normalised feature.
+    prompt ensembling); with one template this is just its normalised feature. ``normalize_each=False``
+    averages the raw features instead (PromptSRC's frozen text features, trainers/promptsrc.py L122-128).
     """
     names = [clean_classname(c) for c in classnames]
-    feats = torch.stack(
-        [
-            F.normalize(clip.encode_text(clip.tokenize([t.format(n) for n in names])).float(), dim=-1)
-            for t in templates
-        ]
-    )  # [T, C, D]
+    raw = (clip.encode_text(clip.tokenize([t.format(n) for n in names])).float() for t in templates)
+    feats = torch.stack([F.normalize(f, dim=-1) if normalize_each else f for f in raw])  # [T, C, D]
     return F.normalize(feats.mean(0), dim=-1)
+
+
+def knowledge_distance(text_features: torch.Tensor, hand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``1 - mean_c cos(t_c, t_c^hand)``, KgCoOp's knowledge-guided term (TCP reuses it): scalar, 0 when the
+    learned [C, D] text features point along the [C, D] normalised hand-crafted ones. Computed in ``dtype``
+    (fp16 under ``reference_fp16``, as the references' score), eps 1e-7 as their CosineSimilarity."""
+    txt = F.normalize(text_features.to(dtype), dim=-1)
+    return 1.0 - F.cosine_similarity(txt, hand.to(dtype), dim=-1, eps=1e-7).mean()
 
 
 def leading_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None) -> tuple[torch.Tensor, str]:

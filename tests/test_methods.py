@@ -24,6 +24,7 @@ EXTRA_KWARGS: dict[str, dict[str, Any]] = {
     "ivlp": {"prompt_depth_text": 2, "prompt_depth_vision": 2},
     "maple": {"prompt_depth": 2},
     "vificlip": {"prompt_depth_text": 2, "prompt_depth_vision": 2},  # prompt stage (the default)
+    "tcp": {"insert_layer": 1},  # the reference's block 8 of 12
 }
 
 NAMES = sorted(METHODS)

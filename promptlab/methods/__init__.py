@@ -6,6 +6,8 @@ from promptlab.methods.ivlp import IVLP
 from promptlab.methods.kgcoop import KgCoOp
 from promptlab.methods.maple import MaPLe
 from promptlab.methods.mocoop import MoCoOp
+from promptlab.methods.prograd import ProGrad
+from promptlab.methods.tcp import TCP
 from promptlab.methods.vificlip import ViFiCLIP
 from promptlab.methods.zeroshot import ZeroShotCLIP
 from promptlab.prompts import PromptModule
@@ -18,6 +20,8 @@ METHODS: dict[str, type[PromptModule]] = {
     "ivlp": IVLP,
     "maple": MaPLe,
     "mocoop": MoCoOp,
+    "prograd": ProGrad,
+    "tcp": TCP,
     "vificlip": ViFiCLIP,
 }
 
@@ -29,6 +33,8 @@ __all__ = [
     "KgCoOp",
     "MaPLe",
     "MoCoOp",
+    "ProGrad",
+    "TCP",
     "ViFiCLIP",
     "ZeroShotCLIP",
     "method_name",

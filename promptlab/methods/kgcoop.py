@@ -23,6 +23,7 @@ from promptlab.prompts import (
     hand_crafted_features,
     init_context,
     insert_context,
+    knowledge_distance,
     prompt_buffers,
 )
 from promptlab.templates import resolve_templates
@@ -80,11 +81,7 @@ class KgCoOp(PromptModule):
     def knowledge_loss(self, text_features: torch.Tensor | None = None) -> torch.Tensor:
         """``1 - mean_c cos(t_c, t_c^hand)``: scalar, 0 when the prompt reproduces the hand-crafted features."""
         txt = self.text_features() if text_features is None else text_features  # [C, D]
-        dt = self.head_dtype  # fp16 under reference_fp16: the reference's score is computed in fp16
-        return (
-            1.0
-            - F.cosine_similarity(F.normalize(txt.to(dt), dim=-1), self._hand.to(dt), dim=-1, eps=1e-7).mean()
-        )
+        return knowledge_distance(txt, self._hand, self.head_dtype)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, **aux: Any) -> torch.Tensor:
         txt, self._step_text = self._step_text, None

@@ -1,0 +1,165 @@
+"""ProGrad against its reference computation, BeierZhu/Prompt-align (identical copies in htyao89/KgCoOp and
+htyao89/Textual-based_Class-aware_prompt_tuning).
+
+The reference side re-states ``ProGrad.public/trainers/prograd.py`` (PromptLearner L66-198 with
+``CTX_INIT: True``, CustomCLIP L252-277, the zero-shot ``CLIP`` L220-249, ProGradLoss L280-293) and
+``Dassl.ProGrad.pytorch/dassl/engine/trainer.py`` ``prograd_backward_and_update`` L311-349, on a fresh
+open_clip model holding a copy of the tiny CLIP's weights (``ref_openclip``), with its own context
+tensor loaded from a copy of promptlab's. Nothing of promptlab runs on the reference side.
+"""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from promptlab.clip import FrozenCLIP
+from promptlab.methods import ProGrad
+
+CLASSNAMES = ["cat", "sea_lion", "a very long class name with many words"]
+PETS = "a type of pet, a photo of a {}."  # ProGrad's CUSTOM_TEMPLATES["OxfordPets"] (L202)
+
+
+class RefProGrad(nn.Module):
+    def __init__(self, model: nn.Module, classnames: list[str], n_ctx: int, template: str):
+        super().__init__()
+        self.model = model
+        ctx_dim = model.ln_final.weight.shape[0]
+        # PromptLearner.__init__ L78-95 (CTX_INIT True): the template's words, right-aligned in zeros
+        ctx_init = template.replace(" {}.", "").replace("_", " ")
+        prompt_n_ctx = len(ctx_init.split(" "))
+        assert n_ctx >= prompt_n_ctx
+        with torch.no_grad():
+            embedding = model.token_embedding(open_clip.tokenize(ctx_init))
+        ctx_vectors = torch.zeros(n_ctx, ctx_dim)
+        ctx_vectors[n_ctx - prompt_n_ctx :, :] = embedding[0, 1 : 1 + prompt_n_ctx, :]
+        prompt_prefix = " ".join(["X"] * (n_ctx - prompt_n_ctx))
+        prompt_prefix = f"{prompt_prefix} {ctx_init}"
+        self.ctx = nn.Parameter(ctx_vectors)
+        names = [name.replace("_", " ") for name in classnames]
+        prompts = [prompt_prefix + " " + name + "." for name in names]  # L112-116
+        self.tokenized_prompts = torch.cat([open_clip.tokenize(p) for p in prompts])
+        with torch.no_grad():
+            embedding = model.token_embedding(self.tokenized_prompts)
+        self.token_prefix = embedding[:, :1, :]  # L124-126
+        self.token_suffix = embedding[:, 1 + n_ctx :, :]
+        self.n_cls = len(names)
+        # the zero-shot CLIP (L220-237): fp32 model, the same template, normalised text features
+        zs = torch.cat([open_clip.tokenize(template.format(c.replace("_", " "))) for c in classnames])
+        with torch.no_grad():
+            t = model.encode_text(zs)
+            self.zs_text = t / t.norm(dim=-1, keepdim=True)
+
+    def text_features(self) -> torch.Tensor:
+        """PromptLearner.forward ("end", L134-150) + TextEncoder.forward (L51-63)."""
+        ctx = self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
+        x = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+        x = x + self.model.positional_embedding
+        x = self.model.transformer(x, attn_mask=self.model.attn_mask)
+        x = self.model.ln_final(x)
+        return x[torch.arange(x.shape[0]), self.tokenized_prompts.argmax(dim=-1)] @ self.model.text_projection
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """CustomCLIP.forward L262-277."""
+        image_features = self.model.encode_image(image)
+        text_features = self.text_features()
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        return self.model.logit_scale.exp() * image_features @ text_features.t()
+
+    def zs_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """CLIP.forward L240-249."""
+        image_features = self.model.encode_image(image)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        return self.model.logit_scale.exp() * image_features @ self.zs_text.t()
+
+    def step_gradient(
+        self, image: torch.Tensor, label: torch.Tensor, lambda_: float = 1.0, T: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """forward_backward L375-383 + ProGradLoss L285-293 + prograd_backward_and_update L311-349, up to
+        the optimizer step: returns (xe_loss, kl_loss, the gradient stepped, whether it was projected)."""
+        output = self.logits(image)
+        with torch.no_grad():
+            zs_clip_output = self.zs_logits(image)
+        xe_loss = F.cross_entropy(output, label)
+        tea_prob = F.softmax(zs_clip_output.detach() / T, dim=-1)
+        kl_loss = -tea_prob * F.log_softmax(output / T, -1) * T * T
+        kl_loss = kl_loss.sum(1).mean()
+        self.ctx.grad = None
+        kl_loss.backward(retain_graph=True)
+        b_grad = self.ctx.grad.clone()
+        self.ctx.grad = None
+        xe_loss.backward()
+        b_grad_norm = b_grad / torch.linalg.norm(b_grad)
+        a_grad = self.ctx.grad.clone()
+        a_grad_norm = a_grad / torch.linalg.norm(a_grad)
+        projected = bool(torch.dot(a_grad_norm.flatten(), b_grad_norm.flatten()) < 0)
+        if projected:
+            self.ctx.grad = (
+                a_grad - lambda_ * torch.dot(a_grad.flatten(), b_grad_norm.flatten()) * b_grad_norm
+            )
+        return xe_loss.detach(), kl_loss.detach(), self.ctx.grad.clone(), projected
+
+
+def test_prograd_equals_reference(
+    tiny_clip: FrozenCLIP, ref_openclip: nn.Module, images: torch.Tensor
+) -> None:
+    m = ProGrad(tiny_clip, CLASSNAMES, n_ctx=16, template=PETS)
+    ref = RefProGrad(ref_openclip, CLASSNAMES, n_ctx=16, template=PETS)
+    # the initial context (8 zero rows, then "a type of pet , a photo of") and the text features (the
+    # template's last "a" stays a fixed word after the 16 slots) are the reference's
+    torch.testing.assert_close(m.ctx.detach(), ref.ctx.detach(), atol=0, rtol=0)
+    assert m.ctx[:8].abs().max() == 0 and m.ctx[8:].abs().min() > 0
+    torch.testing.assert_close(m.text_features(), ref.text_features(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        m.ctx.add_(0.3 * torch.randn(m.ctx.shape, generator=torch.Generator().manual_seed(3)))
+        ref.ctx.copy_(m.ctx)
+    outcomes = set()
+    for labels in ([0, 1, 2], [2, 2, 0], [1, 0, 1], [2, 0, 0], [0, 0, 0], [1, 1, 1], [2, 2, 2]):
+        labels = torch.tensor(labels)
+        m.ctx.grad = None
+        logits = m(images)
+        torch.testing.assert_close(logits, ref.logits(images), atol=1e-5, rtol=1e-5)
+        xe = m.loss(logits, labels)
+        kl = m._step_kl.detach()
+        m.backward(xe)
+        ref_xe, ref_kl, ref_grad, projected = ref.step_gradient(images, labels)
+        torch.testing.assert_close(xe.detach(), ref_xe, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(kl, ref_kl, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(m.ctx.grad, ref_grad, atol=1e-5 * float(ref_grad.abs().max()), rtol=1e-4)
+        plain = torch.autograd.grad(F.cross_entropy(m(images), labels), m.ctx)[0]
+        assert torch.allclose(m.ctx.grad, plain, atol=1e-7) != projected  # projected iff it changed
+        outcomes.add(projected)
+    assert outcomes == {True, False}  # both branches of the reference were exercised
+
+
+def test_prograd_hook_adds_to_accumulated_gradients(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    """Under gradient accumulation each micro-batch's projected gradient is added, never overwritten,
+    and the scale the engine puts on the loss (1 / accum, fp16 loss scaling) scales the result."""
+    m = ProGrad(tiny_clip, CLASSNAMES, n_ctx=6, template="a photo of a {}.")
+    labels = torch.tensor([2, 0, 1])
+
+    def grad_of(scale: float) -> torch.Tensor:
+        m.ctx.grad = None
+        m.backward(scale * m.loss(m(images), labels))
+        return m.ctx.grad.clone()
+
+    one = grad_of(1.0)
+    torch.testing.assert_close(grad_of(0.25), 0.25 * one, atol=1e-7, rtol=1e-5)
+    m.ctx.grad = one.clone()
+    m.backward(m.loss(m(images), labels))
+    torch.testing.assert_close(m.ctx.grad, 2 * one, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "template,words", [("a photo of a {}.", 4), ("a centered satellite photo of {}.", 5), (PETS, 8)]
+)
+def test_prograd_context_from_the_template_words(tiny_clip: FrozenCLIP, template: str, words: int) -> None:
+    m = ProGrad(tiny_clip, CLASSNAMES, n_ctx=16, template=template)
+    assert m.ctx[: 16 - words].abs().max() == 0 and m.ctx[16 - words :].abs().min() > 0
+    with pytest.raises(ValueError, match="fewer than"):
+        ProGrad(tiny_clip, CLASSNAMES, n_ctx=3, template=template)
+    assert ProGrad(tiny_clip, CLASSNAMES, n_ctx=4, ctx_init=False).ctx.abs().min() > 0
