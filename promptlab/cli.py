@@ -33,7 +33,7 @@ EXIT_FAILED, EXIT_INVALID, EXIT_IO, EXIT_DIVERGED = 1, 2, 3, 4  # see the module
 DEFAULT_RECIPE = "demo/coop_tiny"
 # `promptlab import --from` choices: the keys of promptlab.importers.SOURCES (a test keeps them equal),
 # named here so that building the parser does not import torch.
-IMPORT_SOURCES = ("coop", "cocoop", "kgcoop", "maple", "ivlp")
+IMPORT_SOURCES = ("coop", "cocoop", "kgcoop", "maple", "ivlp", "promptsrc")
 
 log = logging.getLogger("promptlab")
 
@@ -170,6 +170,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         "coop": {"class_token_position"},
         "maple": {"ctx_init"},
         "ivlp": {"ctx_init"},
+        "promptsrc": {"ctx_init"},
         "kgcoop": {"template"},
     }
     hparams = {k: v for k, v in hparams.items() if k in known.get(args.source, set())}

@@ -19,6 +19,10 @@ ivlp    VLPromptLearner            the whole CustomCLIP: ``prompt_learner.ctx``,
                                    ``{image,text}_encoder.transformer.resblocks.i.VPT_shallow``
 ======  =========================  ============================================================
 
+``promptsrc`` (muzairkhattak/PromptSRC, model name ``VLPromptLearner``) is read as ``ivlp``: the same
+prompted model; its file holds the GPA-averaged prompts, plus a frozen CLIP (and a zero-shot copy)
+whose fp16 weights GPA rounded, which are not read.
+
 Only those tensors are read from the file (MaPLe and IVLP checkpoints also hold the whole CLIP). The
 files are unpickled by :mod:`promptlab.dassl_checkpoint`, which runs nothing in them.
 
@@ -241,6 +245,8 @@ SOURCES: dict[str, _Source] = {
     "kgcoop": _Source("kgcoop", "prompt_learner", _kgcoop),
     "maple": _Source("maple", "MultiModalPromptLearner", _maple),
     "ivlp": _Source("ivlp", "VLPromptLearner", _ivlp),
+    # PromptSRC's prompted model is IVLP's (same names; its ZS_image_encoder copy of CLIP is not read)
+    "promptsrc": _Source("promptsrc", "VLPromptLearner", _ivlp),
 }
 
 
@@ -259,10 +265,10 @@ def import_checkpoint(
         path: the checkpoint file, its model directory or the run directory (see :func:`find_checkpoint`).
         clip: the backbone the prompts were learned on (same widths; promptlab computes in fp32).
         classnames: the classes to serve; a class-specific CoOp context needs exactly its own.
-        source: ``coop``, ``cocoop``, ``kgcoop``, ``maple`` or ``ivlp``.
+        source: ``coop``, ``cocoop``, ``kgcoop``, ``maple``, ``ivlp`` or ``promptsrc``.
         epoch: which checkpoint of a run directory (``None``: the last; an int; ``"best"``).
         **hparams: what the checkpoint does not record: ``class_token_position`` (CoOp, default
-            ``end``); ``ctx_init`` (MaPLe / IVLP: the words around the learned tokens, default the
+            ``end``); ``ctx_init`` (MaPLe / IVLP / PromptSRC: the words around the learned tokens, default the
             configs' ``"a photo of a"``); ``template`` / ``w`` (KgCoOp's training loss only).
 
     Returns:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 DEFAULT_TEMPLATE = "a photo of a {}."
-_ENSEMBLES = {"imagenet80": "IMAGENET80", "imagenet7": "IMAGENET7"}
+_ENSEMBLES = {"imagenet80": "IMAGENET80", "imagenet7": "IMAGENET7", "promptsrc60": "PROMPTSRC60"}
 
 
 def __getattr__(name: str) -> list[str]:
     """``IMAGENET80`` (CLIP's 80-prompt ImageNet ensemble) and ``IMAGENET7`` (the 7 its authors selected,
-    CoOp's IMAGENET_TEMPLATES_SELECT), read from open_clip on first use: importing open_clip costs
-    seconds, and a recipe check imports this module (through the methods) without needing them."""
+    CoOp's IMAGENET_TEMPLATES_SELECT) and ``PROMPTSRC60`` (PromptSRC's IMAGENET_TEMPLATES: the first 60 of
+    the 80, "a photo of a {}." moved first, muzairkhattak/PromptSRC trainers/imagenet_templates.py), read
+    from open_clip on first use: importing open_clip costs seconds, and a recipe check imports this
+    module (through the methods) without needing them."""
     if name not in _ENSEMBLES.values():
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-    source = OPENAI_IMAGENET_TEMPLATES if name == "IMAGENET80" else SIMPLE_IMAGENET_TEMPLATES
-    return [t("{}") for t in source]
+    source = SIMPLE_IMAGENET_TEMPLATES if name == "IMAGENET7" else OPENAI_IMAGENET_TEMPLATES
+    found = [t("{}") for t in source]
+    return [found[39], *found[:39], *found[40:60]] if name == "PROMPTSRC60" else found
 
 
 def resolve_templates(templates: str | list[str], dataset_template: str | None) -> list[str]:

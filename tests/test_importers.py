@@ -36,7 +36,7 @@ from promptlab.clip import FrozenCLIP
 from promptlab.dassl_checkpoint import UnsafeCheckpointError, read_dassl_checkpoint
 from promptlab.export import import_coop_checkpoint, load_prompts
 from promptlab.importers import find_checkpoint, import_checkpoint
-from promptlab.methods import IVLP, CoCoOp, CoOp, KgCoOp, MaPLe
+from promptlab.methods import IVLP, CoCoOp, CoOp, KgCoOp, MaPLe, PromptSRC
 
 CLASSES = ["cat", "golden_retriever", "sports car", "tree"]
 _tokenizer = open_clip.tokenizer.SimpleTokenizer()
@@ -629,6 +629,23 @@ def test_ivlp_checkpoint_reproduces_reference_logits(
             img = image_encoder(clip_model, images)
         want = clip_logits(clip_model, img, txt)
         torch.testing.assert_close(m(images), want, rtol=1e-5, atol=1e-5)
+
+
+def test_promptsrc_checkpoint_imports_as_its_ivlp_model(tiny_clip, clip_model, images, tmp_path) -> None:
+    """muzairkhattak/PromptSRC saves the same CustomCLIP names as IVLP (trainers/promptsrc.py L173-183,
+    register_model "VLPromptLearner" L261): the prompts import into PromptSRC with IVLP's logits."""
+    torch.manual_seed(4)
+    model = IVLPCLIP(clip_model, torch.float16, depth_vis=2)
+    for name, p in model.named_parameters():
+        p.requires_grad_("prompt_learner" in name or "VPT" in name)
+    _perturb(model)
+    train_and_save(model, tmp_path, "VLPromptLearner")
+    m = import_checkpoint(tmp_path, tiny_clip, CLASSES, source="promptsrc")
+    assert isinstance(m, PromptSRC)
+    assert (m.hparams["prompt_depth_text"], m.hparams["prompt_depth_vision"]) == (2, 2)
+    ivlp = import_checkpoint(tmp_path, tiny_clip, CLASSES, source="ivlp")
+    with torch.no_grad():
+        torch.testing.assert_close(m(images), ivlp(images), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------- what the reader accepts and refuses

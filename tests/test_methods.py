@@ -24,7 +24,8 @@ EXTRA_KWARGS: dict[str, dict[str, Any]] = {
     "ivlp": {"prompt_depth_text": 2, "prompt_depth_vision": 2},
     "maple": {"prompt_depth": 2},
     "vificlip": {"prompt_depth_text": 2, "prompt_depth_vision": 2},  # prompt stage (the default)
-    "tcp": {"insert_layer": 1},  # the reference's block 8 of 12
+    "tcp": {"insert_layer": 1},
+    "promptsrc": {"prompt_depth_text": 2, "prompt_depth_vision": 2},  # the reference's block 8 of 12
 }
 
 NAMES = sorted(METHODS)

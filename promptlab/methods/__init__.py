@@ -7,6 +7,7 @@ from promptlab.methods.kgcoop import KgCoOp
 from promptlab.methods.maple import MaPLe
 from promptlab.methods.mocoop import MoCoOp
 from promptlab.methods.prograd import ProGrad
+from promptlab.methods.promptsrc import PromptSRC
 from promptlab.methods.tcp import TCP
 from promptlab.methods.vificlip import ViFiCLIP
 from promptlab.methods.zeroshot import ZeroShotCLIP
@@ -21,6 +22,7 @@ METHODS: dict[str, type[PromptModule]] = {
     "maple": MaPLe,
     "mocoop": MoCoOp,
     "prograd": ProGrad,
+    "promptsrc": PromptSRC,
     "tcp": TCP,
     "vificlip": ViFiCLIP,
 }
@@ -34,6 +36,7 @@ __all__ = [
     "MaPLe",
     "MoCoOp",
     "ProGrad",
+    "PromptSRC",
     "TCP",
     "ViFiCLIP",
     "ZeroShotCLIP",

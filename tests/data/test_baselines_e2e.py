@@ -17,8 +17,17 @@ from promptlab.sweep import BENCHMARK_DATASETS, plan_sweep, run_sweep
 RECIPES = {
     "base2new/prograd_vit_b16": [],
     "base2new/tcp_vit_b16": ["method.insert_layer=1"],
+    "base2new/promptsrc_vit_b16": [
+        "method.prompt_depth_text=2",
+        "method.prompt_depth_vision=2",
+        "train.batch_size=2",
+    ],
 }
-FAST = {"base2new/prograd_vit_b16": "dtd", "base2new/tcp_vit_b16": "imagenet"}
+FAST = {
+    "base2new/prograd_vit_b16": "dtd",
+    "base2new/tcp_vit_b16": "imagenet",
+    "base2new/promptsrc_vit_b16": "fgvc_aircraft",
+}
 
 
 def _layout(helpers, root: Path, name: str) -> None:
