@@ -90,6 +90,16 @@ def build_imagenet_like(root: Path, name: str, wnids: list[str] = WNIDS, per_cla
     return folder
 
 
+def build_layout(root: Path, name: str) -> None:
+    """A fake copy of any of the 11 benchmark datasets' on-disk layouts under ``root``."""
+    if name == "fgvc_aircraft":
+        build_fgvc(root)
+    elif name == "imagenet":
+        build_imagenet_like(root, name)
+    else:
+        build_split_dataset(root, name)
+
+
 @pytest.fixture
 def data_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
@@ -116,7 +126,7 @@ def helpers():
     class H:
         pass
 
-    for f in (write_image, build_split_dataset, build_fgvc, build_imagenet_like, snapshot):
+    for f in (write_image, build_split_dataset, build_fgvc, build_imagenet_like, build_layout, snapshot):
         setattr(H, f.__name__, staticmethod(f))
     H.SPLIT_FILE_DATASETS = SPLIT_FILE_DATASETS
     H.COUNTS = COUNTS

@@ -30,15 +30,6 @@ FAST = {
 }
 
 
-def _layout(helpers, root: Path, name: str) -> None:
-    if name == "fgvc_aircraft":
-        helpers.build_fgvc(root)
-    elif name == "imagenet":
-        helpers.build_imagenet_like(root, name)
-    else:
-        helpers.build_split_dataset(root, name)
-
-
 def _overrides(recipe: str, root: Path, tmp_path: Path) -> list[str]:
     return [
         f"data.root={root}",
@@ -55,7 +46,7 @@ def _overrides(recipe: str, root: Path, tmp_path: Path) -> list[str]:
 def _run_and_eval_new(recipe: str, name: str, tmp_path: Path, helpers) -> None:
     root = tmp_path / "data"
     root.mkdir()
-    _layout(helpers, root, name)
+    helpers.build_layout(root, name)
     out = tmp_path / "run"
     args = [*_overrides(recipe, root, tmp_path), f"data.name={name}", "seed=1", f"output_dir={out}"]
     assert main(["run", recipe, *args]) == 0
@@ -83,7 +74,7 @@ def test_baseline_base2new_sweep(recipe, tmp_path, helpers):
     root = tmp_path / "data"
     root.mkdir()
     name = FAST[recipe]
-    _layout(helpers, root, name)
+    helpers.build_layout(root, name)
     args = ["protocol=base2new", f"datasets={name}", "seeds=1", *_overrides(recipe, root, tmp_path)]
     recipe_path = Path(__file__).resolve().parents[2] / "recipes" / f"{recipe}.yaml"
     sweep = plan_sweep(recipe_path, args, tmp_path / "sweep")

@@ -16,12 +16,7 @@ ELEVEN = list(BENCHMARK_DATASETS)  # the 11 datasets of the few-shot and base-to
 def test_fewshot_recipe_runs_on_fake_layout(name, tmp_path, helpers):
     root = tmp_path / "data"
     root.mkdir()
-    if name == "fgvc_aircraft":
-        helpers.build_fgvc(root)
-    elif name == "imagenet":
-        helpers.build_imagenet_like(root, name)
-    else:
-        helpers.build_split_dataset(root, name)
+    helpers.build_layout(root, name)
     out = tmp_path / "run"
     code = main(
         [
