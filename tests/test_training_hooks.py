@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from promptlab.clip import FrozenCLIP, load_clip
+from promptlab.backbones import load_clip
+from promptlab.clip import FrozenCLIP
 from promptlab.engine import FeatureBatches, lr_at, per_epoch, train
 from promptlab.methods import CoOp
 
