@@ -10,6 +10,9 @@ The projection is :meth:`PromptModule.backward` (the engine's gradient hook), no
 The context starts from the hand-crafted prompt's words (``ctx_init=true``: the dataset template
 without " {}.", right-aligned in ``n_ctx`` zero vectors, ``trainers/prograd.py`` L78-95), and the
 teacher is zero-shot CLIP with the same template (``CLIP`` L220-249), on the same (augmented) images.
+Under ``model.precision=reference_fp16`` the reference's teacher is a second, fp32 copy of CLIP; here it
+reuses the run's fp16 image features and text tower (upcast to fp32 for its logits): exact in fp32 runs,
+fp16-rounded teacher features otherwise.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ regulated by the frozen model on every step:
   N(e; mean, std) (normalised over the epochs), and the run ends on that sum (L320-335), through the
   engine's ``end_epoch`` hook, with the running sum kept in training checkpoints.
 The reference sums its *whole* state dict, frozen CLIP included: in fp16 that rounds the frozen weights by
-about an ulp; promptlab averages the learned tensors only and keeps the backbone exact.
+about an ulp; promptlab averages the learned tensors only and keeps the backbone exact. Under
+``reference_fp16`` the reference computes the frozen text features with an fp32 copy of CLIP; here they
+come from the run's backbone (fp16 there), upcast: exact in fp32 runs.
 """
 
 from __future__ import annotations
