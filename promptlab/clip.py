@@ -253,6 +253,7 @@ class FrozenCLIP(nn.Module):
         self.text_pool = "last" if pool == "last" else "eot"
         v = m.visual
         self.vision_is_transformer = hasattr(v, "conv1") and hasattr(v, "class_embedding")
+        self._timm_trunk = _timm_vit_trunk(v)
         if self.vision_is_transformer:
             if getattr(v, "attn_pool", None) is not None or getattr(v, "final_ln_after_pool", False):
                 self.vision_is_transformer = False  # exotic pooling: use the library's forward
@@ -264,6 +265,8 @@ class FrozenCLIP(nn.Module):
         self.image_std = tuple(getattr(v, "image_std", None) or OPENAI_STD)
         self.width = t.transformer.width
         self.vision_width = getattr(v, "transformer", None).width if self.vision_is_transformer else None
+        if self._timm_trunk is not None:
+            self.vision_width = int(self._timm_trunk.embed_dim)
         proj = self._text_proj_w
         self.embed_dim = (
             (proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
@@ -281,6 +284,7 @@ class FrozenCLIP(nn.Module):
         self._text_blocks = _hf_blocks(tm.encoder)
         self.text_causal, self.text_pool = True, "eot"  # HF CLIPTextModel: causal mask, EOT pooling
         self._vis_blocks = _hf_blocks(vm.encoder)
+        self._timm_trunk = None
         self.vision_is_transformer = True
         cfg = m.config
         self.image_size = int(cfg.vision_config.image_size)
@@ -364,8 +368,18 @@ class FrozenCLIP(nn.Module):
 
     @property
     def vision_layers(self) -> int:
-        """Number of vision transformer blocks; 0 for a convolutional image tower (no visual prompts)."""
+        """Number of vision transformer blocks that take visual prompts (FrozenCLIP's loop, or a timm ViT's
+        blocks); 0 for a convolutional image tower (no visual prompts)."""
+        if self._timm_trunk is not None:
+            return len(self._timm_trunk.blocks)
         return len(self._vis_blocks) if self.vision_is_transformer else 0
+
+    @property
+    def supports_dense_features(self) -> bool:
+        """Patch tokens projected into the joint space and DPAM (:meth:`encode_image_dense`): only the
+        CLIP-style ViT that FrozenCLIP's own loop drives (class token, ``ln_post``, ``proj``). A timm tower
+        pools with its own head (attention pool, ``fc_norm``) that defines no per-patch projection."""
+        return self.vision_is_transformer
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -623,9 +637,17 @@ class FrozenCLIP(nn.Module):
             raise ValueError(
                 "encode_image: deep_prompts replace appended visual prompts; pass the first layer's `prompts` too"
             )
+        if self._timm_trunk is not None and prompts is not None and not return_tokens:
+            pooled = self._timm_vision_forward(images, prompts, deep_prompts)
+            return F.normalize(pooled, dim=-1) if normalize else pooled
         if not self.vision_is_transformer:
             if prompts is not None or deep_prompts or return_tokens:
-                raise ValueError(f"{self.arch}: visual prompts and patch tokens need a ViT image tower")
+                what = (
+                    "patch tokens need"
+                    if self._timm_trunk is not None
+                    else "visual prompts and patch tokens need"
+                )
+                raise ValueError(f"{self.arch}: {what} a CLIP-style ViT image tower")
             pooled = (
                 self.model.encode_image(images)
                 if self.backend == "open_clip"
@@ -718,6 +740,50 @@ class FrozenCLIP(nn.Module):
                 kept[i + 1] = x if vv is None else vv
         return x, n_patch, kept
 
+    def _timm_vision_forward(
+        self, images: torch.Tensor, prompts: torch.Tensor, deep_prompts: Mapping[int, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Pooled features [B, D] of a timm ViT image tower (EVA02, SigLIP, PE) with visual prompts.
+
+        timm's own modules do the work (patch embedding, positional / rotary embeddings, each block's
+        ``forward``, the final norm and the pooling head); only the token sequence is edited between
+        them, as in :meth:`_vision_forward`: the ``prompts`` [n, Wv] are appended after the patch tokens
+        before ``norm_pre`` and replaced before each block of ``deep_prompts``. Rotary embeddings (EVA02,
+        PE) get the identity rotation (sin 0, cos 1) for the prompt tokens, which have no position. The
+        head pools the image's own tokens only (class token or attention pool over the patches): prompts
+        act through attention, as the class-token readout of CLIP's ViT ignores them too.
+        """
+        _check_deep_keys(deep_prompts)
+        t = self._timm_trunk
+        x = t.patch_embed(images)
+        out = t._pos_embed(x)
+        x, rope = out if isinstance(out, tuple) else (t.patch_drop(out), None)
+        n_img = x.shape[1]  # prefix (class / register) tokens + patches
+        p = _expand(prompts, x.shape[0]).to(x.dtype)  # [B, n, Wv]
+        n_prompt = p.shape[1]
+        x = t.norm_pre(torch.cat([x, p], dim=1))  # [B, n_img + n, Wv]
+        if rope is not None:  # [..., P, 2 * d] = sin | cos: identity rows for the prompts
+            half = rope.shape[-1] // 2
+            ident = torch.cat(
+                [
+                    rope.new_zeros(*rope.shape[:-2], n_prompt, half),
+                    rope.new_ones(*rope.shape[:-2], n_prompt, half),
+                ],
+                -1,
+            )
+            rope = torch.cat([rope, ident], dim=-2)
+        for i, blk in enumerate(t.blocks):
+            if deep_prompts and i in deep_prompts:
+                d = _expand(deep_prompts[i], x.shape[0]).to(x.dtype)
+                if d.shape[1] != n_prompt:
+                    raise ValueError(
+                        f"deep visual prompts of layer {i} have {d.shape[1]} tokens, expected {n_prompt}"
+                    )
+                x = torch.cat([x[:, :n_img], d], dim=1)
+            x = blk(x, rope=rope) if rope is not None else blk(x)
+        x = t.norm(x[:, :n_img])
+        return self.model.visual.head(t.forward_head(x))
+
     def _vision_embed(self, images: torch.Tensor) -> torch.Tensor:
         """Class + patch tokens with positional embeddings, before the pre-LayerNorm: [B, 1 + P, Wv]."""
         if self.backend == "hf":
@@ -744,6 +810,22 @@ class FrozenCLIP(nn.Module):
         v = self.model.visual
         x = v.ln_post(x) if ln else x
         return x @ v.proj if v.proj is not None else x
+
+
+def _timm_vit_trunk(visual: nn.Module) -> nn.Module | None:
+    """The timm ViT inside an open_clip ``TimmModel`` image tower (EVA02, SigLIP, PE), or None.
+
+    Accepted when timm's model exposes the pieces :meth:`FrozenCLIP._timm_vision_forward` calls
+    (``patch_embed``, ``_pos_embed``, ``norm_pre``, ``blocks``, ``norm``, ``forward_head``) and no
+    depth-dependent rotary embeddings; convolutional timm towers (MobileCLIP's FastViT) are not ViTs.
+    """
+    t = getattr(visual, "trunk", None)
+    needed = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm", "forward_head", "embed_dim")
+    if t is None or not all(hasattr(t, n) for n in needed) or getattr(t, "rope_mixed", False):
+        return None
+    if getattr(t, "dynamic_img_size", False):
+        return None
+    return t
 
 
 def _resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -159,3 +159,44 @@ def test_real_siglip_architecture_with_a_local_tokenizer(tmp_path) -> None:
         0,
     )
     assert clip.logit_bias is not None
+
+
+@pytest.mark.parametrize("arch", ["tiny-eva02", "tiny-siglip", "tiny-pe"])
+def test_timm_visual_prompts_through_timm_blocks(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Visual prompts on timm ViT towers (EVA02 / PE: rotary embeddings; SigLIP: attention-pool head).
+
+    No prompt tokens: the library's own encode_image. With prompts: equal to an independent
+    computation where timm itself treats the prompt tokens as extra prefix tokens (which its rotary
+    attention leaves unrotated, ``num_prefix_tokens``) and the head pools the image's tokens only:
+    this pins the identity rotary rows FrozenCLIP appends for them. Gradients reach shallow and deep prompts.
+    """
+    clip = load_clip(arch)
+    t = clip._timm_trunk
+    assert t is not None and clip.vision_layers == 2 and not clip.supports_dense_features
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, clip.image_size, clip.image_size, generator=g)
+    p = torch.randn(3, clip.vision_width, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            clip.encode_image(images, prompts=p[:0]), clip.model.encode_image(images), atol=0, rtol=0
+        )
+        got = clip.encode_image(images, prompts=p)
+        # reference: prompts as prefix tokens, via timm's modules
+        out = t.patch_embed(images)
+        x, rope = out if isinstance(out := t._pos_embed(out), tuple) else (out, None)
+        npt = t.num_prefix_tokens
+        x = t.norm_pre(torch.cat([x[:, :npt], p.expand(2, -1, -1), x[:, npt:]], dim=1))
+        for blk in t.blocks:
+            if rope is not None:
+                monkeypatch.setattr(blk.attn, "num_prefix_tokens", npt + 3)
+            x = blk(x, rope=rope) if rope is not None else blk(x)
+        x = t.norm(torch.cat([x[:, :npt], x[:, npt + 3 :]], dim=1))
+        want = clip.model.visual.head(t.forward_head(x))
+        monkeypatch.undo()
+    scale = float(want.abs().max())  # the tiny PE's random head gives features of size ~1e-6
+    torch.testing.assert_close(got / scale, want / scale, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, clip.model.encode_image(images), atol=0, rtol=1e-3)  # prompts act
+    shallow = p.clone().requires_grad_(True)
+    deep = torch.randn(3, clip.vision_width, generator=g).requires_grad_(True)
+    clip.encode_image(images, prompts=shallow, deep_prompts={1: deep}).sum().backward()
+    assert shallow.grad.abs().sum() > 0 and deep.grad.abs().sum() > 0

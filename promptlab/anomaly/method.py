@@ -114,8 +114,11 @@ class AnomalyCLIP(PromptModule):
         super().__init__(clip, ["normal", "anomalous"])  # object-agnostic: any class names are ignored
         if image_score not in IMAGE_SCORES:
             raise ValueError(f"image_score={image_score!r}: expected one of {IMAGE_SCORES}")
-        if not clip.vision_layers:
-            raise ValueError(f"{clip.arch}: AnomalyCLIP needs a ViT image tower for patch features")
+        if not clip.supports_dense_features:
+            raise ValueError(
+                f"{clip.arch}: AnomalyCLIP needs per-patch features in the joint space (a CLIP-style ViT's "
+                "ln_post + proj); timm image towers pool with their own head, convolutional ones have no patches"
+            )
         self.feature_layers = resolve_feature_layers(feature_layers, clip.vision_layers)
         self.dpam_from = max(clip.vision_layers - dpam_layers, 0) if dpam_layers > 0 else None
         self.temperature = temperature

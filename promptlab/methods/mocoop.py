@@ -411,7 +411,11 @@ def _leading_embeddings(clip: FrozenCLIP, text: str, n: int) -> torch.Tensor:
 
 def _vision_layernorms(clip: FrozenCLIP) -> tuple[str, ...]:
     """Names (under ``clip``) of the LayerNorms inside the image tower's blocks, whatever the backend."""
-    if not getattr(clip, "vision_is_transformer", False):
+    trunk = getattr(clip, "_timm_trunk", None)
+    if trunk is not None:  # timm ViT (EVA02, SigLIP, PE): each block's norm1 / norm2
+        wanted = {id(getattr(blk, n)) for blk in trunk.blocks for n in ("norm1", "norm2")}
+    elif not getattr(clip, "vision_is_transformer", False):
         raise ValueError(f"tune_layernorm needs a ViT image tower; {clip.arch} has none")
-    wanted = {id(ln) for blk in clip._vis_blocks for ln in (blk.ln_1, blk.ln_2)}
+    else:
+        wanted = {id(ln) for blk in clip._vis_blocks for ln in (blk.ln_1, blk.ln_2)}
     return tuple(name for name, mod in clip.named_modules() if id(mod) in wanted)
