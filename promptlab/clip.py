@@ -724,14 +724,7 @@ class FrozenCLIP(nn.Module):
         kept: dict[int, torch.Tensor] = {}
         vv = None
         for i, blk in enumerate(self._vis_blocks):
-            if deep_prompts and i in deep_prompts:
-                p = _expand(deep_prompts[i], x.shape[0]).to(x.dtype)
-                if p.shape[1] != n_prompt:
-                    raise ValueError(
-                        f"deep visual prompts of layer {i} have {p.shape[1]} tokens; they replace the {n_prompt} "
-                        "tokens appended by `prompts`, so the counts must match"
-                    )
-                x = torch.cat([x[:, : 1 + n_patch], p], dim=1)
+            x = _replace_visual_prompts(deep_prompts, i, x, 1 + n_patch, n_prompt)
             if dpam_from is not None and i >= dpam_from:
                 x, vv = _block_forward_dpam(blk, x, x if vv is None else vv)
             else:
@@ -773,13 +766,7 @@ class FrozenCLIP(nn.Module):
             )
             rope = torch.cat([rope, ident], dim=-2)
         for i, blk in enumerate(t.blocks):
-            if deep_prompts and i in deep_prompts:
-                d = _expand(deep_prompts[i], x.shape[0]).to(x.dtype)
-                if d.shape[1] != n_prompt:
-                    raise ValueError(
-                        f"deep visual prompts of layer {i} have {d.shape[1]} tokens, expected {n_prompt}"
-                    )
-                x = torch.cat([x[:, :n_img], d], dim=1)
+            x = _replace_visual_prompts(deep_prompts, i, x, n_img, n_prompt)
             x = blk(x, rope=rope) if rope is not None else blk(x)
         x = t.norm(x[:, :n_img])
         return self.model.visual.head(t.forward_head(x))
@@ -840,6 +827,21 @@ def _resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     patch = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, W, s, s]
     patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)
     return torch.cat([pos[:1], patch.flatten(2).transpose(1, 2)[0].to(pos.dtype)], dim=0)  # [1 + gh*gw, W]
+
+
+def _replace_visual_prompts(
+    deep: Mapping[int, torch.Tensor] | None, layer: int, x: torch.Tensor, n_img: int, n_prompt: int
+) -> torch.Tensor:
+    """x [B, n_img + n, Wv] with its n appended prompt tokens replaced by ``deep[layer]`` (if given)."""
+    if not deep or layer not in deep:
+        return x
+    p = _expand(deep[layer], x.shape[0]).to(x.dtype)
+    if p.shape[1] != n_prompt:
+        raise ValueError(
+            f"deep visual prompts of layer {layer} have {p.shape[1]} tokens; they replace the {n_prompt} "
+            "tokens appended by `prompts`, so the counts must match"
+        )
+    return torch.cat([x[:, :n_img], p], dim=1)
 
 
 def _expand(p: torch.Tensor, batch: int) -> torch.Tensor:
