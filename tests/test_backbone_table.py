@@ -48,6 +48,8 @@ TINY_KWARGS: dict[str, dict] = {
     "kgcoop": {"n_ctx": 4},
     "ivlp": {"prompt_depth_text": 2, "prompt_depth_vision": 2},
     "maple": {"prompt_depth": 2},
+    "promptsrc": {"prompt_depth_text": 2, "prompt_depth_vision": 2},
+    "tcp": {"insert_layer": 1},
     "vificlip": {"prompt_depth_text": 2, "prompt_depth_vision": 2},
     "anomalyclip": {"deep_depth": 2, "feature_layers": [1, 2], "dpam_layers": 1},
 }

@@ -105,7 +105,8 @@ class TCP(PromptModule):
         eot = self.clip.eot_index(ids)
         with torch.no_grad():
             base = self.clip.embed_tokens(ids[:, : int(eot.max()) + 1]).float()  # [C, L, W]
-        pos = torch.arange(1, 1 + self.n_ctx, device=ids.device).expand(len(names), -1).contiguous()
+        st = self.clip.n_start_tokens  # context right after [SOS] (SigLIP's tokenizer has none: 0)
+        pos = torch.arange(st, st + self.n_ctx, device=ids.device).expand(len(names), -1).contiguous()
         self.register_class_buffers(
             {
                 "_base": base,
