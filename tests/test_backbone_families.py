@@ -86,6 +86,9 @@ def test_coop_prompts_compute_what_the_model_computes(family: FrozenCLIP) -> Non
     """CoOp initialised from "a photo of a" == the model on "a photo of a {name}." (all families), by the
     shared-prefix path, the class-specific path and CoCoOp's image-conditioned path (meta-net zeroed)."""
     want = hand_crafted_features(family, NAMES, ["a photo of a {}."])
+    with torch.no_grad():  # the library's own text forward on the same words
+        lib = family.model.encode_text(family.tokenize([f"a photo of a {n}." for n in NAMES]))
+    torch.testing.assert_close(want, torch.nn.functional.normalize(lib, dim=-1), atol=1e-5, rtol=1e-5)
     for csc in (False, True):  # shared prefix / one prompt per class through insert_context
         m = CoOp(family, NAMES, ctx_init="a photo of a", csc=csc)
         with torch.no_grad():
