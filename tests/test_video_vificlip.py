@@ -47,6 +47,19 @@ def test_label_smoothing_and_soft_targets(tiny_clip) -> None:
     torch.testing.assert_close(
         m.loss(logits, labels, targets=onehot), m.loss(logits, labels)
     )  # hard targets agree
+    # mixup / CutMix targets as timm builds them for ViFi-CLIP (timm.data.mixup.mixup_target: one-hot at
+    # on = 1 - 0.1 + 0.1 / C, off = 0.1 / C, mixed with the flipped batch by lam), scored by timm's
+    # SoftTargetCrossEntropy: sum(-y * log_softmax(x)) averaged over the batch
+    lam, off = 0.7, 0.1 / 3
+    on = 1 - 0.1 + off
+
+    def smooth(y: torch.Tensor) -> torch.Tensor:
+        return torch.full((4, 3), off).scatter_(1, y[:, None], on)
+
+    y = lam * smooth(labels) + (1 - lam) * smooth(labels.flip(0))
+    expected = torch.sum(-y * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    mixed = lam * onehot + (1 - lam) * onehot.flip(0)  # what the batch mixing hands to loss()
+    torch.testing.assert_close(m.loss(logits, labels, targets=mixed), expected, atol=1e-6, rtol=0)
 
 
 def _step(m, x, labels) -> None:

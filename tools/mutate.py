@@ -71,7 +71,12 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "engine": (
         ["promptlab/engine.py"],
-        ["tests/test_engine.py", "tests/test_ddp.py", "tests/test_image_side_training.py"],
+        [
+            "tests/test_engine.py",
+            "tests/test_ddp.py",
+            "tests/test_image_side_training.py",
+            "tests/test_tasks.py",
+        ],
     ),
 }
 
