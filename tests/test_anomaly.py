@@ -150,6 +150,22 @@ def test_map_loss_prefers_the_right_map() -> None:
     assert map_loss(good, gt) < map_loss(good.flip(2), gt)
 
 
+def test_map_loss_weight_scales_the_map_terms(tiny_clip) -> None:
+    """loss = image cross-entropy + map_loss_weight x the layers' focal + dice terms (train.py: lam x the
+    map losses), for any weight, not just the default 4."""
+    g = torch.Generator().manual_seed(5)
+    logits, labels = torch.randn(2, 2, generator=g), torch.tensor([0, 1])
+    p = torch.rand(2, 2, 1, 8, 8, generator=g)
+    maps = torch.cat([1 - p, p], 2)  # [B, layers, (normal, anomalous), H, W]
+    masks = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    ce = F.cross_entropy(logits, labels)
+    for w in (0.0, 1.0, 4.0):
+        m = AnomalyCLIP(tiny_clip, map_loss_weight=w, **SMALL)
+        got = m.loss(logits, labels, layer_maps=maps, masks=masks)
+        torch.testing.assert_close(got, ce + w * map_loss(maps, masks, 1.0))
+    torch.testing.assert_close(m.loss(logits, labels), ce)  # no maps: the image term alone
+
+
 @pytest.mark.parametrize("shape", [(2, 16, 16), (1, 12, 9), (3, 5, 40)])
 @pytest.mark.parametrize("sigma", [0.5, 1, 2.5, 4, 7])
 def test_gaussian_blur_equals_scipy_as_test_py_calls_it(shape: tuple, sigma: float) -> None:
