@@ -158,6 +158,9 @@ class EvalConfig:
 
     batch_size: int = field(default=100, metadata={"min": 1})
     split: Literal["val", "test"] = "test"
+    # autocast at evaluation; null: as train.amp. The Dassl-based references (CoOp family, MoCoOp)
+    # evaluate without autocast even when they train with PREC=amp; ViFi-CLIP's apex O1 casts there too.
+    amp: Precision | None = None
 
 
 @dataclass
@@ -853,6 +856,13 @@ def _spec_name(name: Any, get_spec: Callable[[str], Any]) -> str | None:
         return get_spec(str(name)).name
     except (KeyError, OSError, ValueError):
         return None
+
+
+def eval_amp(cfg: DictConfig) -> str:
+    """Autocast dtype of a run's evaluations (its own and ``promptlab eval``'s): ``eval.amp``, else
+    ``train.amp``, so that a run's Base accuracy and a later New-class evaluation use one arithmetic."""
+    amp = (cfg.get("eval") or {}).get("amp")
+    return str(amp if amp is not None else (cfg.get("train") or {}).get("amp", "fp32"))
 
 
 def epochs_for(cfg: DictConfig) -> int:

@@ -26,7 +26,7 @@ import promptlab
 from promptlab import distributed
 from promptlab.backbones import load_backbone, load_clip, save_clip
 from promptlab.clip import FrozenCLIP
-from promptlab.config import ConfigError, epochs_for, instantiate, load_recipe, resolve_component
+from promptlab.config import ConfigError, epochs_for, eval_amp, instantiate, load_recipe, resolve_component
 from promptlab.data import DatasetSplits
 from promptlab.engine import evaluate, load_checkpoint, make_schedule, seed_everything, train
 from promptlab.export import load_prompts, read_prompt_config, resolve_export_dir, save_prompts
@@ -144,7 +144,7 @@ def run(cfg: DictConfig, *, overwrite: bool = False) -> dict[str, Any]:
                 module,
                 task.batches(cfg, data, module, train=False, generator=g, device=device),
                 device=device,
-                amp=cfg.train.amp,
+                amp=eval_amp(cfg),
                 evaluator=task.evaluator(cfg, data, module),
             )
             for key, value in task.scalars(cfg, metrics).items() if writer is not None else ():
@@ -388,6 +388,7 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
         module,
         Classification().batches(cfg, ds, module, train=False, generator=torch.Generator(), device=device),
         device=device,
+        amp=eval_amp(cfg),
     )
     out = {
         "dataset": ds.name,

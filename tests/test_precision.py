@@ -245,3 +245,38 @@ def test_reference_fp16_runs_without_autocast(tmp_path: Path) -> None:
     assert cfg.model.precision == "reference_fp16"
     with pytest.raises(ConfigError, match="train.amp"):
         load_recipe(recipe, ["model.precision=reference_fp16", "train.amp=bf16"], check_paths=False)
+
+
+# ---------------------------------------------------------------------- evaluation arithmetic
+@pytest.mark.parametrize(("eval_amp", "expected"), [(None, "bf16"), ("fp32", "fp32")])
+def test_a_runs_evaluations_use_eval_amp_else_train_amp(tmp_path, monkeypatch, eval_amp, expected):
+    """The run's own evaluation and a later `promptlab eval` of its directory (the New classes of a
+    base-to-new run) use one arithmetic: ``eval.amp``, else ``train.amp``. MoCoOp trains under fp16
+    autocast but its reference evaluates without autocast, so its recipes set ``eval.amp: fp32``."""
+    import promptlab.runner as runner
+    from promptlab.cli import main
+
+    seen: list[str] = []
+    real = runner.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("amp", "fp32"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", spy)
+    out = tmp_path / "run"
+    args = ["run", f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.amp=bf16"]
+    if eval_amp is not None:
+        args.append(f"eval.amp={eval_amp}")
+    assert main(args) == 0
+    assert main(["eval", str(out)]) == 0
+    assert seen == [expected, expected]
+
+
+def test_mocoop_recipes_evaluate_without_autocast_as_the_reference():
+    from promptlab.config import eval_amp, load_recipe
+    from promptlab.resources import find_recipe
+
+    for name in ("base2new/mocoop_vit_b16", "fewshot/mocoop_vit_b16"):
+        cfg = load_recipe(find_recipe(name), check_paths=False, check_components=False)
+        assert cfg.train.amp == "fp16" and eval_amp(cfg) == "fp32", name
