@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,10 @@ def to_reference_fp16(model: nn.Module) -> nn.Module:
 DeepPrompts = Mapping[int, torch.Tensor] | Callable[[int, torch.Tensor], torch.Tensor]
 
 
+#: A per-block attention adapter: ln_1's output h [..., W] -> (dq, dk, dv), each [..., W] or None.
+QKVAdapter = Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
+
+
 @dataclass
 class _Block:
     """A pre-LN transformer block seen through one interface, whichever library built it."""
@@ -91,6 +96,17 @@ class _Block:
     qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     ls_1: nn.Module
     ls_2: nn.Module
+    #: (set inside :meth:`FrozenCLIP.attention_adapters`) h [..., W] -> deltas (dq, dk, dv), each [..., W]
+    #: or None, added to the frozen projections: LoRA without touching the tower's weights.
+    adapter: QKVAdapter | None = None
+
+    def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of ``ln_1``'s output ``h``: the frozen projections plus the adapter's deltas, if any."""
+        q, k, v = self.qkv(h)
+        if self.adapter is None:
+            return q, k, v
+        dq, dk, dv = self.adapter(h)
+        return tuple(t if d is None else t + d.to(t.dtype) for t, d in ((q, dq), (k, dk), (v, dv)))
 
 
 def _block_forward(
@@ -98,7 +114,7 @@ def _block_forward(
 ) -> torch.Tensor:
     """x: [B, L, W] -> [B, L, W]. Same maths as open_clip / HF CLIP blocks, through SDPA."""
     B, L, W = x.shape
-    q, k, v = b.qkv(b.ln_1(x))  # each [B, L, W]
+    q, k, v = b.project_qkv(b.ln_1(x))  # each [B, L, W]
     q, k, v = (t.reshape(B, L, b.heads, W // b.heads).transpose(1, 2) for t in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
     x = x + b.ls_1(b.out_proj(o.transpose(1, 2).reshape(B, L, W)))
@@ -118,7 +134,7 @@ def _block_forward_dpam(b: _Block, x: torch.Tensor, vv: torch.Tensor) -> tuple[t
         output projection and skips the MLP, so it accumulates V-V attention of the plain states.
     """
     B, L, W = x.shape
-    q, k, v = (t.reshape(B, L, b.heads, W // b.heads).transpose(1, 2) for t in b.qkv(b.ln_1(x)))
+    q, k, v = (t.reshape(B, L, b.heads, W // b.heads).transpose(1, 2) for t in b.project_qkv(b.ln_1(x)))
     o = F.scaled_dot_product_attention(q, k, v)
     o_vv = F.scaled_dot_product_attention(v, v, v)  # queries and keys replaced by the values
     vv = vv + b.ls_1(b.out_proj(o_vv.transpose(1, 2).reshape(B, L, W)))
@@ -147,8 +163,8 @@ def _block_forward_prefixed(
     G, P, W = xp.shape
     C, S = xs.shape[1:3]
     H = b.heads
-    qp, kp, vp = (_heads(t, H) for t in b.qkv(b.ln_1(xp)))  # [G, H, P, d]
-    qs, ks, vs = (_heads(t, H) for t in b.qkv(b.ln_1(xs)))  # [G, C, H, S, d]
+    qp, kp, vp = (_heads(t, H) for t in b.project_qkv(b.ln_1(xp)))  # [G, H, P, d]
+    qs, ks, vs = (_heads(t, H) for t in b.project_qkv(b.ln_1(xs)))  # [G, C, H, S, d]
     op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
     # Suffix queries attend to [prefix keys | own keys]. The prefix part is one matmul for all C*S
     # queries of a group (no per-class copy of the prefix's keys and values).
@@ -481,6 +497,41 @@ class FrozenCLIP(nn.Module):
                 self.get_submodule(name).requires_grad_(True)
             except AttributeError:
                 self.get_parameter(name).requires_grad_(True)
+
+    @contextmanager
+    def attention_adapters(self, tower: str, adapters: Mapping[int, QKVAdapter]) -> Iterator[None]:
+        """Inside the block, add learned deltas to the q, k, v projections of some blocks of a tower (LoRA).
+
+        Args:
+            tower: ``"text"`` or ``"image"`` (a ViT).
+            adapters: {block index (0-based): fn}; ``fn(h)`` gets the block's ``ln_1`` output [..., W] and
+                returns (dq, dk, dv), each [..., W] or None. Blocks not named get none.
+
+        The callables (the method's modules, which own the parameters) are referenced for the duration
+        of the block only, then the previous ones come back: the backbone's weights and fingerprint never
+        change, and another method sharing this FrozenCLIP never sees them.
+        """
+        blocks = self._adaptable_blocks(tower)
+        bad = sorted(i for i in adapters if not 0 <= int(i) < len(blocks))
+        if bad:
+            raise ValueError(f"{tower} blocks {bad}: the tower has blocks 0..{len(blocks) - 1}")
+        before = [blk.adapter for blk in blocks]
+        for i, blk in enumerate(blocks):
+            blk.adapter = adapters.get(i)
+        try:
+            yield
+        finally:
+            for blk, old in zip(blocks, before):
+                blk.adapter = old
+
+    def _adaptable_blocks(self, tower: str) -> list[_Block]:
+        if tower == "text":
+            return self._text_blocks
+        if tower != "image":
+            raise ValueError(f"tower={tower!r}: expected 'text' or 'image'")
+        if not self.vision_is_transformer:
+            raise ValueError(f"{self.arch}: attention adapters on the image tower need a ViT")
+        return self._vis_blocks
 
     # ------------------------------------------------------------------ text side
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:

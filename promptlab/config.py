@@ -103,6 +103,9 @@ class TrainConfig:
 
     epochs: int = field(default=200, metadata={"min": 0})  # 0 = no training (zero-shot evaluation only)
     epochs_by_shots: dict[int, int] = field(default_factory=dict)  # shots -> epochs; overrides `epochs`
+    # > 0: the run lasts this many optimizer steps per shot (CLIP-LoRA: 500 x shots iterations), cut
+    # inside an epoch if need be; the epochs become as many as those steps need
+    steps_per_shot: int = field(default=0, metadata={"min": 0})
     batch_size: int = field(default=32, metadata={"min": 1})
     # warm-up epochs before the cosine schedule starts
     warmup_epochs: int = field(default=1, metadata={"min": 0})
@@ -113,7 +116,8 @@ class TrainConfig:
     # timm_cosine: timm's CosineLRScheduler per iteration, warm-up then the cosine at the absolute
     # iteration down to min_lr_ratio x lr (ViFi-CLIP utils/optimizer.py)
     # constant: the lr after the warm-up throughout (AnomalyCLIP's train.py has no scheduler)
-    lr_schedule: Literal["dassl_cosine", "timm_cosine", "constant"] = "dassl_cosine"
+    # cosine: torch's CosineAnnealingLR per optimizer step over the run, no warm-up (Tip-Adapter-F, CLIP-LoRA)
+    lr_schedule: Literal["dassl_cosine", "timm_cosine", "constant", "cosine"] = "dassl_cosine"
     min_lr_ratio: float = 0.0  # timm_cosine's floor lr_min as a fraction of the lr (ViFi-CLIP: 0.01)
     amp: Precision = "fp32"  # autocast dtype (bf16 / fp16); learned tensors and optimizer stay fp32
     grad_clip: float | None = None  # max global grad norm; null = no clipping
@@ -679,6 +683,32 @@ def _schema_type(path: Sequence[Any]) -> Any:
             return None
         tp = hints[part]
     return tp
+
+
+_NO_DEFAULT = object()
+
+
+def schema_default(path: Sequence[Any]) -> Any:
+    """The schema's default at a key path (``train.steps_per_shot`` -> 0), or ``_NO_DEFAULT``.
+
+    A run directory written before a key joined the schema lacks it; its run is the one the default
+    describes (the key was added at the behaviour it had before).
+    """
+    tp: Any = RecipeConfig
+    for i, part in enumerate(path):
+        if not dataclasses.is_dataclass(tp):
+            return _NO_DEFAULT
+        field = {f.name: f for f in dataclasses.fields(tp)}.get(part)
+        if field is None:
+            return _NO_DEFAULT
+        if i == len(path) - 1:
+            if field.default is not dataclasses.MISSING:
+                return field.default
+            if field.default_factory is not dataclasses.MISSING:
+                return field.default_factory()
+            return _NO_DEFAULT
+        tp = typing.get_type_hints(tp)[part]
+    return _NO_DEFAULT
 
 
 def _is_open_map(node: DictConfig, path: Sequence[Any]) -> bool:

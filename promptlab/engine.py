@@ -119,7 +119,7 @@ class ImageBatches:
 #: counted over the whole run, resumes included). Per-epoch schedules are the special case
 #: ``per_epoch(fn, steps_per_epoch)``.
 LRSchedule = Callable[[int], float]
-SCHEDULES = ("dassl_cosine", "timm_cosine", "constant")
+SCHEDULES = ("dassl_cosine", "timm_cosine", "constant", "cosine")
 
 
 def lr_at(
@@ -184,8 +184,13 @@ def make_schedule(
     warmup_lr: float = 1e-5,
     warmup_type: str = "constant",
     min_lr_ratio: float = 0.0,
+    max_steps: int | None = None,
 ) -> LRSchedule:
     """The lr of each optimizer step for a recipe's ``train`` section.
+
+    - ``cosine``: torch's ``CosineAnnealingLR`` stepped after every optimizer step, over the run's
+      steps (``max_steps`` when the run is cut there), from ``base_lr`` to ``min_lr_ratio x base_lr``;
+      no warm-up (Tip-Adapter-F ``main.py``, CLIP-LoRA ``lora.py``: ``T_max`` = total iterations).
 
     - ``dassl_cosine``: :func:`lr_at`, one value per epoch (CoOp and the Dassl forks).
     - ``constant``: ``base_lr`` after the warm-up (AnomalyCLIP's train.py: no scheduler).
@@ -197,6 +202,12 @@ def make_schedule(
       value); under accumulation the iteration count, not the step count, is the clock
       (ViFi-CLIP ``main.py`` train_one_epoch).
     """
+    if kind == "cosine":
+        if warmup_epochs > 0:
+            raise ValueError("train.lr_schedule=cosine has no warm-up: set train.warmup_epochs=0")
+        total = max(1, max_steps or epochs * steps_per_epoch(batches_per_epoch, accum, drop_partial))
+        lr_min = base_lr * min_lr_ratio
+        return lambda step: lr_min + 0.5 * (base_lr - lr_min) * (1 + math.cos(math.pi * step / total))
     if kind == "dassl_cosine":
         return per_epoch(
             lambda e: lr_at(e, base_lr, epochs, warmup_epochs, warmup_lr, warmup_type),
@@ -359,6 +370,7 @@ def train(
     grad_accum_steps: int = 1,
     drop_partial_accum: bool = False,
     profile_steps: int = 0,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train the method's learnable tensors for ``epochs`` epochs; the last epoch's model is kept.
 
@@ -372,7 +384,9 @@ def train(
     batches on their mean gradient; the epoch's last, shorter group steps too, unless
     ``drop_partial_accum`` (ViFi-CLIP: its gradient is zeroed at the next epoch's start, so those
     batches are skipped). Before every optimizer step each parameter group's lr is set to
-    ``lr_schedule(k)``, k the optimizer steps taken so far in the run (kept across resumes).
+    ``lr_schedule(k)``, k the optimizer steps taken so far in the run (kept across resumes). With
+    ``max_steps`` the run ends after that many optimizer steps, inside an epoch if need be (CLIP-LoRA
+    counts iterations, not epochs).
     """
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     accum = max(1, int(grad_accum_steps))
@@ -398,8 +412,8 @@ def train(
     for epoch in progress(range(start, epochs), "epochs", initial=start, total=epochs, plain_lines=False):
         correct = seen = 0
         for i, (inputs, labels) in enumerate(progress(batches, f"epoch {epoch + 1}", leave=False)):
-            if i >= used:  # ViFi-CLIP's discarded partial accumulation group
-                break
+            if i >= used or (max_steps is not None and i % accum == 0 and opt_step >= max_steps):
+                break  # ViFi-CLIP's discarded partial accumulation group, or the step budget spent
             if i % accum == 0:  # the lr of the optimizer step this accumulation group ends in
                 lr = lr_schedule(opt_step)
                 for group in optimizer.param_groups:  # a group may run at a fixed fraction of the schedule
@@ -444,8 +458,11 @@ def train(
             writer.add_scalar("train/epoch_accuracy", acc, epoch + 1)
             writer.add_scalar("train/epoch_lr", lr, epoch + 1)
         module.end_epoch(epoch + 1, epochs)  # per-epoch method state (PromptSRC's prompt averaging)
-        if distributed.is_main() and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
+        done = max_steps is not None and opt_step >= max_steps
+        if distributed.is_main() and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or done):
             save_training_state(ckpt_path, module, optimizer, epoch + 1, generator, opt_step)
+        if done:
+            break
     prof.stop()
     module.eval()
     return TrainResult(epochs_run=epochs - start, last_loss=loss_value, resumed_from=start)

@@ -122,7 +122,7 @@ def save_prompts(module: PromptModule, out_dir: str | Path, *, extra: dict | Non
         "promptlab_version": promptlab.__version__,
         "tensors": {k: list(v.shape) for k, v in state.items()},
     }
-    if not module.text_depends_on_image:
+    if module.text_classifier and not module.text_depends_on_image:
         was_training = module.training
         module.eval()  # no dropout in the exported classifier
         try:

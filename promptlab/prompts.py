@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +29,44 @@ def clean_classname(name: str) -> str:
 
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitFeatures:
+    """The image features a method's :meth:`PromptModule.fit` asks for.
+
+    Attributes:
+        views: feature sets per training image (Tip-Adapter and GDA: 10 augmented views, the
+            references' ``augment_epoch``; the linear probe: 1).
+        augment: draw the views with the training transform (random crop + flip, ``data.crop_scale``);
+            ``False``: the evaluation transform (lpclip encodes the training images un-augmented).
+    """
+
+    views: int = 1
+    augment: bool = False
+
+
+@dataclass
+class FitData:
+    """Image features of the training and validation splits, as :meth:`PromptModule.fit` receives them.
+
+    Features are the image tower's output (``encode_image``), not normalised: each method normalises
+    as its reference does.
+
+    Attributes:
+        train: [V, N, D] features of the N training images under V views.
+        train_labels: [N] their labels.
+        val: [M, D] features of the validation images (evaluation transform), for hyperparameter searches.
+        val_labels: [M].
+        val_split: where ``val`` came from: ``"val"``, or ``"train"`` (first view) when the dataset has no
+            validation split (ImageNet): a search never looks at the test split.
+    """
+
+    train: torch.Tensor
+    train_labels: torch.Tensor
+    val: torch.Tensor
+    val_labels: torch.Tensor
+    val_split: str = "val"
 
 
 class PromptModule(nn.Module):
@@ -55,6 +94,16 @@ class PromptModule(nn.Module):
     #: ``set_classnames`` then refuses any other list of names, even one of the same length, instead
     #: of silently applying class i's context to another class i. A property where an hparam decides.
     class_bound: bool = False
+    #: The logits are the scaled cosine between image features and :meth:`text_features` (the export
+    #: writes those as class embeddings). False for a classifier of another form (a linear probe, a cache).
+    text_classifier: ClassVar[bool] = True
+    #: Features a training-free fit needs (Tip-Adapter, GDA, linear probe): the runner encodes them and
+    #: calls :meth:`fit` once, before any training (none when ``None``). An instance may set it from hparams.
+    fit_features: FitFeatures | None = None
+    #: The tensors :meth:`fit` sets (persistent buffers or parameters; exported with the learned ones).
+    #: Their shapes are the fit's (e.g. one cache key per training image): :meth:`load_prompt_state_dict`
+    #: takes them at the saved shape instead of refusing it.
+    fitted_state: ClassVar[tuple[str, ...]] = ()
 
     hparams: dict[str, Any]
 
@@ -158,8 +207,9 @@ class PromptModule(nn.Module):
 
     @contextmanager
     def cached_text_features(self) -> Iterator[None]:
-        """Compute image-independent text features once for a whole evaluation."""
-        if self.text_depends_on_image:
+        """Compute image-independent text features once for a whole evaluation (none for a classifier
+        that is not made of text features)."""
+        if self.text_depends_on_image or not self.text_classifier:
             yield
             return
         with torch.no_grad():
@@ -173,6 +223,23 @@ class PromptModule(nn.Module):
     def class_embeddings(self) -> torch.Tensor:
         """[C, D] L2-normalised text features: the classifier, usable without promptlab."""
         return F.normalize(self.text_features().float(), dim=-1)
+
+    def fit(self, data: FitData) -> dict[str, Any]:
+        """Fit from the training split's features, without an optimizer (called when ``fit_features`` is set).
+
+        Runs once before training: a training-free method (Tip-Adapter, GDA, a linear probe) is complete
+        after it; one with a fine-tuning stage (Tip-Adapter-F) is then trained by the engine as usual.
+        Searches for hyperparameters use ``data.val``, never the test split.
+
+        Returns:
+            A JSON-able record of what was fitted and searched (``metrics.json``: ``train.fit``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets fit_features but does not implement fit()")
+
+    def after_train(self) -> dict[str, Any]:
+        """Called once after the last training epoch, before evaluation (Tip-Adapter-F searches its mixing
+        weights again with the keys it trained). Returns a JSON-able record (``metrics.json``: ``train.after``)."""
+        return {}
 
     def begin_eval(self) -> None:
         """Called before an evaluation pass: reset any statistics the method collects (e.g. routing)."""
@@ -263,6 +330,10 @@ class PromptModule(nn.Module):
             raise KeyError(
                 f"{source} does not match {type(self).__name__}: missing {missing}, unexpected {unexpected}"
             )
+        for k in self.fitted_state:  # shapes decided by fit(): take the saved one
+            if k in state and tuple(state[k].shape) != tuple(own[k].shape):
+                self._resize_fitted(k, state[k].shape)
+                own[k] = self.prompt_state_dict()[k]
         for k, v in state.items():
             if tuple(v.shape) != tuple(own[k].shape):
                 raise ValueError(
@@ -270,6 +341,33 @@ class PromptModule(nn.Module):
                     f"(different backbone width or class count?)"
                 )
         self.load_state_dict({**self.state_dict(), **{k: v.to(own[k].dtype) for k, v in state.items()}})
+
+    def _resize_fitted(self, name: str, shape: Sequence[int]) -> None:
+        """Give a fitted tensor (parameter or buffer) a new shape, keeping its kind, dtype and device."""
+        old = getattr(self, name)
+        new = old.new_zeros(tuple(shape))
+        if isinstance(old, nn.Parameter):
+            setattr(self, name, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            self.register_buffer(name, new)
+
+
+class HandCraftedTextClassifier(PromptModule):
+    """A method whose text side is CLIP's zero-shot classifier of hand-written prompts, fixed (feature adapters,
+    caches, discriminants on the image side). Subclasses set ``self.templates`` before calling ``set_classnames``.
+    """
+
+    templates: list[str]
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        super().set_classnames(classnames)
+        # _text [C, D]: normalised, averaged over the templates
+        self.register_class_buffers(
+            {"_text": hand_crafted_features(self.clip, self.classnames, self.templates)}
+        )
+
+    def text_features(self) -> torch.Tensor:
+        return self._text
 
 
 def _as_used(module: nn.Module, hparams: dict[str, Any]) -> dict[str, Any]:

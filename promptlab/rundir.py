@@ -161,8 +161,18 @@ def config_conflicts(saved: Path, cfg: DictConfig) -> list[str]:
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in keys
-        if k not in IGNORED_KEYS and k.split(".")[0] not in IGNORED_SECTIONS and old.get(k) != new.get(k)
+        if k not in IGNORED_KEYS
+        and k.split(".")[0] not in IGNORED_SECTIONS
+        and old.get(k) != new.get(k)
+        and not (k not in old and _added_at_default(k, new.get(k)))
     ]
+
+
+def _added_at_default(key: str, value: Any) -> bool:
+    """A key the saved config lacks, now at its schema default: added to the schema since, same run."""
+    from promptlab.config import schema_default
+
+    return schema_default(key.split(".")) == value
 
 
 def _check_existing(run_dir: Path, cfg: DictConfig, overwrite: bool) -> None:

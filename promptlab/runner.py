@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import platform
 import tempfile
 import time
@@ -28,7 +29,7 @@ from promptlab.backbones import load_backbone, load_clip, save_clip
 from promptlab.clip import FrozenCLIP
 from promptlab.config import ConfigError, epochs_for, eval_amp, instantiate, load_recipe, resolve_component
 from promptlab.data import DatasetSplits
-from promptlab.engine import evaluate, load_checkpoint, make_schedule, seed_everything, train
+from promptlab.engine import evaluate, load_checkpoint, make_schedule, seed_everything, steps_per_epoch, train
 from promptlab.export import load_prompts, read_prompt_config, resolve_export_dir, save_prompts
 from promptlab.io import atomic_write_json
 from promptlab.prompts import PromptModule
@@ -137,9 +138,13 @@ def run(cfg: DictConfig, *, overwrite: bool = False) -> dict[str, Any]:
         log.info("run %s: %s on %s, %s", run_dir, type(module).__name__, task.describe(cfg, data), device)
         g = torch.Generator().manual_seed(int(cfg.seed))
         epochs = epochs_for(cfg)
-        trains = epochs > 0 and bool(module.trainable_parameters())
+        fit = {}
+        if module.fit_features is not None:  # a training-free fit (and the start of a fine-tuning stage)
+            fit = {"fit": _fit(cfg, task, data, module, device)}
+        trains = (epochs > 0 or _max_steps(cfg) is not None) and bool(module.trainable_parameters())
         with _tensorboard(run_dir) if trains and distributed.is_main() else nullcontext() as writer:
             train_info = _train(cfg, task, data, module, device, g, writer) if trains else {"epochs": epochs}
+            train_info.update(fit)
             metrics = evaluate(
                 module,
                 task.batches(cfg, data, module, train=False, generator=g, device=device),
@@ -167,6 +172,22 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tb"))
 
 
+def _fit(
+    cfg: DictConfig, task: Task, data: Any, module: PromptModule, device: torch.device
+) -> dict[str, Any]:
+    """``module.fit`` on the features its ``fit_features`` asks for (:meth:`Task.fit_data`); its record."""
+    fit_data = task.fit_data(cfg, data, module, device=device)
+    with torch.no_grad():
+        record = module.fit(fit_data)
+    module.match_backbone_precision()  # tensors fit() created take the reference's dtype too
+    return {"val_split": fit_data.val_split, **record}
+
+
+def _max_steps(cfg: DictConfig) -> int | None:
+    """The run's optimizer-step budget, ``train.steps_per_shot x shots`` (CLIP-LoRA), or None."""
+    return int(cfg.train.get("steps_per_shot", 0)) * int(cfg.shots) or None
+
+
 def _train(
     cfg: DictConfig,
     task: Task,
@@ -177,9 +198,15 @@ def _train(
     writer: Any,
 ) -> dict[str, Any]:
     """The recipe's optimizer, batches and lr schedule around :func:`promptlab.engine.train`."""
-    tc, epochs = cfg.train, epochs_for(cfg)
+    tc, epochs, max_steps = cfg.train, epochs_for(cfg), _max_steps(cfg)
     optimizer = instantiate(cfg.optimizer, module.optimizer_param_groups(), kind="optimizer")
     batches = task.batches(cfg, data, module, train=True, generator=g, device=device)
+    budget = {}
+    if max_steps:  # as many epochs as the step budget needs; the last one is cut
+        epochs = math.ceil(
+            max_steps / max(1, steps_per_epoch(len(batches), tc.grad_accum_steps, tc.drop_partial_accum))
+        )
+        budget = {"max_steps": max_steps}
     schedule = make_schedule(
         tc.lr_schedule,
         base_lr=optimizer.param_groups[0]["lr"],
@@ -191,6 +218,7 @@ def _train(
         warmup_lr=tc.warmup_lr,
         warmup_type=tc.warmup_type,
         min_lr_ratio=tc.min_lr_ratio,
+        max_steps=max_steps,
     )
     result = train(
         module,
@@ -210,8 +238,16 @@ def _train(
         grad_accum_steps=tc.grad_accum_steps,
         drop_partial_accum=tc.drop_partial_accum,
         profile_steps=tc.profile_steps,
+        max_steps=max_steps,
     )
-    return {"epochs": epochs, "last_loss": result.last_loss, "resumed_from_epoch": result.resumed_from}
+    after = module.after_train()  # e.g. Tip-Adapter-F's search with its trained keys
+    return {
+        "epochs": epochs,
+        **budget,
+        "last_loss": result.last_loss,
+        "resumed_from_epoch": result.resumed_from,
+        **({"after": after} if after else {}),
+    }
 
 
 def _record(

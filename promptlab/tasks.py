@@ -15,7 +15,9 @@ build the method, train with :func:`promptlab.engine.train`, evaluate with
 - ``describe(cfg, data)``: the log line's account of the data; ``record(cfg, data)``: the
   ``metrics.json`` fields saying what was evaluated; ``export_info(cfg, data)``: what the prompt
   export records about its data (``prompt_config.json``); ``summary(metrics)``: the text printed at
-  the end; ``scalars(cfg, metrics)``: the evaluation's TensorBoard scalars.
+  the end; ``scalars(cfg, metrics)``: the evaluation's TensorBoard scalars;
+- ``fit_data(cfg, data, module, device=...)``: the features a training-free method's ``fit`` gets
+  (:class:`promptlab.prompts.FitData`), for a method that declares ``fit_features``.
 
 The loss is always the module's (:meth:`promptlab.prompts.PromptModule.training_step`), the loop
 always the engine's. A new task implements these methods and is added to :data:`TASKS`, with its
@@ -25,6 +27,7 @@ recipes are validated like every other.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,7 +48,9 @@ from promptlab.data import (
 from promptlab.data.generated import run_generator
 from promptlab.engine import AccuracyEvaluator, Batch, Evaluator, FeatureBatches, ImageBatches
 from promptlab.features import cached_features
-from promptlab.prompts import PromptModule
+from promptlab.prompts import FitData, PromptModule
+
+log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
@@ -77,6 +82,10 @@ class Task(Protocol):
     def summary(self, metrics: dict[str, Any]) -> str: ...
 
     def scalars(self, cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, float]: ...
+
+    def fit_data(
+        self, cfg: DictConfig, data: Any, module: PromptModule, *, device: torch.device
+    ) -> FitData: ...
 
 
 class Classification:
@@ -119,20 +128,12 @@ class Classification:
         batch_size = cfg.train.batch_size if train else cfg.eval.batch_size
         transform = clip.make_train_transform(cfg.data.crop_scale) if train else clip.eval_transform
         if module.image_side_frozen and (cfg.train.feature_cache or not train):
-            with distributed.main_first():  # DDP: rank 0 encodes and caches, the others read the cache
-                feats = cached_features(
-                    module.encode_image,
-                    items,
-                    transform,
-                    fingerprint=f"{clip.arch}:{clip.fingerprint()}",
-                    cache_dir=Path(cfg.cache_dir).expanduser(),
-                    views=int(cfg.train.aug_views) if train else 1,
-                    seed=int(cfg.seed) if train else 0,  # training views differ between seeds
-                    batch_size=cfg.eval.batch_size,
-                    num_workers=cfg.data.num_workers,
-                    device=device,
-                    desc="train features" if train else "test features",
-                )
+            views, seed = (
+                (int(cfg.train.aug_views), int(cfg.seed)) if train else (1, 0)
+            )  # seeds draw other views
+            feats = _features(
+                cfg, module, items, transform, views, seed, device, "train" if train else "test"
+            )
             labels = torch.tensor([it.label for it in items], dtype=torch.long)
             return FeatureBatches(
                 feats, labels, batch_size, generator, shuffle=train, shard=distributed.current_shard()
@@ -172,6 +173,63 @@ class Classification:
 
     def scalars(self, cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, float]:
         return {f"{cfg.eval.split}/accuracy": metrics["accuracy"]}
+
+    def fit_data(
+        self, cfg: DictConfig, data: DatasetSplits, module: PromptModule, *, device: torch.device
+    ) -> FitData:
+        """The training split's features as ``module.fit_features`` asks (views drawn with the run's seed,
+        as training batches are), and the validation split's (evaluation transform) for its searches. A
+        dataset without a validation split (ImageNet) lends the training features: a search never sees
+        the test split."""
+        req, clip = module.fit_features, module.clip
+        assert req is not None
+        transform = clip.make_train_transform(cfg.data.crop_scale) if req.augment else clip.eval_transform
+        seed = int(cfg.seed) if req.augment else 0
+        train = _features(
+            cfg, module, data.train, transform, int(req.views), seed, device, "fit"
+        )  # [V, N, D]
+        train_labels = torch.tensor([it.label for it in data.train], dtype=torch.long)
+        if data.val:
+            val = _features(cfg, module, data.val, clip.eval_transform, 1, 0, device, "val")[0]  # [M, D]
+            val_labels, split = torch.tensor([it.label for it in data.val], dtype=torch.long), "val"
+        else:
+            log.warning(
+                "%s has no validation split: %s searches on the training features",
+                data.name,
+                type(module).__name__,
+            )
+            val, val_labels, split = train[0], train_labels, "train"
+        return FitData(
+            train.to(device), train_labels.to(device), val.to(device), val_labels.to(device), split
+        )
+
+
+def _features(
+    cfg: DictConfig,
+    module: PromptModule,
+    items: list[Item],
+    transform: Callable,
+    views: int,
+    seed: int,
+    device: torch.device,
+    what: str,
+) -> torch.Tensor:
+    """[V, N, D] image features of ``items`` through the feature cache (V views drawn with ``seed``)."""
+    clip = module.clip
+    with distributed.main_first():  # DDP: rank 0 encodes and caches, the others read the cache
+        return cached_features(
+            module.encode_image,
+            items,
+            transform,
+            fingerprint=f"{clip.arch}:{clip.fingerprint()}",
+            cache_dir=Path(cfg.cache_dir).expanduser(),
+            views=views,
+            seed=seed,
+            batch_size=cfg.eval.batch_size,
+            num_workers=cfg.data.num_workers,
+            device=device,
+            desc=f"{what} features",
+        )
 
 
 def _video_batches(

@@ -13,7 +13,7 @@ import torch
 from promptlab.backbones import load_clip
 from promptlab.clip import FrozenCLIP
 from promptlab.methods import METHODS, CoOp
-from promptlab.prompts import PromptModule
+from promptlab.prompts import FitData, PromptModule
 
 CLASSNAMES = ["cat", "sea_lion", "Yorkshire_terrier", "golden retriever"]
 OTHER_CLASSNAMES = ["airliner", "fire_truck"]
@@ -42,7 +42,19 @@ def build(name: str, clip: FrozenCLIP, classnames=CLASSNAMES, seed: int = 0, **k
     missing = [r for r in required if r not in kwargs]
     assert not missing, f"method {name!r} needs {missing}: add them to EXTRA_KWARGS in tests/test_methods.py"
     torch.manual_seed(seed)
-    return cls(clip, classnames, **kwargs)
+    return cls(clip, classnames, **kwargs).eval()  # deterministic (dropout off) unless a test trains
+
+
+def _fit(module: PromptModule, seed: int = 5) -> None:
+    """Run a training-free method's fit on random features (a method without ``fit_features``: no-op)."""
+    if module.fit_features is None:
+        return
+    g = torch.Generator().manual_seed(seed)
+    n, d = 2 * len(module.classnames), module.clip.embed_dim
+    labels = torch.arange(n) % len(module.classnames)
+    feats = torch.randn(module.fit_features.views, n, d, generator=g)
+    with torch.no_grad():
+        module.fit(FitData(feats, labels, feats[0], labels))
 
 
 def _perturb(module: PromptModule, seed: int = 7) -> None:
@@ -96,9 +108,9 @@ def test_sgd_step_touches_only_learned_tensors(
     for n in trainable:
         assert not n.startswith("clip.") or n.startswith(backbone_parts), f"{n}: a CLIP weight is trainable"
     if not trainable:
-        # nothing to learn: no step to take, and nothing to save
+        # nothing to learn: no step to take, and nothing to save but what a training-free fit sets
         assert m.trainable_parameters() == []
-        assert m.prompt_state_dict() == {}
+        assert set(m.prompt_state_dict()) == set(m.fitted_state)
         return
 
     before = {k: v.clone() for k, v in m.state_dict(keep_vars=False).items()}
@@ -106,14 +118,18 @@ def test_sgd_step_touches_only_learned_tensors(
     opt = torch.optim.SGD(m.trainable_parameters(), lr=1.0)
     labels = torch.arange(images.shape[0]) % len(CLASSNAMES)
     m.train()
-    loss = m.loss(m(images), labels)
-    loss.backward()
-    opt.step()
+    got_grad: set[str] = set()
+    for _ in range(2):  # two steps: LoRA's A gets its first gradient once B (zero at init) has moved
+        opt.zero_grad()
+        loss = m.loss(m(images), labels)
+        loss.backward()
+        got_grad |= {k for k, p in trainable.items() if p.grad is not None and p.grad.abs().max() > 0}
+        opt.step()
 
     after = m.state_dict()
     for k, v in before.items():
         if k in trainable:
-            assert trainable[k].grad is not None and trainable[k].grad.abs().max() > 0, f"{k}: no gradient"
+            assert k in got_grad, f"{k}: no gradient"
             assert not torch.equal(after[k], v), f"{k}: trainable tensor did not move"
         elif not k.startswith(backbone_parts):  # (startswith(()) is False)
             assert torch.equal(after[k], v), f"{k} changed but is not trainable"
@@ -152,9 +168,10 @@ def test_reference_fp16_step(name: str, images: torch.Tensor) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_prompt_state_dict_round_trip(name: str, tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
     m = build(name, tiny_clip, seed=0)
+    _fit(m)
     _perturb(m)
     state = m.prompt_state_dict()
-    learned = {n for n, p in m.named_parameters() if p.requires_grad}
+    learned = {n for n, p in m.named_parameters() if p.requires_grad} | set(m.fitted_state)
     assert set(state) == learned, "prompt_state_dict must hold exactly the learned tensors"
     parts = tuple(f"clip.{part}" for part in m.trainable_backbone_parts)
     assert not any(k.startswith("clip.") and not k.startswith(parts) for k in state)
@@ -174,9 +191,14 @@ def test_prompt_state_dict_round_trip(name: str, tiny_clip: FrozenCLIP, images: 
 @pytest.mark.parametrize("name", NAMES)
 def test_set_classnames_keeps_learned_tensors(name: str, tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
     m = build(name, tiny_clip)
+    _fit(m)
     _perturb(m)
     state = {k: v.clone() for k, v in m.prompt_state_dict().items()}
     assert m(images).shape == (images.shape[0], len(CLASSNAMES))
+    if m.class_bound:  # what was learned belongs to its classes: other names are refused
+        with pytest.raises(ValueError, match="cannot serve"):
+            m.set_classnames(OTHER_CLASSNAMES)
+        return
     m.set_classnames(OTHER_CLASSNAMES)
     assert m.classnames == OTHER_CLASSNAMES
     with torch.no_grad():
@@ -198,6 +220,8 @@ def test_load_prompt_state_dict_errors(name: str, tiny_clip: FrozenCLIP) -> None
     with pytest.raises(KeyError, match="bogus_tensor"):
         m.load_prompt_state_dict({**state, "bogus_tensor": torch.zeros(1)})
     for key, value in state.items():
+        if key in m.fitted_state:  # shaped by fit(): loads at the saved shape (test_fit_contract)
+            continue
         wrong = torch.zeros(value.shape[0] + 1, *value.shape[1:]) if value.dim() else torch.zeros(2)
         with pytest.raises(ValueError, match=key):
             m.load_prompt_state_dict({**state, key: wrong})
@@ -229,6 +253,7 @@ def test_hparams_record_overrides(tiny_clip: FrozenCLIP) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_cached_text_features(name: str, tiny_clip: FrozenCLIP, images: torch.Tensor, monkeypatch) -> None:
     m = build(name, tiny_clip)
+    _fit(m)
     _perturb(m)
     with torch.no_grad():
         plain = m(images)
@@ -240,12 +265,14 @@ def test_cached_text_features(name: str, tiny_clip: FrozenCLIP, images: torch.Te
         cached_again = m(images[:1])
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(cached_again, plain[:1], atol=1e-5, rtol=0)
-    if not m.text_depends_on_image:
+    # a classifier made of other tensors (linear probe, caches) has no text features to cache
+    cacheable = m.text_classifier and not m.text_depends_on_image
+    if cacheable:
         assert len(calls) == 1, "text features must be computed once inside cached_text_features()"
     n = len(calls)
     with torch.no_grad():
         m(images)
-    assert len(calls) == n + (0 if m.text_depends_on_image else 1), "the cache must end with the context"
+    assert len(calls) == n + (1 if cacheable else 0), "the cache must end with the context"
 
 
 def test_coop_csc_refuses_other_class_count(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:

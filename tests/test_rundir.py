@@ -171,3 +171,22 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(finished, tmp_path: P
     b = load_file(tmp_path / "whole" / "prompts" / "prompts.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(out.rglob("*.tmp")) and ref.exists()
+
+
+def test_a_key_added_to_the_schema_since_is_the_same_run_at_its_default(tmp_path: Path) -> None:
+    """A run directory written before ``train.steps_per_shot`` existed lacks it: at the default (0) it is
+    the same run (a sweep may add seeds beside it); at another value it is a different one."""
+    from omegaconf import OmegaConf
+
+    from promptlab.config import load_recipe
+    from promptlab.resources import find_recipe
+    from promptlab.rundir import config_conflicts
+
+    cfg = load_recipe(find_recipe("demo/coop_tiny"), check_paths=False)
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["train"]["steps_per_shot"]
+    saved = tmp_path / "config.yaml"
+    saved.write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    assert config_conflicts(saved, cfg) == []
+    cfg.train.steps_per_shot = 5
+    assert config_conflicts(saved, cfg) == ["train.steps_per_shot: None -> 5"]

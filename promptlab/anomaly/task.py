@@ -108,6 +108,11 @@ class AnomalyDetection:
             shard=distributed.current_shard() if train else (0, 1),
         )
 
+    def fit_data(
+        self, cfg: DictConfig, data: AnomalyData, module: PromptModule, *, device: torch.device
+    ) -> Any:
+        raise ValueError(f"{type(module).__name__} fits from class-labelled features; task: anomaly has none")
+
     def evaluator(self, cfg: DictConfig, data: AnomalyData, module: PromptModule) -> AnomalyEvaluator:
         return AnomalyEvaluator(data.eval, sigma=float(cfg.anomaly.sigma), aupro_convention=cfg.anomaly.aupro)
 
