@@ -487,11 +487,16 @@ def figure(protocol: str, rows: Sequence[dict[str, Any]]) -> Any:
 
     if protocol == "fewshot":
         names = list(dict.fromkeys(r["dataset"] for r in rows))
+        sweeps = list(dict.fromkeys(r.get("sweep") for r in rows))
         cols = min(4, len(names))
+        many = len(sweeps) > 3  # a long legend goes beside the panels, one entry per line
         fig, axes = plt.subplots(
             math.ceil(len(names) / cols),
             cols,
-            figsize=(3.2 * cols, 2.8 * math.ceil(len(names) / cols)),
+            figsize=(
+                3.2 * cols + (3.4 if many else 0),
+                max(2.8 * math.ceil(len(names) / cols), 0.3 * len(sweeps)),
+            ),
             squeeze=False,
             layout="constrained",
         )
@@ -499,11 +504,13 @@ def figure(protocol: str, rows: Sequence[dict[str, Any]]) -> Any:
             here = [r for r in rows if r["dataset"] == name]
             for sweep in dict.fromkeys(r.get("sweep") for r in here):  # one line per compared sweep
                 pts = [r for r in here if r.get("sweep") == sweep]
+                k = sweeps.index(sweep)  # the colour cycle has 10 colours: later lines are dashed
                 ax.errorbar(
                     [r["shots"] for r in pts],
                     [r["accuracy"] for r in pts],
                     yerr=[0 if math.isnan(r["accuracy_std"]) else r["accuracy_std"] for r in pts],
-                    marker="o",
+                    marker="os^"[k // 10 % 3],
+                    linestyle=["-", "--", ":"][k // 10 % 3],
                     capsize=3,
                     label=sweep,
                 )
@@ -518,7 +525,10 @@ def figure(protocol: str, rows: Sequence[dict[str, Any]]) -> Any:
             ax.axis("off")
         if any(r.get("sweep") for r in rows):  # one legend for every panel, below them
             handles, labels = axes.flat[0].get_legend_handles_labels()
-            fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)
+            if many:
+                fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+            else:
+                fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)
     else:
         import numpy as np
 

@@ -352,3 +352,31 @@ def test_comparison_ranks_methods_against_the_published_averages(tmp_path, capsy
     assert (tmp_path / "comparison" / "comparison.md").read_text().count("Kendall") == 1
     assert main(["report", *dirs[:2], "--out", str(tmp_path / "two")]) == 0
     assert "Kendall" not in capsys.readouterr().out  # two methods: no ranking to speak of
+
+
+def test_fewshot_comparison_of_many_sweeps_stays_legible():
+    """Twelve sweeps (the README's sandbox comparison): every line tells itself apart (colour and line style),
+    and the legend lies inside the figure beside the axes instead of being cut off below them."""
+    import matplotlib.pyplot as plt
+
+    from promptlab.report import figure
+
+    sweeps = [f"method{i}-fewshot" for i in range(12)]
+    rows = [
+        {"dataset": "sandbox_shapes", "sweep": s, "shots": k, "accuracy": 30.0 + i + k, "accuracy_std": 0.5}
+        for i, s in enumerate(sweeps)
+        for k in (1, 2, 4, 8, 16)
+    ]
+    fig = figure("fewshot", rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = [a for a in fig.axes if a.axison]
+    lines = [c.lines[0] for c in ax.containers if c.get_label() in sweeps]  # errorbar: the data line
+    styles = {(line.get_color(), line.get_linestyle()) for line in lines}
+    assert len(styles) == 12
+    (legend,) = fig.legends
+    box, whole = legend.get_window_extent(renderer), fig.bbox
+    assert box.x0 >= whole.x0 and box.x1 <= whole.x1 and box.y0 >= whole.y0 and box.y1 <= whole.y1
+    assert not _overlaps(box, ax.get_window_extent(renderer))
+    assert [t.get_text() for t in legend.get_texts()] == sweeps
+    plt.close(fig)
