@@ -530,7 +530,9 @@ class FrozenCLIP(nn.Module):
         if tower != "image":
             raise ValueError(f"tower={tower!r}: expected 'text' or 'image'")
         if not self.vision_is_transformer:
-            raise ValueError(f"{self.arch}: attention adapters on the image tower need a ViT")
+            raise ValueError(
+                f"{self.arch}: image-tower attention adapters need a ViT that FrozenCLIP runs block by block"
+            )
         return self._vis_blocks
 
     # ------------------------------------------------------------------ text side

@@ -1,7 +1,7 @@
 """The README's method x backbone-family table, produced here so that it cannot go stale.
 
 Every cell is tried on the family's tiny random configuration (``promptlab.backbones.TINY_CONFIGS``):
-"runs" means the method was built, trained 2 optimizer steps through :func:`promptlab.engine.train`
+"runs" means the method was built, fitted (training-free methods), trained 2 optimizer steps through :func:`promptlab.engine.train`
 (zero-shot has nothing to train) and evaluated through :func:`promptlab.engine.evaluate`; otherwise the
 cell holds "no: " and the method's own refusal (a ``ValueError`` at construction). Any other error fails the test.
 
@@ -22,7 +22,7 @@ from promptlab.anomaly.method import AnomalyCLIP
 from promptlab.backbones import load_clip
 from promptlab.engine import evaluate, train
 from promptlab.methods import METHODS
-from promptlab.prompts import PromptModule
+from promptlab.prompts import FitData, PromptModule
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- backbone-table:start -->", "<!-- backbone-table:end -->"
@@ -81,8 +81,14 @@ def try_cell(method: str, arch: str, tmp: Path) -> str:
         module = cls(clip, CLASSNAMES, **TINY_KWARGS.get(method, {}))
     except ValueError as e:  # the method's declared refusal
         return "no: " + str(e).removeprefix(f"{arch}: ").split(";")[0].strip().rstrip(".")
-    params = module.trainable_parameters()
     batches = _batches(clip, method)
+    if module.fit_features is not None:  # a training-free method: first its fit, on the batches' features
+        with torch.no_grad():
+            feats = torch.cat([module.encode_image(inputs["images"]) for inputs, _ in batches])  # [N, D]
+        labels = torch.arange(feats.shape[0]) % len(CLASSNAMES)
+        views = feats.expand(module.fit_features.views, *feats.shape)
+        module.fit(FitData(views, labels, feats, labels))
+    params = module.trainable_parameters()
     if params:
         before = [p.detach().clone() for p in params]
         opt = torch.optim.SGD(params, lr=0.1)
