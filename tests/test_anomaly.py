@@ -166,6 +166,29 @@ def test_map_loss_weight_scales_the_map_terms(tiny_clip) -> None:
     torch.testing.assert_close(m.loss(logits, labels), ce)  # no maps: the image term alone
 
 
+def test_map_loss_default_weight_mask_threshold_and_all_normal_batches() -> None:
+    """The default weight is the published lam = 4; a mask pixel is anomalous strictly above 0.5 (train.py:
+    gt_mask[gt_mask > 0.5] = 1); a batch of normal images only (all-zero masks) keeps both classes in the
+    focal term's one-hot (loss.py FocalLoss), computed here by hand."""
+    g = torch.Generator().manual_seed(6)
+    p = torch.rand(2, 1, 1, 4, 4, generator=g).clamp(0.05, 0.95)
+    maps = torch.cat([1 - p, p], 2)  # [B, 1 layer, (normal, anomalous), 4, 4]
+    masks = (torch.rand(2, 1, 4, 4, generator=g) > 0.5).float()
+    torch.testing.assert_close(map_loss(maps, masks), 4.0 * map_loss(maps, masks, 1.0))
+    half = masks.masked_fill(masks == 0, 0.5)
+    torch.testing.assert_close(map_loss(maps, half, 1.0), map_loss(maps, masks, 1.0))
+    s = 1e-5  # focal: pt = p_normal (1 - s) + p_anomalous s + s, mean of -(1 - pt)^2 log pt
+    normal, anomalous = maps[:, 0, 0], maps[:, 0, 1]
+    pt = normal * (1 - s) + anomalous * s + s
+    focal = (-((1 - pt) ** 2) * pt.log()).mean()
+    dice_anomalous = 1 - (1 / (anomalous.flatten(1).sum(1) + 1)).mean()  # target 0: (0 + 1) / (|p| + 0 + 1)
+    n = normal.flatten(1).sum(1)
+    dice_normal = 1 - ((2 * n + 1) / (n + 16 + 1)).mean()  # target 1 on all 16 pixels
+    torch.testing.assert_close(
+        map_loss(maps, torch.zeros(2, 1, 4, 4), 1.0), focal + dice_anomalous + dice_normal
+    )
+
+
 @pytest.mark.parametrize("shape", [(2, 16, 16), (1, 12, 9), (3, 5, 40)])
 @pytest.mark.parametrize("sigma", [0.5, 1, 2.5, 4, 7])
 def test_gaussian_blur_equals_scipy_as_test_py_calls_it(shape: tuple, sigma: float) -> None:
