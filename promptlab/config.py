@@ -810,6 +810,7 @@ def load_recipe(
         raise ConfigError(f"cannot parse YAML: {e}", source=source) from e
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"a recipe must be a mapping, got {type(cfg).__name__}", source=source)
+    check_interpolations(cfg, source)  # the file's own; command-line overrides are the user's
     _fill_defaults(cfg, RecipeConfig)  # first, so optional keys a recipe leaves out can be overridden too
     parsed = [_parse_override(item, source) for item in overrides]
     for parts, value in parsed:
@@ -824,6 +825,53 @@ def load_recipe(
             f"cannot resolve: {_first_line(e)}", key=getattr(e, "full_key", None), source=source
         ) from e
     return cfg
+
+
+_RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
+_ALLOWED_ENV = re.compile(r"\s*(PROMPTLAB_\w+|DATA)\s*[,}]")  # DATA: the datasets root, as in CoOp's scripts
+
+
+def check_interpolations(cfg: DictConfig | ListConfig, source: str) -> None:
+    """Refuse resolver calls in a shared file, but ``${oc.env:PROMPTLAB_...}`` and ``${oc.env:DATA}``.
+
+    ``${a.b}`` reads another key of the same file: harmless. A resolver runs when the file is
+    resolved, and ``${oc.env:NAME}`` copies any environment variable (a cloud key, a token) into
+    the resolved ``config.yaml`` that run folders share. A recipe may read promptlab's own variables
+    (``PROMPTLAB_CACHE``) and the datasets root ``DATA``; anything else is given on the command line,
+    where the user sees it.
+
+    Raises:
+        ConfigError: naming the key and the resolver or variable.
+    """
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(str(k), _join(key, str(k)))
+                walk(v, _join(key, str(k)))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, _join(key, str(i)))
+        elif isinstance(node, str):
+            for m in _RESOLVER_CALL.finditer(node):
+                name, rest = m.group(1), node[m.end() :]
+                if name != "oc.env":
+                    raise ConfigError(
+                        f"resolver ${{{name}:...}} is not allowed in a recipe (only ${{other.key}} and "
+                        "${oc.env:PROMPTLAB_...} or ${oc.env:DATA}); give the value on the command line instead",
+                        key=key or None,
+                        source=source,
+                    )
+                if not _ALLOWED_ENV.match(rest):
+                    raise ConfigError(
+                        f"{node!r} reads an environment variable; a recipe may read only PROMPTLAB_* "
+                        "variables and DATA (it would copy any other, e.g. a token, into the run's config.yaml); "
+                        "give the value on the command line instead",
+                        key=key or None,
+                        source=source,
+                    )
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def _apply_per_dataset(

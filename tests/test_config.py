@@ -108,9 +108,9 @@ def test_load_resolves_interpolations_and_fills_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Interpolations (incl. oc.env) resolve on load; omitted optional keys get the schema default."""
-    monkeypatch.setenv("PL_TEST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PROMPTLAB_TEST_CACHE", str(tmp_path / "cache"))
     recipe = base_recipe()
-    recipe["cache_dir"] = "${oc.env:PL_TEST_CACHE,'~/.cache/promptlab'}"
+    recipe["cache_dir"] = "${oc.env:PROMPTLAB_TEST_CACHE,'~/.cache/promptlab'}"
     cfg = load_recipe(write(tmp_path, recipe), check_paths=False)
     assert cfg.output_dir == "runs/pets/shots16/seed1"
     assert cfg.data.root == f"{tmp_path}/cache/data"

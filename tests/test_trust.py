@@ -8,6 +8,7 @@ not even imported (importing runs a module's top-level code).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -56,6 +57,40 @@ def test_nested_os_system_in_a_recipe_is_refused_and_never_runs(tmp_path: Path) 
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        ("${oc.env:AWS_SECRET_ACCESS_KEY}", "only PROMPTLAB_"),
+        ("${oc.env:HOME,'x'}/runs", "only PROMPTLAB_"),
+        ("${oc.env:${cache_dir}}", "only PROMPTLAB_"),  # the variable's name must be written out
+        ("${ oc.decode:'{a: 1}'}", "resolver ${oc.decode"),
+        ("${oc.create:{}}", "resolver ${oc.create"),
+        ("${oc.env:PROMPTLAB_CACHE,'~/.cache/promptlab'}/runs", None),
+        ("${cache_dir}/runs/${seed}", None),
+        ("${oc.env:DATA,data}/runs", None),
+        ("${oc.env:DATASET}/runs", "only PROMPTLAB_"),
+    ],
+)
+def test_a_recipe_reads_no_environment_variable_but_promptlabs(tmp_path: Path, value: str, refused) -> None:
+    """A shared recipe (or run folder's config.yaml) cannot copy a secret from the environment into the
+    resolved config that runs write and share; ${other.key} and ${oc.env:PROMPTLAB_*} stay allowed."""
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["output_dir"] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    if refused is None:
+        assert "/runs" in load_recipe(path, check_paths=False).output_dir
+        return
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: output_dir: .*" + re.escape(refused)):
+        load_recipe(path, check_paths=False)
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "s3cr3t"  # the user's own command line may still read it
+    try:
+        cfg = load_recipe(DEMO, ["output_dir=${oc.env:AWS_SECRET_ACCESS_KEY}"], check_paths=False)
+        assert cfg.output_dir == "s3cr3t"
+    finally:
+        del os.environ["AWS_SECRET_ACCESS_KEY"]
+
+
 def test_export_of_a_hostile_run_folder_runs_nothing(tmp_path: Path) -> None:
     """`promptlab export RUN` reads RUN/config.yaml: a component planted there is refused."""
     from promptlab.cli import main
@@ -97,6 +132,7 @@ def test_roles_that_recipes_use_resolve() -> None:
 
 USER_MODULE = """
 import os
+import re
 from pathlib import Path
 Path({marker!r}).touch()  # top-level code: runs on import
 from promptlab.methods import CoOp

@@ -69,7 +69,11 @@ class PretrainConfig:
 
 def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
     """Read a pretrain recipe; unknown keys are an error (a typo must not silently use a default)."""
-    raw = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    from promptlab.config import check_interpolations
+
+    loaded = OmegaConf.load(path)
+    check_interpolations(loaded, str(path))
+    raw = OmegaConf.merge(loaded, OmegaConf.from_dotlist(list(overrides)))
     data: dict[str, Any] = OmegaConf.to_container(raw, resolve=True)  # type: ignore[assignment]
     known = {f.name for f in fields(PretrainConfig)}
     unknown = sorted(set(data) - known)
