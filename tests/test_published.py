@@ -1,0 +1,72 @@
+"""published.yaml: every entry cited, and each base-to-new HM consistent with its Base and New averages.
+
+The HM check catches transcription slips (a digit swapped in one of the three numbers); the papers
+round their own HM, so a difference of 0.01 from the HM recomputed to 2 decimals is allowed.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from promptlab.report import find_published, harmonic_mean, load_published
+
+FEWSHOT_SHOTS = {1, 2, 4, 8, 16}
+
+
+def _entries():
+    return [
+        (protocol, key, e) for protocol, table in load_published().items() for key, e in (table or {}).items()
+    ]
+
+
+def test_every_published_entry_has_a_citation_and_a_url():
+    entries = _entries()
+    assert entries and set(load_published()) <= {"base2new", "fewshot"}
+    for protocol, key, e in entries:
+        assert isinstance(e.get("citation"), str) and e["citation"].strip(), f"{protocol}.{key}: no citation"
+        assert str(e.get("url", "")).startswith("https://"), f"{protocol}.{key}: no URL"
+        assert e.get("method") and e.get("arch"), f"{protocol}.{key}: method/arch missing"
+
+
+@pytest.mark.parametrize("key", sorted(load_published()["base2new"]))
+def test_base2new_hm_is_the_harmonic_mean_of_base_and_new(key):
+    avg = load_published()["base2new"][key]["average"]
+    recomputed = round(harmonic_mean(avg["base"], avg["new"]), 2)
+    assert abs(recomputed - avg["hm"]) <= 0.01 + 1e-9, (
+        f"{key}: HM {avg['hm']} but HM(base, new) = {recomputed}"
+    )
+
+
+def test_fewshot_entries_give_shots_as_keys():
+    for key, e in (load_published().get("fewshot") or {}).items():
+        assert set(e["average"]) <= FEWSHOT_SHOTS and e["average"], (
+            f"fewshot.{key}: shots {set(e['average'])}"
+        )
+
+
+def test_hm_check_catches_a_transcription_slip():
+    assert abs(round(harmonic_mean(82.48, 70.57), 2) - 76.16) > 0.01  # 70.75 with two digits swapped
+
+
+def test_ivlp_entry_matches_the_method_name_runs_record():
+    from promptlab.methods.ivlp import IVLP
+
+    entry = load_published()["base2new"]["ivlp"]
+    assert entry["method"] == IVLP.__name__ and entry["average"] == {"base": 84.21, "new": 71.79, "hm": 77.51}
+
+
+def test_a_fewshot_section_does_not_change_the_base2new_match(tmp_path: Path):
+    """find_published reads by protocol: a fewshot entry of the same method and arch is never picked for base2new."""
+
+    class Rec:
+        metrics = {"method": "CoOp", "arch": "ViT-B-16"}
+
+    path = tmp_path / "published.yaml"
+    path.write_text(
+        "fewshot:\n"
+        "  coop_fs: {method: CoOp, arch: ViT-B-16, average: {16: 80.0}, citation: c, url: https://x}\n"
+        "base2new:\n"
+        "  coop: {method: CoOp, arch: ViT-B-16, average: {base: 1, new: 1, hm: 1}, citation: c, url: https://x}\n"
+    )
+    assert find_published("base2new", [Rec()], path=path)[0] == "coop"
+    assert find_published("fewshot", [Rec()], path=path)[0] == "coop_fs"
