@@ -195,3 +195,19 @@ def test_sweep_needs_a_recipe_or_status_and_slurm_needs_sbatch(tmp_path, monkeyp
     monkeypatch.setattr(launchers.shutil, "which", lambda name: None)
     argv = ["sweep", RECIPE, "seeds=1", "--out", str(tmp_path / "s"), "--launcher", "slurm"]
     assert main(argv) == 2 and "sbatch not found" in capsys.readouterr().err
+
+
+def test_submitit_requeues_the_same_job_on_its_preemption_signal():
+    """submitit calls ``checkpoint`` on SIGUSR2 (pre-emption / time limit) and requeues what it returns."""
+    from submitit.helpers import DelayedSubmission
+
+    from promptlab.launchers import SlurmRun
+
+    again = SlurmRun("/runs/x/seed1", 4).checkpoint()
+    assert isinstance(again, DelayedSubmission) and isinstance(again.function, SlurmRun)
+    assert (again.function.run_dir, again.function.gpus, again.args, again.kwargs) == (
+        "/runs/x/seed1",
+        4,
+        (),
+        {},
+    )

@@ -5,8 +5,10 @@ Slurm cannot be installed or started the tests fail with the script's reason (ne
 
 A 2-dataset x 2-seed sandbox sweep (4 shots, 30 short epochs) runs locally and on Slurm. On Slurm all
 four jobs are first submitted held (``--sbatch hold``: pending, deterministically), then released;
-one is cancelled with ``scancel`` after its second epoch, another is sent submitit's pre-emption
-signal (requeued by submitit, resumed by the engine). The next ``sweep`` call resubmits the
+each of two jobs is suspended as soon as its log passes epoch 2; then one is cancelled with
+``scancel``, the other requeued by Slurm (as a pre-emption with PreemptMode=REQUEUE does) and resumed
+by the engine. (submitit's own requeue on its pre-emption signal, SIGUSR2, runs the same callable
+again: tests/test_launchers.py pins the hook; a signal to a 2-second CPU run cannot be timed reliably.) The next ``sweep`` call resubmits the
 cancelled one only, which resumes; every result equals the local sweep's.
 """
 
@@ -159,23 +161,25 @@ def test_slurm_sweep_equals_local_resumes_cancelled_and_preempted_jobs(
     assert not any((out / d / "metrics.json").exists() for d in (cancelled, preempted))
     status = _status(out, capsys)
     assert status[cancelled].split()[:3] == ["pending", ids[cancelled], "SUSPENDED"], status
-    _slurm("scontrol", "resume", ids[cancelled])
-    assert _status(out, capsys)[cancelled].split()[:3] == ["running", ids[cancelled], "RUNNING"]
     _slurm("scancel", ids[cancelled])
-    _slurm("scontrol", "resume", ids[preempted])  # Slurm signals no suspended job (nor one resuming)
-    _wait(
-        "the resumed job",
-        lambda: _slurm("squeue", "-h", "-o", "%T", "-j", ids[preempted]).strip() == "RUNNING",
-        out,
-    )
-    _slurm("scancel", "--signal=USR2", ids[preempted])  # submitit's pre-emption signal (SIGUSR2)
+    # pre-empted: Slurm requeues it (PreemptMode=REQUEUE does this); an admin requeue of a suspended job
+    # comes back held, and Slurm delays any requeued job by 2 minutes: release it, start it now
+    _slurm("scontrol", "requeue", ids[preempted])
 
     def requeued() -> bool:
         show = _slurm("scontrol", "show", "job", ids[preempted])
         return "Restarts=1" in show and "JobState=PENDING" in show
 
     _wait("the pre-empted job's requeue", requeued, out)
-    _slurm("scontrol", "update", f"JobId={ids[preempted]}", "StartTime=now")  # Slurm delays a requeue 2 min
+    _slurm("scontrol", "release", ids[preempted])
+    _slurm("scontrol", "update", f"JobId={ids[preempted]}", "StartTime=now")
+    # running: the requeued job's process takes seconds to start before it resumes
+    _wait(
+        "the requeued job to start",
+        lambda: _slurm("squeue", "-h", "-o", "%T", "-j", ids[preempted]).strip() == "RUNNING",
+        out,
+    )
+    assert _status(out, capsys)[preempted].split()[:3] == ["running", ids[preempted], "RUNNING"]
     _wait(
         "the jobs to end", lambda: not any(r.state in ("pending", "running") for r in sweep_states(out)), out
     )
