@@ -140,8 +140,8 @@ class Server:
                     server.drop_once.discard(path)
                     body = body[: len(body) // 2]
                     self.close_connection = True
+                server.served += len(body)  # before the write: the client may finish reading first
                 self.wfile.write(body)
-                server.served += len(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
