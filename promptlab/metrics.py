@@ -99,8 +99,7 @@ def connected_components(masks: torch.Tensor) -> torch.Tensor:
     structure whose only nonzero plane is the middle one: full 8-connectivity inside an image (the
     reference code's skimage default), none across images.
     """
-    structure = np.zeros((3, 3, 3))  # nonzero = connected
-    structure[1] = True
+    structure = np.stack([np.zeros((3, 3)), np.ones((3, 3)), np.zeros((3, 3))])  # only the middle plane
     lab, _ = ndimage.label(masks.detach().bool().cpu().numpy(), structure=structure)
     return masks.new_tensor(lab, dtype=torch.long)  # on the masks' device
 
