@@ -272,3 +272,16 @@ def _make_ucf_root(root: Path) -> Path:
     (ucf / "ucfTrainTestlist" / "trainlist01.txt").write_text("".join(f"{r} {y + 1}\n" for r, y in train))
     (ucf / "ucfTrainTestlist" / "testlist01.txt").write_text("".join(f"{r}\n" for r, _ in test))
     return root
+
+
+def test_training_step_hands_the_mixed_targets_to_the_loss(tiny_clip) -> None:
+    """The engine trains through PromptModule.training_step: a mixup / CutMix batch's soft ``targets`` must
+    reach the loss (without them the step would score the hard labels)."""
+    m = ViFiCLIP(tiny_clip, CLASSES, prompt_depth_text=2, prompt_depth_vision=2, label_smoothing=0.1)
+    x, labels = clips(), torch.tensor([0, 2])
+    onehot = F.one_hot(labels, 3).float()
+    mixed = 0.6 * onehot + 0.4 * onehot.flip(0)
+    with torch.no_grad():
+        logits, loss = m.training_step({"images": x, "targets": mixed}, labels)
+        torch.testing.assert_close(loss, m.loss(logits, labels, targets=mixed))
+        assert (loss - m.loss(logits, labels)).abs() > 1e-4
