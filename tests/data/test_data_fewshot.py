@@ -297,3 +297,28 @@ def test_subsample_of_a_test_only_dataset_uses_every_class():
     new = subsample_classes(ds, "new")
     assert new.classnames == ["c3", "c4"] and new.train == []
     assert sorted({it.label for it in new.test}) == [0, 1]
+
+
+def test_short_val_warning_cache_payload_and_root_relative_hash(tmp_path, caplog):
+    """What a draw tells the user and writes: the val warning names min(K, 4) and at most ten labels,
+    the cache file records the dataset and is logged by path, and a dataset without a split hash is
+    hashed relative to its root, so the same data under another root reuses the draw."""
+    n = 12
+    train = [y for y in range(n) for _ in range(10)]
+    root_a, root_b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    ds = _memory_dataset(train, n, root=root_a, base=str(root_a))
+    with caplog.at_level(logging.INFO, logger="promptlab.data.fewshot"):
+        fewshot_split(ds, 8, 1, cache_dir=cache)  # val has 3 images per class: every class is short
+    path = cache / "fewshot" / "mem_shot8_seed1.json"
+    assert (
+        f"mem val: {n} class(es) have fewer than 4 images and are used whole (labels {list(range(10))})"
+        in caplog.messages
+    )
+    assert f"few-shot split: wrote {path}" in caplog.messages
+    assert json.loads(path.read_text())["dataset"] == "mem"
+    caplog.clear()
+    moved = _memory_dataset(train, n, root=root_b, base=str(root_b))
+    with caplog.at_level(logging.INFO, logger="promptlab.data.fewshot"):
+        again = fewshot_split(moved, 8, 1, cache_dir=cache)
+    assert f"few-shot split: reusing {path}" in caplog.messages
+    assert all(it.path.startswith(str(root_b)) for it in again.train)
