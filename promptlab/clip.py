@@ -12,6 +12,7 @@ registered with :func:`register_backbone`); this module imports none of them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -604,6 +605,11 @@ class FrozenCLIP(nn.Module):
         x = self._project_text(x)
         return F.normalize(x, dim=-1) if normalize else x
 
+    @functools.cached_property
+    def _pad_id(self) -> torch.Tensor:
+        """[1, 1] the padding token: an empty text's last id. Tokenized once, not on every padded call."""
+        return self.tokenize("")[:, -1:]
+
     def _pad_to_context(self, x: torch.Tensor) -> torch.Tensor:
         """[N, L, W] -> [N, context_length, W], filled with the padding token's embedding (an empty text's last id)."""
         missing = self.context_length - x.shape[1]
@@ -611,8 +617,7 @@ class FrozenCLIP(nn.Module):
             raise ValueError(f"{x.shape[1]} text tokens exceed the context length {self.context_length}")
         if missing == 0:
             return x
-        pad_id = self.tokenize("")[:, -1:]  # [1, 1]
-        pad = self.embed_tokens(pad_id).to(x.dtype).expand(x.shape[0], missing, -1)
+        pad = self.embed_tokens(self._pad_id).to(x.dtype).expand(x.shape[0], missing, -1)
         return torch.cat([x, pad], dim=1)
 
     def encode_text_prefixed(

@@ -144,7 +144,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     ctx1, metrics1 = _train_tiny_coop(tmp_path / "single", (0, 1))
     # fork: the children inherit the imported modules (spawn would spend seconds re-importing torch)
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
-    r0, r1 = (torch.load(tmp_path / f"result{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(2))
     init = _initial_ctx()
     assert (ctx1 - init).abs().max() > 1e-2  # training moved the context far beyond the tolerance below
     torch.testing.assert_close(r0["ctx"], ctx1, rtol=1e-4, atol=1e-5)  # float summation order differs

@@ -180,7 +180,7 @@ def test_resume_keeps_the_step_clock(clip, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _train_lrs(clip, tmp_path / "cut", "timm_cosine", wrap=lambda b: _Interrupting(b, 2), **kw)
     resumed, tail = _train_lrs(clip, tmp_path / "cut", "timm_cosine", resume=True, **kw)
-    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)["step"] == 8
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
     assert tail == full_lrs[4:]  # epochs 3-4: 2 steps each
     torch.testing.assert_close(resumed.ctx, full.ctx, rtol=0, atol=0)
 

@@ -205,7 +205,7 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     summed instead of averaged over processes, and it magnifies float summation noise."""
     one = {case: _train(case, tmp_path / f"{case}-single", augment=False, sgd=True) for case in sorted(CASES)}
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
-    r0, r1 = (torch.load(tmp_path / f"result{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(2))
     for case in sorted(CASES):
         init = _initial(case)
         moved = max(float((one[case][k] - init[k]).abs().max()) for k in init)
