@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from promptlab.cli import main as promptlab_main
 
@@ -106,5 +107,10 @@ def test_runtime_refuses_what_the_machine_cannot_run(monkeypatch):
     with pytest.raises(SystemExit, match="pure fp16"):
         common.runtime(argparse.Namespace(device="cpu", precision="fp16"))
     rt = common.runtime(argparse.Namespace(device="cpu", precision="bf16"))
-    assert rt.model_precision == "fp32" and rt.autocast() is not None
-    assert common.runtime(argparse.Namespace(device="cpu", precision="fp32")).tolerance < rt.tolerance
+    assert rt.model_precision == "fp32"  # bf16 is autocast over fp32 weights, not a weight dtype
+    with rt.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    fp32 = common.runtime(argparse.Namespace(device="cpu", precision="fp32"))
+    with fp32.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert fp32.tolerance < rt.tolerance and fp32.grad_atol < rt.grad_atol
