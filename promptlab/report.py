@@ -617,8 +617,49 @@ def write_report(
     return Report(data.protocol, rows, md, csv_path, png)
 
 
+_NUMERIC = {"shots": int, **{k: float for k in ("accuracy", "base", "new", "hm")}}
+
+
+def _csv_value(key: str, text: str) -> Any:
+    kind = _NUMERIC.get(key.removesuffix("_std"))
+    if kind is None:
+        return text
+    return math.nan if text == "" else kind(text)
+
+
+def load_report_csv(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """Rows of a ``comparison.csv`` (or a sweep's ``<protocol>.csv``) that ``promptlab report`` wrote.
+
+    Why: a comparison can then grow over time or across machines (the sweeps measured last month sit
+    in the CSV, this week's are folders) without re-running anything. A sweep's own CSV has no
+    ``sweep`` / ``method`` columns: they become its folder's name and "—".
+
+    Raises:
+        ValueError: the file is not such a CSV (no ``dataset`` and ``accuracy`` or ``base`` column).
+    """
+    path = Path(path)
+    with open(path, newline="") as f:
+        raw = list(csv.DictReader(f))
+    columns = set(raw[0]) if raw else set()
+    if "dataset" not in columns or not columns & {"accuracy", "base"}:
+        raise ValueError(
+            f"{path}: not a CSV written by promptlab report (needs a 'dataset' column and 'accuracy' "
+            f"(fewshot) or 'base' (base2new); found {sorted(columns) or 'no rows'})"
+        )
+    protocol = "base2new" if "base" in columns else "fewshot"
+    label = {"sweep": path.parent.name, "method": "—", "overrides": "—"}
+    return protocol, [
+        {**label, **{k: _csv_value(k, v or "") for k, v in r.items() if k is not None}} for r in raw
+    ]
+
+
 def _sweep_rows(sweep_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
-    """A sweep's protocol and table rows, each labelled with the sweep's folder name and method."""
+    """A sweep's protocol and table rows, each labelled with the sweep's folder name and method.
+
+    A ``.csv`` file stands for the sweeps whose rows it holds (:func:`load_report_csv`).
+    """
+    if Path(sweep_dir).suffix == ".csv":
+        return load_report_csv(sweep_dir)
     data = load_sweep(sweep_dir)
     if data.protocol not in ("base2new", "fewshot"):
         raise ValueError(
@@ -649,7 +690,10 @@ def compare_sweeps(sweep_dirs: Sequence[str | Path], out: str | Path) -> Report:
     if len(protocols) > 1:
         raise ValueError(f"cannot compare sweeps of different protocols: {sorted(protocols)}")
     protocol = protocols.pop()
-    rows = [r for _, own in tables for r in own]
+    rows: list[dict[str, Any]] = []
+    for _, own in tables:  # a later input's sweep replaces the same-named sweep of an earlier CSV
+        names = {r["sweep"] for r in own}
+        rows = [r for r in rows if r["sweep"] not in names] + own
     sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
     real = {
         s: {r["dataset"] for r in rows if r["sweep"] == s and not r["dataset"].startswith("Average")}
@@ -718,7 +762,8 @@ def compare_sweeps(sweep_dirs: Sequence[str | Path], out: str | Path) -> Report:
 def cmd_report(args: argparse.Namespace) -> int:
     if len(args.sweep_dir) > 1:  # each sweep's own report, then the comparison (printed)
         for d in args.sweep_dir:
-            write_report(d, None, args.published)
+            if Path(d).suffix != ".csv":  # a CSV is an earlier report's rows, not a sweep
+                write_report(d, None, args.published)
         parent = Path(os.path.commonpath([Path(d).resolve() for d in args.sweep_dir]))
         rep = compare_sweeps(args.sweep_dir, args.out or parent / "comparison")
     else:

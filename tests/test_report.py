@@ -380,3 +380,38 @@ def test_fewshot_comparison_of_many_sweeps_stays_legible():
     assert not _overlaps(box, ax.get_window_extent(renderer))
     assert [t.get_text() for t in legend.get_texts()] == sweeps
     plt.close(fig)
+
+
+def test_comparison_grows_from_an_earlier_reports_csv(tmp_path, capsys):
+    """`promptlab report OLD/comparison.csv NEW_SWEEP ...`: the CSV's sweeps come back with their numbers
+    (mean, std, seeds), a folder of the same sweep name replaces the CSV's rows, and a CSV that
+    promptlab did not write is refused by name."""
+    acc = {"coop": (50.0, 54.0), "linear": (30.0, 31.0), "tip": (40.0, 40.0)}
+    sweeps = {}
+    for name, vals in acc.items():
+        sweeps[name] = tmp_path / "runs" / name
+        runs = [
+            _write_run(sweeps[name], "dtd", 4, seed, v, {}, method=name.title(), subsample="all")
+            for seed, v in zip((1, 2), vals)
+        ]
+        _manifest(sweeps[name], "fewshot", runs)
+    old = compare_sweeps([sweeps["coop"], sweeps["linear"]], tmp_path / "old")
+    again = tmp_path / "again" / "coop"  # the same sweep name, re-run with other numbers
+    _manifest(again, "fewshot", [_write_run(again, "dtd", 4, 3, 70.0, {}, method="Coop", subsample="all")])
+    assert main(["report", str(old.csv), str(sweeps["tip"]), str(again), "--out", str(tmp_path / "new")]) == 0
+    printed = capsys.readouterr().out
+    assert "| linear | Linear | — | 30.50 ± 0.50 |" in printed  # from the CSV, std included
+    assert "| tip | Tip | — | 40.00 ± 0.00 |" in printed
+    assert "| coop | Coop | — | 70.00 ± 0.00 |" in printed and "52.00" not in printed  # replaced
+    with open(tmp_path / "new" / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["sweep"], r["seeds"]) for r in rows if r["dataset"] == "dtd"] == [
+        ("linear", "1,2"),
+        ("tip", "1,2"),
+        ("coop", "3"),
+    ]
+    assert not (old.csv.parent / "report.md").exists()  # a CSV input gets no report of its own
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,score\na,1\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: not a CSV written by promptlab report"):
+        compare_sweeps([bad, sweeps["tip"]], tmp_path / "x")
