@@ -263,8 +263,9 @@ def test_cached_text_features(name: str, tiny_clip: FrozenCLIP, images: torch.Te
     with m.cached_text_features(), torch.no_grad():
         cached = m(images)
         cached_again = m(images[:1])
-    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
-    torch.testing.assert_close(cached_again, plain[:1], atol=1e-5, rtol=0)
+    # rtol: GDA's logits reach ~1e2, where a batch of 1 and a batch of 2 round the matmul differently
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(cached_again, plain[:1], atol=1e-5, rtol=1e-6)
     # a classifier made of other tensors (linear probe, caches) has no text features to cache
     cacheable = m.text_classifier and not m.text_depends_on_image
     if cacheable:
