@@ -62,6 +62,8 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_cocoop_parity.py",
             "tests/test_deep_prompts.py",
             "tests/test_kgcoop.py",
+            "tests/test_backbone_families.py",
+            "tests/test_prompt_maths.py",
         ],
     ),
     "features": (["promptlab/features.py"], ["tests/test_engine.py", "tests/test_methods.py"]),

@@ -1,0 +1,67 @@
+"""The shared prompt maths of :mod:`promptlab.prompts`, pinned by values built without promptlab's helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptlab.backbones import load_clip
+from promptlab.clip import FrozenCLIP
+from promptlab.prompts import independent_vl_prompts, knowledge_distance, prompt_buffers
+
+
+def test_prompt_buffers_refuses_a_prefix_it_cannot_honour(tiny_clip: FrozenCLIP) -> None:
+    with pytest.raises(ValueError, match="class_token_position='end', got 'front'"):
+        prompt_buffers(tiny_clip, ["dog"], 2, position="front", prefix="a photo of a")
+    with pytest.raises(ValueError, match=r"prefix 'a photo' has fewer than n_ctx=3 tokens"):
+        prompt_buffers(tiny_clip, ["dog"], 3, prefix="a photo")
+
+
+def test_knowledge_distance_is_computed_in_the_given_dtype() -> None:
+    """KgCoOp / TCP score the knowledge term in the head's dtype (fp16 under reference_fp16), whatever dtype
+    the text features arrive in: row-normalise, cosine with the hand-crafted rows, 1 - mean."""
+    g = torch.Generator().manual_seed(0)
+    txt, hand = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    hand = hand / hand.norm(dim=-1, keepdim=True)
+    got = knowledge_distance(txt, hand, torch.float16)
+    t16, h16 = txt.half(), hand.half()
+    t16 = t16 / t16.norm(dim=-1, keepdim=True)
+    want = 1.0 - ((t16 * h16).sum(-1) / (t16.norm(dim=-1) * h16.norm(dim=-1))).mean()
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        knowledge_distance(hand * 3.0, hand, torch.float32), torch.tensor(0.0), atol=1e-6, rtol=0
+    )
+
+
+def test_visual_prompts_need_a_vit_only_when_asked_for() -> None:
+    """A ResNet image tower takes text-only IVLP prompts (vision depth 0) and refuses any visual depth."""
+    rn = load_clip("tiny-rn")
+    prefix, tensors = independent_vl_prompts(rn, 2, 2, "a photo of a", 1, 0, "IVLP")
+    assert prefix == "a photo of a" and tensors["vis_ctx"] is None and tensors["vis_deep"] is None
+    assert tensors["ctx"].shape == (2, rn.width)
+    with pytest.raises(ValueError, match="visual prompts need a ViT image tower"):
+        independent_vl_prompts(rn, 2, 2, "a photo of a", 1, 1, "IVLP")
+    with pytest.raises(ValueError, match="IVLP needs prompt_depth_text >= 1"):
+        independent_vl_prompts(rn, 2, 2, "a photo of a", 0, 0, "IVLP")
+
+
+def test_ivlp_prompts_per_depth(tiny_clip: FrozenCLIP) -> None:
+    """Depth counts the input prompt: vision depth 1 is a shallow visual prompt (no deep tokens), depth d
+    adds d - 1 layers of N(0, 0.02) tokens; depth beyond a tower names the tower."""
+    torch.manual_seed(0)
+    n_layers = tiny_clip.vision_layers
+    _, shallow = independent_vl_prompts(tiny_clip, 2, 16, "a photo of a", 1, 1, "IVLP")
+    assert shallow["vis_ctx"].shape == (16, tiny_clip.vision_width) and shallow["vis_deep"] is None
+    assert shallow["text_deep"] is None
+    assert 0.015 < float(shallow["vis_ctx"].detach().std()) < 0.025  # N(0, 0.02), as the reference
+    _, deep = independent_vl_prompts(tiny_clip, 2, 16, "a photo of a", 2, n_layers, "IVLP")
+    assert deep["vis_deep"].shape == (n_layers - 1, 16, tiny_clip.vision_width)
+    assert deep["text_deep"].shape == (1, 2, tiny_clip.width)
+    with pytest.raises(
+        ValueError,
+        match=rf"text prompt depth {tiny_clip.text_layers + 1}: expected 0\.\.{tiny_clip.text_layers}",
+    ):
+        independent_vl_prompts(tiny_clip, 2, 2, "a photo of a", tiny_clip.text_layers + 1, 1, "IVLP")
+    with pytest.raises(ValueError, match=rf"vision prompt depth {n_layers + 1}: expected 0\.\.{n_layers}"):
+        independent_vl_prompts(tiny_clip, 2, 2, "a photo of a", 1, n_layers + 1, "IVLP")
