@@ -7,7 +7,13 @@ import torch
 
 from promptlab.backbones import load_clip
 from promptlab.clip import FrozenCLIP
-from promptlab.prompts import independent_vl_prompts, knowledge_distance, prompt_buffers
+from promptlab.prompts import (
+    deep_prompt_tokens,
+    independent_vl_prompts,
+    knowledge_distance,
+    leading_context,
+    prompt_buffers,
+)
 
 
 def test_prompt_buffers_refuses_a_prefix_it_cannot_honour(tiny_clip: FrozenCLIP) -> None:
@@ -65,3 +71,30 @@ def test_ivlp_prompts_per_depth(tiny_clip: FrozenCLIP) -> None:
         independent_vl_prompts(tiny_clip, 2, 2, "a photo of a", tiny_clip.text_layers + 1, 1, "IVLP")
     with pytest.raises(ValueError, match=rf"vision prompt depth {n_layers + 1}: expected 0\.\.{n_layers}"):
         independent_vl_prompts(tiny_clip, 2, 2, "a photo of a", 1, n_layers + 1, "IVLP")
+
+
+def test_leading_context_from_words_and_from_noise(tiny_clip: FrozenCLIP) -> None:
+    """IVLP / MaPLe's context: the first n_ctx token embeddings of ctx_init (underscores are spaces, the whole
+    phrase stays the prefix), or N(0, 0.02) behind one "X" placeholder per context token."""
+    ctx, prefix = leading_context(tiny_clip, 2, "a_photo_of_a")
+    assert prefix == "a photo of a"
+    ids = tiny_clip.tokenize("a photo of a")[0, tiny_clip.n_start_tokens : tiny_clip.n_start_tokens + 2]
+    torch.testing.assert_close(ctx, tiny_clip.token_embedding_table[ids].detach().float(), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"ctx_init='a photo' has 2 tokens, fewer than n_ctx=3"):
+        leading_context(tiny_clip, 3, "a photo")
+    torch.manual_seed(0)
+    noise, placeholder = leading_context(tiny_clip, 64, None)
+    assert placeholder == " ".join(["X"] * 64) and noise.shape == (64, tiny_clip.width)
+    assert 0.018 < float(noise.std()) < 0.022
+
+
+def test_deep_prompt_tokens_are_small_noise() -> None:
+    """N(0, 0.02) per deep layer, as MaPLe / IVLP initialise their deeper prompts; none at depth 0 or 1."""
+    torch.manual_seed(0)
+    deep = deep_prompt_tokens(12, 9, 4, 256, "text")
+    assert deep.shape == (8, 4, 256) and deep.requires_grad
+    assert 0.019 < float(deep.detach().std()) < 0.021 and abs(float(deep.detach().mean())) < 1e-3
+    assert (
+        deep_prompt_tokens(12, 1, 4, 256, "text") is None
+        and deep_prompt_tokens(12, 0, 4, 256, "text") is None
+    )
