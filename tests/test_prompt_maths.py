@@ -8,6 +8,7 @@ import torch
 from promptlab.backbones import load_clip
 from promptlab.clip import FrozenCLIP
 from promptlab.prompts import (
+    build_prompt_layout,
     deep_prompt_tokens,
     independent_vl_prompts,
     knowledge_distance,
@@ -98,3 +99,37 @@ def test_deep_prompt_tokens_are_small_noise() -> None:
         deep_prompt_tokens(12, 1, 4, 256, "text") is None
         and deep_prompt_tokens(12, 0, 4, 256, "text") is None
     )
+
+
+def _x_positions(clip: FrozenCLIP, ids: torch.Tensor) -> torch.Tensor:
+    """Positions of the "X" placeholder token in each row (the reference side of a layout)."""
+    x_id = int(clip.tokenize("X")[0, clip.n_start_tokens])
+    return torch.stack([(row == x_id).nonzero().flatten() for row in ids])
+
+
+@pytest.mark.parametrize(
+    ("kw", "text"),
+    [
+        ({}, "X X X X {}."),  # the default: CoOp's "end"
+        ({"position": "front"}, "{} X X X X."),
+        ({"position": "middle"}, "X X {} X X."),
+        ({"n_before": 1}, "X {} X X X."),  # n_before overrides position
+        ({"position": "end", "n_before": 0}, "{} X X X X."),
+        ({"position": "front", "n_before": 4}, "X X X X {}."),
+    ],
+)
+def test_prompt_layout_is_the_tokenized_template(tiny_clip: FrozenCLIP, kw: dict, text: str) -> None:
+    """CoOp's layouts: the ids are those of the prompt written out with "X" in every context slot, and the
+    context positions are where those X tokens sit, in order (a multi-token name shifts the slots after it)."""
+    names = ["dog", "golden_retriever", "a very long class name"]
+    ids, pos, eot = build_prompt_layout(tiny_clip, names, 4, **kw)
+    want = tiny_clip.tokenize([text.format(n.replace("_", " ")) for n in names])
+    assert torch.equal(ids, want)
+    assert torch.equal(pos, _x_positions(tiny_clip, want))
+    assert torch.equal(eot, want.argmax(dim=-1))  # CLIP's EOT has the largest id
+
+
+def test_prompt_layout_refuses_n_before_outside_the_context(tiny_clip: FrozenCLIP) -> None:
+    for n_before in (-1, 5):
+        with pytest.raises(ValueError, match=rf"n_before={n_before} must lie in \[0, n_ctx=4\]"):
+            build_prompt_layout(tiny_clip, ["dog"], 4, n_before=n_before)
