@@ -11,6 +11,7 @@ from promptlab.prompts import (
     build_prompt_layout,
     deep_prompt_tokens,
     independent_vl_prompts,
+    init_context,
     knowledge_distance,
     leading_context,
     prompt_buffers,
@@ -133,3 +134,19 @@ def test_prompt_layout_refuses_n_before_outside_the_context(tiny_clip: FrozenCLI
     for n_before in (-1, 5):
         with pytest.raises(ValueError, match=rf"n_before={n_before} must lie in \[0, n_ctx=4\]"):
             build_prompt_layout(tiny_clip, ["dog"], 4, n_before=n_before)
+
+
+def test_init_context_from_words_noise_or_nothing(tiny_clip: FrozenCLIP) -> None:
+    """CoOp's context init: ctx_init's token embeddings (underscores are spaces; one word is one token),
+    N(0, 0.02) by default, and an error for words that tokenize to nothing."""
+    s = tiny_clip.n_start_tokens
+    table = tiny_clip.token_embedding_table.detach().float()
+    ids = tiny_clip.tokenize("a photo of a")[0, s : s + 4]
+    torch.testing.assert_close(init_context(tiny_clip, 4, "a_photo_of_a"), table[ids], atol=0, rtol=0)
+    one = tiny_clip.tokenize("photo")[0, s : s + 1]
+    torch.testing.assert_close(init_context(tiny_clip, 1, "photo"), table[one], atol=0, rtol=0)
+    torch.manual_seed(0)
+    noise = init_context(tiny_clip, 64)
+    assert noise.shape == (64, tiny_clip.width) and 0.018 < float(noise.std()) < 0.022
+    with pytest.raises(ValueError, match=r"ctx_init=' ' has no tokens"):
+        init_context(tiny_clip, 4, " ")
