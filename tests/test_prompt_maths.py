@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -150,3 +152,17 @@ def test_init_context_from_words_noise_or_nothing(tiny_clip: FrozenCLIP) -> None
     assert noise.shape == (64, tiny_clip.width) and 0.018 < float(noise.std()) < 0.022
     with pytest.raises(ValueError, match=r"ctx_init=' ' has no tokens"):
         init_context(tiny_clip, 4, " ")
+
+
+def test_init_context_warns_when_the_words_override_n_ctx(
+    tiny_clip: FrozenCLIP, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CoOp's rule (the words set the length) is applied loudly: the recorded n_ctx is the words' count."""
+    with caplog.at_level(logging.WARNING, logger="promptlab.prompts"):
+        assert init_context(tiny_clip, 4, "a photo of a").shape[0] == 4
+        assert not caplog.records
+        assert init_context(tiny_clip, 16, "a photo of a").shape[0] == 4
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "n_ctx=16 is not used: ctx_init='a photo of a' gives 4 context tokens"
+    )
