@@ -393,10 +393,47 @@ class FrozenCLIP(nn.Module):
 
     @property
     def supports_dense_features(self) -> bool:
-        """Patch tokens projected into the joint space and DPAM (:meth:`encode_image_dense`): only the
-        CLIP-style ViT that FrozenCLIP's own loop drives (class token, ``ln_post``, ``proj``). A timm tower
-        pools with its own head (attention pool, ``fc_norm``) that defines no per-patch projection."""
-        return self.vision_is_transformer
+        """Patch tokens in the joint space and DPAM (:meth:`encode_image_dense`, ``encode_image(return_tokens=True)``).
+
+        A CLIP-style ViT (FrozenCLIP's own loop): ``ln_post`` and ``proj`` per token. A timm ViT tower
+        (EVA02, SigLIP, PE) whose blocks are timm's pre-norm ``EvaBlock`` / ``Block`` with one of timm's
+        attention modules: each token goes through the tower's own head *alone* (final norm, then the
+        pooling head given that one token, then the projection). For a class-token head (EVA02) that is
+        the norm and the linear head per token, as ``ln_post`` + ``proj``; for an attention-pool head
+        (SigLIP's and PE's MAP) the softmax over a single key is 1, leaving the pool's value and output
+        projections and its MLP: MaskCLIP's value path for attention pooling (Zhou et al., ECCV 2022),
+        which TextRegion (arXiv 2505.23769) applies to SigLIP2 and PE. Convolutional towers: no.
+        """
+        return self.dense_features_refusal is None
+
+    @property
+    def dense_features_refusal(self) -> str | None:
+        """Why this image tower gives no dense features, or None when :attr:`supports_dense_features` holds
+        (a method's refusal quotes it, so the reason is stated once, here)."""
+        if self._timm_trunk is not None:
+            bad = next((b for b in self._timm_trunk.blocks if _timm_dpam_parts(b) is None), None)
+            if bad is None:
+                return None
+            return (
+                f"timm block {type(bad).__name__} with {type(bad.attn).__name__}: dense tokens and DPAM run "
+                "through timm's pre-norm EvaBlock / Block with EvaAttention, AttentionRope or Attention"
+            )
+        if self.vision_is_transformer:
+            return None
+        if hasattr(self.model.visual, "conv1") and hasattr(self.model.visual, "transformer"):
+            return "this ViT pools with an attention pool or a norm after pooling, which the library's forward runs"
+        return "a convolutional image tower has no transformer blocks (no patch tokens, no V-V attention)"
+
+    @property
+    def patch_size(self) -> int:
+        """Side of the image tower's square patches in pixels (ViTs; dense maps are this much coarser)."""
+        if self._timm_trunk is not None:
+            return int(self._timm_trunk.patch_embed.patch_size[0])
+        if not self.vision_is_transformer:
+            raise ValueError(f"{self.arch}: a convolutional image tower has no patches")
+        m = self.model
+        conv = m.vision_model.embeddings.patch_embedding if self.backend == "hf" else m.visual.conv1
+        return int(conv.kernel_size[0])
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -695,17 +732,18 @@ class FrozenCLIP(nn.Module):
             raise ValueError(
                 "encode_image: deep_prompts replace appended visual prompts; pass the first layer's `prompts` too"
             )
-        if self._timm_trunk is not None and prompts is not None and not return_tokens:
-            pooled = self._timm_vision_forward(images, prompts, deep_prompts)
-            return F.normalize(pooled, dim=-1) if normalize else pooled
+        if return_tokens and not self.supports_dense_features:
+            raise ValueError(f"{self.arch}: no patch tokens: {self.dense_features_refusal}")
+        if self._timm_trunk is not None and (prompts is not None or return_tokens):
+            x, n_img, _ = self._timm_vision_forward(images, prompts, deep_prompts)
+            pooled = self._timm_pooled(x[:, :n_img])
+            pooled = F.normalize(pooled, dim=-1) if normalize else pooled
+            if return_tokens:
+                return pooled, self._timm_per_token(x[:, self._timm_trunk.num_prefix_tokens : n_img])
+            return pooled
         if not self.vision_is_transformer:
-            if prompts is not None or deep_prompts or return_tokens:
-                what = (
-                    "patch tokens need"
-                    if self._timm_trunk is not None
-                    else "visual prompts and patch tokens need"
-                )
-                raise ValueError(f"{self.arch}: {what} a CLIP-style ViT image tower")
+            if prompts is not None or deep_prompts:
+                raise ValueError(f"{self.arch}: visual prompts need a ViT image tower")
             pooled = (
                 self.model.encode_image(images)
                 if self.backend == "open_clip"
@@ -738,17 +776,28 @@ class FrozenCLIP(nn.Module):
                 ``None`` or an index beyond the last block: plain attention everywhere.
             pooled_ln_post: apply the final LayerNorm to the class token before projecting it.
                 zqhang/AnomalyCLIP projects the last class token *without* ``ln_post``; ``False``
-                reproduces that.
+                reproduces that. On a timm tower it is the trunk's final norm before the pooling head.
 
         Returns:
             pooled [B, D] (from the plain path) and one [B, P, D] tensor per entry of ``layers``,
-            each through ``ln_post`` and the projection into the joint space.
+            each through ``ln_post`` and the projection into the joint space (timm towers: the final
+            norm and the head per token, see :attr:`supports_dense_features`).
+
+        timm towers (EVA02, SigLIP, PE) run through timm's own blocks and take images of the size they
+        were built for (their patch grid and rotary tables are fixed); FrozenCLIP's own ViT interpolates.
         """
-        if not self.vision_is_transformer:
-            raise ValueError(f"{self.arch}: dense patch features need a ViT image tower")
+        if not self.supports_dense_features:
+            raise ValueError(f"{self.arch}: no dense patch features: {self.dense_features_refusal}")
         bad = [i for i in layers if not 1 <= int(i) <= self.vision_layers]
         if bad:
             raise ValueError(f"layers {bad}: expected 1..{self.vision_layers} (1-based block outputs)")
+        if self._timm_trunk is not None:
+            x, n_img, kept = self._timm_vision_forward(
+                images.to(self.device, self.dtype), None, None, dpam_from, layers
+            )
+            npt = self._timm_trunk.num_prefix_tokens
+            pooled = self._timm_pooled(x[:, :n_img], ln=pooled_ln_post)
+            return pooled, [self._timm_per_token(kept[int(i)][:, npt:n_img]) for i in layers]
         x, n_patch, kept = self._vision_forward(
             images.to(self.device, self.dtype), None, None, dpam_from, layers
         )
@@ -792,28 +841,45 @@ class FrozenCLIP(nn.Module):
         return x, n_patch, kept
 
     def _timm_vision_forward(
-        self, images: torch.Tensor, prompts: torch.Tensor, deep_prompts: Mapping[int, torch.Tensor] | None
-    ) -> torch.Tensor:
-        """Pooled features [B, D] of a timm ViT image tower (EVA02, SigLIP, PE) with visual prompts.
+        self,
+        images: torch.Tensor,
+        prompts: torch.Tensor | None,
+        deep_prompts: Mapping[int, torch.Tensor] | None,
+        dpam_from: int | None = None,
+        keep: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, int, dict[int, torch.Tensor]]:
+        """The per-layer loop of a timm ViT image tower (EVA02, SigLIP, PE): visual prompts, DPAM, intermediates.
 
         timm's own modules do the work (patch embedding, positional / rotary embeddings, each block's
-        ``forward``, the final norm and the pooling head); only the token sequence is edited between
-        them, as in :meth:`_vision_forward`: the ``prompts`` [n, Wv] are appended after the patch tokens
-        before ``norm_pre`` and replaced before each block of ``deep_prompts``. Rotary embeddings (EVA02,
-        PE) get the identity rotation (sin 0, cos 1) for the prompt tokens, which have no position. The
-        head pools the image's own tokens only (class token or attention pool over the patches): prompts
-        act through attention, as the class-token readout of CLIP's ViT ignores them too.
+        ``forward``); only the token sequence is edited between them, as in :meth:`_vision_forward`: the
+        ``prompts`` [n, Wv] are appended after the image's tokens before ``norm_pre`` and replaced before
+        each block of ``deep_prompts``. Rotary embeddings (EVA02, PE) get the identity rotation (sin 0,
+        cos 1) for the prompt tokens, which have no position. From block ``dpam_from`` on, DPAM's V-V path
+        runs beside the plain one (:func:`_timm_block_vv`): the plain path stays each block's own forward.
+
+        Returns the last hidden states [B, n_img + n, Wv] before the final norm (plain path), n_img (the
+        image's own tokens: prefix tokens, then patches), and {layer: hidden states after that many
+        blocks} for the 1-based ``keep`` layers (V-V path where DPAM runs).
         """
         _check_deep_keys(deep_prompts)
         t = self._timm_trunk
+        want = tuple(int(s) for s in t.patch_embed.img_size)
+        if tuple(images.shape[-2:]) != want:
+            raise ValueError(
+                f"{self.arch}: the timm image tower takes {want[0]}x{want[1]} images (its patch grid and rotary "
+                f"embeddings are fixed); got {tuple(images.shape[-2:])}"
+            )
         x = t.patch_embed(images)
         out = t._pos_embed(x)
         x, rope = out if isinstance(out, tuple) else (t.patch_drop(out), None)
         n_img = x.shape[1]  # prefix (class / register) tokens + patches
-        p = _expand(prompts, x.shape[0]).to(x.dtype)  # [B, n, Wv]
-        n_prompt = p.shape[1]
-        x = t.norm_pre(torch.cat([x, p], dim=1))  # [B, n_img + n, Wv]
-        if rope is not None:  # [..., P, 2 * d] = sin | cos: identity rows for the prompts
+        n_prompt = 0
+        if prompts is not None:
+            p = _expand(prompts, x.shape[0]).to(x.dtype)  # [B, n, Wv]
+            n_prompt = p.shape[1]
+            x = torch.cat([x, p], dim=1)
+        x = t.norm_pre(x)  # [B, n_img + n, Wv]
+        if rope is not None and n_prompt:  # [..., P, 2 * d] = sin | cos: identity rows for the prompts
             half = rope.shape[-1] // 2
             ident = torch.cat(
                 [
@@ -823,11 +889,39 @@ class FrozenCLIP(nn.Module):
                 -1,
             )
             rope = torch.cat([rope, ident], dim=-2)
+        keep = {int(i) for i in keep}
+        kept: dict[int, torch.Tensor] = {}
+        vv = None
         for i, blk in enumerate(t.blocks):
             x = _replace_visual_prompts(deep_prompts, i, x, n_img, n_prompt)
+            if dpam_from is not None and i >= dpam_from:
+                vv = _timm_block_vv(blk, x, x if vv is None else vv)
             x = blk(x, rope=rope) if rope is not None else blk(x)
-        x = t.norm(x[:, :n_img])
-        return self.model.visual.head(t.forward_head(x))
+            if i + 1 in keep:
+                kept[i + 1] = x if vv is None else vv
+        return x, n_img, kept
+
+    def _timm_pooled(self, x: torch.Tensor, ln: bool = True) -> torch.Tensor:
+        """[B, n_img, Wv] image tokens after the blocks -> [B, D]: final norm, the trunk's pooling head, the
+        tower's projection (what the library's ``encode_image`` does after the blocks). The head pools the
+        image's own tokens only: prompts act through attention, as CLIP's class-token readout ignores them."""
+        t = self._timm_trunk
+        return self.model.visual.head(t.forward_head(t.norm(x) if ln else x))
+
+    def _timm_per_token(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, P, Wv] -> [B, P, D]: every token through the tower's head alone (see :attr:`supports_dense_features`).
+
+        The final norm, then the pooling head given a sequence of that one token (a token pool reads it;
+        an attention pool's softmax over one key is 1), then ``fc_norm``, the classifier-as-projection and
+        open_clip's own head.
+        """
+        t = self._timm_trunk
+        B, P, W = x.shape
+        h = t.norm(x).reshape(B * P, 1, W)
+        pool = getattr(t, "attn_pool", None)
+        h = pool(h) if pool is not None else h[:, 0]  # [B * P, Wv]
+        h = self.model.visual.head(t.head(t.head_drop(t.fc_norm(h))))
+        return h.reshape(B, P, -1)
 
     def _vision_embed(self, images: torch.Tensor) -> torch.Tensor:
         """Class + patch tokens with positional embeddings, before the pre-LayerNorm: [B, 1 + P, Wv]."""
@@ -865,12 +959,77 @@ def _timm_vit_trunk(visual: nn.Module) -> nn.Module | None:
     depth-dependent rotary embeddings; convolutional timm towers (MobileCLIP's FastViT) are not ViTs.
     """
     t = getattr(visual, "trunk", None)
-    needed = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm", "forward_head", "embed_dim")
+    needed = (
+        "patch_embed",
+        "_pos_embed",
+        "norm_pre",
+        "blocks",
+        "norm",
+        "forward_head",
+        "embed_dim",
+        "num_prefix_tokens",
+    )
     if t is None or not all(hasattr(t, n) for n in needed) or getattr(t, "rope_mixed", False):
         return None
     if getattr(t, "dynamic_img_size", False):
         return None
     return t
+
+
+def _timm_dpam_parts(blk: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """(attention module, attention-branch layer scale) of a timm block DPAM can run through, or None.
+
+    Accepted: timm's pre-norm blocks (``EvaBlock``: EVA02, PE; ``vision_transformer.Block``: SigLIP) whose
+    attention is ``EvaAttention``, ``AttentionRope`` or ``Attention``, the modules :func:`_timm_block_vv`
+    reads. Post-norm or parallel blocks and other attention classes are not (None): their residual
+    branches are arranged differently.
+    """
+    from timm.layers import Attention, AttentionRope
+    from timm.models.eva import EvaAttention, EvaBlock
+    from timm.models.vision_transformer import Block
+
+    if type(blk) not in (EvaBlock, Block) or type(blk.attn) not in (EvaAttention, AttentionRope, Attention):
+        return None
+    if type(blk) is EvaBlock:
+        gamma = blk.gamma_1
+        return blk.attn, (lambda y: y) if gamma is None else (lambda y: gamma * y)
+    return blk.attn, blk.ls1
+
+
+def _timm_block_vv(blk: nn.Module, x: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
+    """DPAM's V-V path through one timm block (the analogue of :func:`_block_forward_dpam`'s second path).
+
+    Args:
+        x: [B, L, W] the plain path's input to the block (its ``norm1`` is what both attentions read).
+        vv: [B, L, W] the V-V path so far (at the first DPAM block, ``x`` itself).
+
+    Returns:
+        vv + layer_scale(proj(norm(softmax(V V^T / sqrt(d)) V) [* gate])): the block's own value
+        projection, attention-output norm (EVA02's ``scale_attn_inner``), gate and output projection,
+        with queries and keys replaced by the values. Rotary embeddings and q / k norms act on queries
+        and keys only, so the V-V path has none (as CLIP's V-V path has no positional term); the MLP
+        is skipped, as in zqhang/AnomalyCLIP.
+    """
+    a, layer_scale = _timm_dpam_parts(blk)
+    h = blk.norm1(x)
+    B, L, _ = h.shape
+    if getattr(a, "qkv", None) is not None:  # fused: the value rows of the qkv projection
+        w, b = a.qkv.weight, a.qkv.bias
+        n = w.shape[0] // 3
+        v = F.linear(h, w[2 * n :], None if b is None else b[2 * n :])
+        if getattr(a, "v_bias", None) is not None:  # EvaAttention keeps the fused biases apart
+            v = v + a.v_bias
+    else:
+        v = a.v_proj(h)
+    v = v.unflatten(-1, (-1, a.head_dim)).transpose(1, 2)  # [B, Hkv, L, d]
+    groups = getattr(a, "num_kv_groups", 1)
+    if groups > 1:  # grouped-query attention: each query head reads its kv head, as AttentionRope does
+        v = v.repeat_interleave(groups, dim=1)
+    o = F.scaled_dot_product_attention(v, v, v).transpose(1, 2).reshape(B, L, -1)  # [B, L, H * d]
+    o = a.norm(o)
+    if getattr(a, "gate", None) is not None:
+        o = o * a.gate(h).sigmoid()
+    return vv + layer_scale(a.proj(o))
 
 
 def _resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

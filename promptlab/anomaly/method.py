@@ -116,8 +116,8 @@ class AnomalyCLIP(PromptModule):
             raise ValueError(f"image_score={image_score!r}: expected one of {IMAGE_SCORES}")
         if not clip.supports_dense_features:
             raise ValueError(
-                f"{clip.arch}: AnomalyCLIP needs per-patch features in the joint space (a CLIP-style ViT's "
-                "ln_post + proj); timm image towers pool with their own head, convolutional ones have no patches"
+                f"{clip.arch}: AnomalyCLIP needs patch tokens of transformer blocks in the joint space: "
+                f"{clip.dense_features_refusal}"
             )
         self.feature_layers = resolve_feature_layers(feature_layers, clip.vision_layers)
         self.dpam_from = max(clip.vision_layers - dpam_layers, 0) if dpam_layers > 0 else None
@@ -161,18 +161,13 @@ class AnomalyCLIP(PromptModule):
         text = F.normalize(self.class_text_features().float(), dim=-1)  # [2, D]
         image_logits = F.normalize(pooled.float(), dim=-1) @ text.t() / self.temperature  # [B, 2]
         H, W = images.shape[-2:]
-        gh, gw = H // self._patch(), W // self._patch()
+        gh, gw = H // self.clip.patch_size, W // self.clip.patch_size
         maps = []
         for p in patches:  # [B, P, D]
             prob = (F.normalize(p.float(), dim=-1) @ text.t() / self.temperature).softmax(-1)  # [B, P, 2]
             prob = prob.transpose(1, 2).reshape(p.shape[0], 2, gh, gw)
             maps.append(F.interpolate(prob, size=(H, W), mode="bilinear", align_corners=False))
         return AnomalyOutput(image_logits, torch.stack(maps, dim=1))  # [B, n_layers, 2, H, W]
-
-    def _patch(self) -> int:
-        m = self.clip.model
-        conv = m.vision_model.embeddings.patch_embedding if hasattr(m, "vision_model") else m.visual.conv1
-        return int(conv.kernel_size[0])
 
     def forward(
         self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None
