@@ -175,7 +175,7 @@ def test_timm_visual_prompts_through_timm_blocks(arch: str, monkeypatch: pytest.
     """
     clip = load_clip(arch)
     t = clip._timm_trunk
-    assert t is not None and clip.vision_layers == 2 and not clip.supports_dense_features
+    assert t is not None and clip.vision_layers == 2
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, clip.image_size, clip.image_size, generator=g)
     p = torch.randn(3, clip.vision_width, generator=g)
