@@ -422,7 +422,7 @@ class FrozenCLIP(nn.Module):
             return None
         if hasattr(self.model.visual, "conv1") and hasattr(self.model.visual, "transformer"):
             return "this ViT pools with an attention pool or a norm after pooling, which the library's forward runs"
-        return "a convolutional image tower has no transformer blocks (no patch tokens, no V-V attention)"
+        return "the image tower is convolutional (no transformer blocks for DPAM and per-layer patch maps)"
 
     @property
     def patch_size(self) -> int:

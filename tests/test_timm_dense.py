@@ -154,13 +154,13 @@ def test_timm_dense_refusals_name_the_cause() -> None:
     blk.__class__ = type("PostNormBlock", (type(blk),), {})  # a block class DPAM does not know
     assert not clip.supports_dense_features
     assert "timm block PostNormBlock with EvaAttention" in clip.dense_features_refusal
-    with pytest.raises(ValueError, match="AnomalyCLIP needs patch tokens.*PostNormBlock"):
+    with pytest.raises(ValueError, match="AnomalyCLIP needs ViT patch tokens.*PostNormBlock"):
         AnomalyCLIP(clip, deep_depth=2, feature_layers=[1, 2], dpam_layers=1)
     with pytest.raises(ValueError, match="no patch tokens: timm block PostNormBlock"):
         clip.encode_image(torch.randn(1, 3, 32, 32), return_tokens=True)
     rn = load_clip("tiny-rn")
-    assert "convolutional image tower" in rn.dense_features_refusal
-    with pytest.raises(ValueError, match="no dense patch features: a convolutional"):
+    assert "image tower is convolutional" in rn.dense_features_refusal
+    with pytest.raises(ValueError, match="no dense patch features: the image tower is convolutional"):
         rn.encode_image_dense(torch.randn(1, 3, 64, 64), [1])
 
 
@@ -190,7 +190,9 @@ def _prompted_by_hand(
     table = t.rope.get_embed()  # [P, 2d]: sin | cos
     d = table.shape[-1] // 2
     identity = torch.cat([torch.zeros(1, d), torch.ones(1, d)], dim=-1)
-    rows = torch.cat([identity.expand(npt, -1), table, identity.expand(n, -1) if prompt_rows is None else prompt_rows])
+    rows = torch.cat(
+        [identity.expand(npt, -1), table, identity.expand(n, -1) if prompt_rows is None else prompt_rows]
+    )
     sin, cos = rows.chunk(2, dim=-1)  # [L, d] each
     x = t.norm_pre(torch.cat([x, shallow.expand(B, -1, -1)], dim=1))
     for i, blk in enumerate(t.blocks):

@@ -116,8 +116,7 @@ class AnomalyCLIP(PromptModule):
             raise ValueError(f"image_score={image_score!r}: expected one of {IMAGE_SCORES}")
         if not clip.supports_dense_features:
             raise ValueError(
-                f"{clip.arch}: AnomalyCLIP needs patch tokens of transformer blocks in the joint space: "
-                f"{clip.dense_features_refusal}"
+                f"{clip.arch}: AnomalyCLIP needs ViT patch tokens in the joint space: {clip.dense_features_refusal}"
             )
         self.feature_layers = resolve_feature_layers(feature_layers, clip.vision_layers)
         self.dpam_from = max(clip.vision_layers - dpam_layers, 0) if dpam_layers > 0 else None
