@@ -357,6 +357,30 @@ def test_feature_cache_key_holds_the_backbone_fingerprint(clip, synth, tmp_path)
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
 
 
+def test_feature_cache_key_holds_the_transform(clip, synth, tmp_path):
+    """The same items under another transform (training crops vs evaluation) are another entry: evaluation
+    must never be scored on cached training views, nor the reverse."""
+    items = synth.train[:4]
+    kw = dict(fingerprint=clip.fingerprint(), cache_dir=tmp_path)
+    ev = cached_features(clip.encode_image, items, clip.eval_transform, **kw)
+    tr = cached_features(clip.encode_image, items, clip.train_transform, **kw)  # same seed, views, tag
+    assert torch.equal(tr, encode_items(clip.encode_image, items, clip.train_transform))
+    assert not torch.allclose(tr, ev)
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
+
+
+def test_feature_cache_off_encodes_directly(clip, synth, tmp_path, monkeypatch):
+    """cache_dir None: the same features as encode_items, with the same augmentation draws, and no file."""
+    monkeypatch.chdir(tmp_path)
+    items = synth.train[:3]
+    got = cached_features(
+        clip.encode_image, items, clip.train_transform, fingerprint="fp", cache_dir=None, views=2, seed=4
+    )
+    assert got.shape == (2, 3, clip.embed_dim)
+    assert torch.equal(got, encode_items(clip.encode_image, items, clip.train_transform, views=2, seed=4))
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
 def test_feature_cache_follows_image_content(clip, tmp_path):
     """Images rewritten in place are re-encoded (issue 15 item 6): the cache is keyed by content,
     not by path and label alone; images overwritten with random bytes fail instead of scoring."""
