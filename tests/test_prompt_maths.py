@@ -163,6 +163,12 @@ def test_init_context_warns_when_the_words_override_n_ctx(
         assert not caplog.records
         assert init_context(tiny_clip, 16, "a photo of a").shape[0] == 4
     (record,) = caplog.records
-    assert record.getMessage().startswith(
-        "n_ctx=16 is not used: ctx_init='a photo of a' gives 4 context tokens"
+    assert record.getMessage() == (
+        "n_ctx=16 is not used: ctx_init='a photo of a' gives 4 context tokens (CoOp's rule: the words set the "
+        "length; the run records n_ctx=4). For 16 random context vectors set ctx_init to ''."
     )
+    for bad in (0, -2, 2.0):
+        with pytest.raises(
+            ValueError, match=rf"n_ctx must be a positive number of context tokens, got {bad}"
+        ):
+            init_context(tiny_clip, bad, "")
