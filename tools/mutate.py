@@ -51,6 +51,28 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
         ["promptlab/methods/vificlip.py"],
         ["tests/test_video_vificlip.py", "tests/test_methods.py"],
     ),
+    "tcp": (["promptlab/methods/tcp.py"], ["tests/test_tcp_parity.py", "tests/test_methods.py"]),
+    "prograd": (
+        ["promptlab/methods/prograd.py"],
+        ["tests/test_prograd_parity.py", "tests/test_methods.py", "tests/test_training_hooks.py"],
+    ),
+    "promptsrc": (
+        ["promptlab/methods/promptsrc.py"],
+        ["tests/test_promptsrc_parity.py", "tests/test_methods.py", "tests/test_training_hooks.py"],
+    ),
+    "adapters": (
+        [
+            "promptlab/methods/clip_adapter.py",
+            "promptlab/methods/tip_adapter.py",
+            "promptlab/methods/gda.py",
+            "promptlab/methods/linear_probe.py",
+        ],
+        ["tests/test_adapters_parity.py", "tests/test_fit_contract.py", "tests/test_methods.py"],
+    ),
+    "clip_lora": (
+        ["promptlab/methods/clip_lora.py"],
+        ["tests/test_clip_lora_parity.py", "tests/test_methods.py"],
+    ),
     "methods_init": (["promptlab/methods/__init__.py"], ["tests/test_methods.py", "tests/test_config.py"]),
     "prompts": (
         ["promptlab/prompts.py"],
@@ -66,7 +88,7 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_prompt_maths.py",
         ],
     ),
-    "features": (["promptlab/features.py"], ["tests/test_engine.py", "tests/test_methods.py"]),
+    "features": (["promptlab/features.py"], ["tests/test_engine.py"]),
     "anomaly": (
         ["promptlab/anomaly/method.py"],
         ["tests/test_anomaly.py", "tests/test_anomaly_parity.py"],
@@ -78,6 +100,9 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_ddp.py",
             "tests/test_image_side_training.py",
             "tests/test_tasks.py",
+            "tests/test_training_hooks.py",
+            "tests/test_fit_contract.py",
+            "tests/test_adapters_parity.py",
         ],
     ),
 }
