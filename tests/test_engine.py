@@ -53,6 +53,14 @@ def test_linear_warmup_rises_to_base():
     assert math.isclose(lr_at(4, 1.0, 10, 4, 0.0, "linear"), 1.0)
 
 
+def test_lr_at_defaults_are_no_warmup_then_coops_constant_one():
+    """lr_at without warm-up arguments is the bare cosine; with warm-up epochs only, CoOp's constant 1e-5,
+    and the cosine then restarts from the base lr (Dassl's hand-over)."""
+    assert lr_at(0, 0.002, 10) == 0.002 and lr_at(5, 0.002, 10) == pytest.approx(0.001)
+    assert lr_at(0, 0.002, 10, 1) == 1e-5 and lr_at(1, 0.002, 10, 1) == 0.002
+    assert lr_at(2, 0.002, 10, 1) == pytest.approx(0.001 * (1 + math.cos(math.pi / 10)))
+
+
 def _vificlip_reference_lrs(
     base_lr: float, epochs: int, warmup_epochs: int, n_iter: int, accum: int
 ) -> list[float]:
