@@ -51,6 +51,8 @@ def test_linear_warmup_rises_to_base():
     lrs = [lr_at(e, 1.0, 10, 4, 0.0, "linear") for e in range(5)]
     assert lrs[:4] == pytest.approx([0, 0.25, 0.5, 0.75]) and lrs[4] == pytest.approx(1.0)
     assert math.isclose(lr_at(4, 1.0, 10, 4, 0.0, "linear"), 1.0)
+    # from a non-zero warm-up lr: warmup_lr + (base - warmup_lr) * e / warmup_epochs
+    assert [lr_at(e, 1.0, 10, 4, 0.2, "linear") for e in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
 
 
 def test_lr_at_defaults_are_no_warmup_then_coops_constant_one():

@@ -128,8 +128,14 @@ def test_prompt_layout_is_the_tokenized_template(tiny_clip: FrozenCLIP, kw: dict
     ids, pos, eot = build_prompt_layout(tiny_clip, names, 4, **kw)
     want = tiny_clip.tokenize([text.format(n.replace("_", " ")) for n in names])
     assert torch.equal(ids, want)
-    assert torch.equal(pos, _x_positions(tiny_clip, want))
+    assert pos.dtype == torch.long and torch.equal(pos, _x_positions(tiny_clip, want))
     assert torch.equal(eot, want.argmax(dim=-1))  # CLIP's EOT has the largest id
+
+
+def test_prompt_layout_without_context_is_the_bare_name(tiny_clip: FrozenCLIP) -> None:
+    ids, pos, eot = build_prompt_layout(tiny_clip, ["dog", "red car"], 0)
+    assert torch.equal(ids, tiny_clip.tokenize(["dog.", "red car."]))
+    assert pos.shape == (2, 0) and pos.dtype == torch.long and eot.tolist() == [3, 4]
 
 
 def test_prompt_layout_refuses_n_before_outside_the_context(tiny_clip: FrozenCLIP) -> None:
