@@ -146,7 +146,7 @@ class PromptModule(nn.Module):
         """
         names = list(classnames)
         learned_for = self.__dict__.get("_learned_classnames")
-        if self.class_bound and learned_for is not None and names != learned_for:
+        if self.class_bound and learned_for is not None and not self.can_serve(names, learned_for):
             other = next((f"{a!r} -> {b!r}" for a, b in zip(learned_for, names) if a != b), "")
             raise ValueError(
                 f"{type(self).__name__}'s learned state is specific to the {len(learned_for)} classes it was "
@@ -157,6 +157,13 @@ class PromptModule(nn.Module):
         if self.class_bound and learned_for is None:
             self.__dict__["_learned_classnames"] = names
         self.classnames = names
+
+    def can_serve(self, classnames: list[str], learned_for: list[str]) -> bool:
+        """Whether a ``class_bound`` method's learned state can serve ``classnames`` (it was learned on
+        ``learned_for``, the first names it was given). Default: only those names, in that order. A method
+        whose fit covers more classes than it was trained on (GDA's classifier for the new half,
+        synthesised from their text features) widens this to the classes it has a classifier for."""
+        return classnames == learned_for
 
     def text_features(self) -> torch.Tensor:
         """[C, D] text features of the current classes (image-independent methods)."""
