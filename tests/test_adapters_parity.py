@@ -269,6 +269,88 @@ def test_gda_matches_reference(tiny_clip, ref_openclip):
     torch.testing.assert_close(gda(image_features=test[0]), ref, rtol=1e-4, atol=1e-3)
 
 
+def ref_gda_base2new(vecs, labels, clip_weights, clip_weights_new, val_features, val_labels):
+    """mrflogs/ICLR24 main_base2new.py L54-111 as it runs: the base half's class means and the pinv of the
+    mean per-class covariance (L55-61), alpha on the base validation features (L65-76), then the new
+    half's classifier from the k=64 base samples nearest each new text embedding (L85-111). The one
+    change: the KS estimator's factor and identity are the feature width D where L101/L104 write 512
+    (ViT-B/16's D; the tiny CLIP's is smaller)."""
+    mus = torch.cat([vecs[labels == i].mean(dim=0, keepdim=True) for i in range(clip_weights.shape[1])])
+    train_cov = torch.cat([vecs[labels == i].T.cov().unsqueeze(0) for i in range(clip_weights.shape[1])])
+    cov_inv = torch.linalg.pinv(train_cov.mean(dim=0))
+    ps = torch.ones(clip_weights.shape[1]) * 1.0 / clip_weights.shape[1]
+    W = torch.einsum("nd, dc -> cn", mus, cov_inv)
+    b = ps.log() - torch.einsum("nd, dc, nc -> n", mus, cov_inv, mus) / 2
+    best_val_acc, best_alpha = 0, 0.1
+    for alpha in [0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0]:
+        val_logits = 100.0 * val_features.float() @ clip_weights.float() + alpha * (
+            val_features.float() @ W + b
+        )
+        acc = cls_acc(val_logits, val_labels)
+        if acc > best_val_acc:
+            best_val_acc, best_alpha = acc, alpha
+    k, d = 64, vecs.shape[1]
+    mu = torch.cat(
+        [
+            torch.cat(
+                [vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], w.unsqueeze(0).repeat(16, 1)]
+            ).mean(dim=0, keepdim=True)
+            for w in clip_weights_new.T
+        ]
+    )
+
+    def covariance(vecs, mu=0):
+        N, D = vecs.shape
+        return (vecs - mu).T @ (vecs - mu) / (N - 1)
+
+    cov_inv = torch.cat(
+        [
+            d
+            * torch.linalg.pinv(
+                (k - 1) * covariance(vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], mu=w.unsqueeze(0))
+                + covariance(vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], mu=w.unsqueeze(0)).trace()
+                * torch.eye(d)
+            ).unsqueeze(0)
+            for i, w in enumerate(clip_weights_new.T)
+        ]
+    ).mean(dim=0)
+    ps = torch.ones(clip_weights_new.shape[1]) * 1.0 / clip_weights_new.shape[1]
+    W_new = torch.einsum("nd, dc -> cn", mu, cov_inv)
+    b_new = ps.log() - torch.einsum("nd, dc, nc -> n", mu, cov_inv, mu) / 2
+    return W, b, best_alpha, W_new, b_new
+
+
+NEW_CLASSNAMES = ["airliner", "fire_truck", "tabby cat"]
+
+
+def test_gda_base2new_matches_reference(tiny_clip, ref_openclip):
+    train, y = _tiny_features(tiny_clip, 4, 6, views=3)  # 72 samples: more than the 64 neighbours
+    val, yv = _tiny_features(tiny_clip, 4, 3)
+    test_new = torch.randn(10, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(9))
+    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
+    vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])  # L42-53
+    clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])  # L163
+    clip_weights_new = ref_clip_classifier(ref_openclip, NEW_CLASSNAMES, [TEMPLATE])  # L170
+    W, b, alpha, W_new, b_new = ref_gda_base2new(
+        vecs, labels, clip_weights, clip_weights_new, norm(val[0]), yv
+    )
+
+    everything = CLASSNAMES[:2] + NEW_CLASSNAMES + CLASSNAMES[2:]  # rows follow the dataset's order
+    gda = GDA(tiny_clip, CLASSNAMES, template=TEMPLATE, all_classnames=everything, views=3, logit_scale=100.0)
+    record = gda.fit(FitData(train, y, val[0], yv))
+    assert record["alpha"] == alpha and record["estimator"] == "class_mean"
+    assert record["new_classes"] == {"n": 3, "knn": 64, "text_copies": 16, "center": "text"}
+    torch.testing.assert_close(gda.weight[gda._row], W.t(), rtol=1e-4, atol=1e-4)  # the fitted classifier
+    torch.testing.assert_close(gda.bias[gda._row], b, rtol=1e-4, atol=1e-3)
+    gda.set_classnames(NEW_CLASSNAMES)  # subsample=new
+    torch.testing.assert_close(gda.weight[gda._row], W_new.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gda.bias[gda._row], b_new, rtol=1e-4, atol=1e-3)
+    ref = 100.0 * norm(test_new) @ clip_weights_new + alpha * (norm(test_new) @ W_new + b_new)  # L113
+    torch.testing.assert_close(gda(image_features=test_new), ref, rtol=1e-4, atol=1e-3)
+    zero_shot = 100.0 * norm(test_new) @ clip_weights_new
+    assert (ref - zero_shot).abs().max() > 1e-2  # the synthesised classifier counts in what was compared
+
+
 # ---------------------------------------------------------------------- CLIP-Adapter
 class RefAdapter(nn.Module):
     """gaopengcuhk/CLIP-Adapter clip_adapter.py L55-67."""

@@ -12,7 +12,8 @@ import torch
 from promptlab.cli import main
 from promptlab.engine import FeatureBatches, make_schedule, train
 from promptlab.export import load_prompts, save_prompts
-from promptlab.methods import CLIPAdapter, LinearProbe, TipAdapter
+from promptlab.methods import GDA, CLIPAdapter, LinearProbe, TipAdapter
+from promptlab.methods.gda import shrunk_precision, synthesized_classifier
 from promptlab.prompts import FitData, FitFeatures
 
 CLASSES = ["a", "b", "c"]
@@ -97,6 +98,43 @@ def test_fitted_state_of_another_shape_loads_back(tmp_path, tiny_clip):
     assert float(loaded.alpha) == float(tip.alpha) and float(loaded.beta) == float(tip.beta)
     with pytest.raises(ValueError, match="cannot serve"):  # the cache's values belong to its classes
         loaded.set_classnames(["x", "y", "z"])
+
+
+def test_gda_fitted_on_a_base_half_serves_the_new_half_after_export(tmp_path, tiny_clip):
+    """Base-to-new: one fit covers every class of ``all_classnames``; the export carries those rows and the
+    loaded module serves the new half (``subsample=new``), never names outside the dataset."""
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(2, 12, tiny_clip.embed_dim, generator=g)
+    labels = torch.arange(12) % 3
+    everything = ["d", *CLASSES, "e"]
+    gda = GDA(tiny_clip, CLASSES, all_classnames=everything, views=2, knn=8)
+    record = gda.fit(FitData(train, labels, train[0], labels))
+    assert record["estimator"] == "class_mean" and record["new_classes"]["n"] == 2
+    assert gda.weight.shape == (5, tiny_clip.embed_dim) and bool(gda.weight[[0, 4]].abs().sum(-1).all())
+    save_prompts(gda, tmp_path / "p")
+    loaded = load_prompts(tmp_path / "p", tiny_clip, classnames=["e", "d"])  # any order of served names
+    x = torch.randn(4, tiny_clip.embed_dim, generator=g)
+    gda.set_classnames(["e", "d"])
+    torch.testing.assert_close(loaded(image_features=x), gda(image_features=x))
+    with pytest.raises(ValueError, match="cannot serve"):
+        loaded.set_classnames(["e", "x"])
+    few_shot = GDA(tiny_clip, CLASSES, all_classnames=CLASSES, views=2)  # all classes: the few-shot fit
+    assert few_shot.fit(FitData(train, labels, train[0], labels))["estimator"] == "ks"
+
+
+def test_gda_knn_center_mean_takes_the_neighbours_own_scatter(tiny_clip):
+    """``knn_center="mean"`` (the option beside the reference's "text"): with no text copies in the mean,
+    a new class's precision is the shrunk inverse of its neighbours' sample covariance."""
+    g = torch.Generator().manual_seed(1)
+    vecs = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(1, 8, generator=g), dim=-1)
+    nbrs = vecs[(text @ vecs.t()).topk(10).indices[0]]
+    mu = nbrs.mean(0, keepdim=True)
+    expected = mu @ shrunk_precision(torch.cov(nbrs.t()), 10)
+    w, _ = synthesized_classifier(vecs, text, knn=10, text_copies=0, center="mean")
+    torch.testing.assert_close(w, expected)
+    w_text, _ = synthesized_classifier(vecs, text, knn=10, text_copies=0, center="text")
+    assert (w_text - expected).abs().max() > 1e-3  # the reference's centring differs
 
 
 def test_shapes_outside_fitted_state_are_still_checked(tiny_clip):
