@@ -305,6 +305,25 @@ def test_fewshot_sweep_in_job_processes_then_report(world, tmp_path, capsys):
     assert (out / "fewshot.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # 17-26 s on the shared 2-core CPU (two backbone loads); the fake-layout sweep covers it fast
+def test_gda_sandbox_base2new_recipe_sweeps_and_reports(world, tmp_path, capsys):
+    """``promptlab sweep sandbox/gda_base2new seeds=1``, the shipped recipe on the sandbox CLIP, with a generated
+    dataset standing in for sandbox_shapes: fitted on the base half (no epochs), the new half served by the
+    classifier synthesised from its text features, both halves in the report."""
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "sandbox" / "gda_base2new.yaml"
+    out = tmp_path / "gda"
+    args = ["datasets=shapes_a", "seeds=1", f"data.root={world / 'data'}", f"cache_dir={world / 'cache'}"]
+    sweep = plan_sweep(recipe, args, out)
+    assert [s for _, s in run_sweep(sweep, in_process=True).statuses] == ["new"]
+    run_dir = out / "shapes_a" / "shots16" / "seed1"
+    fit = json.loads((run_dir / "metrics.json").read_text())["train"]["fit"]
+    assert fit["estimator"] == "class_mean" and fit["new_classes"]["n"] == 3  # 6 classes: 3 base, 3 new
+    new = json.loads((run_dir / "eval_shapes_a_new_test.json").read_text())
+    assert new["subsample"] == "new" and new["n"] == 9  # 3 new classes x 3 test images
+    assert main(["report", str(out)]) == 0
+    assert "| shapes_a | 1 |" in capsys.readouterr().out
+
+
 def test_job_json_round_trip(world, tmp_path):
     job = plan_sweep(
         RECIPE, ["protocol=base2new", "datasets=shapes_a", "seeds=1", *_common(world)], tmp_path

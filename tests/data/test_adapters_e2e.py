@@ -92,3 +92,22 @@ def test_fewshot_sweep_of_each_method(method, tmp_path, helpers):
     assert len(result.ran) == 2
     for job in sweep.jobs:
         assert json.loads((Path(job.run_dir) / "metrics.json").read_text())["shots"] == job.shots
+
+
+def test_gda_base2new_sweep_on_fake_layout(tmp_path, helpers):
+    """recipes/base2new/gda_vit_b16 through ``promptlab sweep`` (protocol base2new): fitted on the base half,
+    then ``promptlab eval subsample=new`` serves the new half from the exported, synthesised rows. The fake
+    layout's 3 base classes x 2 shots x 2 views are fewer samples than the 64 neighbours: knn shrinks to 12."""
+    root = tmp_path / "data"
+    root.mkdir()
+    helpers.build_layout(root, "dtd")
+    args = ["protocol=base2new", "datasets=dtd", "seeds=1", f"data.root={root}", "shots=2"]
+    args += [*TINY, "method.views=2", f"cache_dir={tmp_path / 'cache'}"]
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "base2new" / "gda_vit_b16.yaml"
+    sweep = plan_sweep(recipe, args, tmp_path / "sweep")
+    assert [s for _, s in run_sweep(sweep, in_process=True).statuses] == ["new"]
+    run_dir = Path(sweep.jobs[0].run_dir)
+    fit = json.loads((run_dir / "metrics.json").read_text())["train"]["fit"]
+    assert fit["new_classes"] == {"n": 2, "knn": 12, "text_copies": 16, "center": "text"}
+    new = json.loads((run_dir / "eval_dtd_new_test.json").read_text())
+    assert new["subsample"] == "new" and new["n"] == 6  # classes 3 and 4, 3 test images each
