@@ -410,6 +410,12 @@ def base2new_markdown(rows: Sequence[dict[str, Any]], published: tuple[str, dict
                 f" Caution: the sweep's average covers {n_ds} datasets, the published one {len(BENCHMARK_DATASETS)}."
             )
         )
+        if published[1].get("hm_of") == "per_dataset_mean":  # GDA prints the mean of its per-dataset HMs
+            pub = published[1]["average"]
+            caveat += (
+                f" Its HM is the mean of the per-dataset HMs, as printed; the HM of its Base and New averages"
+                f" (this report's rule) is {harmonic_mean(pub['base'], pub['new']):.2f}."
+            )
         out.append(f"Published numbers: {published[1]['citation']} ({published[1].get('url', '')}).{caveat}")
     return "\n\n".join(out)
 
