@@ -393,9 +393,16 @@ def test_feature_cache_off_encodes_directly(clip, synth, tmp_path, monkeypatch):
     """cache_dir None: the same features as encode_items, with the same augmentation draws, and no file."""
     monkeypatch.chdir(tmp_path)
     items = synth.train[:3]
+    sizes = []
+
+    def encode(x):
+        sizes.append(x.shape[0])
+        return clip.encode_image(x)
+
     got = cached_features(
-        clip.encode_image, items, clip.train_transform, fingerprint="fp", cache_dir=None, views=2, seed=4
+        encode, items, clip.train_transform, fingerprint="fp", cache_dir=None, views=2, seed=4, batch_size=2
     )
+    assert sizes == [2, 1, 2, 1]  # the loader options reach encode_items
     assert got.shape == (2, 3, clip.embed_dim)
     assert torch.equal(got, encode_items(clip.encode_image, items, clip.train_transform, views=2, seed=4))
     assert not list(tmp_path.rglob("*.safetensors"))
