@@ -389,6 +389,16 @@ def test_feature_cache_key_holds_the_transform(clip, synth, tmp_path):
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
 
 
+def test_feature_cache_keeps_each_view_count_apart(clip, synth, tmp_path):
+    """One view (evaluation-style) and two views of the same items are two entries, each reused as it is."""
+    items = synth.train[:3]
+    kw = dict(fingerprint="fp", cache_dir=tmp_path)
+    one = cached_features(clip.encode_image, items, clip.train_transform, views=1, **kw)
+    two = cached_features(clip.encode_image, items, clip.train_transform, views=2, **kw)
+    assert one.shape[0] == 1 and two.shape[0] == 2
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
+
+
 def test_feature_cache_off_encodes_directly(clip, synth, tmp_path, monkeypatch):
     """cache_dir None: the same features as encode_items, with the same augmentation draws, and no file."""
     monkeypatch.chdir(tmp_path)
