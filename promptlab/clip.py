@@ -148,38 +148,98 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(-3, -2)
 
 
+@dataclass(frozen=True)
+class _PackedSuffixes:
+    """Where C variable-length prompt suffixes sit when packed end to end (no padding).
+
+    The per-token layers (LayerNorms, projections, MLP) run on the T = sum of the suffix lengths packed
+    tokens; only attention, which needs each suffix's own tokens side by side, sees them padded to the
+    longest suffix S, through one scatter and one gather per block.
+
+    Attributes:
+        pad_index: [T] position of each packed token in the padded [C * S] layout.
+        eot_padded: [C] position of each suffix's last (end-of-text) token in the padded layout.
+        eot_packed: [C] its position among the packed tokens.
+        positions: [T] each packed token's position in its full prompt (for the positional embeddings).
+        classes: C.
+        longest: S.
+    """
+
+    pad_index: torch.Tensor
+    eot_padded: torch.Tensor
+    eot_packed: torch.Tensor
+    positions: torch.Tensor
+    classes: int
+    longest: int
+
+    @staticmethod
+    def of(eot_index: torch.Tensor, prefix_len: int) -> _PackedSuffixes:
+        """Layout of suffixes running from ``prefix_len`` to each prompt's ``eot_index`` (inclusive)."""
+        lens = eot_index.long() - prefix_len + 1  # [C]
+        if bool((lens < 1).any()):
+            raise ValueError(f"every end-of-text token must lie after the shared prefix of {prefix_len} tokens")
+        C, S = lens.shape[0], int(lens.max())
+        seg = torch.repeat_interleave(torch.arange(C, device=lens.device), lens)  # [T] class of each token
+        start = torch.cumsum(lens, 0) - lens  # [C] first packed index of each suffix
+        within = torch.arange(seg.shape[0], device=lens.device) - start[seg]  # [T] offset in its suffix
+        return _PackedSuffixes(
+            pad_index=seg * S + within,
+            eot_padded=torch.arange(C, device=lens.device) * S + lens - 1,
+            eot_packed=start + lens - 1,
+            positions=prefix_len + within,
+            classes=C,
+            longest=S,
+        )
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """[G, T, W] packed -> [G, C, S, W] padded with zeros (after each suffix's end: causally masked)."""
+        G, _, W = t.shape
+        out = t.new_zeros(G, self.classes * self.longest, W).index_copy(1, self.pad_index, t)
+        return out.view(G, self.classes, self.longest, W)
+
+
 def _block_forward_prefixed(
-    b: _Block, xp: torch.Tensor, xs: torch.Tensor
+    b: _Block, xp: torch.Tensor, xs: torch.Tensor, layout: _PackedSuffixes, last: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One causal block over prompts that share a prefix, computing the prefix once.
+    """One causal block over prompts that share a prefix, computing the prefix once and no padding.
 
     Args:
         xp: [G, P, W] the shared prefix of each group (start token + unified context).
-        xs: [G, C, S, W] each prompt's own tokens (class name, '.', EOT), which attend causally
-            to the group's prefix and to their own earlier tokens.
+        xs: [G, T, W] the prompts' own tokens (class name, '.', EOT) packed end to end (see
+            :class:`_PackedSuffixes`), or [1, T, W] when every group has the same suffix states (the
+            first block's input): its LayerNorm and projections then run once, not once per group.
+            Each token attends causally to its group's prefix and to the earlier tokens of its own suffix.
+        last: the tower's last block, whose output is read at the end-of-text tokens only: the
+            prefix's output and every other suffix token's output projection and MLP are skipped.
+
+    Returns:
+        (xp, xs) after the block; for ``last``, (xp unchanged, [G, C, W] at the end-of-text tokens).
 
     In a causal tower the prefix's hidden states do not depend on what follows, so running it once
     per group and letting every suffix read its keys and values is exactly the full computation.
     """
     G, P, W = xp.shape
-    C, S = xs.shape[1:3]
-    H = b.heads
+    C, S, H = layout.classes, layout.longest, b.heads
     qp, kp, vp = (_heads(t, H) for t in b.project_qkv(b.ln_1(xp)))  # [G, H, P, d]
-    qs, ks, vs = (_heads(t, H) for t in b.project_qkv(b.ln_1(xs)))  # [G, C, H, S, d]
-    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-    # Suffix queries attend to [prefix keys | own keys]. The prefix part is one matmul for all C*S
-    # queries of a group (no per-class copy of the prefix's keys and values).
+    # Suffix queries attend to [prefix keys | own keys], in the padded layout [g, C, H, S, d].
+    qs, ks, vs = (_heads(layout.pad(t), H) for t in b.project_qkv(b.ln_1(xs)))
     scale = qs.shape[-1] ** -0.5
-    q_flat = qs.transpose(1, 2).reshape(G, H, C * S, -1)  # [G, H, C*S, d]
+    # The prefix part is one matmul for all C*S queries of a group (no per-class copy of its keys and values).
+    q_flat = qs.transpose(1, 2).reshape(qs.shape[0], H, C * S, -1)  # [g, H, C*S, d]
     s_pre = (q_flat @ kp.transpose(-1, -2)).reshape(G, H, C, S, P).transpose(1, 2)  # [G, C, H, S, P]
     s_own = (qs @ ks.transpose(-1, -2)).masked_fill(
         ~torch.ones(S, S, dtype=torch.bool, device=xs.device).tril(), float("-inf")
-    )
-    a = torch.softmax(torch.cat([s_pre, s_own], dim=-1) * scale, dim=-1)  # [G, C, H, S, P+S]
+    )  # [g, C, H, S, S]
+    a = torch.softmax(torch.cat([s_pre, s_own.expand(G, -1, -1, -1, -1)], dim=-1) * scale, dim=-1)
     a_pre = a[..., :P].transpose(1, 2).reshape(G, H, C * S, P)
     os_ = (a_pre @ vp).reshape(G, H, C, S, -1).transpose(1, 2) + a[..., P:] @ vs  # [G, C, H, S, d]
+    os_ = os_.transpose(-3, -2).reshape(G, C * S, W)  # padded layout, heads merged
+    if last:
+        x = xs[:, layout.eot_packed] + b.ls_1(b.out_proj(os_[:, layout.eot_padded]))  # [G, C, W]
+        return xp, x + b.ls_2(b.mlp(b.ln_2(x)))
+    xs = xs + b.ls_1(b.out_proj(os_.index_select(1, layout.pad_index)))  # [G, T, W]
+    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
     xp = xp + b.ls_1(b.out_proj(op.transpose(-3, -2).flatten(-2)))
-    xs = xs + b.ls_1(b.out_proj(os_.transpose(-3, -2).flatten(-2)))
     return xp + b.ls_2(b.mlp(b.ln_2(xp))), xs + b.ls_2(b.mlp(b.ln_2(xs)))
 
 
@@ -674,23 +734,29 @@ class FrozenCLIP(nn.Module):
             fast path would be inexact (:attr:`can_share_prefix` is False) it computes exactly that.
         """
         G, P, _ = prefix.shape
-        suffix = suffix.expand(G, *suffix.shape[-3:]) if suffix.dim() == 3 else suffix
         eot_index = eot_index.to(prefix.device)
         if not self.can_share_prefix:  # inexact here: run every full prompt (see can_share_prefix)
+            suffix = suffix.expand(G, *suffix.shape[-3:]) if suffix.dim() == 3 else suffix
             C = suffix.shape[1]
             full = torch.cat([prefix.unsqueeze(1).expand(G, C, P, -1).to(suffix.dtype), suffix], dim=2)
             feats = self.encode_text_embeddings(full.flatten(0, 1), eot_index.repeat(G), normalize=normalize)
             return feats.reshape(G, C, -1)
-        S = int(eot_index.max()) + 1 - P
+        layout = _PackedSuffixes.of(eot_index, P)
         xp = prefix.to(self.dtype) + self._pos_emb[:P].to(self.dtype)
-        xs = suffix[:, :, :S].to(self.dtype) + self._pos_emb[P : P + S].to(self.dtype)
-        for blk in self._text_blocks:
+        flat = suffix[..., : layout.longest, :].flatten(-3, -2)  # [C * S, W] or [G, C * S, W], padded
+        xs = flat.index_select(-2, layout.pad_index).to(self.dtype)  # packed: no token past an EOT
+        xs = xs + self._pos_emb[layout.positions].to(self.dtype)
+        xs = xs if xs.dim() == 3 else xs.unsqueeze(0)  # [1, T, W]: every group's first-block input
+        n = len(self._text_blocks)
+        for i, blk in enumerate(self._text_blocks):
+            last = i == n - 1  # its output is read at the EOT tokens only: [G, C, W]
             if self.grad_checkpointing and torch.is_grad_enabled() and (xp.requires_grad or xs.requires_grad):
-                xp, xs = checkpoint(_block_forward_prefixed, blk, xp, xs, use_reentrant=False)
+                xp, xs = checkpoint(_block_forward_prefixed, blk, xp, xs, layout, last, use_reentrant=False)
             else:
-                xp, xs = _block_forward_prefixed(blk, xp, xs)
-        x = self._ln_final(xs[:, torch.arange(xs.shape[1], device=xs.device), eot_index - P])  # [G, C, W]
-        x = self._project_text(x)
+                xp, xs = _block_forward_prefixed(blk, xp, xs, layout, last)
+        if n == 0:
+            xs = xs[:, layout.eot_packed].expand(G, -1, -1)
+        x = self._project_text(self._ln_final(xs))  # [G, C, D]
         return F.normalize(x, dim=-1) if normalize else x
 
     def _project_text(self, x: torch.Tensor) -> torch.Tensor:
