@@ -167,6 +167,27 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], repeats: int = 3
+) -> dict[str, tuple[float, object]]:
+    """Median seconds and last output of each function, timed in rounds that run every function once.
+
+    On a shared machine the load drifts over minutes: timing one formulation after the other would
+    credit whichever ran in the quieter minute. Interleaving exposes them to the same load, so their
+    ratio holds even when their absolute times do not. One untimed warm-up call each first.
+    """
+    out = {name: fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize()
+            t = time.perf_counter()
+            out[name] = fn()
+            synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {name: (statistics.median(times[name]), out[name]) for name in fns}
+
+
 def saved_activation_bytes(
     fn: Callable[[], torch.Tensor], params: list[torch.Tensor], keep: bool
 ) -> tuple[torch.Tensor, int]:

@@ -177,7 +177,9 @@ class _PackedSuffixes:
         """Layout of suffixes running from ``prefix_len`` to each prompt's ``eot_index`` (inclusive)."""
         lens = eot_index.long() - prefix_len + 1  # [C]
         if bool((lens < 1).any()):
-            raise ValueError(f"every end-of-text token must lie after the shared prefix of {prefix_len} tokens")
+            raise ValueError(
+                f"every end-of-text token must lie after the shared prefix of {prefix_len} tokens"
+            )
         C, S = lens.shape[0], int(lens.max())
         seg = torch.repeat_interleave(torch.arange(C, device=lens.device), lens)  # [T] class of each token
         start = torch.cumsum(lens, 0) - lens  # [C] first packed index of each suffix

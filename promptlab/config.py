@@ -90,6 +90,9 @@ class DataConfig:
     root: str = field(metadata={"path": True})  # $DATA in CoOp's DATASETS.md layout; must exist
     name: str  # a dataset under datasets/ (oxford_pets, imagenet, ..., synthetic)
     num_workers: int = field(default=4, metadata={"min": 0})  # DataLoader workers
+    # MB of decoded training images kept in memory across epochs (exact: crops still come from the original
+    # pixels; images beyond the budget are decoded from their files every epoch); 0 = decode every time
+    decoded_cache_mb: float = field(default=2048, metadata={"min": 0})
     # RandomResizedCrop area range of the training transform; CoOp/Dassl: [0.08, 1.0]. Tiny images
     # (the 48 px sandbox) lose their content at 8 % crops and use a milder range.
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])

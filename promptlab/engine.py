@@ -101,9 +101,13 @@ class ImageBatches:
         num_workers: int = 0,
         shard: tuple[int, int] = (0, 1),
         drop_last: bool | None = None,
+        pin_memory: bool = False,
     ):
-        # drop_last None: Dassl's rule (the last short training batch dropped; see sharded_loader)
-        kw = dict(shuffle=shuffle, num_workers=num_workers, shard=shard, drop_last=drop_last)
+        # drop_last None: Dassl's rule (the last short training batch dropped; see sharded_loader).
+        # pin_memory: page-locked batches, so that the copy to the GPU overlaps the step (non_blocking)
+        kw = dict(
+            shuffle=shuffle, num_workers=num_workers, shard=shard, drop_last=drop_last, pin_memory=pin_memory
+        )
         self.loader = distributed.sharded_loader(dataset, batch_size, generator, **kw)
 
     def __len__(self) -> int:

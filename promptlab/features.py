@@ -75,14 +75,16 @@ def encode_items(
     device: str | torch.device = "cpu",
     seed: int = 0,
     desc: str = "encode",
+    decoded_mb: float = 0,
 ) -> torch.Tensor:
     """Encode every item ``views`` times: [V, N, D] float32.
 
     View ``v`` draws its augmentations from :func:`view_seed` ``(seed, v)``: the same (seed, key)
-    gives the same features, and another run seed gives other views.
+    gives the same features, and another run seed gives other views. ``decoded_mb`` > 0 keeps that
+    many MB of decoded images in memory, so that V views decode each file once (same features).
     """
     out = []
-    ds = ImageDataset(list(items), transform)
+    ds = ImageDataset(list(items), transform, decoded_mb=decoded_mb, threads=max(1, num_workers))
     with torch.random.fork_rng(devices=[]):  # a cache miss must not change the run's RNG stream
         for v in range(views):
             # transforms draw from the global RNG (workers: from the loader's generator)

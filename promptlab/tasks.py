@@ -138,13 +138,16 @@ class Classification:
             return FeatureBatches(
                 feats, labels, batch_size, generator, shuffle=train, shard=distributed.current_shard()
             )
+        workers = int(cfg.data.num_workers)
+        decoded = float(cfg.data.decoded_cache_mb) if train else 0  # read every epoch: decode once
         return ImageBatches(
-            ImageDataset(items, transform),
+            ImageDataset(items, transform, decoded_mb=decoded, threads=max(1, workers)),
             batch_size,
             generator,
             shuffle=train,
-            num_workers=cfg.data.num_workers,
+            num_workers=workers,
             shard=distributed.current_shard(),
+            pin_memory=device.type == "cuda",
         )
 
     def evaluator(self, cfg: DictConfig, data: DatasetSplits, module: PromptModule) -> Evaluator:
@@ -229,6 +232,7 @@ def _features(
             num_workers=cfg.data.num_workers,
             device=device,
             desc=f"{what} features",
+            decoded_mb=float(cfg.data.decoded_cache_mb) if views > 1 else 0,  # one decode for V views
         )
 
 
