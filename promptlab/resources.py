@@ -10,6 +10,7 @@ is shared with every other distribution (Hugging Face's ``datasets`` package liv
 
 from __future__ import annotations
 
+import fnmatch
 import sysconfig
 from pathlib import Path
 
@@ -68,3 +69,19 @@ def find_recipe(name: str) -> Path:
         f"recipe {name!r} not found (as a path or under {RECIPES_DIR}){did_you_mean(name, list_recipes())}; "
         "`promptlab ls` lists them"
     )
+
+
+def find_recipes(name: str) -> list[Path]:
+    """:func:`find_recipe`, or for a pattern with ``*``, ``?`` or ``[`` (``sandbox/*_base2new``) every
+    recipe name under ``recipes/`` it matches, sorted.
+
+    Raises:
+        FileNotFoundError: a pattern that matches no recipe, or a name :func:`find_recipe` does not find.
+    """
+    if not any(c in name for c in "*?["):
+        return [find_recipe(name)]
+    pattern = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    found = [n for n in list_recipes() if fnmatch.fnmatchcase(n, pattern)]
+    if not found:
+        raise FileNotFoundError(f"no recipe under {RECIPES_DIR} matches {name!r}; `promptlab ls` lists them")
+    return [RECIPES_DIR / f"{n}.yaml" for n in found]

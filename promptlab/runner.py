@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import promptlab
-from promptlab import distributed
+from promptlab import distributed, timing
 from promptlab.backbones import load_backbone, load_clip, save_clip
 from promptlab.clip import FrozenCLIP
 from promptlab.config import ConfigError, epochs_for, eval_amp, instantiate, load_recipe, resolve_component
@@ -92,7 +92,8 @@ def build_method(cfg: DictConfig, clip: FrozenCLIP, ds: Any) -> PromptModule:
 
 def ensure_data(cfg: DictConfig) -> None:
     """Generate the recipe's procedural data on first use (its task knows where); real data is never touched."""
-    task_for(cfg).ensure_data(cfg)
+    with timing.phase("data"):
+        task_for(cfg).ensure_data(cfg)
 
 
 def prepare_data(cfg: DictConfig) -> DatasetSplits:
@@ -105,6 +106,7 @@ def run_recipe(
 ) -> tuple[DictConfig, dict[str, Any]]:
     """``promptlab run``: load the recipe, generate its procedural data, check its paths, run it."""
     cfg = load_recipe(path, overrides, check_paths=False)
+    timing.reset()
     ensure_data(cfg)  # generated data exists before its paths are checked
     cfg = load_recipe(path, overrides, check_paths=True)
     return cfg, run(cfg, overwrite=overwrite)
@@ -129,12 +131,14 @@ def run(cfg: DictConfig, *, overwrite: bool = False) -> dict[str, Any]:
         task = task_for(cfg)
         seed_everything(int(cfg.seed))
         device = distributed.local_device(resolve_device(cfg.device), dist_info)
-        data = task.prepare(cfg)
-        clip = load_backbone(cfg.model, device=device)
-        clip.grad_checkpointing = bool(cfg.train.grad_checkpointing)
-        seed_everything(int(cfg.seed))  # model init draws (random context) depend on the seed only
-        module = build_method(cfg, clip, data).to(device)
-        module.match_backbone_precision()  # reference_fp16: learned tensors in fp16, as the reference's
+        with timing.phase("data"):
+            data = task.prepare(cfg)
+        with timing.phase("setup"):
+            clip = load_backbone(cfg.model, device=device)
+            clip.grad_checkpointing = bool(cfg.train.grad_checkpointing)
+            seed_everything(int(cfg.seed))  # model init draws (random context) depend on the seed only
+            module = build_method(cfg, clip, data).to(device)
+            module.match_backbone_precision()  # reference_fp16: learned tensors in fp16, as the reference's
         log.info("run %s: %s on %s, %s", run_dir, type(module).__name__, task.describe(cfg, data), device)
         g = torch.Generator().manual_seed(int(cfg.seed))
         epochs = epochs_for(cfg)
@@ -143,15 +147,19 @@ def run(cfg: DictConfig, *, overwrite: bool = False) -> dict[str, Any]:
             fit = {"fit": _fit(cfg, task, data, module, device)}
         trains = (epochs > 0 or _max_steps(cfg) is not None) and bool(module.trainable_parameters())
         with _tensorboard(run_dir) if trains and distributed.is_main() else nullcontext() as writer:
-            train_info = _train(cfg, task, data, module, device, g, writer) if trains else {"epochs": epochs}
+            with timing.phase("train"):
+                train_info = (
+                    _train(cfg, task, data, module, device, g, writer) if trains else {"epochs": epochs}
+                )
             train_info.update(fit)
-            metrics = evaluate(
-                module,
-                task.batches(cfg, data, module, train=False, generator=g, device=device),
-                device=device,
-                amp=eval_amp(cfg),
-                evaluator=task.evaluator(cfg, data, module),
-            )
+            with timing.phase("eval"):
+                metrics = evaluate(
+                    module,
+                    task.batches(cfg, data, module, train=False, generator=g, device=device),
+                    device=device,
+                    amp=eval_amp(cfg),
+                    evaluator=task.evaluator(cfg, data, module),
+                )
             for key, value in task.scalars(cfg, metrics).items() if writer is not None else ():
                 writer.add_scalar(key, value, epochs)
         return _record(cfg, task, data, module, metrics, train_info, dist_info.world_size, t0)
@@ -176,7 +184,8 @@ def _fit(
     cfg: DictConfig, task: Task, data: Any, module: PromptModule, device: torch.device
 ) -> dict[str, Any]:
     """``module.fit`` on the features its ``fit_features`` asks for (:meth:`Task.fit_data`); its record."""
-    fit_data = task.fit_data(cfg, data, module, device=device)
+    with timing.phase("features"):
+        fit_data = task.fit_data(cfg, data, module, device=device)
     with torch.no_grad():
         record = module.fit(fit_data)
     module.match_backbone_precision()  # tensors fit() created take the reference's dtype too
@@ -282,6 +291,7 @@ def _record(
         "torch": torch.__version__,
         "python": platform.python_version(),
         "wall_time_s": round(time.time() - t0, 2),
+        "timing_s": timing.take(),  # exclusive seconds per phase (promptlab.timing), data generation included
         "peak_memory_mb": _peak_memory_mb(clip.device),
         "prompts": str(export_dir),
         "git_commit": git_commit(),
@@ -404,28 +414,34 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:  # load_recipe reads files: give it the base config as one
             (Path(tmp) / "eval.yaml").write_text(OmegaConf.to_yaml(base))
             cfg = load_recipe(Path(tmp) / "eval.yaml", overrides, check_paths=False)
+    timing.reset()
     ensure_data(cfg)
     device = resolve_device(cfg.device)
     eval_cfg = cfg.copy()
     eval_cfg.shots = (
         0 if cfg.eval.split == "test" else cfg.shots
     )  # the test split is never subsampled by shots
-    ds = prepare_data(eval_cfg)
+    with timing.phase("data"):
+        ds = prepare_data(eval_cfg)
     hparams = _eval_dataset_hparams(prompts_dir, cfg.method, ds)
     backbone = sorted({o.split("=", 1)[0].strip() for o in overrides} & {"model", *_BACKBONE_KEYS})
-    if backbone:  # honour model.* overrides: the prompts go onto the backbone asked for, if shapes agree
-        clip = load_backbone(cfg.model, device=device)
-        same_weights = not set(backbone) & {"model", "model.arch", "model.pretrained"}
-        module = load_prompts(prompts_dir, clip, strict_weights=same_weights, hparams=hparams).to(device)
-    else:
-        module = load_prompts_dir(prompts_dir, device=device, hparams=hparams).to(device)
-    module.set_classnames(ds.classnames)  # refuses classes a class-bound method did not learn
-    metrics = evaluate(
-        module,
-        Classification().batches(cfg, ds, module, train=False, generator=torch.Generator(), device=device),
-        device=device,
-        amp=eval_amp(cfg),
-    )
+    with timing.phase("setup"):
+        if backbone:  # honour model.* overrides: the prompts go onto the backbone asked for, if shapes agree
+            clip = load_backbone(cfg.model, device=device)
+            same_weights = not set(backbone) & {"model", "model.arch", "model.pretrained"}
+            module = load_prompts(prompts_dir, clip, strict_weights=same_weights, hparams=hparams).to(device)
+        else:
+            module = load_prompts_dir(prompts_dir, device=device, hparams=hparams).to(device)
+        module.set_classnames(ds.classnames)  # refuses classes a class-bound method did not learn
+    with timing.phase("eval"):
+        metrics = evaluate(
+            module,
+            Classification().batches(
+                cfg, ds, module, train=False, generator=torch.Generator(), device=device
+            ),
+            device=device,
+            amp=eval_amp(cfg),
+        )
     out = {
         "dataset": ds.name,
         "subsample": cfg.subsample,
@@ -439,6 +455,7 @@ def eval_prompts(path: Path, overrides: list[str]) -> dict[str, Any]:
         "split_hash": ds.split_hash,
         "promptlab_version": promptlab.__version__,
         "git_commit": git_commit(),
+        "timing_s": timing.take(),
     }
     atomic_write_json(path / f"eval_{ds.name}_{cfg.subsample}_{cfg.eval.split}.json", out)
     return out

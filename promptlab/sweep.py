@@ -30,6 +30,7 @@ time; ``--devices 0,1`` gives each process one GPU through ``CUDA_VISIBLE_DEVICE
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -201,6 +202,7 @@ def plan_sweep(
     out: str | Path | None = None,
     *,
     check_components: bool = True,
+    under: str | Path | None = None,
 ) -> Sweep:
     """Plan the grid of a recipe under a protocol; every job's config is loaded (validated) now.
 
@@ -208,6 +210,8 @@ def plan_sweep(
         recipe: the recipe file.
         args: ``protocol= datasets= seeds= shots= targets=`` and any recipe ``key=value`` overrides.
         out: the sweep directory (default :func:`default_out`).
+        under: instead of ``out``, the folder that holds it, as ``<under>/<recipe>-<protocol>`` (the
+            sweeps of several recipes side by side).
         check_components: import the method, optimizer and backbone to check their arguments
             (torch: seconds). ``--dry-run`` leaves it off so that a plan lists at once.
 
@@ -242,8 +246,10 @@ def plan_sweep(
             targets = [*BENCHMARK_DATASETS, *DOMAIN_SHIFT_DATASETS]
     elif "targets" in own:
         raise ConfigError("targets= is for protocol=crossdataset", key="targets")
-    out = Path(out) if out is not None else default_out(recipe, protocol)
-    sweep = Sweep(protocol, str(recipe), out, datasets, seeds, shots, targets, list(overrides))
+    if out is None:
+        out = default_out(recipe, protocol)
+        out = Path(under) / out.name if under is not None else out
+    sweep = Sweep(protocol, str(recipe), Path(out), datasets, seeds, shots, targets, list(overrides))
     subsample = "base" if protocol == "base2new" else "all"
     for dataset in datasets:
         name = _dataset_name(dataset)
@@ -334,8 +340,10 @@ def write_manifest(sweep: Sweep) -> Path:
 # ---------------------------------------------------------------------- running
 def execute_job(job: Job) -> None:
     """Train (or resume) one run unless its metrics exist, then run its missing evaluations."""
+    from promptlab import timing
     from promptlab.runner import ensure_data, eval_prompts, run
 
+    timing.reset()
     run_dir = Path(job.run_dir)
     if not (run_dir / "metrics.json").is_file():
         cfg = load_recipe(job.recipe, job.overrides, check_paths=False)
@@ -391,6 +399,7 @@ class SweepProgress:
         self.total = sum(j.epochs - self.first[j.run_dir] + 1 for j in self.jobs)
         self.running: dict[str, float] = {}  # run_dir -> start time
         self.done: dict[str, bool] = {}  # run_dir -> ok
+        self.took: dict[str, float] = {}  # run_dir -> wall seconds of its job (process start to exit)
         self.t0 = time.monotonic()
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -445,6 +454,7 @@ class SweepProgress:
         with self.lock:
             took = time.monotonic() - self.running.pop(job.run_dir, time.monotonic())
             self.done[job.run_dir] = ok
+            self.took[job.run_dir] = took
             self._write(f"{self._label(job)}: {'done' if ok else 'FAILED'} in {_duration(took)}{detail}")
 
     def line(self) -> str:
@@ -468,8 +478,9 @@ class SweepProgress:
 class _Launcher:
     """Runs jobs as child processes, each with its device slot; stops them all on Ctrl-C."""
 
-    def __init__(self, slots: list[str | None], on_start: Any = None):
+    def __init__(self, slots: list[str | None], on_start: Any = None, threads: int | None = None):
         self.on_start = on_start  # called with the job when its process starts
+        self.threads = threads  # OMP_NUM_THREADS of each job process (None: inherit)
         self.slots: queue.Queue[str | None] = queue.Queue()
         for s in slots:
             self.slots.put(s)
@@ -486,6 +497,8 @@ class _Launcher:
             env = dict(os.environ)
             if device is not None:
                 env["CUDA_VISIBLE_DEVICES"] = device
+            if self.threads is not None:
+                env.setdefault("OMP_NUM_THREADS", str(self.threads))
             with open(run_dir / JOB_LOG, "ab") as logf, self.lock:
                 if self.stopping:
                     return -1
@@ -529,12 +542,21 @@ def device_slots(jobs: int | None, devices: Sequence[str] | None) -> list[str | 
     return [devices[i % len(devices)] if devices else None for i in range(n)]
 
 
+def cpu_threads(slots: Sequence[str | None]) -> int | None:
+    """Torch threads per job process when several share this machine's CPU cores (no GPU ids): an equal
+    share of the cores (at least 1); None for one job, or jobs on GPUs (they keep torch's default)."""
+    if len(slots) < 2 or any(s is not None for s in slots):
+        return None
+    return max(1, (os.cpu_count() or 1) // len(slots))
+
+
 @dataclass
 class SweepResult:
     """What one invocation did, job by job (status before running: done / evaluate / resume / new)."""
 
     statuses: list[tuple[Job, str]]
     failed: list[Job] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # run_dir -> wall seconds of the jobs that ran
 
     @property
     def ran(self) -> list[Job]:
@@ -542,7 +564,7 @@ class SweepResult:
 
 
 def run_sweep(
-    sweep: Sweep,
+    sweep: Sweep | Sequence[Sweep],
     *,
     jobs: int | None = None,
     devices: Sequence[str] | None = None,
@@ -553,8 +575,11 @@ def run_sweep(
     """Run every unfinished job of ``sweep``; finished ones are skipped, interrupted ones resumed.
 
     Args:
-        sweep: from :func:`plan_sweep`.
-        jobs: how many runs side by side (one process each); default one per device, or 1.
+        sweep: from :func:`plan_sweep`, or several (the sweeps of several recipes): their jobs share the
+            ``jobs`` slots, so that one recipe's last seed does not leave a slot idle.
+        jobs: how many runs side by side (one process each); default one per device, or 1. Without
+            devices, each of N parallel jobs gets a 1/N share of the CPU cores as its torch threads
+            (``OMP_NUM_THREADS``, unless set): more threads than cores cost more than they give.
         devices: GPU ids; each job process sees one of them as its only GPU.
         in_process: run the jobs one after another in this process (debugging, tests).
         dry_run: only report what would run.
@@ -564,7 +589,8 @@ def run_sweep(
     Raises:
         ConfigError: a run directory holds a run of a different configuration.
     """
-    statuses = [(job, job.status()) for job in sweep.jobs]
+    sweeps = [sweep] if isinstance(sweep, Sweep) else list(sweep)
+    statuses = [(job, job.status()) for sw in sweeps for job in sw.jobs]
     result = SweepResult(statuses)
     for job, status in statuses:
         conflicts = config_conflicts(job) if status != "new" else []
@@ -575,12 +601,14 @@ def run_sweep(
             )
     if dry_run:
         return result
-    with rundir.lock_dir(sweep.out, "sweep"):  # a second sweep over this output refuses instead of rerunning
-        return _run_jobs(sweep, result, jobs, devices, in_process, progress_every)
+    with contextlib.ExitStack() as locks:
+        for sw in sweeps:  # a second sweep over these outputs refuses instead of rerunning
+            locks.enter_context(rundir.lock_dir(sw.out, "sweep"))
+        return _run_jobs(sweeps, result, jobs, devices, in_process, progress_every)
 
 
 def _run_jobs(
-    sweep: Sweep,
+    sweeps: Sequence[Sweep],
     result: SweepResult,
     jobs: int | None,
     devices: Sequence[str] | None,
@@ -588,10 +616,13 @@ def _run_jobs(
     progress_every: float,
 ) -> SweepResult:
     statuses = result.statuses
-    write_manifest(sweep)
+    for sweep in sweeps:
+        write_manifest(sweep)
     todo = [(job, status) for job, status in statuses if status != "done"]
-    log.info("sweep %s (%s): %d runs, %d to do", sweep.out, sweep.protocol, len(statuses), len(todo))
+    where = ", ".join(f"{sw.out} ({sw.protocol})" for sw in sweeps)
+    log.info("sweep %s: %d runs, %d to do", where, len(statuses), len(todo))
     with SweepProgress(todo, every=progress_every) as shown:
+        result.seconds = shown.took
         if in_process:
             for job, status in todo:
                 shown.started(job, status)
@@ -599,8 +630,9 @@ def _run_jobs(
                 shown.finished(job, True)
             return result
         status_of = dict((job.run_dir, status) for job, status in todo)
+        slots = device_slots(jobs, devices)
         launcher = _Launcher(
-            device_slots(jobs, devices), lambda job: shown.started(job, status_of[job.run_dir])
+            slots, lambda job: shown.started(job, status_of[job.run_dir]), threads=cpu_threads(slots)
         )
         pool = ThreadPoolExecutor(max_workers=launcher.slots.qsize())
         try:
@@ -638,6 +670,59 @@ def format_plan(result: SweepResult) -> str:
         s: sum(1 for _, st in result.statuses if st == s) for s in ("new", "resume", "evaluate", "done")
     }
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines)
+
+
+def profile_table(
+    jobs: Sequence[Job], seconds: dict[str, float], extra: dict[str, float] | None = None
+) -> str:
+    """Where the jobs' time went, per recipe and phase (``--profile``), from what each run recorded.
+
+    Each run's ``metrics.json`` and evaluation files hold exclusive seconds per phase (``timing_s``,
+    :mod:`promptlab.timing`): ``data`` (generation, few-shot draws), ``setup`` (backbone, method),
+    ``features`` (image features: encoded on a cache miss, read on a hit), ``train``, ``eval``. A job's
+    wall time (``seconds``, measured by the sweep) beyond them is ``startup`` (the job process, imports,
+    writing results). ``extra``: phases outside the jobs (the comparison report), listed after the table.
+    """
+    from promptlab.timing import PHASES
+
+    cols = ("startup", *PHASES)
+    rows: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    for job in jobs:
+        d = Path(job.run_dir)
+        records = [d / "metrics.json", *(d / e.result_file(job.split) for e in job.evaluations)]
+        phases: dict[str, float] = {}
+        for path in records:
+            try:
+                for k, v in json.loads(path.read_text()).get("timing_s", {}).items():
+                    phases[k] = phases.get(k, 0.0) + float(v)
+            except (OSError, ValueError):
+                continue
+        wall = seconds.get(job.run_dir)
+        if wall is None:  # not run by this invocation: its phases only
+            wall = sum(phases.values())
+        phases["startup"] = max(0.0, wall - sum(phases.values()))
+        name = Path(job.recipe).stem
+        row = rows.setdefault(name, dict.fromkeys(cols, 0.0))
+        for k, v in phases.items():
+            row[k if k in row else "startup"] += v
+        counts[name] = counts.get(name, 0) + 1
+    total = {c: sum(r[c] for r in rows.values()) for c in cols}
+    width = max([len(n) for n in rows] + [6])
+    head = f"{'recipe':{width}} {'runs':>4} " + " ".join(f"{c:>8}" for c in cols) + f" {'total':>8}"
+    lines = [
+        "seconds per phase, summed over each recipe's runs (job wall time; parallel jobs overlap):",
+        head,
+    ]
+    for name, row in [*rows.items(), ("all", total)]:
+        n = counts.get(name, sum(counts.values()))
+        cells = " ".join(f"{row[c]:8.1f}" for c in cols)
+        lines.append(f"{name:{width}} {n:4d} {cells} {sum(row.values()):8.1f}")
+    all_s = sum(total.values()) or 1.0
+    lines.append("share: " + ", ".join(f"{c} {100 * total[c] / all_s:.0f}%" for c in cols))
+    for k, v in (extra or {}).items():
+        lines.append(f"{k}: {v:.1f} s")
     return "\n".join(lines)
 
 

@@ -6,15 +6,18 @@ sweep's plan and jobs, are not imported by the module they import (no import cir
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from promptlab.sweep import JOB_LOG, _list, format_plan, plan_sweep, run_sweep
+from promptlab.sweep import JOB_LOG, _list, format_plan, plan_sweep, profile_table, run_sweep
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from promptlab.resources import find_recipe
+    from promptlab.resources import find_recipes
 
     if args.status:
         from promptlab.launchers import cmd_status
@@ -22,17 +25,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return cmd_status(args.status)
     if not args.recipe:
         raise ValueError("sweep: give a RECIPE to run, or --status DIR")
+    # every bare word is a recipe (or a pattern of recipe names); key=value words are sweep keys and overrides
+    names = [args.recipe, *(a for a in args.args if "=" not in a)]
+    overrides = [a for a in args.args if "=" in a]
+    recipes = list(dict.fromkeys(p for name in names for p in find_recipes(name)))
     check = not args.dry_run or args.check
+    several = len(recipes) > 1
     if args.launcher == "slurm":
         from promptlab.launchers import launcher_overrides, slurm_sweep
 
-        own = [*args.args, *launcher_overrides(args)]
-        sweep = plan_sweep(find_recipe(args.recipe), own, args.out, check_components=check)
+        if several:
+            raise ValueError("sweep --launcher slurm takes one recipe; submit each recipe's sweep on its own")
+        own = [*overrides, *launcher_overrides(args)]
+        sweep = plan_sweep(recipes[0], own, args.out, check_components=check)
         return slurm_sweep(sweep, dry_run=args.dry_run, wait_for=args.wait, every=args.progress_every)
-    sweep = plan_sweep(find_recipe(args.recipe), args.args, args.out, check_components=check)
+    out, under = (None, args.out) if several else (args.out, None)
+    sweeps = [plan_sweep(r, overrides, out, check_components=check, under=under) for r in recipes]
+    clash = [o for o, n in Counter(str(sw.out) for sw in sweeps).items() if n > 1]
+    if clash:
+        raise ValueError(f"sweep: two recipes would share the sweep directory {clash[0]}; sweep them apart")
     devices = _list(args.devices) if args.devices else None
+    t0 = time.perf_counter()
     result = run_sweep(
-        sweep,
+        sweeps,
         jobs=args.jobs,
         devices=devices,
         in_process=args.in_process,
@@ -40,7 +55,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         progress_every=args.progress_every,
     )
     if args.dry_run:
-        print(f"{sweep.protocol} sweep of {sweep.recipe} into {sweep.out}")
+        for sweep in sweeps:
+            print(f"{sweep.protocol} sweep of {sweep.recipe} into {sweep.out}")
         print(format_plan(result))
         if not check:
             print(
@@ -49,13 +65,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 0
+    wall = time.perf_counter() - t0
     if result.failed:
         print(f"{len(result.failed)} of {len(result.ran)} runs failed:", file=sys.stderr)
         for job in result.failed:
             print(f"  {job.run_dir} (log: {Path(job.run_dir) / JOB_LOG})", file=sys.stderr)
         return 1
-    print(f"{len(result.ran)} runs done, {len(result.statuses) - len(result.ran)} skipped -> {sweep.out}")
-    print(f"tables and plots: promptlab report {sweep.out}")
+    outs = [sw.out for sw in sweeps]
+    print(
+        f"{len(result.ran)} runs done, {len(result.statuses) - len(result.ran)} skipped -> {', '.join(map(str, outs))}"
+    )
+    extra = {"sweep wall time": wall}
+    if several:  # the comparison the sweeps of several recipes are run for: one table, plot and tau
+        from promptlab.report import compare_sweeps, write_report
+
+        t = time.perf_counter()
+        for d in outs:
+            write_report(d, None, None)
+        parent = Path(args.out) if args.out else Path(os.path.commonpath([d.resolve() for d in outs]))
+        rep = compare_sweeps(outs, parent / "comparison")
+        extra["report"] = time.perf_counter() - t
+        print(rep.markdown.read_text())
+        print(f"written: {rep.markdown}, {rep.csv}" + (f", {rep.plot}" if rep.plot else ""))
+    else:
+        print(f"tables and plots: promptlab report {outs[0]}")
+    if args.profile:
+        print(profile_table([job for sw in sweeps for job in sw.jobs], result.seconds, extra))
     return 0
 
 
@@ -64,15 +99,30 @@ def add_sweep_command(sub: Any) -> None:
     s = sub.add_parser(
         "sweep", help="run a protocol's grid (datasets x shots x seeds) from a recipe: resumable, parallel"
     )
-    s.add_argument("recipe", nargs="?", help="recipe path or name under recipes/")
+    s.add_argument(
+        "recipe",
+        nargs="?",
+        help="recipe path or name under recipes/; a pattern ('sandbox/*_base2new') names several",
+    )
     s.add_argument(
         "args",
         nargs="*",
-        metavar="key=value",
-        help="protocol=base2new|fewshot|crossdataset datasets=all|a,b seeds=1,2,3 shots=1,2,4,8,16 "
-        "targets=all|a,b (crossdataset), and any recipe override",
+        metavar="[RECIPE ...] key=value",
+        help="more recipes (several: their jobs share the slots, then one comparison table, plot and "
+        "Kendall tau), then protocol=base2new|fewshot|crossdataset datasets=all|a,b seeds=1,2,3 "
+        "shots=1,2,4,8,16 targets=all|a,b (crossdataset), and any recipe override (applied to every recipe)",
     )
-    s.add_argument("--out", help="sweep directory (default runs/sweeps/<recipe>-<protocol>)")
+    s.add_argument(
+        "--out",
+        help="sweep directory (default runs/sweeps/<recipe>-<protocol>); with several recipes, the folder "
+        "that holds each one's <recipe>-<protocol> and the comparison/",
+    )
+    s.add_argument(
+        "--profile",
+        action="store_true",
+        help="at the end, print where the time went: seconds per recipe and phase (startup, data generation, "
+        "setup, feature encoding, training, evaluation) and the report's",
+    )
     s.add_argument(
         "--jobs", type=int, help="runs side by side, one process each (default: one per device, or 1)"
     )

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig
 
-from promptlab import distributed
+from promptlab import distributed, timing
 from promptlab.data import (
     DatasetSplits,
     ImageDataset,
@@ -219,7 +219,10 @@ def _features(
 ) -> torch.Tensor:
     """[V, N, D] image features of ``items`` through the feature cache (V views drawn with ``seed``)."""
     clip = module.clip
-    with distributed.main_first():  # DDP: rank 0 encodes and caches, the others read the cache
+    with (
+        distributed.main_first(),
+        timing.phase("features"),
+    ):  # DDP: rank 0 encodes and caches, the others read
         return cached_features(
             module.encode_image,
             items,

@@ -450,3 +450,44 @@ def test_sweep_output_to_a_pipe_has_job_lines_and_no_escapes(world, tmp_path):
     for seed in (1, 2):
         job_log = (out / "shapes_b" / "shots1" / f"seed{seed}" / "sweep_job.log").read_text()
         assert "\x1b" not in job_log and "\r" not in job_log and "epoch 2/2" in job_log
+
+
+def test_recipe_patterns_name_the_sandbox_battery():
+    from promptlab.resources import find_recipes
+
+    names = [p.stem for p in find_recipes("sandbox/*_base2new")]
+    assert {"coop_base2new", "cocoop_base2new", "kgcoop_base2new", "maple_base2new"} <= set(names)
+    assert names == sorted(names) and not any("vificlip" in n or "anomaly" in n for n in names)
+    assert [p.resolve() for p in find_recipes("demo/coop_tiny")] == [RECIPE.resolve()]
+    with pytest.raises(FileNotFoundError, match="matches"):
+        find_recipes("sandbox/*_nothing_like_this")
+
+
+@pytest.mark.slow
+def test_several_recipes_one_sweep_then_comparison_and_profile(world, tmp_path, capsys):
+    """The battery's shape on the tiny CLIP: two recipes' jobs in one sweep, the comparison table, the profile."""
+    zs = OmegaConf.load(RECIPE)
+    zs.method = {"_component_": "promptlab.methods.ZeroShotCLIP", "templates": "dataset"}
+    zs.train.epochs = 0
+    zs_path = tmp_path / "zs_tiny.yaml"
+    zs_path.write_text(OmegaConf.to_yaml(zs))
+    out = tmp_path / "battery"
+    args = ["sweep", str(RECIPE), str(zs_path), "protocol=base2new", "datasets=shapes_a", "seeds=1"]
+    args += [*_common(world), "train.epochs=1", "--out", str(out), "--in-process", "--profile"]
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    for name in ("coop_tiny-base2new", "zs_tiny-base2new"):
+        run = out / name / "shapes_a" / "shots4" / "seed1"
+        timing = json.loads((run / "metrics.json").read_text())["timing_s"]
+        assert {"data", "setup", "features", "train", "eval"} == set(timing) and min(timing.values()) >= 0
+        assert (timing["train"] > 0) == name.startswith("coop")  # zero-shot trains nothing
+        assert "timing_s" in json.loads((run / "eval_shapes_a_new_test.json").read_text())
+    comparison = (out / "comparison" / "comparison.md").read_text()
+    assert "coop_tiny" in comparison and "zs_tiny" in comparison and comparison in printed
+    profile = printed[printed.index("seconds per phase") :]
+    rows = {line.split()[0]: line.split() for line in profile.splitlines()[2:5]}
+    assert set(rows) == {"coop_tiny", "zs_tiny", "all"} and rows["all"][1] == "2"
+    cols = profile.splitlines()[1].split()
+    assert cols[2:] == ["startup", "data", "setup", "features", "train", "eval", "total"]
+    assert float(rows["coop_tiny"][cols.index("train")]) > 0 == float(rows["zs_tiny"][cols.index("train")])
+    assert "report:" in profile and "sweep wall time:" in profile
