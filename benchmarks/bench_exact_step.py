@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import add_runtime_args, classnames, coop_loss, reference_text_features, runtime, synchronize, vit_b16
+from common import (
+    add_runtime_args,
+    classnames,
+    coop_loss,
+    reference_text_features,
+    runtime,
+    synchronize,
+    vit_b16,
+)
 from PIL import Image
 
 from promptlab.config import instantiate, load_recipe
@@ -157,7 +165,9 @@ def main() -> None:
                 with torch.no_grad(), rt.autocast():
                     feats = clip.model.encode_image(images)
                 with rt.autocast():
-                    loss = coop_loss(clip.logit_scale, reference_text_features(clip, ref_module), feats, labels)
+                    loss = coop_loss(
+                        clip.logit_scale, reference_text_features(clip, ref_module), feats, labels
+                    )
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

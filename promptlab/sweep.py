@@ -249,7 +249,8 @@ def plan_sweep(
     if out is None:
         out = default_out(recipe, protocol)
         out = Path(under) / out.name if under is not None else out
-    sweep = Sweep(protocol, str(recipe), Path(out), datasets, seeds, shots, targets, list(overrides))
+    out = Path(out)
+    sweep = Sweep(protocol, str(recipe), out, datasets, seeds, shots, targets, list(overrides))
     subsample = "base" if protocol == "base2new" else "all"
     for dataset in datasets:
         name = _dataset_name(dataset)

@@ -74,6 +74,7 @@ def test_every_gpu_step_is_a_benchmark_that_takes_its_options(tmp_path, monkeypa
         "coop-run",
         "memory",
         "eval",
+        "exact-step",
     }
     assert {"fp32", "bf16", "fp16"} <= {label.split()[-1] for label, _, _ in steps}
     assert sum(limit for _, limit, _ in steps) <= 600

@@ -88,3 +88,25 @@ def test_augmented_views_decode_once_and_encode_the_same(tmp_path, monkeypatch):
     held = encode_items(encode, items, train_transform(24), views=3, seed=1, decoded_mb=64)
     assert len(decodes) == len(items)  # one decode per file for three views
     torch.testing.assert_close(held, plain, rtol=0, atol=0)
+
+
+def test_the_exact_protocol_training_batches_hold_decoded_images(tmp_path, tiny_clip):
+    """The task's training batches (feature_cache off) keep the images decoded; evaluation batches and
+    data.decoded_cache_mb=0 do not."""
+    from promptlab.config import load_recipe
+    from promptlab.methods import CoOp
+    from promptlab.tasks import Classification
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "coop_tiny.yaml"
+    base = [f"cache_dir={tmp_path}", "train.feature_cache=false", f"output_dir={tmp_path / 'run'}"]
+    task = Classification()
+    for budget, held in ((64, True), (0, False)):
+        cfg = load_recipe(recipe, [*base, f"data.decoded_cache_mb={budget}"], check_paths=False)
+        task.ensure_data(cfg)
+        data = task.prepare(cfg)
+        module = CoOp(tiny_clip, data.classnames, n_ctx=2)
+        kw = dict(generator=torch.Generator(), device=torch.device("cpu"))
+        train = task.batches(cfg, data, module, train=True, **kw).loader.dataset
+        assert (train.decoded is not None and len(train.decoded) == len(data.train)) == held
+        test = task.batches(cfg, data, module, train=False, **kw)
+        assert not hasattr(test, "loader")  # evaluation reads cached features: no image decoding kept
