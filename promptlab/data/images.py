@@ -59,8 +59,10 @@ class DecodedImages:
             try:
                 with Image.open(path) as img:
                     size = img.width * img.height * 3
-            except (OSError, ValueError, SyntaxError):
-                size = None  # unreadable: left to read_image, which names the file when it is read
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                size = (
+                    None  # unreadable or too large: left to read_image, which names the file when it is read
+                )
             if size is not None and used + size <= budget:
                 keep.append(path)
                 used += size
