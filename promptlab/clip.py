@@ -889,11 +889,7 @@ class FrozenCLIP(nn.Module):
         _check_deep_keys(deep_prompts)
         x = self._vision_embed(images)  # [B, 1 + P, Wv], before ln_pre
         n_patch = x.shape[1] - 1
-        n_prompt = 0
-        if prompts is not None:
-            p = _expand(prompts, x.shape[0]).to(x.dtype)  # [B, n, Wv]
-            n_prompt = p.shape[1]
-            x = torch.cat([x, p], dim=1)
+        x, n_prompt = _append_prompts(x, prompts)  # [B, tokens + n, Wv]
         x = self._vision_ln_pre(x)  # [B, 1 + P + n, Wv]
         keep = {int(i) for i in keep}
         kept: dict[int, torch.Tensor] = {}
@@ -941,11 +937,7 @@ class FrozenCLIP(nn.Module):
         out = t._pos_embed(x)
         x, rope = out if isinstance(out, tuple) else (t.patch_drop(out), None)
         n_img = x.shape[1]  # prefix (class / register) tokens + patches
-        n_prompt = 0
-        if prompts is not None:
-            p = _expand(prompts, x.shape[0]).to(x.dtype)  # [B, n, Wv]
-            n_prompt = p.shape[1]
-            x = torch.cat([x, p], dim=1)
+        x, n_prompt = _append_prompts(x, prompts)  # [B, tokens + n, Wv]
         x = t.norm_pre(x)  # [B, n_img + n, Wv]
         if rope is not None and n_prompt:  # [..., P, 2 * d] = sin | cos: identity rows for the prompts
             half = rope.shape[-1] // 2
@@ -1127,6 +1119,14 @@ def _replace_visual_prompts(
             "tokens appended by `prompts`, so the counts must match"
         )
     return torch.cat([x[:, :n_img], p], dim=1)
+
+
+def _append_prompts(x: torch.Tensor, prompts: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Visual prompts appended after an image's tokens, and their count (both image loops share it)."""
+    if prompts is None:
+        return x, 0
+    p = _expand(prompts, x.shape[0]).to(x.dtype)  # [B, n, Wv]
+    return torch.cat([x, p], dim=1), p.shape[1]
 
 
 def _expand(p: torch.Tensor, batch: int) -> torch.Tensor:
