@@ -612,3 +612,77 @@ def test_runner_seeds_training_views_with_the_run_seed(tmp_path, monkeypatch):
         promptlab.runner.ensure_data(cfg)
         promptlab.runner.run(cfg)
     assert seen == [(2, 2), (1, 0), (2, 3), (1, 0)]  # (views, seed): training views, then the test set
+
+
+def test_feature_batches_shards_partition_each_global_batch():
+    """Under DDP every process draws the same global batch and keeps its part: the shards of each batch,
+    side by side, are the unsharded batch (same generator seed in every process)."""
+    feats, labels = _view_tagged(3, 21)
+    whole = list(FeatureBatches(feats, labels, 8, torch.Generator().manual_seed(5)))
+    parts = [
+        list(FeatureBatches(feats, labels, 8, torch.Generator().manual_seed(5), shard=(r, 3)))
+        for r in range(3)
+    ]
+    assert len(whole) == 2 and [len(p) for p in parts] == [2, 2, 2]
+    for b, (x, y) in enumerate(whole):
+        assert all(p[b][1].numel() > 0 for p in parts)
+        assert torch.equal(torch.cat([p[b][0]["image_features"] for p in parts]), x["image_features"])
+        assert torch.equal(torch.cat([p[b][1] for p in parts]), y)
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_feature_batches_draw_order_is_the_recorded_one(views):
+    """Recorded runs reproduce only while an epoch draws, from the run's generator, one view per image
+    (``randint(V, (N,))``, nothing at all for a single view) and then the order (``randperm(N)``)."""
+    n, bs = 10, 4
+    feats, labels = _view_tagged(views, n)
+    batches = FeatureBatches(feats, labels, bs, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    for _ in range(2):  # two epochs: the second continues the generator
+        view = torch.randint(views, (n,), generator=g) if views > 1 else torch.zeros(n, dtype=torch.long)
+        order = torch.randperm(n, generator=g)
+        got = [(x["image_features"], y) for x, y in batches]
+        assert len(got) == n // bs
+        for b, (x, y) in enumerate(got):
+            idx = order[b * bs : (b + 1) * bs]
+            assert x[:, 1].long().tolist() == idx.tolist() and torch.equal(y, labels[idx])
+            assert x[:, 0].long().tolist() == view[idx].tolist()
+
+
+class _FixedLogits(torch.nn.Module):
+    """A module whose logits are its inputs; it keeps what evaluation hands to observe_eval."""
+
+    classnames = ["a", "b", "c"]
+
+    def __init__(self):
+        super().__init__()
+        self.observed = []
+
+    def forward(self, image_features):
+        return image_features
+
+    def observe_eval(self, logits, labels):
+        self.observed.append((logits, labels))
+
+
+def test_accuracy_evaluator_weighs_present_classes_equally_over_batches():
+    """Class a: 3 of 3 right, class b: 0 of 1, class c: absent. Top-1 3/4; per class (100 + 0) / 2."""
+    from promptlab.engine import AccuracyEvaluator
+
+    module, ev = _FixedLogits(), AccuracyEvaluator(3)
+    one_hot = torch.eye(3)
+    batches = [(one_hot[[0, 0]], torch.tensor([0, 0])), (one_hot[[2, 0]], torch.tensor([1, 0]))]
+    for logits, labels in batches:
+        ev.observe(module, {"image_features": logits}, labels)
+    assert ev.result() == {"accuracy": 75.0, "mean_per_class_accuracy": 50.0, "n": 4}
+    assert len(module.observed) == 2
+    assert all(torch.equal(o[0], b[0]) and torch.equal(o[1], b[1]) for o, b in zip(module.observed, batches))
+
+
+def test_accuracy_evaluator_on_one_sample_and_on_none():
+    from promptlab.engine import AccuracyEvaluator
+
+    ev = AccuracyEvaluator(3)
+    ev.observe(_FixedLogits(), {"image_features": torch.tensor([[0.0, 0.0, 1.0]])}, torch.tensor([2]))
+    assert ev.result() == {"accuracy": 100.0, "mean_per_class_accuracy": 100.0, "n": 1}
+    assert AccuracyEvaluator(3).result() == {"accuracy": 0.0, "mean_per_class_accuracy": 0.0, "n": 0}
