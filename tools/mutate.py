@@ -311,7 +311,12 @@ def run_in_process(target: str, patterns: list[str], tests: list[str], timeout: 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # the mutated copy must be the one imported
     nice = ["nice", "-n", "15"]
-    subprocess.run([*nice, sys.executable, "-c", _GENERATE], cwd=folder, env=env, check=True)
+    gen = subprocess.run(
+        [*nice, sys.executable, "-c", _GENERATE], cwd=folder, env=env, capture_output=True, text=True
+    )
+    if gen.returncode != 0:  # mutmut lists every file it copies: shown only when generation fails
+        print(gen.stdout, gen.stderr, file=sys.stderr)
+        return gen.returncode
     names = [
         n for meta in meta_files(folder, modules) for n in json.loads(meta.read_text())["exit_code_by_key"]
     ]
