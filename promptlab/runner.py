@@ -290,6 +290,9 @@ def _record(
         "promptlab_version": promptlab.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        # CPU runs are bit-reproducible for one thread count, not across them (a matmul's sums split
+        # differently): `--jobs 2` gives each job half the cores
+        "torch_threads": torch.get_num_threads(),
         "wall_time_s": round(time.time() - t0, 2),
         "timing_s": timing.take(),  # exclusive seconds per phase (promptlab.timing), data generation included
         "peak_memory_mb": _peak_memory_mb(clip.device),

@@ -255,9 +255,9 @@ def test_devices_and_jobs_give_parallel_processes_their_gpu(world, tmp_path, mon
     together = threading.Barrier(2, timeout=30)
     seen = []
 
-    class FakeProcess:  # stands in for `python -m promptlab.sweep JOB.json`
-        def __init__(self, argv, env, **kw):
-            self.job = Job.from_json(json.loads(Path(argv[-1]).read_text()))
+    class FakeProcess:  # stands in for a job process (start_job)
+        def __init__(self, job_file, log_file, env):
+            self.job = Job.from_json(json.loads(Path(job_file).read_text()))
             seen.append((self.job.seed, env.get("CUDA_VISIBLE_DEVICES")))
 
         def wait(self):
@@ -267,7 +267,7 @@ def test_devices_and_jobs_give_parallel_processes_their_gpu(world, tmp_path, mon
                 (Path(self.job.run_dir) / e.result_file()).write_text("{}")
             return 0
 
-    monkeypatch.setattr("promptlab.sweep.subprocess.Popen", FakeProcess)
+    monkeypatch.setattr("promptlab.sweep.start_job", FakeProcess)
     sweep = plan_sweep(RECIPE, ["datasets=shapes_a", "seeds=1,2", "shots=4", *_common(world)], tmp_path)
     result = run_sweep(sweep, jobs=2, devices=["0", "1"])
     assert not result.failed and sorted(d for _, d in seen) == ["0", "1"]
@@ -372,8 +372,8 @@ def test_sweep_shows_job_lines_and_progress_without_escapes(world, tmp_path, mon
     """To a pipe or file: `job i/N` start/done lines and plain progress lines (epoch, ETA), no escapes."""
 
     class FakeProcess:  # a job process that logs one epoch, as the engine does, then finishes
-        def __init__(self, argv, env, **kw):
-            self.job = Job.from_json(json.loads(Path(argv[-1]).read_text()))
+        def __init__(self, job_file, log_file, env):
+            self.job = Job.from_json(json.loads(Path(job_file).read_text()))
 
         def wait(self):
             run_dir = Path(self.job.run_dir)
@@ -386,7 +386,7 @@ def test_sweep_shows_job_lines_and_progress_without_escapes(world, tmp_path, mon
                 (run_dir / e.result_file()).write_text("{}")
             return 0
 
-    monkeypatch.setattr("promptlab.sweep.subprocess.Popen", FakeProcess)
+    monkeypatch.setattr("promptlab.sweep.start_job", FakeProcess)
     sweep = plan_sweep(RECIPE, ["datasets=shapes_a", "seeds=1,2", "shots=4", *_common(world)], tmp_path)
     assert not run_sweep(sweep, progress_every=0.05).failed
     err = capsys.readouterr().err
@@ -491,3 +491,26 @@ def test_several_recipes_one_sweep_then_comparison_and_profile(world, tmp_path, 
     assert cols[2:] == ["startup", "data", "setup", "features", "train", "eval", "total"]
     assert float(rows["coop_tiny"][cols.index("train")]) > 0 == float(rows["zs_tiny"][cols.index("train")])
     assert "report:" in profile and "sweep wall time:" in profile
+
+
+def test_a_forked_job_process_runs_exactly_the_in_process_run(world, tmp_path, monkeypatch, one_thread):
+    """Job processes fork from a forkserver that imported torch and promptlab once: the job still gets its
+    own environment (OMP_NUM_THREADS applied as torch threads), its log, and the numbers of a run in this
+    process, bit for bit."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["protocol=base2new", "datasets=shapes_b", "seeds=1", *_common(world)]
+    forked = plan_sweep(RECIPE, args, tmp_path / "forked")
+    assert not run_sweep(forked, jobs=1).failed
+    here = plan_sweep(RECIPE, args, tmp_path / "here")
+    run_sweep(here, in_process=True)
+    a, b = (Path(sw.jobs[0].run_dir) for sw in (forked, here))
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["torch_threads"] == mb["torch_threads"] == 1
+    assert ma["accuracy"] == mb["accuracy"] and ma["train"]["last_loss"] == mb["train"]["last_loss"]
+    new = forked.jobs[0].evaluations[0].result_file()
+    assert json.loads((a / new).read_text())["accuracy"] == json.loads((b / new).read_text())["accuracy"]
+    ta, tb = (load_file(str(next((d / "prompts").glob("*.safetensors")))) for d in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert "epoch 3/3" in (a / "sweep_job.log").read_text()  # the job's own output went to its log
