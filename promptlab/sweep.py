@@ -85,7 +85,7 @@ JOB_LOG = "sweep_job.log"
 # What the forkserver imports before it forks job processes: everything a job imports anyway (torch,
 # torchvision, open_clip with timm and transformers: 5-15 s on a 2-core CPU), never anything that starts
 # torch's thread pools or CUDA, which a forked child could not use.
-PRELOAD = ("torch", "torchvision", "open_clip", "promptlab.runner", "promptlab.sweep")
+PRELOAD = ("torch", "torchvision", "open_clip", "promptlab.runner", "promptlab.sweep", "promptlab.cli")
 
 
 @dataclass(frozen=True)
@@ -664,7 +664,9 @@ def run_sweep(
     Args:
         sweep: from :func:`plan_sweep`, or several (the sweeps of several recipes): their jobs share the
             ``jobs`` slots, so that one recipe's last seed does not leave a slot idle.
-        jobs: how many runs side by side (one process each); default one per device, or 1. Without
+        jobs: how many runs side by side (one process each, see :func:`start_job`: as with
+            ``multiprocessing``, a script calling this needs an ``if __name__ == "__main__":`` guard,
+            since each job process imports the script's main module); default one per device, or 1. Without
             devices, each of N parallel jobs gets a 1/N share of the CPU cores as its torch threads
             (``OMP_NUM_THREADS``, unless set): more threads than cores cost more than they give.
         devices: GPU ids; each job process sees one of them as its only GPU.
