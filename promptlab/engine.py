@@ -537,7 +537,6 @@ class AccuracyEvaluator:
         }
 
 
-@torch.no_grad()
 def evaluate(
     module: PromptModule,
     batches: Iterable[Batch],
@@ -551,24 +550,25 @@ def evaluate(
     Batches that drop unreadable files (``skipped``: their paths) add ``skipped: {count, files}``, so a
     smaller ``n`` is never silent; a method's own statistics (``end_eval``) come as ``method_stats``.
     """
-    module.eval()
-    evaluator = evaluator if evaluator is not None else AccuracyEvaluator(len(module.classnames))
-    module.begin_eval()
-    with module.cached_text_features(), autocast(device, amp):
-        for inputs, labels in progress(batches, "evaluate", leave=False):
-            if labels.numel() == 0:  # DDP: a process's part of the last, small batch
-                continue
-            evaluator.observe(module, {k: v.to(device) for k, v in inputs.items()}, labels)
-    out = evaluator.result()
-    skipped = getattr(batches, "skipped", None)  # unreadable files the batches dropped (VideoBatches)
-    if skipped is not None:
-        (n_skipped,) = distributed.all_sum(len(skipped))
-        out["skipped"] = {"count": int(n_skipped), "files": sorted(set(skipped))}  # files: this process's
-        if skipped:
-            log.warning(
-                "evaluation skipped %d unreadable file(s); n=%d counts the others", len(skipped), out["n"]
-            )
-    stats = module.end_eval()
-    if stats:
-        out["method_stats"] = stats
-    return out
+    with torch.no_grad():  # a with block, not a decorator: mutmut skips decorated functions
+        module.eval()
+        evaluator = evaluator if evaluator is not None else AccuracyEvaluator(len(module.classnames))
+        module.begin_eval()
+        with module.cached_text_features(), autocast(device, amp):
+            for inputs, labels in progress(batches, "evaluate", leave=False):
+                if labels.numel() == 0:  # DDP: a process's part of the last, small batch
+                    continue
+                evaluator.observe(module, {k: v.to(device) for k, v in inputs.items()}, labels)
+        out = evaluator.result()
+        skipped = getattr(batches, "skipped", None)  # unreadable files the batches dropped (VideoBatches)
+        if skipped is not None:
+            (n_skipped,) = distributed.all_sum(len(skipped))
+            out["skipped"] = {"count": int(n_skipped), "files": sorted(set(skipped))}  # files: this process's
+            if skipped:
+                log.warning(
+                    "evaluation skipped %d unreadable file(s); n=%d counts the others", len(skipped), out["n"]
+                )
+        stats = module.end_eval()
+        if stats:
+            out["method_stats"] = stats
+        return out

@@ -63,7 +63,6 @@ def view_seed(seed: int, view: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-@torch.no_grad()
 def encode_items(
     encode: Callable[[torch.Tensor], torch.Tensor],
     items: Sequence[Item],
@@ -85,7 +84,9 @@ def encode_items(
     """
     out = []
     ds = ImageDataset(list(items), transform, decoded_mb=decoded_mb, threads=max(1, num_workers))
-    with torch.random.fork_rng(devices=[]):  # a cache miss must not change the run's RNG stream
+    # no_grad as a with block, not a decorator: mutmut skips decorated functions (tools/mutate.py);
+    # a cache miss must not change the run's RNG stream (fork_rng)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for v in range(views):
             # transforms draw from the global RNG (workers: from the loader's generator)
             torch.manual_seed(view_seed(seed, v))

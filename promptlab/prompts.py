@@ -226,10 +226,10 @@ class PromptModule(nn.Module):
         finally:
             self._text_cache = None
 
-    @torch.no_grad()
     def class_embeddings(self) -> torch.Tensor:
         """[C, D] L2-normalised text features: the classifier, usable without promptlab."""
-        return F.normalize(self.text_features().float(), dim=-1)
+        with torch.no_grad():  # a with block, not a decorator: mutmut skips decorated functions
+            return F.normalize(self.text_features().float(), dim=-1)
 
     def fit(self, data: FitData) -> dict[str, Any]:
         """Fit from the training split's features, without an optimizer (called when ``fit_features`` is set).
@@ -282,11 +282,11 @@ class PromptModule(nn.Module):
     def load_training_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`training_state_dict` returned (an empty dict: start afresh)."""
 
-    @torch.no_grad()
     def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, D] features of the unprompted, untuned image tower (no graph): the zero-shot teacher that
         self-consistency losses (PromptSRC) compare the prompted features with, on the same images."""
-        return self.clip.encode_image(images)
+        with torch.no_grad():  # a with block, not a decorator: mutmut skips decorated functions
+            return self.clip.encode_image(images)
 
     def register_class_buffers(self, tensors: dict[str, torch.Tensor]) -> None:
         """Register class-derived tensors as non-persistent buffers: rebuilt by ``set_classnames``, never saved."""
@@ -549,7 +549,6 @@ def prompt_buffers(
     return {"_base": base, "_ctx_pos": pos, "_eot": eot}
 
 
-@torch.no_grad()
 def hand_crafted_features(
     clip: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str], *, normalize_each: bool = True
 ) -> torch.Tensor:
@@ -560,9 +559,10 @@ def hand_crafted_features(
     averages the raw features instead (PromptSRC's frozen text features, trainers/promptsrc.py L122-128).
     """
     names = [clean_classname(c) for c in classnames]
-    raw = (clip.encode_text(clip.tokenize([t.format(n) for n in names])).float() for t in templates)
-    feats = torch.stack([F.normalize(f, dim=-1) if normalize_each else f for f in raw])  # [T, C, D]
-    return F.normalize(feats.mean(0), dim=-1)
+    with torch.no_grad():  # a with block, not a decorator: mutmut skips decorated functions
+        raw = (clip.encode_text(clip.tokenize([t.format(n) for n in names])).float() for t in templates)
+        feats = torch.stack([F.normalize(f, dim=-1) if normalize_each else f for f in raw])  # [T, C, D]
+        return F.normalize(feats.mean(0), dim=-1)
 
 
 def knowledge_distance(text_features: torch.Tensor, hand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

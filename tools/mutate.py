@@ -104,7 +104,7 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_prompt_maths.py",
         ],
     ),
-    "features": (["promptlab/features.py"], ["tests/test_engine.py"]),
+    "features": (["promptlab/features.py"], ["tests/test_engine.py", "tests/test_decoded_images.py"]),
     "anomaly": (
         ["promptlab/anomaly/method.py"],
         ["tests/test_anomaly.py", "tests/test_anomaly_parity.py"],
