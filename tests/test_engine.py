@@ -332,6 +332,42 @@ def test_corrupted_feature_cache_is_rebuilt(clip, synth, tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_feature_cache_logs_hits_records_its_key_and_rebuilds_stale_entries(clip, synth, tmp_path, caplog):
+    """The entry records its key and item count; a hit is logged and encodes nothing; an entry of another
+    shape under the same key (an older layout) and an unreadable one are re-encoded with the caller's loader
+    options, each with a warning naming the file and what is wrong."""
+    import logging
+
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file, save_file
+
+    sizes = []
+
+    def encode(x):
+        sizes.append(x.shape[0])
+        return clip.encode_image(x)
+
+    items = synth.test[:3]
+    kw = dict(fingerprint="fp", cache_dir=tmp_path, batch_size=2)
+    with caplog.at_level(logging.INFO, logger="promptlab.features"):
+        a = cached_features(encode, items, clip.eval_transform, **kw)
+        (path,) = (tmp_path / "features").glob("*.safetensors")
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata() == {"key": path.stem, "n": "3"}
+        assert torch.equal(cached_features(encode, items, clip.eval_transform, **kw), a)
+        save_file({"features": torch.zeros(1, 2, 5)}, str(path))
+        assert torch.equal(cached_features(encode, items, clip.eval_transform, **kw), a)
+        path.write_bytes(b"garbage")
+        with pytest.raises(SafetensorError) as err:
+            load_file(str(path))
+        assert torch.equal(cached_features(encode, items, clip.eval_transform, **kw), a)
+    assert sizes == [2, 1] * 3  # the miss and the two rebuilds; the hit encoded nothing
+    hit, stale, bad = [r.getMessage() for r in caplog.records if r.name == "promptlab.features"]
+    assert hit == f"feature cache hit: {path}"
+    assert stale == f"feature cache {path} has shape (1, 2, 5), expected (1, 3, D): rebuilding"
+    assert bad == f"feature cache {path} is unreadable ({err.value}): rebuilding"
+
+
 def test_augmented_views_differ_and_are_deterministic(clip, synth):
     items = synth.train[:6]
     a = encode_items(clip.encode_image, items, clip.train_transform, views=2)
@@ -377,6 +413,69 @@ def test_view_seeds_are_the_recorded_derivation():
     assert view_seed(1, 0) == 2212797774892819111
 
 
+def test_training_views_are_the_recorded_draws(clip, synth):
+    """View v of seed s is the transform applied to each image in item order, drawing from the global RNG
+    seeded with view_seed(s, v) and nothing else drawing in between (recorded runs' views reproduce only
+    while this holds); written out here with PIL and the transform alone. The encoder is the identity, so
+    the crops themselves are compared."""
+    from PIL import Image
+
+    items = synth.train[:5]
+    got = encode_items(lambda x: x.flatten(1), items, clip.train_transform, views=2, seed=3, batch_size=2)
+    with torch.random.fork_rng(devices=[]):
+        for v in range(2):
+            digest = hashlib.sha256(f"promptlab-view:3:{v}".encode()).digest()
+            torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            want = [clip.train_transform(Image.open(it.path).convert("RGB")).flatten() for it in items]
+            torch.testing.assert_close(got[v], torch.stack(want), atol=0, rtol=0)
+
+
+def test_loader_workers_draw_the_views_of_the_run_seed(clip, synth):
+    """``num_workers`` loader workers run the transforms, drawing from seeds the loader's generator gives them:
+    the views still follow (seed, view), the same twice and others for another seed or another view."""
+    from torch.utils.data import get_worker_info
+
+    def crop_and_where(img):  # the crop, then 1 if a loader worker made it
+        return torch.cat(
+            [clip.train_transform(img).flatten(), torch.tensor([float(get_worker_info() is not None)])]
+        )
+
+    items = synth.train[:4]
+    kw = dict(views=2, num_workers=1, batch_size=4)
+    one = encode_items(lambda x: x, items, crop_and_where, seed=1, **kw)
+    assert (one[..., -1] == 1).all()
+    assert torch.equal(one, encode_items(lambda x: x, items, crop_and_where, seed=1, **kw))
+    two = encode_items(lambda x: x, items, crop_and_where, seed=2, **kw)
+    assert not torch.equal(one[0], one[1])
+    assert not torch.equal(one[0], two[0]) and not torch.equal(one[1], two[1])
+
+
+def test_encoder_receives_batches_on_the_device(clip, synth):
+    """Each batch is moved to ``device`` before the encoder sees it; the features come back as float32 on CPU."""
+    seen = []
+
+    def encode(x):
+        seen.append((x.device.type, x.shape[0]))
+        return torch.ones(x.shape[0], 2, dtype=torch.float16)
+
+    feats = encode_items(encode, synth.test[:3], clip.eval_transform, batch_size=2, device="meta")
+    assert seen == [("meta", 2), ("meta", 1)]
+    assert (
+        feats.dtype == torch.float32
+        and feats.device.type == "cpu"
+        and torch.equal(feats, torch.ones(1, 3, 2))
+    )
+
+
+def test_no_items_encode_to_an_empty_tensor(clip):
+    """An empty item list (an empty split) gives [V, 0] without calling the encoder."""
+
+    def never(x):
+        raise AssertionError("nothing to encode")
+
+    assert encode_items(never, [], clip.train_transform, views=2).shape == (2, 0)
+
+
 def test_feature_cache_key_holds_the_transform(clip, synth, tmp_path):
     """The same items under another transform (training crops vs evaluation) are another entry: evaluation
     must never be scored on cached training views, nor the reverse."""
@@ -396,6 +495,16 @@ def test_feature_cache_keeps_each_view_count_apart(clip, synth, tmp_path):
     one = cached_features(clip.encode_image, items, clip.train_transform, views=1, **kw)
     two = cached_features(clip.encode_image, items, clip.train_transform, views=2, **kw)
     assert one.shape[0] == 1 and two.shape[0] == 2
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
+
+
+def test_feature_cache_keeps_each_tag_apart(clip, synth, tmp_path):
+    """A caller's ``tag`` names a variant the other key parts do not see: another tag, another entry."""
+    items = synth.test[:2]
+    kw = dict(fingerprint="fp", cache_dir=tmp_path)
+    a = cached_features(clip.encode_image, items, clip.eval_transform, tag="a", **kw)
+    b = cached_features(lambda x: clip.encode_image(x) + 1.0, items, clip.eval_transform, tag="b", **kw)
+    torch.testing.assert_close(b, a + 1.0)
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
 
 
@@ -477,6 +586,27 @@ def test_cache_miss_leaves_global_rng_alone(clip, synth):
     assert torch.equal(after, torch.rand(1))
 
 
+def test_encoding_and_evaluation_run_without_autograd(clip, synth):
+    """encode_items and evaluate build no graph (cached features and evaluation logits hold none, so memory
+    stays flat over a large test set, even for a module whose context requires grad) and hand grad mode
+    back."""
+    modes = []
+
+    def encode(x):
+        modes.append(torch.is_grad_enabled())
+        return clip.encode_image(x)
+
+    feats = encode_items(encode, synth.test[:3], clip.eval_transform, batch_size=2)
+    assert modes == [False, False] and not feats.requires_grad and torch.is_grad_enabled()
+    module = CoOp(clip, synth.classnames, n_ctx=2)
+    seen = []
+    module.observe_eval = lambda logits, labels: seen.append((torch.is_grad_enabled(), logits.requires_grad))
+    module.end_eval = lambda: {"grad": torch.is_grad_enabled()}
+    labels = torch.tensor([it.label for it in synth.test[:3]])
+    out = evaluate(module, [({"image_features": feats[0]}, labels)], device=torch.device("cpu"))
+    assert seen == [(False, False)] and out["method_stats"] == {"grad": False} and torch.is_grad_enabled()
+
+
 def test_evaluate_from_cache_equals_evaluate_from_images(clip, synth):
     module = CoOp(clip, synth.classnames, n_ctx=2)
     items = synth.test
@@ -493,31 +623,92 @@ def test_evaluate_from_cache_equals_evaluate_from_images(clip, synth):
     assert 0.0 <= m1["accuracy"] <= 100.0
 
 
+class _LogitsIn(torch.nn.Module):
+    """A two-class "method" whose logits are its input: evaluate's bookkeeping without a model. Records the
+    autocast state of each forward; ``end_eval`` returns ``stats``."""
+
+    classnames = ["a", "b"]
+
+    def __init__(self, stats: dict | None = None) -> None:
+        super().__init__()
+        self.stats = stats or {}
+        self.autocast: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, image_features):
+        self.autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return image_features
+
+    def begin_eval(self):
+        pass
+
+    def observe_eval(self, logits, labels):
+        pass
+
+    def end_eval(self):
+        return self.stats
+
+    def cached_text_features(self):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
 def test_evaluate_counts_correctly():
-    class Fixed(torch.nn.Module):
-        classnames = ["a", "b"]
-
-        def forward(self, image_features):
-            return image_features
-
-        def begin_eval(self):
-            pass
-
-        def observe_eval(self, logits, labels):
-            pass
-
-        def end_eval(self):
-            return {}
-
-        def cached_text_features(self):
-            from contextlib import nullcontext
-
-            return nullcontext()
-
     logits = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     labels = torch.tensor([0, 0, 1, 1])
-    m = evaluate(Fixed(), [({"image_features": logits}, labels)], device=torch.device("cpu"))  # type: ignore[arg-type]
+    m = evaluate(_LogitsIn(), [({"image_features": logits}, labels)], device=torch.device("cpu"))  # type: ignore[arg-type]
     assert m["accuracy"] == 75.0 and m["mean_per_class_accuracy"] == 75.0 and m["n"] == 4
+
+
+class _Dropping(list):
+    """Batches that dropped unreadable files, as VideoBatches records them."""
+
+    def __init__(self, batches: list, skipped: list[str]) -> None:
+        super().__init__(batches)
+        self.skipped = skipped
+
+
+def test_evaluate_skips_empty_batches_counts_dropped_files_and_passes_method_stats(caplog):
+    """Empty label batches (a DDP process's share of the last batch) are passed over wherever they come, a
+    one-label batch is not; the forward runs under the requested autocast; dropped files are counted, named
+    (sorted) and warned about (none dropped: an empty record, no warning); end_eval's statistics come as
+    method_stats (none: no key); a caller's evaluator replaces the accuracy."""
+    import logging
+
+    batches = [
+        ({"image_features": torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])}, torch.tensor([0, 1, 1])),
+        ({"image_features": torch.zeros(0, 2)}, torch.zeros(0, dtype=torch.long)),
+        ({"image_features": torch.tensor([[1.0, 0.0]])}, torch.tensor([0])),
+    ]
+    cpu = torch.device("cpu")
+    module = _LogitsIn({"routed": 3})
+    with caplog.at_level(logging.WARNING, logger="promptlab.engine"):
+        out = evaluate(module, _Dropping(batches, ["b.jpg", "a.jpg"]), device=cpu, amp="bf16")
+    assert out == {
+        "accuracy": 75.0,  # 3 of 4; class a 2 of 2, class b 1 of 2
+        "mean_per_class_accuracy": 75.0,
+        "n": 4,
+        "skipped": {"count": 2, "files": ["a.jpg", "b.jpg"]},
+        "method_stats": {"routed": 3},
+    }
+    assert module.autocast == [(True, torch.bfloat16)] * 2
+    assert caplog.messages == ["evaluation skipped 2 unreadable file(s); n=4 counts the others"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="promptlab.engine"):
+        out = evaluate(_LogitsIn(), _Dropping(batches, []), device=cpu)
+    assert out["skipped"] == {"count": 0, "files": []} and "method_stats" not in out and not caplog.messages
+
+    class Counting:
+        def __init__(self) -> None:
+            self.labels: list[int] = []
+
+        def observe(self, module, inputs, labels):
+            self.labels += labels.tolist()
+
+        def result(self):
+            return {"labels": self.labels}
+
+    assert evaluate(_LogitsIn(), batches, device=cpu, evaluator=Counting()) == {"labels": [0, 1, 1, 0]}
 
 
 def _one_epoch(clip, tmp_path, **kw):

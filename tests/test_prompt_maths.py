@@ -12,6 +12,7 @@ from promptlab.clip import FrozenCLIP
 from promptlab.prompts import (
     build_prompt_layout,
     deep_prompt_tokens,
+    hand_crafted_features,
     independent_vl_prompts,
     init_context,
     knowledge_distance,
@@ -178,3 +179,55 @@ def test_init_context_warns_when_the_words_override_n_ctx(
             ValueError, match=rf"n_ctx must be a positive number of context tokens, got {bad}"
         ):
             init_context(tiny_clip, bad, "")
+
+
+def test_hand_crafted_features_are_clips_prompt_ensemble(tiny_clip: FrozenCLIP) -> None:
+    """CLIP's prompt ensembling: each template's text features normalised, averaged over the templates, the
+    mean normalised again; ``normalize_each=False`` (PromptSRC's frozen features) averages the raw features.
+    Class names lose their underscores and outer spaces (CoOp's cleaning)."""
+    templates = ["a photo of a {}.", "{} texture.", "a sketch of the {}"]
+    clean = ("golden retriever", "cat")
+    raw = torch.stack(
+        [tiny_clip.encode_text(tiny_clip.tokenize([t.format(n) for n in clean])) for t in templates]
+    )
+    raw = raw.float()  # [T, C, D]
+    each = raw / raw.norm(dim=-1, keepdim=True)
+    want = each.mean(0) / each.mean(0).norm(dim=-1, keepdim=True)
+    plain = raw.mean(0) / raw.mean(0).norm(dim=-1, keepdim=True)
+    assert (want - plain).abs().max() > 1e-4  # the two rules differ on these features
+    names = ["golden_retriever", " cat "]
+    torch.testing.assert_close(hand_crafted_features(tiny_clip, names, templates), want, atol=1e-6, rtol=0)
+    got = hand_crafted_features(tiny_clip, names, templates, normalize_each=False)
+    torch.testing.assert_close(got, plain, atol=1e-6, rtol=0)
+
+
+def test_frozen_features_hold_no_graph(tiny_clip: FrozenCLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exported classifier (``class_embeddings``), PromptSRC's zero-shot teacher
+    (``frozen_image_features``) and the hand-crafted text features are constants: computed without autograd
+    even while the context and the input require grad, with grad mode back on afterwards.
+    ``class_embeddings`` are the learned text features, row-normalised, in float32."""
+    from promptlab.methods import CoOp
+
+    m = CoOp(tiny_clip, ["dog", "red car", "cat"], n_ctx=2)
+    text = m.text_features()
+    assert text.requires_grad
+    emb = m.class_embeddings()
+    assert not emb.requires_grad and emb.dtype == torch.float32 and torch.is_grad_enabled()
+    want = text.detach().float()
+    torch.testing.assert_close(emb, want / want.norm(dim=-1, keepdim=True), atol=1e-6, rtol=0)
+
+    images = torch.randn(2, 3, tiny_clip.image_size, tiny_clip.image_size, requires_grad=True)
+    feats = m.frozen_image_features(images)
+    assert not feats.requires_grad and torch.is_grad_enabled()
+    torch.testing.assert_close(feats, tiny_clip.encode_image(images.detach()), atol=0, rtol=0)
+
+    modes = []
+    encode_text = tiny_clip.encode_text
+
+    def recording(ids: torch.Tensor) -> torch.Tensor:
+        modes.append(torch.is_grad_enabled())
+        return encode_text(ids)
+
+    monkeypatch.setattr(tiny_clip, "encode_text", recording)
+    hand_crafted_features(tiny_clip, ["dog"], ["a photo of a {}.", "a {}."])
+    assert modes == [False, False] and torch.is_grad_enabled()
