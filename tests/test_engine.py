@@ -672,7 +672,7 @@ def test_evaluate_skips_empty_batches_counts_dropped_files_and_passes_method_sta
     """Empty label batches (a DDP process's share of the last batch) are passed over wherever they come, a
     one-label batch is not; the forward runs under the requested autocast; dropped files are counted, named
     (sorted) and warned about (none dropped: an empty record, no warning); end_eval's statistics come as
-    method_stats (none: no key); a caller's evaluator replaces the accuracy."""
+    method_stats (none: no key); a caller's evaluator replaces the accuracy; the inputs go to ``device``."""
     import logging
 
     batches = [
@@ -701,14 +701,20 @@ def test_evaluate_skips_empty_batches_counts_dropped_files_and_passes_method_sta
     class Counting:
         def __init__(self) -> None:
             self.labels: list[int] = []
+            self.devices: set[str] = set()
 
         def observe(self, module, inputs, labels):
             self.labels += labels.tolist()
+            self.devices.add(inputs["image_features"].device.type)
 
         def result(self):
             return {"labels": self.labels}
 
-    assert evaluate(_LogitsIn(), batches, device=cpu, evaluator=Counting()) == {"labels": [0, 1, 1, 0]}
+    counting = Counting()  # on the meta device: the inputs are moved to ``device`` before the forward
+    assert evaluate(_LogitsIn(), batches, device=torch.device("meta"), evaluator=counting) == {
+        "labels": [0, 1, 1, 0]
+    }
+    assert counting.devices == {"meta"}
 
 
 def _one_epoch(clip, tmp_path, **kw):
