@@ -883,3 +883,22 @@ def test_accuracy_evaluator_on_one_sample_and_on_none():
     ev.observe(_FixedLogits(), {"image_features": torch.tensor([[0.0, 0.0, 1.0]])}, torch.tensor([2]))
     assert ev.result() == {"accuracy": 100.0, "mean_per_class_accuracy": 100.0, "n": 1}
     assert AccuracyEvaluator(3).result() == {"accuracy": 0.0, "mean_per_class_accuracy": 0.0, "n": 0}
+
+
+def test_image_batches_follow_dassls_drop_rule_and_shard(clip, synth):
+    """Training batches drop the last short one when there is a full one (Dassl), unless told not to;
+    evaluation batches hold every item once, in order; under DDP the shards of each global batch, side
+    by side, are that batch."""
+    items = synth.train[:10]
+    ds = ImageDataset(items, clip.eval_transform)
+    train_batches = ImageBatches(ds, 4, torch.Generator().manual_seed(0))
+    got = list(train_batches)
+    assert len(train_batches) == len(got) == 2 and all(x["images"].shape[0] == y.numel() == 4 for x, y in got)
+    assert len(ImageBatches(ds, 4, torch.Generator(), drop_last=False)) == 3
+    ev = ImageBatches(ds, 4, torch.Generator(), shuffle=False)
+    assert len(ev) == 3 and torch.cat([y for _, y in ev]).tolist() == [it.label for it in items]
+    whole = list(ImageBatches(ds, 4, torch.Generator().manual_seed(3)))
+    parts = [list(ImageBatches(ds, 4, torch.Generator().manual_seed(3), shard=(r, 2))) for r in range(2)]
+    for b, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([p[b][0]["images"] for p in parts]), x["images"])
+        assert torch.equal(torch.cat([p[b][1] for p in parts]), y)

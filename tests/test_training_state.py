@@ -9,6 +9,7 @@ Mutation testing (issue 24) found each of these restorations pinned by nothing.
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -21,7 +22,13 @@ CLASSES = ["red circle", "blue square", "green star"]
 
 
 class _RecordingCoOp(CoOp):
-    """CoOp that keeps what the checkpoint handed to load_training_state_dict."""
+    """CoOp that carries ``carried`` across epochs (as PromptSRC its averages) and keeps what the
+    checkpoint handed back to load_training_state_dict."""
+
+    carried: dict[str, torch.Tensor] = {}
+
+    def training_state_dict(self):
+        return dict(self.carried)
 
     def load_training_state_dict(self, state):
         self.loaded_training_state = state
@@ -73,8 +80,22 @@ def test_checkpoint_restores_every_random_stream(coop, tmp_path):
         assert _same([x], [y]), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CUDA generators' state")
+def test_checkpoint_restores_the_cuda_random_stream(coop, tmp_path):
+    """Dropout and random augmentations on the GPU draw from CUDA's own generators."""
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(coop.trainable_parameters(), lr=0.1)
+    torch.cuda.manual_seed_all(5)
+    save_training_state(tmp_path / "last.pt", coop, opt, 1, g)
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed_all(6)
+    restore_training_state(tmp_path / "last.pt", coop, opt, g)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
 def test_checkpoint_restores_the_learned_tensors_and_the_optimizer(coop, tmp_path):
     opt = torch.optim.SGD(coop.trainable_parameters(), lr=0.1, momentum=0.9)
+    coop.carried = {"ctx_sum": torch.arange(3.0)}
     coop.ctx.grad = torch.ones_like(coop.ctx)
     opt.step()  # a momentum buffer to save
     saved_ctx, saved_buf = coop.ctx.detach().clone(), opt.state[coop.ctx]["momentum_buffer"].clone()
@@ -86,7 +107,21 @@ def test_checkpoint_restores_the_learned_tensors_and_the_optimizer(coop, tmp_pat
     restore_training_state(tmp_path / "last.pt", coop, opt, torch.Generator())
     assert torch.equal(coop.ctx, saved_ctx)
     assert torch.equal(opt.state[coop.ctx]["momentum_buffer"], saved_buf)
-    assert coop.loaded_training_state == {}  # CoOp carries no state across epochs
+    assert list(coop.loaded_training_state) == ["ctx_sum"]
+    assert torch.equal(coop.loaded_training_state["ctx_sum"], torch.arange(3.0))
+
+
+def test_checkpoint_of_another_module_names_the_file(coop, tmp_path):
+    path = tmp_path / "last.pt"
+    save_training_state(
+        path, coop, torch.optim.SGD(coop.trainable_parameters(), lr=0.1), 1, torch.Generator()
+    )
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["prompt_state"]["meta_net.weight"] = torch.zeros(2, 2)  # a CoCoOp-like checkpoint
+    torch.save(ckpt, path)
+    opt = torch.optim.SGD(coop.trainable_parameters(), lr=0.1)
+    with pytest.raises(KeyError, match=re.escape(f"{path} does not match _RecordingCoOp: ") + ".*meta_net"):
+        restore_training_state(path, coop, opt, torch.Generator())
 
 
 def test_checkpoint_from_before_the_step_clock_and_method_state(coop, tmp_path):
@@ -105,18 +140,54 @@ def test_checkpoint_from_before_the_step_clock_and_method_state(coop, tmp_path):
     assert coop.loaded_training_state == {}
 
 
-def test_unreadable_checkpoint_names_the_file_and_the_way_out(tmp_path):
+def test_unreadable_checkpoint_names_the_file_and_the_way_out(coop, tmp_path):
     path = tmp_path / "last.pt"
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match=r"cannot read checkpoint .*last\.pt: .*delete it to restart"):
+    save_training_state(
+        path, coop, torch.optim.SGD(coop.trainable_parameters(), lr=0.1), 1, torch.Generator()
+    )
+    path.write_bytes(path.read_bytes()[:200])  # a truncated file
+    with pytest.raises(RuntimeError) as err:
         load_checkpoint(path)
+    assert re.fullmatch(
+        re.escape(f"cannot read checkpoint {path}: ") + r".+; delete it to restart the run from scratch",
+        str(err.value),
+        flags=re.S,
+    )
     torch.save({"epoch": 1, "rng": np.zeros(3)}, path)  # an older promptlab kept numpy arrays
     with pytest.raises(RuntimeError) as err:
         load_checkpoint(path)
-    message = str(err.value)
-    assert str(path) in message and "holds objects other than tensors and plain data (" in message
-    assert "Weights only load failed" in message  # the first line of torch's own reason
-    assert "older promptlab checkpoint" in message
+    assert re.fullmatch(
+        re.escape(f"cannot read checkpoint {path}: it holds objects other than tensors and plain data (")
+        + r"Weights only load failed[^\n]*"  # the first line of torch's own reason
+        + re.escape(
+            "); it is not unpickled in full because that can run code. If it is an older promptlab "
+            "checkpoint, delete it to restart the run from scratch"
+        ),
+        str(err.value),
+    )
+
+
+def test_unpickling_error_without_a_message_is_named_by_its_type(tmp_path, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise pickle.UnpicklingError()
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(RuntimeError, match=r"plain data \(UnpicklingError\); it is not unpickled"):
+        load_checkpoint(tmp_path / "last.pt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a checkpoint of GPU tensors")
+def test_checkpoint_of_gpu_tensors_loads_on_the_cpu(tmp_path):
+    """A run trained on a GPU resumes or exports on any machine: every tensor comes back on the CPU."""
+    torch.save(
+        {"epoch": 1, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2, device="cuda")}}}},
+        tmp_path / "last.pt",
+    )
+    assert (
+        load_checkpoint(tmp_path / "last.pt")["optimizer"]["state"][0]["momentum_buffer"].device.type == "cpu"
+    )
 
 
 def _steps_asked(tiny_clip, run_dir, *, epochs, resume=False):
