@@ -20,11 +20,22 @@ from promptlab.sandbox import METADATA, WEIGHTS, load_sandbox_model, sandbox_met
 from promptlab.sandbox.datasets import (
     check_set,
     checkerboard_classnames,
+    listed_classnames,
     make_sandbox_dataset,
     zeroshot_accuracy,
 )
 from promptlab.sandbox.pretrain import PretrainConfig, load_pretrain_config, pretrain
-from promptlab.sandbox.world import COLOURS, PATTERNS, SHAPES, Scene, Style, caption, render, sample_scene
+from promptlab.sandbox.world import (
+    COLOURS,
+    PATTERNS,
+    SHAPES,
+    Scene,
+    Style,
+    caption,
+    recorded_style,
+    render,
+    sample_scene,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_RECIPE = REPO / "recipes" / "sandbox" / "pretrain.yaml"
@@ -134,6 +145,60 @@ def test_dataset_style_changes_the_pixels(tmp_path: Path) -> None:
     b = make_sandbox_dataset(tmp_path, name="b", style={"noise": 20.0, "clutter": 3}, **kw)
     rel = "images/red_star/test_000.png"
     assert (a / rel).read_bytes() != (b / rel).read_bytes()
+
+
+def test_tint_multiplies_every_pixel_by_its_channel_factor() -> None:
+    """A tint is the same light on every image: each channel scaled by a fixed factor, no new draws."""
+    scene = Scene("star", "white", background="grey")
+    tint = (1.25, 1.0, 0.6)
+    plain = np.asarray(render(scene, random.Random(3), size=32), dtype=np.float32)
+    lit = np.asarray(render(scene, random.Random(3), size=32, style=Style(tint=tint)), dtype=np.float32)
+    expected = np.clip(plain * np.asarray(tint, dtype=np.float32), 0, 255)
+    assert np.abs(lit - expected).max() <= 1.0  # uint8 truncation
+    assert (lit[..., 0] > plain[..., 0]).any() and (lit[..., 2] < plain[..., 2]).any()
+    # with noise and a per-image cast too, the draws are those of the untinted style (tint draws nothing)
+    noisy = dict(noise=10.0, cast=0.2)
+    a = np.asarray(render(scene, random.Random(4), size=32, style=Style(**noisy)), dtype=np.float32)
+    b = np.asarray(
+        render(scene, random.Random(4), size=32, style=Style(**noisy, tint=(1.0, 1.0, 1.0))), np.float32
+    )
+    assert np.array_equal(a, b)
+
+
+def test_recorded_style_leaves_out_an_unset_tint() -> None:
+    """Datasets generated before ``tint`` existed record the same style, so they are not regenerated."""
+    assert set(recorded_style(Style())) == {
+        "noise",
+        "clutter",
+        "cast",
+        "outline",
+        "blur",
+        "jitter",
+        "texture",
+    }
+    assert recorded_style(Style(noise=3.0, tint=(1.1, 1.0, 0.9)))["tint"] == (1.1, 1.0, 0.9)
+
+
+def test_listed_classes_set_the_label_order_and_the_base_half(tmp_path: Path) -> None:
+    classes = ["red star", "blue circle", "green heart", "pink square"]
+    folder = make_sandbox_dataset(
+        tmp_path,
+        name="listed",
+        classes=classes,
+        train_per_class=1,
+        val_per_class=1,
+        test_per_class=1,
+        image_size=16,
+    )
+    split = json.loads((folder / "split_listed.json").read_text())
+    assert sorted({(y, c) for _, y, c in split["test"]}) == list(enumerate(classes))
+    assert (folder / "images" / "green_heart" / "test_000.png").is_file()
+    params = json.loads((folder / "generator_params.json").read_text())
+    assert params["classnames"] == classes
+    with pytest.raises(ValueError, match=r"'mauve star'.*'red blob'"):
+        listed_classnames(["red star", "mauve star", "red blob"])
+    with pytest.raises(ValueError, match=r"\['red star'\] listed twice"):
+        listed_classnames(["red star", "blue circle", "red star"])
 
 
 # --------------------------------------------------------------------------------------- pretrain

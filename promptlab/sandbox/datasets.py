@@ -20,7 +20,15 @@ from typing import Any
 
 from promptlab import trust
 from promptlab.data.generated import write_split_dataset
-from promptlab.sandbox.world import COLOURS, SHAPES, Style, checkerboard, class_scene, render
+from promptlab.sandbox.world import (
+    COLOURS,
+    SHAPES,
+    Style,
+    checkerboard,
+    class_scene,
+    recorded_style,
+    render,
+)
 
 
 def checkerboard_classnames(colours: Sequence[str], shapes: Sequence[str]) -> list[str]:
@@ -35,6 +43,28 @@ def checkerboard_classnames(colours: Sequence[str], shapes: Sequence[str]) -> li
     return [f"{colours[i]} {shapes[j]}" for i, j in checkerboard(len(colours), len(shapes))]
 
 
+def listed_classnames(classes: Sequence[str]) -> list[str]:
+    """Explicit ``"<colour> <shape>"`` class names, in label order, checked against the world's words.
+
+    For splits other than the checkerboard: the first ``ceil(n/2)`` names are the base classes, so
+    base and new can differ in the words, or the attributes, they exercise.
+    """
+    bad = [
+        c
+        for c in classes
+        if len(c.split(" ", 1)) != 2 or c.split(" ", 1)[0] not in COLOURS or c.split(" ", 1)[1] not in SHAPES
+    ]
+    if bad:
+        raise ValueError(
+            f"classes {bad}: each must be '<colour> <shape>' with a colour of {list(COLOURS)} and a shape of {list(SHAPES)}"
+        )
+    if len(set(classes)) != len(classes):
+        raise ValueError(
+            f"classes: {sorted(c for c in set(classes) if list(classes).count(c) > 1)} listed twice"
+        )
+    return list(classes)
+
+
 def render_item(classname: str, key: str, *, seed: int, image_size: int, style: Style):
     """The image of one dataset item; every bit of randomness comes from ``Random(f"{seed}/{key}")``."""
     rng = random.Random(f"{seed}/{key}")
@@ -46,8 +76,9 @@ def make_sandbox_dataset(
     root: str | Path,
     *,
     name: str,
-    colours: Sequence[str],
-    shapes: Sequence[str],
+    colours: Sequence[str] = (),
+    shapes: Sequence[str] = (),
+    classes: Sequence[str] | None = None,
     style: dict[str, Any] | None = None,
     train_per_class: int = 32,
     val_per_class: int = 8,
@@ -64,8 +95,10 @@ def make_sandbox_dataset(
     Args:
         root: The data root.
         name: The dataset's folder (and split-file stem), e.g. ``"sandbox_shapes"``.
-        colours: Colour words (see ``world.COLOURS``); classes are colours x shapes.
+        colours: Colour words (see ``world.COLOURS``); classes are colours x shapes in checkerboard order.
         shapes: Shape words (see ``world.SHAPES``).
+        classes: Instead of ``colours`` x ``shapes``: the class names in label order (the first half are
+            the base classes), for base and new halves that differ in the words they use.
         style: Fields of :class:`~promptlab.sandbox.world.Style` for the renders (the shift).
         train_per_class: Training images per class (few-shot draws take K of them).
         val_per_class: Validation images per class.
@@ -76,7 +109,7 @@ def make_sandbox_dataset(
     Returns:
         The dataset folder ``root/name``.
     """
-    classnames = checkerboard_classnames(colours, shapes)
+    classnames = listed_classnames(classes) if classes else checkerboard_classnames(colours, shapes)
     st = Style(**(style or {}))
     counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
     params = dict(
@@ -84,7 +117,7 @@ def make_sandbox_dataset(
         name=name,
         colours=list(colours),
         shapes=list(shapes),
-        style=vars(st),
+        style=recorded_style(st),
         image_size=image_size,
         seed=seed,
     )

@@ -51,6 +51,7 @@ from promptlab.sandbox.world import (
     _jitter,
     backdrop,
     checkerboard,
+    recorded_style,
 )
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,10 @@ def render_clip(
         img = img.reduce(_SCALE)
         if blur > 0:
             img = img.filter(ImageFilter.GaussianBlur(blur))
-        if style.cast > 0 or style.noise > 0:
+        if style.cast > 0 or style.noise > 0 or style.tint:
             arr = np.asarray(img, dtype=np.float32) * tint
+            if style.tint:
+                arr = arr * np.asarray(style.tint, dtype=np.float32)
             if style.noise > 0:
                 arr = arr + noise_rng.normal(0, style.noise, arr.shape)
             img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
@@ -261,7 +264,7 @@ def make_sandbox_video_dataset(
         name=name,
         motions=list(motions),
         shapes=list(shapes),
-        style=vars(st),
+        style=recorded_style(st),
         trail=trail,
         counts=counts,
         num_frames=num_frames,

@@ -67,6 +67,9 @@ class Style:
         blur: maximum Gaussian blur radius, in pixels of the final image.
         jitter: per-channel jitter of the object's colour, in 0-255 units.
         texture: strength (0-1) of a random low-frequency texture on the background.
+        tint: fixed per-channel multipliers (R, G, B) applied to every image of the style, as under a
+            lamp of one colour: a *systematic* shift, the same for every image, that a learned prompt can
+            adapt to, unlike ``cast``, which is drawn per image. ``None``: no tint.
     """
 
     noise: float = 0.0
@@ -76,9 +79,21 @@ class Style:
     blur: float = 0.0
     jitter: int = 20
     texture: float = 0.0
+    tint: tuple[float, float, float] | None = None
 
 
 CLEAN = Style()
+
+
+def recorded_style(style: Style) -> dict:
+    """The style's fields as a generated dataset records them (a change regenerates the dataset).
+
+    ``tint`` is left out while unset, so that datasets written before the field existed stay up to date.
+    """
+    fields = dict(vars(style))
+    if fields["tint"] is None:
+        del fields["tint"]
+    return fields
 
 
 def sample_scene(
@@ -361,8 +376,10 @@ def render(scene: Scene, rng: random.Random, *, size: int = 64, style: Style = C
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     if style.blur > 0:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, style.blur)))
-    if style.cast > 0 or style.noise > 0:
+    if style.cast > 0 or style.noise > 0 or style.tint:
         arr = np.asarray(img, dtype=np.float32)
+        if style.tint:
+            arr = arr * np.asarray(style.tint, dtype=np.float32)
         if style.cast > 0:
             tint = np.array([rng.uniform(1 - style.cast, 1 + style.cast) for _ in range(3)], dtype=np.float32)
             arr = arr * tint
