@@ -308,6 +308,26 @@ def test_coop_beats_zero_shot_on_sandbox_base_classes(tmp_path: Path) -> None:
     assert acc["coop"] >= acc["zeroshot"] + 5, acc
 
 
+@pytest.mark.slow
+def test_coop_trades_new_classes_for_base_ones_on_sandbox_lamp(tmp_path: Path) -> None:
+    """Issue #19's target 1 for seed 1, on datasets/sandbox_lamp.yaml: 16-shot CoOp (the shipped recipe)
+    gains >= 5 points over zero-shot on base classes and loses >= 5 on new ones, as on real CLIP."""
+    from promptlab.config import load_recipe
+    from promptlab.runner import eval_prompts, run
+
+    torch.set_num_threads(2)
+    acc = {}
+    for name, recipe in (("zeroshot", "zeroshot.yaml"), ("coop", "coop_base2new.yaml")):
+        overrides = [f"cache_dir={tmp_path}", f"output_dir={tmp_path / name}", "subsample=base"]
+        overrides += ["data.name=sandbox_lamp", "seed=1"]
+        cfg = load_recipe(REPO / "recipes" / "sandbox" / recipe, overrides, check_paths=False)
+        ensure_data(cfg)
+        acc[name, "base"] = run(cfg)["accuracy"]
+        acc[name, "new"] = eval_prompts(tmp_path / name, ["subsample=new"])["accuracy"]
+    assert acc["coop", "base"] >= acc["zeroshot", "base"] + 5, acc
+    assert acc["coop", "new"] <= acc["zeroshot", "new"] - 5, acc
+
+
 def test_sandbox_clip_saved_and_reloaded_is_the_same_model(tmp_path: Path) -> None:
     """A tuned sandbox backbone (e.g. ViFi-CLIP's bridge) is saved as a folder that load_clip("sandbox", dir) reads."""
     from promptlab.backbones import save_clip
