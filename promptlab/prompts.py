@@ -12,7 +12,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -212,10 +212,13 @@ class PromptModule(nn.Module):
         """Text features, from the evaluation cache when one is active."""
         return self._text_cache if self._text_cache is not None else self.text_features()
 
-    @contextmanager
-    def cached_text_features(self) -> Iterator[None]:
+    def cached_text_features(self) -> AbstractContextManager[None]:
         """Compute image-independent text features once for a whole evaluation (none for a classifier
         that is not made of text features)."""
+        return contextmanager(self._text_cache_scope)()
+
+    def _text_cache_scope(self) -> Iterator[None]:
+        """The generator behind :meth:`cached_text_features`, undecorated: mutmut skips decorated functions."""
         if self.text_depends_on_image or not self.text_classifier:
             yield
             return

@@ -115,6 +115,7 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_schedules.py",
             "tests/test_training_state.py",
             "tests/test_engine.py",
+            "tests/test_train_loop.py",
             "tests/test_ddp.py",
             "tests/test_image_side_training.py",
             "tests/test_tasks.py",

@@ -193,15 +193,15 @@ class AnomalyCLIP(PromptModule):
             loss = loss + map_loss(aux["layer_maps"], aux["masks"], self.map_loss_weight)
         return loss
 
-    @torch.no_grad()
     def scores(self, out: AnomalyOutput, sigma: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores [B] and anomaly maps [B, H, W]: the anomalous probability summed over layers, smoothed."""
-        amap = out.layer_maps[:, :, 1].sum(1)  # == sum of (p_anomalous + 1 - p_normal) / 2 for two states
-        amap = gaussian_blur(amap, sigma) if sigma > 0 else amap
-        image = out.image_logits.softmax(-1)[:, 1]
-        if self.image_score == "global_max":
-            image = 0.5 * (image + amap.flatten(1).amax(1) / out.layer_maps.shape[1])
-        return image, amap
+        with torch.no_grad():  # a with block, not a decorator: mutmut skips decorated functions
+            amap = out.layer_maps[:, :, 1].sum(1)  # == sum of (p_anomalous + 1 - p_normal) / 2 for two states
+            amap = gaussian_blur(amap, sigma) if sigma > 0 else amap
+            image = out.image_logits.softmax(-1)[:, 1]
+            if self.image_score == "global_max":
+                image = 0.5 * (image + amap.flatten(1).amax(1) / out.layer_maps.shape[1])
+            return image, amap
 
 
 # ---------------------------------------------------------------------- losses (zqhang/AnomalyCLIP loss.py)

@@ -156,19 +156,20 @@ class PromptSRC(PromptModule):
     def _learned(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("clip.")}
 
-    @torch.no_grad()
     def end_epoch(self, epoch: int, epochs: int) -> None:
         """Add this epoch's learned tensors with their Gaussian weight; after the last, load the sum."""
         if not self.gpa:
             return
-        w = gpa_weights(epochs, self.gpa_mean, self.gpa_std)[epoch - 1]
-        for name, p in self._learned().items():  # in the tensor's own dtype, as the reference's state dict
-            acc = self._gpa_sum.get(name)
-            self._gpa_sum[name] = p.detach() * w if acc is None else acc + p.detach() * w
-        if epoch == epochs:
+        with torch.no_grad():  # a with block, not a decorator: mutmut skips decorated functions
+            w = gpa_weights(epochs, self.gpa_mean, self.gpa_std)[epoch - 1]
+            # in the tensor's own dtype, as the reference's state dict
             for name, p in self._learned().items():
-                p.copy_(self._gpa_sum[name])
-            self._gpa_sum = {}
+                acc = self._gpa_sum.get(name)
+                self._gpa_sum[name] = p.detach() * w if acc is None else acc + p.detach() * w
+            if epoch == epochs:
+                for name, p in self._learned().items():
+                    p.copy_(self._gpa_sum[name])
+                self._gpa_sum = {}
 
     def training_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self._gpa_sum)

@@ -122,25 +122,25 @@ class TipAdapter(HandCraftedTextClassifier):
         """Tip-Adapter-F: search alpha and beta again with the trained keys (main.py L112)."""
         return self._search() if self.finetune else {}
 
-    @torch.no_grad()
     def _search(self) -> dict[str, Any]:
         """The (beta, alpha) grid on the validation features: first best wins (utils.py search_hp)."""
-        if not self.search or self._val is None:
-            return {"alpha": float(self.alpha), "beta": float(self.beta)}
-        f, y = self._val
-        clip_logits = self._scale() * f @ self._text.t().to(f.dtype)  # [M, C], the same for every cell
-        affinity = f @ self.keys.t().to(f.dtype)  # [M, N*K]
-        best = (0.0, 0.0, 0.0)  # accuracy, beta, alpha: the reference starts from 0, 0
-        for beta in grid(self.search_scale[0], self.search_steps[0]):
-            cache_logits = torch.exp(-1 * (beta - beta * affinity)) @ self.values.to(f.dtype)
-            for alpha in grid(self.search_scale[1], self.search_steps[1]):
-                acc = accuracy(clip_logits + cache_logits * alpha, y)
-                if acc > best[0]:
-                    best = (acc, beta, alpha)
-        self.alpha.fill_(best[2])
-        self.beta.fill_(best[1])
-        grids = {
-            "beta_grid": [self.search_scale[0], self.search_steps[0]],
-            "alpha_grid": [self.search_scale[1], self.search_steps[1]],
-        }
-        return {"alpha": best[2], "beta": best[1], "val_accuracy": best[0], **grids}
+        with torch.no_grad():  # a with block, not a decorator: mutmut skips decorated functions
+            if not self.search or self._val is None:
+                return {"alpha": float(self.alpha), "beta": float(self.beta)}
+            f, y = self._val
+            clip_logits = self._scale() * f @ self._text.t().to(f.dtype)  # [M, C], the same for every cell
+            affinity = f @ self.keys.t().to(f.dtype)  # [M, N*K]
+            best = (0.0, 0.0, 0.0)  # accuracy, beta, alpha: the reference starts from 0, 0
+            for beta in grid(self.search_scale[0], self.search_steps[0]):
+                cache_logits = torch.exp(-1 * (beta - beta * affinity)) @ self.values.to(f.dtype)
+                for alpha in grid(self.search_scale[1], self.search_steps[1]):
+                    acc = accuracy(clip_logits + cache_logits * alpha, y)
+                    if acc > best[0]:
+                        best = (acc, beta, alpha)
+            self.alpha.fill_(best[2])
+            self.beta.fill_(best[1])
+            grids = {
+                "beta_grid": [self.search_scale[0], self.search_steps[0]],
+                "alpha_grid": [self.search_scale[1], self.search_steps[1]],
+            }
+            return {"alpha": best[2], "beta": best[1], "val_accuracy": best[0], **grids}
