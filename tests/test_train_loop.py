@@ -262,3 +262,29 @@ def test_only_the_main_process_writes_checkpoints(tiny_clip, tmp_path, monkeypat
         device=torch.device("cpu"),
     )
     assert result.epochs_run == 2 and not (tmp_path / "checkpoints").exists()
+
+
+def test_each_step_averages_the_gradient_over_its_groups_samples(tiny_clip, tmp_path, monkeypatch):
+    """Under DDP the gradient of each optimizer step is averaged over processes weighted by the samples
+    each process saw in that accumulation group (a no-op in one process; test_ddp runs it for real):
+    20 items in batches of 8, 8, 4, accumulation 2, give two steps, of 16 and 4 samples."""
+    calls = []
+    monkeypatch.setattr(
+        promptlab.distributed, "average_gradients", lambda params, n: calls.append((params, n))
+    )
+    module = _coop(tiny_clip)
+    feats, labels = _features(tiny_clip, n=20)
+    g = torch.Generator().manual_seed(1)
+    train(
+        module,
+        FeatureBatches(feats, labels, 8, g, shuffle=False),
+        torch.optim.SGD(module.trainable_parameters(), lr=0.1),
+        epochs=1,
+        lr_schedule=lambda k: 0.1,
+        generator=g,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        grad_accum_steps=2,
+    )
+    assert [n for _, n in calls] == [16, 4]
+    assert all(len(p) == 1 and p[0] is module.ctx for p, _ in calls)
