@@ -288,3 +288,56 @@ def test_each_step_averages_the_gradient_over_its_groups_samples(tiny_clip, tmp_
     )
     assert [n for _, n in calls] == [16, 4]
     assert all(len(p) == 1 and p[0] is module.ctx for p, _ in calls)
+
+
+def _hook_over_loss(module: CoOp, **kw) -> list[float]:
+    """Train one epoch (3 batches of 8); per batch, the loss the backward hook got over the step's loss."""
+    losses, ratios = [], []
+    plain_step, plain_backward = module.training_step, module.backward
+
+    def step(inputs, labels):
+        logits, loss = plain_step(inputs, labels)
+        losses.append(loss.detach().float())
+        return logits, loss
+
+    def backward(loss):
+        ratios.append(float(loss.detach().float() / losses[-1]))
+        plain_backward(loss)
+
+    module.training_step, module.backward = step, backward
+    feats, labels = _features(module.clip)
+    g = torch.Generator().manual_seed(1)
+    train(
+        module,
+        FeatureBatches(feats, labels, 8, g),
+        torch.optim.SGD(module.trainable_parameters(), lr=0.1),
+        epochs=1,
+        lr_schedule=lambda k: 0.1,
+        generator=g,
+        **kw,
+    )
+    return ratios
+
+
+@pytest.mark.parametrize("amp", ["fp32", "fp16"])
+def test_the_backward_hook_gets_the_loss_over_the_accumulation_unscaled_off_cuda(tiny_clip, tmp_path, amp):
+    """PromptModule.backward receives ``loss / grad_accum_steps``; loss scaling is for fp16 on CUDA only."""
+    ratios = _hook_over_loss(
+        _coop(tiny_clip), run_dir=tmp_path, device=torch.device("cpu"), amp=amp, grad_accum_steps=2
+    )
+    assert ratios == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device and fp16 loss scaling")
+@pytest.mark.parametrize("amp", ["fp32", "fp16"])
+def test_cuda_training_moves_the_batches_and_scales_fp16_losses(tmp_path, amp):
+    """On CUDA the CPU batches are moved to the GPU (inputs and labels) and fp16 runs scale the loss by
+    GradScaler's initial 2**16 before the backward hook; fp32 runs do not (mutmut engine train 80-90,
+    157, 159, 163: on a CPU-only machine these mutants change nothing)."""
+    from promptlab.backbones import load_clip
+
+    module = _coop(load_clip("tiny")).cuda()  # its own CLIP: the shared fixture stays on the CPU
+    start = module.ctx.detach().clone()
+    ratios = _hook_over_loss(module, run_dir=tmp_path, device=torch.device("cuda"), amp=amp)
+    assert ratios == [2.0**16 if amp == "fp16" else 1.0] * 3
+    assert module.ctx.device.type == "cuda" and not torch.equal(module.ctx, start)
