@@ -341,3 +341,33 @@ def test_cuda_training_moves_the_batches_and_scales_fp16_losses(tmp_path, amp):
     ratios = _hook_over_loss(module, run_dir=tmp_path, device=torch.device("cuda"), amp=amp)
     assert ratios == [2.0**16 if amp == "fp16" else 1.0] * 3
     assert module.ctx.device.type == "cuda" and not torch.equal(module.ctx, start)
+
+
+def test_a_parameter_without_a_gradient_in_a_step_is_left_alone(tiny_clip, tmp_path):
+    """Gradients are reset to None before each step, so a parameter that the step's loss does not reach
+    (an expert MoCoOp did not route to) is skipped by the optimizer: momentum does not move it on."""
+    module = _coop(tiny_clip)
+    extra = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([{"params": [module.ctx]}, {"params": [extra]}], lr=0.1, momentum=0.9)
+    seen, plain_loss = [], module.loss
+
+    def loss(logits, labels, **aux):
+        seen.append(extra.detach().clone())
+        value = plain_loss(logits, labels, **aux)
+        return value + (extra**2).sum() if len(seen) == 1 else value  # extra in the first step only
+
+    module.loss = loss
+    feats, labels = _features(tiny_clip)
+    g = torch.Generator().manual_seed(1)
+    train(
+        module,
+        FeatureBatches(feats, labels, 8, g),
+        opt,
+        epochs=1,
+        lr_schedule=lambda k: 0.1,
+        generator=g,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+    )
+    assert torch.equal(seen[1], torch.full((3,), 0.8))  # 1 - 0.1 * 2: the first step's gradient of extra**2
+    assert torch.equal(seen[2], seen[1]) and torch.equal(extra.detach(), seen[1])
