@@ -267,13 +267,13 @@ def test_only_the_main_process_writes_checkpoints(tiny_clip, tmp_path, monkeypat
 def test_each_step_averages_the_gradient_over_its_groups_samples(tiny_clip, tmp_path, monkeypatch):
     """Under DDP the gradient of each optimizer step is averaged over processes weighted by the samples
     each process saw in that accumulation group (a no-op in one process; test_ddp runs it for real):
-    20 items in batches of 8, 8, 4, accumulation 2, give two steps, of 16 and 4 samples."""
+    28 items in batches of 8, 8, 8, 4, accumulation 3, give two steps, of 24 and 4 samples."""
     calls = []
     monkeypatch.setattr(
         promptlab.distributed, "average_gradients", lambda params, n: calls.append((params, n))
     )
     module = _coop(tiny_clip)
-    feats, labels = _features(tiny_clip, n=20)
+    feats, labels = _features(tiny_clip, n=28)
     g = torch.Generator().manual_seed(1)
     train(
         module,
@@ -284,9 +284,9 @@ def test_each_step_averages_the_gradient_over_its_groups_samples(tiny_clip, tmp_
         generator=g,
         run_dir=tmp_path,
         device=torch.device("cpu"),
-        grad_accum_steps=2,
+        grad_accum_steps=3,
     )
-    assert [n for _, n in calls] == [16, 4]
+    assert [n for _, n in calls] == [24, 4]
     assert all(len(p) == 1 and p[0] is module.ctx for p, _ in calls)
 
 
@@ -332,13 +332,13 @@ def test_the_backward_hook_gets_the_loss_over_the_accumulation_unscaled_off_cuda
 @pytest.mark.parametrize("amp", ["fp32", "fp16"])
 def test_cuda_training_moves_the_batches_and_scales_fp16_losses(tmp_path, amp):
     """On CUDA the CPU batches are moved to the GPU (inputs and labels) and fp16 runs scale the loss by
-    GradScaler's initial 2**16 before the backward hook; fp32 runs do not (mutmut engine train 80-90,
-    157, 159, 163: on a CPU-only machine these mutants change nothing)."""
+    GradScaler's initial 2**16 before the backward hook (and unscale before clipping); fp32 runs do not
+    (mutmut engine train 80-90, 157, 159, 163, 209: on a CPU-only machine these mutants change nothing)."""
     from promptlab.backbones import load_clip
 
     module = _coop(load_clip("tiny")).cuda()  # its own CLIP: the shared fixture stays on the CPU
     start = module.ctx.detach().clone()
-    ratios = _hook_over_loss(module, run_dir=tmp_path, device=torch.device("cuda"), amp=amp)
+    ratios = _hook_over_loss(module, run_dir=tmp_path, device=torch.device("cuda"), amp=amp, grad_clip=10.0)
     assert ratios == [2.0**16 if amp == "fp16" else 1.0] * 3
     assert module.ctx.device.type == "cuda" and not torch.equal(module.ctx, start)
 
