@@ -339,7 +339,10 @@ def test_cuda_training_moves_the_batches_and_scales_fp16_losses(tmp_path, amp):
     module = _coop(load_clip("tiny")).cuda()  # its own CLIP: the shared fixture stays on the CPU
     start = module.ctx.detach().clone()
     ratios = _hook_over_loss(module, run_dir=tmp_path, device=torch.device("cuda"), amp=amp, grad_clip=10.0)
-    assert ratios == [2.0**16 if amp == "fp16" else 1.0] * 3
+    if amp == "fp16":  # a step with inf gradients halves the scale: only the first is certain
+        assert ratios[0] == 2.0**16 and all(r >= 2.0**13 for r in ratios)
+    else:
+        assert ratios == [1.0] * 3
     assert module.ctx.device.type == "cuda" and not torch.equal(module.ctx, start)
 
 
