@@ -374,3 +374,49 @@ def test_a_parameter_without_a_gradient_in_a_step_is_left_alone(tiny_clip, tmp_p
     )
     assert torch.equal(seen[1], torch.full((3,), 0.8))  # 1 - 0.1 * 2: the first step's gradient of extra**2
     assert torch.equal(seen[2], seen[1]) and torch.equal(extra.detach(), seen[1])
+
+
+def test_the_step_budget_ends_the_run_in_the_epoch_it_is_spent(tiny_clip, tmp_path):
+    """``max_steps=4`` with 3 batches an epoch: the budget runs out at the first batch of epoch 2, so the
+    run ends there, with epoch 2's checkpoint (4 steps) and ``end_epoch`` called for epochs 1 and 2 only."""
+    module = _coop(tiny_clip)
+    ends, plain_end = [], module.end_epoch
+    module.end_epoch = lambda epoch, epochs: ends.append((epoch, epochs)) or plain_end(epoch, epochs)
+    feats, labels = _features(tiny_clip)
+    g = torch.Generator().manual_seed(1)
+    train(
+        module,
+        FeatureBatches(feats, labels, 8, g),
+        torch.optim.SGD(module.trainable_parameters(), lr=0.1),
+        epochs=4,
+        lr_schedule=lambda k: 0.1,
+        generator=g,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        max_steps=4,
+    )
+    assert ends == [(1, 4), (2, 4)] and _on_disk(tmp_path / "checkpoints" / "last.pt") == (2, 4)
+
+
+def test_an_epoch_of_one_sample_scores_0_or_100_percent(tiny_clip, tmp_path):
+    """The epoch's training accuracy is correct / seen, also when the epoch saw a single sample (labelled
+    as the untrained module classifies it: 100 %)."""
+    module = _coop(tiny_clip)
+    opt = torch.optim.SGD(module.trainable_parameters(), lr=0.1)
+    feats = _features(tiny_clip, n=1)[0][:1]  # one view: the one the epoch draws
+    with torch.no_grad():
+        labels = module(image_features=feats[0]).argmax(-1)
+    steps, writer = _steps_of(module, opt), _Writer()
+    g = torch.Generator().manual_seed(1)
+    train(
+        module,
+        FeatureBatches(feats, labels, 8, g),
+        opt,
+        epochs=1,
+        lr_schedule=lambda k: 0.1,
+        generator=g,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        writer=writer,
+    )
+    assert steps[0]["correct"] == 1 and ("train/epoch_accuracy", 100.0, 1) in writer.scalars
