@@ -195,6 +195,12 @@ def test_listed_classes_set_the_label_order_and_the_base_half(tmp_path: Path) ->
     assert (folder / "images" / "green_heart" / "test_000.png").is_file()
     params = json.loads((folder / "generator_params.json").read_text())
     assert params["classnames"] == classes
+    images, labels, names, _ = check_set("sandbox_lamp", per_class=1)  # a shipped YAML with listed classes
+    assert names[:2] == ["orange circle", "yellow circle"] and names[24] == "red circle" and len(images) == 48
+    with pytest.raises(ValueError, match="'both': give either colours and shapes .* or classes, not both"):
+        make_sandbox_dataset(tmp_path, name="both", classes=classes, colours=["red"], shapes=["star"])
+    with pytest.raises(ValueError, match="'none': .* not neither"):
+        make_sandbox_dataset(tmp_path, name="none")
     with pytest.raises(ValueError, match=r"'mauve star'.*'red blob'"):
         listed_classnames(["red star", "mauve star", "red blob"])
     with pytest.raises(ValueError, match=r"\['red star'\] listed twice"):

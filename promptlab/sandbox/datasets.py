@@ -109,6 +109,11 @@ def make_sandbox_dataset(
     Returns:
         The dataset folder ``root/name``.
     """
+    if bool(classes) == bool(colours or shapes):
+        raise ValueError(
+            f"sandbox dataset {name!r}: give either colours and shapes (a checkerboard grid) or classes, "
+            f"not {'both' if classes else 'neither'}"
+        )
     classnames = listed_classnames(classes) if classes else checkerboard_classnames(colours, shapes)
     st = Style(**(style or {}))
     counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
@@ -143,7 +148,11 @@ def check_set(dataset: str = "sandbox_shapes", per_class: int = 5) -> tuple[list
     if not spec.generator:
         raise ValueError(f"{dataset}: not a generated dataset (its YAML has no generator)")
     args = {k: v for k, v in spec.generator.items() if k != "_component_"}
-    names = checkerboard_classnames(args["colours"], args["shapes"])
+    names = (
+        listed_classnames(args["classes"])
+        if args.get("classes")
+        else checkerboard_classnames(args["colours"], args["shapes"])
+    )
     st = Style(**(args.get("style") or {}))
     images, labels = [], []
     for y, c in enumerate(names):
