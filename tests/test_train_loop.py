@@ -54,6 +54,20 @@ class _CheckpointAtEpochStart:
         yield from self.inner
 
 
+def _train_features(module: CoOp, feats, labels, *, opt=None, shuffle: bool = True, **kw) -> TrainResult:
+    """train() over FeatureBatches of 8 at a constant lr of 0.1, one epoch on the CPU unless ``kw`` says
+    otherwise: the plain loop that most tests here change one argument of."""
+    g = torch.Generator().manual_seed(1)
+    return train(
+        module,
+        FeatureBatches(feats, labels, 8, g, shuffle=shuffle),
+        opt or torch.optim.SGD(module.trainable_parameters(), lr=0.1),
+        lr_schedule=lambda k: 0.1,
+        generator=g,
+        **{"epochs": 1, "device": torch.device("cpu"), **kw},
+    )
+
+
 def _on_disk(ckpt: Path) -> tuple[int, int] | None:
     if not ckpt.exists():
         return None
@@ -226,18 +240,8 @@ def test_a_non_finite_loss_names_the_epoch_step_and_last_checkpoint(tiny_clip, t
 
     module.loss = loss
     feats, labels = _features(tiny_clip)
-    g = torch.Generator().manual_seed(1)
     with pytest.raises(FloatingPointError) as err:
-        train(
-            module,
-            FeatureBatches(feats, labels, 8, g),
-            torch.optim.SGD(module.trainable_parameters(), lr=0.1),
-            epochs=4,
-            lr_schedule=lambda k: 0.1,
-            generator=g,
-            run_dir=tmp_path,
-            device=torch.device("cpu"),
-        )
+        _train_features(module, feats, labels, epochs=4, run_dir=tmp_path)
     ckpt = tmp_path / "checkpoints" / "last.pt"
     assert str(err.value) == (
         f"non-finite loss (nan) at {where}: stopping before the update; the last good checkpoint is "
@@ -250,17 +254,7 @@ def test_only_the_main_process_writes_checkpoints(tiny_clip, tmp_path, monkeypat
     monkeypatch.setattr(promptlab.distributed, "is_main", lambda: False)
     module = _coop(tiny_clip)
     feats, labels = _features(tiny_clip)
-    g = torch.Generator().manual_seed(1)
-    result = train(
-        module,
-        FeatureBatches(feats, labels, 8, g),
-        torch.optim.SGD(module.trainable_parameters(), lr=0.1),
-        epochs=2,
-        lr_schedule=lambda k: 0.1,
-        generator=g,
-        run_dir=tmp_path,
-        device=torch.device("cpu"),
-    )
+    result = _train_features(module, feats, labels, epochs=2, run_dir=tmp_path)
     assert result.epochs_run == 2 and not (tmp_path / "checkpoints").exists()
 
 
@@ -274,18 +268,7 @@ def test_each_step_averages_the_gradient_over_its_groups_samples(tiny_clip, tmp_
     )
     module = _coop(tiny_clip)
     feats, labels = _features(tiny_clip, n=28)
-    g = torch.Generator().manual_seed(1)
-    train(
-        module,
-        FeatureBatches(feats, labels, 8, g, shuffle=False),
-        torch.optim.SGD(module.trainable_parameters(), lr=0.1),
-        epochs=1,
-        lr_schedule=lambda k: 0.1,
-        generator=g,
-        run_dir=tmp_path,
-        device=torch.device("cpu"),
-        grad_accum_steps=3,
-    )
+    _train_features(module, feats, labels, shuffle=False, run_dir=tmp_path, grad_accum_steps=3)
     assert [n for _, n in calls] == [24, 4]
     assert all(len(p) == 1 and p[0] is module.ctx for p, _ in calls)
 
@@ -305,17 +288,7 @@ def _hook_over_loss(module: CoOp, **kw) -> list[float]:
         plain_backward(loss)
 
     module.training_step, module.backward = step, backward
-    feats, labels = _features(module.clip)
-    g = torch.Generator().manual_seed(1)
-    train(
-        module,
-        FeatureBatches(feats, labels, 8, g),
-        torch.optim.SGD(module.trainable_parameters(), lr=0.1),
-        epochs=1,
-        lr_schedule=lambda k: 0.1,
-        generator=g,
-        **kw,
-    )
+    _train_features(module, *_features(module.clip), **kw)
     return ratios
 
 
@@ -360,18 +333,7 @@ def test_a_parameter_without_a_gradient_in_a_step_is_left_alone(tiny_clip, tmp_p
         return value + (extra**2).sum() if len(seen) == 1 else value  # extra in the first step only
 
     module.loss = loss
-    feats, labels = _features(tiny_clip)
-    g = torch.Generator().manual_seed(1)
-    train(
-        module,
-        FeatureBatches(feats, labels, 8, g),
-        opt,
-        epochs=1,
-        lr_schedule=lambda k: 0.1,
-        generator=g,
-        run_dir=tmp_path,
-        device=torch.device("cpu"),
-    )
+    _train_features(module, *_features(tiny_clip), opt=opt, run_dir=tmp_path)
     assert torch.equal(seen[1], torch.full((3,), 0.8))  # 1 - 0.1 * 2: the first step's gradient of extra**2
     assert torch.equal(seen[2], seen[1]) and torch.equal(extra.detach(), seen[1])
 
@@ -382,19 +344,7 @@ def test_the_step_budget_ends_the_run_in_the_epoch_it_is_spent(tiny_clip, tmp_pa
     module = _coop(tiny_clip)
     ends, plain_end = [], module.end_epoch
     module.end_epoch = lambda epoch, epochs: ends.append((epoch, epochs)) or plain_end(epoch, epochs)
-    feats, labels = _features(tiny_clip)
-    g = torch.Generator().manual_seed(1)
-    train(
-        module,
-        FeatureBatches(feats, labels, 8, g),
-        torch.optim.SGD(module.trainable_parameters(), lr=0.1),
-        epochs=4,
-        lr_schedule=lambda k: 0.1,
-        generator=g,
-        run_dir=tmp_path,
-        device=torch.device("cpu"),
-        max_steps=4,
-    )
+    _train_features(module, *_features(tiny_clip), epochs=4, run_dir=tmp_path, max_steps=4)
     assert ends == [(1, 4), (2, 4)] and _on_disk(tmp_path / "checkpoints" / "last.pt") == (2, 4)
 
 
@@ -407,16 +357,5 @@ def test_an_epoch_of_one_sample_scores_0_or_100_percent(tiny_clip, tmp_path):
     with torch.no_grad():
         labels = module(image_features=feats[0]).argmax(-1)
     steps, writer = _steps_of(module, opt), _Writer()
-    g = torch.Generator().manual_seed(1)
-    train(
-        module,
-        FeatureBatches(feats, labels, 8, g),
-        opt,
-        epochs=1,
-        lr_schedule=lambda k: 0.1,
-        generator=g,
-        run_dir=tmp_path,
-        device=torch.device("cpu"),
-        writer=writer,
-    )
+    _train_features(module, feats, labels, opt=opt, run_dir=tmp_path, writer=writer)
     assert steps[0]["correct"] == 1 and ("train/epoch_accuracy", 100.0, 1) in writer.scalars
