@@ -19,7 +19,13 @@ from sklearn.metrics import auc, average_precision_score, roc_auc_score
 
 from promptlab.anomaly.data import AnomalyDataset, load_items, write_synthetic
 from promptlab.anomaly.evaluator import AnomalyEvaluator
-from promptlab.anomaly.method import AnomalyCLIP, gaussian_blur, map_loss, resolve_feature_layers
+from promptlab.anomaly.method import (
+    AnomalyCLIP,
+    AnomalyOutput,
+    gaussian_blur,
+    map_loss,
+    resolve_feature_layers,
+)
 from promptlab.anomaly.task import AnomalyBatches
 from promptlab.cli import main
 from promptlab.config import ConfigError, load_recipe
@@ -128,6 +134,23 @@ def test_maps_shape_range_and_scores(tiny_clip) -> None:
     assert amap.shape == (2, 48, 48) and float(amap.min()) >= 0 and float(amap.max()) <= 2  # 2 layers summed
     assert bool(((score > 0) & (score < 1)).all())
     torch.testing.assert_close(amap, out.layer_maps[:, :, 1].sum(1))
+
+
+def test_global_max_image_score_is_mean_of_global_and_layer_averaged_map_max(tiny_clip) -> None:
+    """image_score="global_max": (softmax(image_logits)[anomalous] + max pixel of the smoothed map / n_layers) / 2,
+    per image; computed here with numpy and scipy on a hand-made output with 3 layers (neither 1 nor 2)."""
+    module = AnomalyCLIP(tiny_clip, **SMALL, image_score="global_max")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, generator=g) * 3
+    layer_maps = torch.randn(3, 3, 2, 12, 12, generator=g).mul(2).softmax(2)
+    score, amap = module.scores(AnomalyOutput(logits, layer_maps), sigma=1.0)
+    lg, lm = logits.double().numpy(), layer_maps.double().numpy()
+    p_anomalous = np.exp(lg[:, 1]) / np.exp(lg).sum(1)
+    maps = np.stack([ndimage.gaussian_filter(m, sigma=1.0) for m in lm[:, :, 1].sum(1)])
+    expected = 0.5 * (p_anomalous + maps.reshape(3, -1).max(1) / 3)
+    assert len(set(np.round(maps.reshape(3, -1).max(1), 4))) == 3  # the per-image maxima differ
+    np.testing.assert_allclose(score.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(amap.numpy(), maps, rtol=1e-5, atol=1e-6)
 
 
 def test_only_prompt_tokens_receive_gradients(tiny_clip) -> None:
