@@ -136,7 +136,7 @@ def ref_search_hp(cfg, cache_keys, cache_values, features, labels, clip_weights,
             acc = cls_acc(tip_logits, labels)
             if acc > best_acc:
                 best_acc, best_beta, best_alpha = acc, beta, alpha
-    return best_beta, best_alpha
+    return best_beta, best_alpha, best_acc
 
 
 def ref_tip_logits(features, cache_keys, cache_values, clip_weights, alpha, beta):
@@ -154,14 +154,16 @@ def _tiny_features(clip, seed, n_per_class, views=1):
 
 def test_tip_adapter_matches_reference(tiny_clip, ref_openclip):
     cfg = {"search_scale": [7, 3], "search_step": [30, 10]}
-    train, y = _tiny_features(tiny_clip, 1, 4, views=3)
-    val, yv = _tiny_features(tiny_clip, 1, 3)
-    test, _ = _tiny_features(tiny_clip, 1, 5)
+    train, y = _tiny_features(tiny_clip, 2, 4, views=3)
+    val, yv = _tiny_features(tiny_clip, 2, 6)
+    test, _ = _tiny_features(tiny_clip, 2, 5)
     norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731 - pre_load_features' normalisation
     clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])
     keys, values = ref_cache(train, y)
-    beta, alpha = ref_search_hp(cfg, keys, values.float(), norm(val[0]), yv, clip_weights)
+    beta, alpha, acc = ref_search_hp(cfg, keys, values.float(), norm(val[0]), yv, clip_weights)
     assert alpha > 0 and beta > 0  # the search found something to prefer
+    # a beta of the 30-step grid only: a beta grid built with the alpha grid's 10 steps would miss it
+    assert all(abs(beta - (i * (7 - 0.1) / 10 + 0.1)) > 1e-6 for i in range(10))
 
     tip = TipAdapter(
         tiny_clip,
@@ -173,10 +175,81 @@ def test_tip_adapter_matches_reference(tiny_clip, ref_openclip):
         logit_scale=100.0,
     )
     record = tip.fit(FitData(train, y, val[0], yv))
-    assert (record["alpha"], record["beta"]) == pytest.approx((alpha, beta))
+    assert record == {
+        "cache_size": 16,
+        "alpha": pytest.approx(alpha),
+        "beta": pytest.approx(beta),
+        "val_accuracy": pytest.approx(acc),
+        "beta_grid": [7.0, 30],
+        "alpha_grid": [3.0, 10],
+    }
+    assert (float(tip.alpha), float(tip.beta)) == pytest.approx((alpha, beta))
     torch.testing.assert_close(tip.keys.t(), keys)
     ref = ref_tip_logits(norm(test[0]), keys, values.float(), clip_weights, alpha, beta)
     torch.testing.assert_close(tip(image_features=test[0]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tip_adapter_search_keeps_zero_when_no_cell_is_right(tiny_clip, ref_openclip):
+    """search_hp starts from accuracy 0 at beta = alpha = 0 and takes a cell only when it does better:
+    on a validation image whose label no cell predicts, the search ends at 0, 0 (and so does ours)."""
+    cfg = {"search_scale": [7, 3], "search_step": [30, 10]}
+    train, y = _tiny_features(tiny_clip, 3, 4, views=2)
+    val, _ = _tiny_features(tiny_clip, 3, 1)
+    f = val[0][:1] / val[0][:1].norm(dim=-1, keepdim=True)
+    clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])
+    keys, values = ref_cache(train, y)
+    never = [
+        c
+        for c in range(len(CLASSNAMES))
+        if ref_search_hp(cfg, keys, values.float(), f, torch.tensor([c]), clip_weights) == (0, 0, 0)
+    ]
+    assert never, "every class is predicted by some cell: pick other features"
+    tip = TipAdapter(
+        tiny_clip,
+        CLASSNAMES,
+        template=TEMPLATE,
+        views=2,
+        search_scale=[7, 3],
+        search_steps=[30, 10],
+        logit_scale=100.0,
+    )
+    record = tip.fit(FitData(train, y, val[0][:1], torch.tensor([never[0]])))
+    assert (record["alpha"], record["beta"], record["val_accuracy"]) == (0.0, 0.0, 0.0)
+    assert (float(tip.alpha), float(tip.beta)) == (0.0, 0.0)
+
+
+def test_tip_adapter_without_search_keeps_its_initial_alpha_beta(tiny_clip):
+    """``search: false``: fit builds the cache and keeps init_alpha, init_beta (no grid is searched)."""
+    train, y = _tiny_features(tiny_clip, 4, 3, views=2)
+    val, yv = _tiny_features(tiny_clip, 4, 2)
+    tip = TipAdapter(
+        tiny_clip, CLASSNAMES, template=TEMPLATE, views=2, init_alpha=2.5, init_beta=4.0, search=False
+    )
+    record = tip.fit(FitData(train, y, val[0], yv))
+    assert record == {"cache_size": 12, "alpha": 2.5, "beta": 4.0}
+    assert (float(tip.alpha), float(tip.beta)) == (2.5, 4.0)
+    assert tip.after_train() == {}  # not fine-tuned: nothing to search again
+
+
+def test_tip_adapter_f_searches_again_with_fp16_keys():
+    """Under reference_fp16 the runner casts the fitted keys (a trained parameter) to fp16 after fit();
+    after_train's search then mixes them with fp32 validation features: it must search the same grid
+    as with the same keys in fp32, not fail on the dtypes."""
+    from promptlab.backbones import load_clip
+
+    clip = load_clip("tiny", precision="reference_fp16")
+    train, y = _tiny_features(clip, 2, 4, views=2)
+    val, yv = _tiny_features(clip, 2, 6)
+    tip = TipAdapter(
+        clip, CLASSNAMES, template=TEMPLATE, views=2, finetune=True, search_scale=[7, 3], search_steps=[12, 6]
+    )
+    tip.fit(FitData(train, y, val[0], yv))
+    tip.match_backbone_precision()
+    assert tip.keys.dtype == torch.float16
+    half = tip.after_train()
+    tip.keys.data = tip.keys.data.float()
+    assert half == tip.after_train()
+    assert half["val_accuracy"] > 25  # better than chance on clustered features
 
 
 def test_tip_adapter_f_step_matches_reference(tiny_clip, ref_openclip):
