@@ -39,12 +39,14 @@ def ref_clip_classifier(model, classnames, template):
         return torch.stack(clip_weights, dim=1)
 
 
-def features(seed: int, n_per_class: int, views: int = 1, d: int = 32, c: int = len(CLASSNAMES)):
+def features(
+    seed: int, n_per_class: int, views: int = 1, d: int = 32, c: int = len(CLASSNAMES), noise: float = 1.5
+):
     """Clustered random features [V, N, D] (class means + noise) and labels [N]: a search has a winner."""
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(c, d, generator=g) * 2
     labels = torch.arange(c).repeat_interleave(n_per_class)
-    x = means[labels] + torch.randn(views, len(labels), d, generator=g) * 1.5
+    x = means[labels] + torch.randn(views, len(labels), d, generator=g) * noise
     return x, labels
 
 
@@ -58,13 +60,18 @@ def cls_acc(output, target):
 
 
 # ---------------------------------------------------------------------- linear probe
-def ref_lpclip(train_x, train_y, val_x, val_y, num_step=8):
+def ref_lpclip(train_x, train_y, val_x, val_y, num_step=8, max_iter=1000):
     """KaiyangZhou/CoOp lpclip/linear_probe.py L55-116: coarse sweep, then the interval search; the
-    classifier of the last round. (``penalty="l2"`` is scikit-learn's default; naming it warns since 1.8.)"""
+    classifier of the last round. (``penalty="l2"`` is scikit-learn's default; naming it warns since 1.8.)
+    Also returns every (C, val accuracy) it fitted, in order (the reference prints them)."""
     from sklearn.linear_model import LogisticRegression
 
+    tried = []
+
     def fit(c):
-        return LogisticRegression(solver="lbfgs", max_iter=1000, C=c).fit(train_x, train_y)
+        clf = LogisticRegression(solver="lbfgs", max_iter=max_iter, C=c).fit(train_x, train_y)
+        tried.append((c, sum(clf.predict(val_x) == val_y) / len(val_y)))
+        return clf
 
     search_list = [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]
     acc_list = []
@@ -87,7 +94,7 @@ def ref_lpclip(train_x, train_y, val_x, val_y, num_step=8):
             c_right = 0.5 * (np.log10(c_right) + np.log10(c_left))
             c_left = np.log10(c_left)
         c_left, c_right = np.power(10, c_left), np.power(10, c_right)
-    return c_final, clf_final
+    return c_final, clf_final, tried
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -96,7 +103,7 @@ def test_linear_probe_matches_lpclip(tiny_clip):
     val, yv = features(0, 2)  # same class means (seed), other draws
     test, yt = features(0, 10)
     x, xv = train[0].double().numpy(), val[0].double().numpy()
-    c_ref, clf = ref_lpclip(x, y.numpy(), xv, yv.numpy(), num_step=3)
+    c_ref, clf, _ = ref_lpclip(x, y.numpy(), xv, yv.numpy(), num_step=3)
 
     lp = LinearProbe(tiny_clip, CLASSNAMES, search_steps=3)
     record = lp.fit(FitData(train, y, val[0], yv))
@@ -108,6 +115,49 @@ def test_linear_probe_matches_lpclip(tiny_clip):
     ref = torch.from_numpy(clf.decision_function(test[0].double().numpy())).float()
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
     assert (logits.argmax(-1).numpy() == clf.predict(test[0].double().numpy())).all()
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_linear_probe_search_fits_what_lpclip_fits(tiny_clip):
+    """Noisy features, where the coarse sweep peaks inside its list (C = 1e-4) and the interval search
+    moves right, right, then left: every (C, val accuracy) fitted is lpclip's, in its order, and the
+    classifier kept is its last round's."""
+    train, y = features(4, 4, noise=6.0)
+    val, yv = features(4, 5, noise=6.0)
+    x, xv = train[0].double().numpy(), val[0].double().numpy()
+    c_ref, clf, tried = ref_lpclip(x, y.numpy(), xv, yv.numpy(), num_step=3)
+    coarse, rounds = tried[:7], list(zip(tried[7::2], tried[8::2]))
+    assert coarse[int(np.argmax([a for _, a in coarse]))][0] == 1e-4
+    assert ["right" if hi[1] > lo[1] else "left" for lo, hi in rounds] == ["right", "right", "left"]
+
+    lp = LinearProbe(tiny_clip, CLASSNAMES, search_steps=3)
+    record = lp.fit(FitData(train, y, val[0], yv))
+    assert record["C"] == pytest.approx(c_ref)
+    assert record["search"] == [
+        {"C": pytest.approx(c), "val_accuracy": pytest.approx(100 * a)} for c, a in tried
+    ]
+    torch.testing.assert_close(lp.weight, torch.from_numpy(clf.coef_).float())
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_linear_probe_without_interval_search_refits_the_coarse_peak(tiny_clip):
+    """``search_steps: 0`` (no round of the interval search): the coarse sweep's best C, fitted again, with
+    the ``max_iter`` asked for (2 here: far from converged, so a fit with another budget differs)."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, y = features(4, 4, noise=6.0)
+    val, yv = features(4, 5, noise=6.0)
+    x, xv = train[0].double().numpy(), val[0].double().numpy()
+    _, _, coarse = ref_lpclip(x, y.numpy(), xv, yv.numpy(), num_step=0, max_iter=2)
+    peak = coarse[int(np.argmax([a for _, a in coarse]))][0]
+    clf = LogisticRegression(solver="lbfgs", max_iter=2, C=peak).fit(x, y.numpy())
+
+    lp = LinearProbe(tiny_clip, CLASSNAMES, search_steps=0, max_iter=2)
+    record = lp.fit(FitData(train, y, val[0], yv))
+    assert record["C"] == peak and len(record["search"]) == 7 + 1
+    assert record["search"][:7] == [{"C": c, "val_accuracy": pytest.approx(100 * a)} for c, a in coarse]
+    torch.testing.assert_close(lp.weight, torch.from_numpy(clf.coef_).float())
+    torch.testing.assert_close(lp.bias, torch.from_numpy(clf.intercept_).float())
 
 
 # ---------------------------------------------------------------------- Tip-Adapter
