@@ -250,6 +250,34 @@ def test_hparams_record_overrides(tiny_clip: FrozenCLIP) -> None:
     assert m.hparams == dict(n_ctx=3, ctx_init="", csc=True, class_token_position="front")
 
 
+def test_a_method_defined_after_import_records_its_hparams(tiny_clip: FrozenCLIP) -> None:
+    """Every subclass's own ``__init__`` is wrapped when the class is created (a user's method defined in a
+    script too): its keyword arguments with defaults applied, ``**hparams`` merged in, clip and class
+    names left out; a subclass's record is its own arguments (not those it passes up); one without an
+    ``__init__`` records its parent's."""
+
+    class Scaled(PromptModule):
+        def __init__(self, clip, classnames, scale: float = 2.0, tag: str = "s", **hparams: Any):
+            super().__init__(clip, classnames)
+            self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    class Deeper(Scaled):
+        def __init__(self, clip, classnames, depth: int = 1):
+            super().__init__(clip, classnames, scale=5.0)
+
+    class Same(Scaled):
+        pass
+
+    assert Scaled(tiny_clip, ["a", "b"], scale=3.0, extra=1).hparams == {
+        "scale": 3.0,
+        "tag": "s",
+        "extra": 1,
+    }
+    deeper = Deeper(tiny_clip, ["a", "b"])
+    assert deeper.hparams == {"depth": 1} and float(deeper.scale) == 5.0
+    assert Same(tiny_clip, ["a"], tag="t").hparams == {"scale": 2.0, "tag": "t"}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_cached_text_features(name: str, tiny_clip: FrozenCLIP, images: torch.Tensor, monkeypatch) -> None:
     m = build(name, tiny_clip)
