@@ -274,7 +274,8 @@ def test_a_method_defined_after_import_records_its_hparams(tiny_clip: FrozenCLIP
         "extra": 1,
     }
     deeper = Deeper(tiny_clip, ["a", "b"])
-    assert deeper.hparams == {"depth": 1} and float(deeper.scale) == 5.0
+    assert deeper.hparams == {"depth": 1} and deeper.scale.item() == 5.0
+    assert deeper.classnames == ["a", "b"]  # the base records the names even without set_classnames
     assert Same(tiny_clip, ["a"], tag="t").hparams == {"scale": 2.0, "tag": "t"}
 
 
@@ -316,6 +317,45 @@ def test_coop_csc_refuses_other_class_count(tiny_clip: FrozenCLIP, images: torch
         m.set_classnames(renamed)
     m.set_classnames(list(CLASSNAMES))  # its own classes again: fine
     assert m(images).shape == (images.shape[0], 4) and torch.equal(m.ctx, ctx)
+
+
+def test_class_bound_refusal_says_which_classes_and_the_first_difference(tiny_clip: FrozenCLIP) -> None:
+    """A class-bound method refuses other names with a message naming the method, both counts and the
+    first name that differs (none when one list extends the other); the first names given fix what the
+    learned state belongs to, so serving a subset (where ``can_serve`` allows it) does not narrow it."""
+
+    class Bound(PromptModule):
+        class_bound = True
+
+        def __init__(self, clip, classnames):
+            super().__init__(clip, classnames)
+            self.set_classnames(classnames)
+
+    class Subsets(Bound):
+        def can_serve(self, classnames: list[str], learned_for: list[str]) -> bool:
+            return set(classnames) <= set(learned_for)
+
+    m = Bound(tiny_clip, ["a", "b"])
+    tail = "; evaluate it on those classes, or learn a class-independent one for transfer"
+    with pytest.raises(ValueError) as e:
+        m.set_classnames(["a", "x"])
+    assert str(e.value) == (
+        "Bound's learned state is specific to the 2 classes it was learned on and cannot serve 2 other ones"
+        " (first difference: 'b' -> 'x')" + tail
+    )
+    with pytest.raises(ValueError) as e:
+        m.set_classnames(["a", "b", "c"])
+    assert str(e.value) == (
+        "Bound's learned state is specific to the 2 classes it was learned on and cannot serve 3 other ones"
+        + tail
+    )
+    assert m.classnames == ["a", "b"]
+    s = Subsets(tiny_clip, ["a", "b", "c"])
+    s.set_classnames(["c"])
+    s.set_classnames(["a", "b", "c"])  # still the classes it was learned on
+    assert s.classnames == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="specific to the 3 classes"):
+        s.set_classnames(["a", "d"])
 
 
 def test_coop_unified_context_transfers(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
