@@ -358,6 +358,50 @@ def test_class_bound_refusal_says_which_classes_and_the_first_difference(tiny_cl
         s.set_classnames(["a", "d"])
 
 
+class _Probe(PromptModule):
+    """A minimal method on the base class's defaults: one learned text feature per class."""
+
+    def __init__(self, clip: FrozenCLIP, classnames: list[str]):
+        super().__init__(clip, classnames)
+        self.w = torch.nn.Parameter(torch.randn(len(classnames), clip.embed_dim))
+        self.seen: list[str] = []
+
+    def text_features(self) -> torch.Tensor:
+        return self.w
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, **aux: Any) -> torch.Tensor:
+        self.seen = sorted(aux)
+        return super().loss(logits, labels)
+
+
+def test_base_training_step_forward_and_image_grad_mode(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    """The defaults a new method inherits: training_step hands the batch's inputs on to ``loss`` (MoCoOp,
+    PromptSRC read them there); forward names what it needs; a method without image-independent text
+    features says so; ``encode_image`` builds a graph only for a method that trains the image side and
+    only where gradients are enabled (a frozen tower is computed without one even from inputs that have one)."""
+    torch.manual_seed(0)
+    m = _Probe(tiny_clip, ["a", "b", "c"])
+    feats, labels = torch.randn(4, tiny_clip.embed_dim), torch.tensor([0, 2, 1, 2])
+    logits, loss = m.training_step({"image_features": feats}, labels)
+    assert m.seen == ["image_features"]
+    torch.testing.assert_close(logits, m(image_features=feats))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
+    with pytest.raises(ValueError, match=r"^forward\(\) needs images or image_features$"):
+        m()
+    with pytest.raises(NotImplementedError, match="^PromptModule has no image-independent text features$"):
+        PromptModule(tiny_clip, ["a"]).text_features()
+
+    class Tuned(_Probe):
+        image_side_frozen = False
+
+    x = images[:2].clone().requires_grad_(True)  # stands for a tuned image tower's graph
+    assert not m.encode_image(x).requires_grad
+    tuned = Tuned(tiny_clip, ["a"])
+    assert tuned.encode_image(x).requires_grad
+    with torch.no_grad():
+        assert not tuned.encode_image(x).requires_grad
+
+
 def test_coop_unified_context_transfers(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
     m = CoOp(tiny_clip, CLASSNAMES, n_ctx=4, csc=False)
     m.set_classnames(OTHER_CLASSNAMES)

@@ -198,6 +198,24 @@ def test_forward_is_fp16_like_the_reference(fp32_model: nn.Module) -> None:
     )
 
 
+def test_zero_shot_head_is_fp16_with_its_fp32_classifier() -> None:
+    """The zero-shot classifier is kept in fp32 (a buffer, averaged over templates); under reference_fp16
+    the head still scores in fp16, as CoOp's ZeroshotCLIP does with its fp16 model: both sides are cast
+    to the head's dtype before the cosine, whatever dtype each arrives in."""
+    from promptlab.methods import ZeroShotCLIP
+
+    clip = load_clip("tiny", precision="reference_fp16")
+    module = ZeroShotCLIP(clip, CLASSNAMES)
+    txt = module.text_features()
+    assert txt.dtype == torch.float32
+    feats = torch.randn(3, txt.shape[1], generator=torch.Generator().manual_seed(0))
+    logits = module(image_features=feats)
+    assert logits.dtype == torch.float16
+    img16, txt16 = feats.half(), txt.half()
+    img16, txt16 = img16 / img16.norm(dim=-1, keepdim=True), txt16 / txt16.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(logits, clip.logit_scale * img16 @ txt16.t(), atol=0.1, rtol=0)
+
+
 def test_sgd_steps_fp16_parameters_as_the_reference(tmp_path: Path) -> None:
     """The engine's update under reference_fp16 is exactly the reference's: fp16 parameter, fp16
     gradient, fp16 momentum, no loss scaling, no fp32 master copy (three steps, momentum in play)."""
