@@ -390,6 +390,10 @@ def test_base_training_step_forward_and_image_grad_mode(tiny_clip: FrozenCLIP, i
         m()
     with pytest.raises(NotImplementedError, match="^PromptModule has no image-independent text features$"):
         PromptModule(tiny_clip, ["a"]).text_features()
+    with pytest.raises(
+        NotImplementedError, match=r"^_Probe sets fit_features but does not implement fit\(\)$"
+    ):
+        m.fit(FitData(feats[None], labels, feats, labels))
 
     class Tuned(_Probe):
         image_side_frozen = False

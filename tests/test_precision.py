@@ -216,6 +216,25 @@ def test_zero_shot_head_is_fp16_with_its_fp32_classifier() -> None:
     torch.testing.assert_close(logits, clip.logit_scale * img16 @ txt16.t(), atol=0.1, rtol=0)
 
 
+def test_unfrozen_backbone_weights_keep_their_dtype_under_reference_fp16() -> None:
+    """match_backbone_precision casts the method's own learned tensors to fp16, never an unfrozen backbone
+    weight (MoCoOp's LayerNorms, ViFi-CLIP's towers): those keep the dtype convert_weights left them in
+    (fp32 LayerNorms beside fp16 linear weights), as in the reference's fp16 CLIP, and are learned state."""
+    clip = load_clip("tiny", precision="reference_fp16")  # its own: unfreezing must not touch the shared one
+    clip.unfreeze(clip.tower_parts("image"))
+    module = CoOp(clip, CLASSNAMES, n_ctx=2)
+
+    def backbone() -> dict[str, torch.dtype]:
+        return {n: p.dtype for n, p in module.named_parameters() if n.startswith("clip.") and p.requires_grad}
+
+    before = backbone()
+    assert {torch.float16, torch.float32} <= set(before.values())
+    module.match_backbone_precision()
+    assert module.ctx.dtype == torch.float16 and backbone() == before
+    state = module.prompt_state_dict()  # what an export holds: the context and every unfrozen weight
+    assert set(state) == {"ctx", *before} and {k: v.dtype for k, v in state.items() if k != "ctx"} == before
+
+
 def test_sgd_steps_fp16_parameters_as_the_reference(tmp_path: Path) -> None:
     """The engine's update under reference_fp16 is exactly the reference's: fp16 parameter, fp16
     gradient, fp16 momentum, no loss scaling, no fp32 master copy (three steps, momentum in play)."""
