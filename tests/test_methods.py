@@ -406,6 +406,31 @@ def test_base_training_step_forward_and_image_grad_mode(tiny_clip: FrozenCLIP, i
         assert not tuned.encode_image(x).requires_grad
 
 
+def test_load_prompt_state_dict_messages_and_kept_parameters(tiny_clip: FrozenCLIP) -> None:
+    """Errors name the source, the method and the tensors at fault; a load at the module's shapes copies
+    into its own tensors, fitted ones included (an optimizer built before a resume keeps stepping them)."""
+    from promptlab.methods import TipAdapter
+
+    m = _Probe(tiny_clip, ["a", "b"])
+    d = tiny_clip.embed_dim
+    with pytest.raises(KeyError) as e:
+        m.load_prompt_state_dict({"v": torch.zeros(1)})
+    assert e.value.args[0] == "state dict does not match _Probe: missing ['w'], unexpected ['v']"
+    with pytest.raises(ValueError) as e:
+        m.load_prompt_state_dict({"w": torch.zeros(3, d)}, source="run/last.pt")
+    assert str(e.value) == (
+        f"run/last.pt: 'w' has shape [3, {d}], _Probe expects [2, {d}] (different backbone width or class count?)"
+    )
+    tip = TipAdapter(tiny_clip, ["a", "b"], template="a photo of a {}.", views=1, search=False, finetune=True)
+    feats = torch.randn(1, 4, d, generator=torch.Generator().manual_seed(0))
+    tip.fit(FitData(feats, torch.tensor([0, 1, 0, 1]), feats[0], torch.tensor([0, 1, 0, 1])))
+    own = dict(tip.named_parameters())
+    state = {k: v + 1 for k, v in tip.prompt_state_dict().items()}
+    tip.load_prompt_state_dict(state)
+    assert all(p is own[n] for n, p in tip.named_parameters())
+    assert all(torch.equal(v, state[k]) for k, v in tip.prompt_state_dict().items())
+
+
 def test_coop_unified_context_transfers(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
     m = CoOp(tiny_clip, CLASSNAMES, n_ctx=4, csc=False)
     m.set_classnames(OTHER_CLASSNAMES)
