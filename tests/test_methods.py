@@ -429,6 +429,11 @@ def test_load_prompt_state_dict_messages_and_kept_parameters(tiny_clip: FrozenCL
     tip.load_prompt_state_dict(state)
     assert all(p is own[n] for n, p in tip.named_parameters())
     assert all(torch.equal(v, state[k]) for k, v in tip.prompt_state_dict().items())
+    for finetune in (False, True):  # an empty cache takes the saved one's shape, trained or not as before
+        other = TipAdapter(tiny_clip, ["a", "b"], template="a photo of a {}.", views=1, finetune=finetune)
+        other.load_prompt_state_dict(state)
+        assert other.keys.shape == (4, d) and other.keys.requires_grad is finetune
+        assert torch.equal(other.keys, state["keys"]) and len(other.trainable_parameters()) == int(finetune)
 
 
 def test_coop_unified_context_transfers(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
