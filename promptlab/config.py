@@ -56,7 +56,7 @@ Precision = Literal["fp32", "fp16", "bf16"]
 # model.precision: how the frozen CLIP is stored, plus the references' pure-fp16 mode (promptlab.clip)
 ModelPrecision = Literal["fp32", "fp16", "bf16", "reference_fp16"]
 # Datasets generated on first use under data.root: their root need not exist at load time.
-GENERATED_DATASETS = frozenset({"synthetic", "sandbox_shapes", "sandbox_clean"})
+GENERATED_DATASETS = frozenset({"synthetic", "sandbox_shapes", "sandbox_lamp", "sandbox_clean"})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_dry_run_shows_what_would_be_submitted(tmp_path, capsys):
     argv = ["sweep", RECIPE, "seeds=1", "--out", str(out), "--launcher", "slurm", "--dry-run"]
     assert main([*argv, "--time", "30", "--sbatch", "qos=high", "--mem", "8G"]) == 0
     text = capsys.readouterr().out
-    assert "submit  sandbox_shapes" in text and "1 to submit, 0 still queued, 0 done" in text
+    assert "submit  sandbox_lamp" in text and "1 to submit, 0 still queued, 0 done" in text
     assert "--time=30" in text and "--mem=8G" in text and "--qos=high" in text
     assert not out.exists()  # nothing written, nothing submitted
     assert main([*argv, "--mem", "8 gigabytes"]) == 2  # validated like the recipe's launcher: section
