@@ -203,3 +203,16 @@ def test_timm_visual_prompts_through_timm_blocks(arch: str, monkeypatch: pytest.
     deep = torch.randn(3, clip.vision_width, generator=g).requires_grad_(True)
     clip.encode_image(images, prompts=shallow, deep_prompts={1: deep}).sum().backward()
     assert shallow.grad.abs().sum() > 0 and deep.grad.abs().sum() > 0
+
+
+def test_prompt_buffers_keep_the_whole_context_where_truncation_is_off(family: FrozenCLIP) -> None:
+    """A bidirectional tower attends its padding, so the learned-prompt buffers keep all of its context
+    positions; a causal one's are cut to the longest prompt (max EOT + 1), as the shared fast path is."""
+    from promptlab.prompts import prompt_buffers
+
+    for prefix in ("", "a photo of a"):
+        bufs = prompt_buffers(family, NAMES, 2, prefix=prefix)
+        full = family.context_length
+        expected = int(bufs["_eot"].max()) + 1 if family.can_truncate_text else full
+        assert bufs["_base"].shape[1] == expected
+        assert expected < full or not family.can_truncate_text  # the cut is real where it is on
