@@ -71,6 +71,29 @@ def test_template_groups_shipped_for_the_eleven_datasets() -> None:
     assert list(load_template_groups("food101").values())[0] == ["a photo of a  {}."]
 
 
+def test_a_groups_file_can_share_another_dataset_s_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``same_as: <dataset>``: the sandbox datasets share sandbox_shapes' groups (one list, not copies);
+    a target that is missing, outside the folder or itself an alias is refused, naming the file."""
+    import promptlab.methods.mocoop as mocoop_module
+
+    shapes = load_template_groups("sandbox_shapes")
+    assert len(shapes) == 4
+    assert load_template_groups("sandbox_lamp") == shapes == load_template_groups("sandbox_clean")
+    folder = tmp_path / "template_groups"
+    folder.mkdir()
+    (folder / "real.yaml").write_text("groups: {a: ['a {}.'], b: ['the {}.', 'one {}.']}\n")
+    (tmp_path / "real.yaml").write_text((folder / "real.yaml").read_text())  # what "../real" would reach
+    for name, target in (("alias", "real"), ("chain", "alias"), ("gone", "nowhere"), ("out", "../real")):
+        (folder / f"{name}.yaml").write_text(f"same_as: {target}\n")
+    monkeypatch.setattr(mocoop_module, "datasets_dir", lambda: tmp_path)
+    assert load_template_groups("alias") == {"a": ["a {}."], "b": ["the {}.", "one {}."]}
+    for name in ("chain", "gone", "out"):
+        with pytest.raises(ValueError, match=rf"{name}\.yaml: same_as must name a file of .* own 'groups:'"):
+            load_template_groups(name)
+
+
 def test_unknown_dataset_falls_back_to_default(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         groups = load_template_groups("my_custom_set")

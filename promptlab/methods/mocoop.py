@@ -55,7 +55,11 @@ GATE_TARGETS = ("shuffled", "own")
 
 # ---------------------------------------------------------------------- template groups (data)
 def load_template_groups(dataset_name: str | None) -> dict[str, list[str]]:
-    """The template groups shipped for a dataset (``datasets/template_groups/<name>.yaml``), else ``default.yaml``."""
+    """The template groups shipped for a dataset (``datasets/template_groups/<name>.yaml``), else ``default.yaml``.
+
+    A file may hold ``same_as: <other dataset>`` instead of ``groups:``: datasets drawn from one world
+    (the sandbox's, whose captions fix the words its CLIP knows) share one list rather than copies of it.
+    """
     folder = datasets_dir() / GROUPS_FOLDER
     path = folder / f"{dataset_name}.yaml"
     if dataset_name is None or not path.is_file():
@@ -63,6 +67,12 @@ def load_template_groups(dataset_name: str | None) -> dict[str, list[str]]:
             log.warning("no template groups for dataset %r in %s: using default.yaml", dataset_name, folder)
         path = folder / "default.yaml"
     raw = yaml.safe_load(path.read_text())
+    if isinstance(raw, dict) and set(raw) == {"same_as"}:
+        name = str(raw["same_as"])
+        target = folder / f"{name}.yaml"
+        raw = yaml.safe_load(target.read_text()) if "/" not in name and target.is_file() else None
+        if not isinstance(raw, dict) or not isinstance(raw.get("groups"), dict):
+            raise ValueError(f"{path}: same_as must name a file of {folder} that lists its own 'groups:'")
     if not isinstance(raw, dict) or not isinstance(raw.get("groups"), dict):
         raise ValueError(f"{path}: expected a mapping 'groups: {{name: [template, ...]}}'")
     return check_groups(raw["groups"], source=str(path))
