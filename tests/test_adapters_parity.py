@@ -203,6 +203,19 @@ def _tiny_features(clip, seed, n_per_class, views=1):
     return x, y
 
 
+def _searching_tip(clip, views):
+    """Our Tip-Adapter with the search grid of ``cfg`` below (search_scale [7, 3], search_step [30, 10])."""
+    return TipAdapter(
+        clip,
+        CLASSNAMES,
+        template=TEMPLATE,
+        views=views,
+        search_scale=[7, 3],
+        search_steps=[30, 10],
+        logit_scale=100.0,
+    )
+
+
 def test_tip_adapter_matches_reference(tiny_clip, ref_openclip):
     cfg = {"search_scale": [7, 3], "search_step": [30, 10]}
     train, y = _tiny_features(tiny_clip, 2, 4, views=3)
@@ -216,15 +229,7 @@ def test_tip_adapter_matches_reference(tiny_clip, ref_openclip):
     # a beta of the 30-step grid only: a beta grid built with the alpha grid's 10 steps would miss it
     assert all(abs(beta - (i * (7 - 0.1) / 10 + 0.1)) > 1e-6 for i in range(10))
 
-    tip = TipAdapter(
-        tiny_clip,
-        CLASSNAMES,
-        template=TEMPLATE,
-        views=3,
-        search_scale=[7, 3],
-        search_steps=[30, 10],
-        logit_scale=100.0,
-    )
+    tip = _searching_tip(tiny_clip, views=3)
     record = tip.fit(FitData(train, y, val[0], yv))
     assert record == {
         "cache_size": 16,
@@ -255,15 +260,7 @@ def test_tip_adapter_search_keeps_zero_when_no_cell_is_right(tiny_clip, ref_open
         if ref_search_hp(cfg, keys, values.float(), f, torch.tensor([c]), clip_weights) == (0, 0, 0)
     ]
     assert never, "every class is predicted by some cell: pick other features"
-    tip = TipAdapter(
-        tiny_clip,
-        CLASSNAMES,
-        template=TEMPLATE,
-        views=2,
-        search_scale=[7, 3],
-        search_steps=[30, 10],
-        logit_scale=100.0,
-    )
+    tip = _searching_tip(tiny_clip, views=2)
     record = tip.fit(FitData(train, y, val[0][:1], torch.tensor([never[0]])))
     assert (record["alpha"], record["beta"], record["val_accuracy"]) == (0.0, 0.0, 0.0)
     assert (float(tip.alpha), float(tip.beta)) == (0.0, 0.0)
