@@ -324,6 +324,7 @@ def test_sandbox_lamp_reproduces_the_base_to_new_trade_off(tmp_path: Path) -> No
     2. KgCoOp keeps new classes (>= zero-shot - 2) and beats CoOp's HM; CoCoOp beats CoOp's HM too.
     """
     from promptlab.config import load_recipe
+    from promptlab.report import harmonic_mean
     from promptlab.runner import eval_prompts, run
 
     threads = torch.get_num_threads()
@@ -339,7 +340,7 @@ def test_sandbox_lamp_reproduces_the_base_to_new_trade_off(tmp_path: Path) -> No
             ensure_data(cfg)
             base = acc[name, "base"] = run(cfg)["accuracy"]
             new = acc[name, "new"] = eval_prompts(tmp_path / name, ["subsample=new"])["accuracy"]
-            hm[name] = 2 * base * new / (base + new)
+            hm[name] = harmonic_mean(base, new)
     finally:
         torch.set_num_threads(threads)
     assert acc["coop", "base"] >= acc["zeroshot", "base"] + 5, acc
