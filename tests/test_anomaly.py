@@ -138,7 +138,11 @@ def test_maps_shape_range_and_scores(tiny_clip) -> None:
 
 def test_global_max_image_score_is_mean_of_global_and_layer_averaged_map_max(tiny_clip) -> None:
     """image_score="global_max": (softmax(image_logits)[anomalous] + max pixel of the smoothed map / n_layers) / 2,
-    per image; computed here with numpy and scipy on a hand-made output with 3 layers (neither 1 nor 2)."""
+    per image; computed here with numpy and scipy on a hand-made output with 3 layers (neither 1 nor 2).
+    The map is zqhang/AnomalyCLIP test.py's (L109 ``anomaly_map.sum(dim=0)`` over layers, L111
+    ``gaussian_filter(i, sigma=args.sigma)`` per image) and the global probability its L93-95
+    (``softmax(-1)[:, 0, 1]``); their mean is promptlab's option: the reference scores images with
+    the global probability alone (L110, ``image_score="global"``)."""
     module = AnomalyCLIP(tiny_clip, **SMALL, image_score="global_max")
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 2, generator=g) * 3
