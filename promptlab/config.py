@@ -55,8 +55,6 @@ __all__ = [
 Precision = Literal["fp32", "fp16", "bf16"]
 # model.precision: how the frozen CLIP is stored, plus the references' pure-fp16 mode (promptlab.clip)
 ModelPrecision = Literal["fp32", "fp16", "bf16", "reference_fp16"]
-# Datasets generated on first use under data.root: their root need not exist at load time.
-GENERATED_DATASETS = frozenset({"synthetic", "sandbox_shapes", "sandbox_lamp", "sandbox_clean"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,8 +501,19 @@ def _section_schema(tp: Any) -> type | None:
 def _is_generated(schema: type, cfg: DictConfig) -> bool:
     """Data written on first use: its root need not exist when the recipe is checked."""
     if schema is DataConfig:
-        return cfg.get("name") in GENERATED_DATASETS
+        return _names_a_generator(cfg.get("name"))
     return schema is AnomalyDataConfig and cfg.get("generator") is not None
+
+
+def _names_a_generator(name: str | None) -> bool:
+    """The dataset's YAML names a ``generator:`` (the sandbox's, the synthetic demo's, a user's own), so its
+    data are written under data.root on first use; an unknown name is left to the dataset checks."""
+    from promptlab.data.registry import UnknownDataset, get_spec  # the data package imports this module
+
+    try:
+        return bool(name) and bool(get_spec(name).generator)
+    except (UnknownDataset, FileNotFoundError):
+        return False
 
 
 def _check_exists(value: str, key: str, source: str) -> None:

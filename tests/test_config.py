@@ -221,6 +221,15 @@ def test_missing_paths(tmp_path: Path) -> None:
     load_recipe(write(tmp_path, recipe), check_paths=False)
     recipe["model"] = {"arch": "ViT-B-16", "pretrained": "openai"}  # a tag, not a path
     load_recipe(write(tmp_path, recipe), check_paths=True)
+    # a dataset whose YAML names a generator is written under data.root on first use: no root needed yet
+    own = tmp_path / "mine.yaml"  # a user's generated dataset, named by its YAML's path
+    lamp = Path(__file__).resolve().parents[1] / "datasets" / "sandbox_lamp.yaml"
+    own.write_text(lamp.read_text().replace("sandbox_lamp", "mine"))
+    set_key(recipe, "data.root", str(tmp_path / "not_yet"))
+    for name in ("sandbox_lamp", "synthetic", str(own)):
+        load_recipe(write(tmp_path, set_key(recipe, "data.name", name)), check_paths=True)
+    message = load_error(tmp_path, set_key(recipe, "data.name", "dtd"), check_paths=True)
+    assert "data.root" in message and "not_yet" in message  # a dataset read from disk needs its root
     with pytest.raises(ConfigError, match="not found"):
         load_recipe(tmp_path / "absent.yaml")
 
