@@ -458,3 +458,70 @@ def test_hparams_record_what_was_used_not_what_was_asked(tiny_clip, tmp_path, ca
     save_prompts(m, tmp_path / "p")
     assert json.loads((tmp_path / "p" / "prompt_config.json").read_text())["hparams"]["n_ctx"] == 4
     assert load_prompts(tmp_path / "p", tiny_clip).ctx.shape == m.ctx.shape
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_fp16_head_takes_fp32_features(name: str, images: torch.Tensor) -> None:
+    """Under ``reference_fp16`` the head is the reference's fp16 head whatever the features' dtype: cached
+    image features arrive fp32, and a head that skipped its ``.to(head_dtype)`` would compute in fp32 (or
+    refuse an fp16 @ fp32 product) where the reference computed in fp16."""
+    m = build(name, load_clip("tiny", precision="reference_fp16"))
+    m.match_backbone_precision()
+    _fit(m)
+    with torch.no_grad():
+        feats = m.encode_image(images).float()
+        got, want = m(image_features=feats), m(image_features=feats.to(m.head_dtype))
+    assert m.head_dtype == torch.float16
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+#: Each method's reference recipe: its ``method:`` section is the published configuration, and a method
+#: built in Python with no arguments must be that configuration (a default that drifted from it would
+#: change every result of a user who builds the method by hand, silently).
+REFERENCE_RECIPES = {
+    "clip_adapter": "fewshot/clip_adapter_vit_b16.yaml",
+    "clip_lora": "fewshot/clip_lora_vit_b16.yaml",
+    "cocoop": "base2new/cocoop_vit_b16.yaml",
+    "coop": "fewshot/coop_vit_b16.yaml",
+    "gda": "fewshot/gda_vit_b16.yaml",
+    "ivlp": "base2new/ivlp_vit_b16.yaml",
+    "kgcoop": "base2new/kgcoop_vit_b16.yaml",
+    "linear_probe": "fewshot/linear_probe_vit_b16.yaml",
+    "maple": "base2new/maple_vit_b16.yaml",
+    "mocoop": "base2new/mocoop_vit_b16.yaml",
+    "prograd": "base2new/prograd_vit_b16.yaml",
+    "promptsrc": "base2new/promptsrc_vit_b16.yaml",
+    "tcp": "base2new/tcp_vit_b16.yaml",
+    "tip_adapter": "fewshot/tip_adapter_vit_b16.yaml",
+    "vificlip": "video/vificlip_prompt_base2novel.yaml",
+    "zeroshot": "zeroshot/clip_vit_b16.yaml",
+}
+#: Where the recipe deliberately says more than the default, and why the default is right.
+DEFAULT_IS_NOT_THE_RECIPE = {
+    # None: the backbone's own learned scale, which is 100.0 on OpenAI's weights (what the recipes load)
+    ("clip_lora", "logit_scale"): None,
+    ("gda", "logit_scale"): None,
+    ("tip_adapter", "logit_scale"): None,
+    # it switches requires_grad on in the backbone it is given: opt-in, with a backbone of one's own
+    ("mocoop", "tune_layernorm"): False,
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_are_the_reference_recipe(name: str) -> None:
+    import yaml
+
+    from promptlab.resources import RECIPES_DIR
+
+    assert name in REFERENCE_RECIPES, f"{name}: name its reference recipe in REFERENCE_RECIPES"
+    section = yaml.safe_load((RECIPES_DIR / REFERENCE_RECIPES[name]).read_text())["method"]
+    assert section.pop("_component_").rsplit(".", 1)[1] == METHODS[name].__name__
+    defaults = {p.name: p.default for p in inspect.signature(METHODS[name].__init__).parameters.values()}
+    assert section, f"{REFERENCE_RECIPES[name]} sets no hyperparameter"
+    for key, value in section.items():
+        expected = DEFAULT_IS_NOT_THE_RECIPE.get((name, key), value)
+        default = defaults[key]
+        if isinstance(default, tuple):
+            default = list(default)
+        assert default == expected, f"{name}.{key}: default {default!r}, {REFERENCE_RECIPES[name]} {value!r}"
