@@ -525,3 +525,36 @@ def test_defaults_are_the_reference_recipe(name: str) -> None:
         if isinstance(default, tuple):
             default = list(default)
         assert default == expected, f"{name}.{key}: default {default!r}, {REFERENCE_RECIPES[name]} {value!r}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "reference_fp16"])
+@pytest.mark.parametrize("name", ["kgcoop", "tcp"])
+def test_knowledge_term_without_this_steps_logits(name: str, precision: str, images: torch.Tensor) -> None:
+    """KgCoOp's and TCP's ``loss`` reuse the text features of the step's own ``logits`` call; with none (a
+    loss right after building or after ``set_classnames``, or after a no-grad evaluation pass) they compute
+    them, with gradient, in the head's dtype: CE + w * (1 - mean_c cos(t_c, hand_c)), restated here."""
+    m = build(name, load_clip("tiny", precision=precision))
+    m.match_backbone_precision()
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(images.shape[0]) % len(CLASSNAMES)
+    logits = torch.randn(images.shape[0], len(CLASSNAMES), generator=g).to(m.head_dtype)
+    dt = m.head_dtype
+
+    def restated() -> torch.Tensor:
+        txt = torch.nn.functional.normalize(m.text_features().to(dt), dim=-1)
+        cos = torch.nn.functional.cosine_similarity(txt, m._hand.to(dt), dim=-1, eps=1e-7)
+        return torch.nn.functional.cross_entropy(logits, labels) + m.w * (1.0 - cos.mean())
+
+    for before in ("built", "set_classnames", "no-grad logits"):
+        if before == "set_classnames":
+            m.set_classnames(OTHER_CLASSNAMES + CLASSNAMES[: len(CLASSNAMES) - 2])
+        if before == "no-grad logits":
+            with torch.no_grad():
+                m(images)
+        got = m.loss(logits, labels)
+        want = restated()
+        assert got.dtype == want.dtype == dt, before
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=before)
+        m.ctx.grad = None
+        got.backward()
+        assert m.ctx.grad is not None and m.ctx.grad.abs().max() > 0, before
