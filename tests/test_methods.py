@@ -558,3 +558,65 @@ def test_knowledge_term_without_this_steps_logits(name: str, precision: str, ima
         m.ctx.grad = None
         got.backward()
         assert m.ctx.grad is not None and m.ctx.grad.abs().max() > 0, before
+
+
+def _observed(m: PromptModule, images: torch.Tensor) -> dict[str, Any]:
+    """What a module computes and keeps: its plain attributes, tensors, an evaluation pass (logits and what
+    ``end_eval`` reports) and one training step's logits, loss and gradients (dropout from the same seed)."""
+    labels = torch.arange(images.shape[0]) % len(m.classnames)
+    _fit(m)
+    seen: dict[str, Any] = {
+        f"attr.{k}": v
+        for k, v in vars(m).items()
+        if isinstance(v, (bool, int, float, str, tuple, type(None)))
+    }
+    seen.update(
+        {f"state.{k}": v.detach().clone() for k, v in m.state_dict().items() if not k.startswith("clip.")}
+    )
+    with torch.no_grad():
+        m.begin_eval()
+        seen["eval.logits"] = m(images)
+        m.observe_eval(seen["eval.logits"], labels)
+        seen["eval.end"] = m.end_eval()
+    if m.trainable_parameters():
+        m.train()
+        torch.manual_seed(3)
+        logits, loss = m.training_step({"images": images}, labels)
+        m.backward(loss)
+        seen.update({"train.logits": logits.detach(), "train.loss": loss.detach()})
+        seen.update({f"grad.{n}": p.grad for n, p in m.named_parameters() if p.requires_grad})
+    return seen
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_spelled_out_build_the_same_module(name: str, images: torch.Tensor) -> None:
+    """A method built with no hyperparameters computes exactly what one built with every documented default
+    spelled out computes: the defaults a user reads in the signature (and that the test above holds to the
+    reference recipe) are the ones the code uses, in the attributes, tensors, logits, loss and gradients
+    of a training step. (Mutation testing: a default changed inside the function body's copy of the
+    signature, which the signature test cannot see, changes what is built.)"""
+    params = list(inspect.signature(METHODS[name].__init__).parameters.values())[3:]
+    documented = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    documented.update(EXTRA_KWARGS.get(name, {}))
+    implicit = _observed(build(name, load_clip("tiny")), images)
+    explicit = _observed(build(name, load_clip("tiny"), **documented), images)
+    assert implicit.keys() == explicit.keys()
+    for key, value in implicit.items():
+        _assert_identical(value, explicit[key], f"{name}: {key}")
+
+
+def _assert_identical(a: Any, b: Any, where: str) -> None:
+    """Equal values of equal types, tensors bit for bit (dtype included), through dicts, lists and tuples."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
