@@ -531,7 +531,8 @@ def test_defaults_are_the_reference_recipe(name: str) -> None:
 @pytest.mark.parametrize("name", ["kgcoop", "tcp"])
 def test_knowledge_term_without_this_steps_logits(name: str, precision: str, images: torch.Tensor) -> None:
     """KgCoOp's and TCP's ``loss`` reuse the text features of the step's own ``logits`` call; with none (a
-    loss right after building or after ``set_classnames``, or after a no-grad evaluation pass) they compute
+    loss right after building or after ``set_classnames``, or after a no-grad evaluation pass or one on the
+    evaluation's cached text features) they compute
     them, with gradient, in the head's dtype: CE + w * (1 - mean_c cos(t_c, hand_c)), restated here."""
     m = build(name, load_clip("tiny", precision=precision))
     m.match_backbone_precision()
@@ -545,11 +546,14 @@ def test_knowledge_term_without_this_steps_logits(name: str, precision: str, ima
         cos = torch.nn.functional.cosine_similarity(txt, m._hand.to(dt), dim=-1, eps=1e-7)
         return torch.nn.functional.cross_entropy(logits, labels) + m.w * (1.0 - cos.mean())
 
-    for before in ("built", "set_classnames", "no-grad logits"):
+    for before in ("built", "set_classnames", "no-grad logits", "cached-text logits"):
         if before == "set_classnames":
             m.set_classnames(OTHER_CLASSNAMES + CLASSNAMES[: len(CLASSNAMES) - 2])
         if before == "no-grad logits":
             with torch.no_grad():
+                m(images)
+        if before == "cached-text logits":  # grad enabled, but the text comes from the evaluation cache
+            with m.cached_text_features():
                 m(images)
         got = m.loss(logits, labels)
         want = restated()
