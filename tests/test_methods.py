@@ -306,9 +306,9 @@ def test_cached_text_features(name: str, tiny_clip: FrozenCLIP, images: torch.Te
 
 
 def test_coop_csc_refuses_other_class_count(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
-    m = CoOp(tiny_clip, CLASSNAMES, n_ctx=4, csc=True)
+    m = CoOp(tiny_clip, CLASSNAMES, n_ctx=3, csc=True)  # 3 tokens each, so the count of contexts is the 4
     ctx = m.ctx.detach().clone()
-    with pytest.raises(ValueError, match=r"4 contexts.*2 classes"):
+    with pytest.raises(ValueError, match=r"learned 4 contexts.*2 classes"):
         m.set_classnames(OTHER_CLASSNAMES)
     assert torch.equal(m.ctx, ctx) and m.classnames == CLASSNAMES
     assert m(images).shape == (images.shape[0], len(CLASSNAMES))  # still usable after the refusal
@@ -624,3 +624,44 @@ def _assert_identical(a: Any, b: Any, where: str) -> None:
             _assert_identical(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_coop_unified_end_context_takes_the_shared_prefix_path(
+    tiny_clip: FrozenCLIP, images: torch.Tensor, monkeypatch
+) -> None:
+    """CoOp's default (one context for all classes, class token at the end) encodes the shared [SOS] +
+    context once and only the class tails per class (promptlab.prompts.encode_context_prefix): the text-side
+    speed-up the README measures. The general path gives the same features (tests/test_prefix.py), so only
+    which path runs tells them apart; every other layout takes the general one."""
+    import promptlab.methods.coop as coop
+
+    calls: list[str] = []
+    for fn in ("encode_context_prefix", "encode_prompts"):
+        real = getattr(coop, fn)
+        monkeypatch.setattr(coop, fn, lambda *a, _f=real, _n=fn: calls.append(_n) or _f(*a))
+    for kw, path in (({}, "encode_context_prefix"), ({"csc": True}, "encode_prompts")):
+        for position in ("end", "middle", "front"):
+            calls.clear()
+            CoOp(tiny_clip, CLASSNAMES, class_token_position=position, **kw).text_features()
+            want = path if position == "end" else "encode_prompts"
+            assert calls == [want], (kw, position)
+
+
+def test_cocoop_cuts_the_batch_into_chunks_of_whole_images(tiny_clip: FrozenCLIP, monkeypatch) -> None:
+    """CoCoOp's text tower sees at most ``max_prompts_per_call`` prompts per call: the batch is cut into
+    chunks of ``max(1, max_prompts_per_call // C)`` images (at least one image when C alone is over the
+    bound), and the chunked logits equal the unchunked ones."""
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for classnames, bound, sizes in (
+        (CLASSNAMES, 8, [2, 2, 1]),  # 8 // 4 classes = 2 images per call
+        (CLASSNAMES, 3, [1, 1, 1, 1, 1]),  # fewer than C: one image per call
+        (CLASSNAMES[:1], 3, [3, 2]),  # one class: 3 images per call
+    ):
+        m = build("cocoop", tiny_clip, classnames=classnames)
+        whole = m(images)
+        seen: list[int] = []
+        real = m.conditioned_text_features
+        monkeypatch.setattr(m, "conditioned_text_features", lambda f: seen.append(f.shape[0]) or real(f))
+        monkeypatch.setattr(type(m), "max_prompts_per_call", bound)
+        torch.testing.assert_close(m(images), whole, rtol=0, atol=1e-5)
+        assert seen == sizes, (len(classnames), bound)
