@@ -665,3 +665,36 @@ def test_cocoop_cuts_the_batch_into_chunks_of_whole_images(tiny_clip: FrozenCLIP
         monkeypatch.setattr(type(m), "max_prompts_per_call", bound)
         torch.testing.assert_close(m(images), whole, rtol=0, atol=1e-5)
         assert seen == sizes, (len(classnames), bound)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_half_backbone_keeps_an_fp32_head(name: str, images: torch.Tensor) -> None:
+    """model.precision=bf16 (or fp16) halves the backbone's weights only: the learned tensors, the head
+    (normalised features, logits) and the loss stay fp32, and a training step gives fp32 gradients."""
+    clip = load_clip("tiny", precision="bf16")
+    m = build(name, clip)
+    _fit(m)
+    assert m.head_dtype == torch.float32
+    with torch.no_grad():
+        assert m(images).dtype == torch.float32
+        assert m(image_features=m.encode_image(images)).dtype == torch.float32
+    m.train()
+    logits, loss = m.training_step({"images": images}, torch.arange(images.shape[0]) % len(CLASSNAMES))
+    assert logits.dtype == loss.dtype == torch.float32 and torch.isfinite(loss)
+    if m.trainable_parameters():
+        m.backward(loss)
+        for n, p in m.named_parameters():
+            if p.requires_grad and not n.startswith("clip."):
+                assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, n
+
+
+def test_cocoop_meta_net_takes_features_of_any_dtype(images: torch.Tensor) -> None:
+    """``conditioned_text_features`` casts the image features to the meta-net's dtype itself: under
+    reference_fp16 (fp16 meta-net) fp32 cached features give what their fp16 cast gives."""
+    m = build("cocoop", load_clip("tiny", precision="reference_fp16"))
+    m.match_backbone_precision()
+    feats = torch.nn.functional.normalize(m.encode_image(images).float(), dim=-1)
+    with torch.no_grad():
+        got = m.conditioned_text_features(feats)
+        want = m.conditioned_text_features(feats.half())
+    assert got.dtype == want.dtype and torch.equal(got, want)
