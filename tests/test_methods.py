@@ -661,7 +661,9 @@ def test_cocoop_cuts_the_batch_into_chunks_of_whole_images(tiny_clip: FrozenCLIP
         whole = m(images)
         seen: list[int] = []
         real = m.conditioned_text_features
-        monkeypatch.setattr(m, "conditioned_text_features", lambda f: seen.append(f.shape[0]) or real(f))
+        monkeypatch.setattr(
+            m, "conditioned_text_features", lambda f, _s=seen, _r=real: _s.append(f.shape[0]) or _r(f)
+        )
         monkeypatch.setattr(type(m), "max_prompts_per_call", bound)
         torch.testing.assert_close(m(images), whole, rtol=0, atol=1e-5)
         assert seen == sizes, (len(classnames), bound)
