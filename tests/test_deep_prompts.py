@@ -342,9 +342,28 @@ def test_maple_initial_prompt_layout(tiny_clip: FrozenCLIP) -> None:
 
 
 def test_depth_beyond_the_tower_is_refused(tiny_clip: FrozenCLIP) -> None:
-    with pytest.raises(ValueError, match="prompt depth 9"):
+    """Each refusal names the method (or tower), the value at fault and what is accepted."""
+    with pytest.raises(
+        ValueError, match=r"^MaPLe prompt depth 9: expected 0\.\.2 \(the tower has 2 blocks\)$"
+    ):
         MaPLe(tiny_clip, CLASSNAMES)  # the paper's depth 9 on a 2-block tower
-    with pytest.raises(ValueError, match="prompt depth 12"):
+    with pytest.raises(ValueError, match=r"^MaPLe needs prompt_depth >= 1 \(1 = shallow coupled prompts\)$"):
+        MaPLe(tiny_clip, CLASSNAMES, prompt_depth=0)
+    with pytest.raises(ValueError, match=r"^vision prompt depth 12: expected 0\.\.2"):
         IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=2)
+    with pytest.raises(ValueError, match=r"^IVLP needs prompt_depth_text >= 1 \(the text prompt"):
+        IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=0, prompt_depth_vision=2)
+    rn = load_clip("tiny-rn")
+    with pytest.raises(ValueError, match=r"^tiny-rn: MaPLe needs a ViT image tower$"):
+        MaPLe(rn, CLASSNAMES, prompt_depth=1)
     with pytest.raises(ValueError, match="ctx_init"):
         MaPLe(tiny_clip, CLASSNAMES, n_ctx=5, prompt_depth=2)
+
+
+def test_maple_at_depth_one_has_no_deep_prompts(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    """prompt_depth=1: only the coupled shallow prompt; the image side gets its projection and no deep list."""
+    m = MaPLe(tiny_clip, CLASSNAMES, prompt_depth=1)
+    shallow, deep = m.vision_prompts()
+    assert m.text_deep is None and deep == []
+    torch.testing.assert_close(shallow, m.proj(m.ctx), rtol=0, atol=0)
+    assert m(images).shape == (images.shape[0], len(CLASSNAMES))
