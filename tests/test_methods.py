@@ -700,3 +700,19 @@ def test_cocoop_meta_net_takes_features_of_any_dtype(images: torch.Tensor) -> No
         got = m.conditioned_text_features(feats)
         want = m.conditioned_text_features(feats.half())
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_method_name_is_the_registry_key(tiny_clip: FrozenCLIP) -> None:
+    """A class or an instance gives its registry key (what run directories and exports are named by); an
+    unregistered subclass gives its class name, lower-cased."""
+    from promptlab.methods import method_name
+
+    for key, cls in METHODS.items():
+        assert method_name(cls) == key
+    assert method_name(CoOp(tiny_clip, CLASSNAMES)) == "coop"
+
+    class MyPrompts(CoOp):
+        pass
+
+    assert method_name(MyPrompts) == "myprompts"
+    assert method_name(MyPrompts(tiny_clip, CLASSNAMES)) == "myprompts"
