@@ -123,6 +123,50 @@ def test_group_validation_and_template_split() -> None:
         check_groups({"x": []})
 
 
+def test_group_errors_name_the_file_and_the_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A groups file that is not ``groups: {name: [template, ...]}`` or holds a bad group is refused with
+    its path and the group at fault; an unnamed group is named by its index; a dataset with no file
+    says which folder it looked in before falling back to default.yaml."""
+    import re
+
+    import promptlab.methods.mocoop as mocoop_module
+
+    folder = tmp_path / "template_groups"
+    folder.mkdir()
+    files = {
+        "default": "groups: {a: ['a {}.']}\n",
+        "listed": "- a {}.\n- the {}.\n",  # not a mapping at all
+        "flat": "groups: ['a {}.', 'the {}.']\n",  # groups, but not named
+        "bad": "groups: {fine: ['a {}.'], broken: ['no placeholder.']}\n",
+    }
+    for name, text in files.items():
+        (folder / f"{name}.yaml").write_text(text)
+    monkeypatch.setattr(mocoop_module, "datasets_dir", lambda: tmp_path)
+    for name in ("listed", "flat"):
+        path = re.escape(str(folder / f"{name}.yaml"))
+        with pytest.raises(ValueError, match=rf"^{path}: expected a mapping 'groups: {{name: \[template, \.\.\.\]}}'$"):
+            load_template_groups(name)
+    path = re.escape(str(folder / "bad.yaml"))
+    with pytest.raises(
+        ValueError, match=rf"^{path}: every group needs templates with exactly one '{{}}'; bad groups: \['broken'\]$"
+    ):
+        load_template_groups("bad")
+    with caplog.at_level(logging.WARNING, logger="promptlab.methods.mocoop"):
+        assert load_template_groups("nowhere") == {"a": ["a {}."]}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"no template groups for dataset 'nowhere' in {folder}: using default.yaml"
+    ]
+    # in-code groups: the source defaults to "templates"; an empty group is named by its index
+    with pytest.raises(ValueError, match=r"^templates: every group needs .*; bad groups: \['x'\]$"):
+        check_groups({"x": ["no placeholder"]})
+    with pytest.raises(ValueError, match=r"; bad groups: \['1'\]$"):
+        check_groups([["a {}."], []])
+    with pytest.raises(ValueError, match=r"^mine: every group needs .*; bad groups: none given$"):
+        check_groups({}, source="mine")
+
+
 def test_runner_fills_dataset_name_and_all_class_names() -> None:
     """Base training still hands the method every class name of the dataset (moe.py L213-217, L538-543)."""
     items = [Item(f"{c}.png", y, c) for y, c in enumerate(CLASSES)]
@@ -165,6 +209,68 @@ def test_expert_prompts_drop_the_period_and_count_words(tiny_clip: FrozenCLIP) -
         torch.testing.assert_close(m._protos[e], F.normalize(mean, dim=-1), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="n_ctx"):
         MoCoOp(tiny_clip, CLASSES, templates={"bare": ["{}."]}, n_ctx=0)
+
+
+def test_expert_initialisation_edge_cases(
+    tiny_clip: FrozenCLIP, caplog: pytest.LogCaptureFixture, one_thread: None
+) -> None:
+    """moe.py L157-179: each part's first nb / na token embeddings, the part tokenised alone with "_" as
+    " " (one word; as many words before as after is no special case); "{}." alone gets n_ctx N(0, 0.02)
+    slots behind a placeholder of n_ctx tokens, so context set to words computes those words' prompt.
+    One expert per image and one random slot are allowed."""
+    groups = {
+        "one": ["the {} itself."],  # 1 word before, 2 after (" itself": the word and the end slot)
+        "even": ["a b {} c."],  # 2 and 2
+        "under": ["a photo_of the {}."],  # 3 words; the init reads "a photo of the"
+        "bare": ["{}."],
+    }
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="promptlab.methods.mocoop"):
+        m = MoCoOp(tiny_clip, CLASSES, templates=groups, n_ctx=3, top_k=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "MoCoOp: 4 experts ['one', 'even', 'under', 'bare'], top-1"
+    ]
+
+    def emb(text: str, n: int) -> torch.Tensor:
+        return tiny_clip.embed_tokens(tiny_clip.tokenize(text))[0, 1 : 1 + n].float()
+
+    with torch.no_grad():
+        for e, want in enumerate(
+            [
+                torch.cat([emb("the", 1), emb(" itself", 2)]),
+                torch.cat([emb("a b", 2), emb(" c", 2)]),
+                emb("a photo of the", 3),
+            ]
+        ):
+            torch.testing.assert_close(m.ctx[e], want, atol=0, rtol=0)
+    bare = m.ctx[3]
+    assert bare.shape == (3, tiny_clip.width) and 0.012 < float(bare.detach().std()) < 0.03
+    with torch.no_grad():
+        bare.copy_(emb("a photo of", 3))
+        torch.testing.assert_close(
+            m.expert_text_features()[3], _hand_crafted(tiny_clip, "a photo of {}"), atol=1e-5, rtol=0
+        )
+    one = MoCoOp(tiny_clip, CLASSES, templates={"bare": ["{}."]}, n_ctx=1)
+    assert one.ctx[0].shape == (1, tiny_clip.width)
+    # the prompts are cut to the longest one (max end-of-text + 1): the causal tower gives the same features
+    assert m._base.shape[2] == int(m._eot.max()) + 1 < tiny_clip.context_length
+
+
+def test_experts_on_a_bidirectional_tower_keep_the_whole_context(one_thread: None) -> None:
+    """SigLIP (no start token, bidirectional, pooled at the last position): the prompts keep every context
+    position, and a single "{}." expert whose context is set to words computes those words' prompt
+    (its placeholder is n_ctx tokens on SigLIP's tokenizer too)."""
+    clip = load_clip("tiny-siglip")
+    assert not clip.can_truncate_text and clip.n_start_tokens == 0
+    m = MoCoOp(clip, CLASSES, templates={"bare": ["{}."]}, n_ctx=3)
+    assert m._base.shape[2] == clip.context_length
+    words = clip.tokenize("a photo of")
+    assert int(clip.eot_index(words)[0]) == 3
+    with torch.no_grad():
+        m.ctx[0].copy_(clip.embed_tokens(words)[0, :3].float())
+        torch.testing.assert_close(
+            m.expert_text_features()[0], _hand_crafted(clip, "a photo of {}"), atol=1e-5, rtol=0
+        )
 
 
 # ---------------------------------------------------------------------- routing
@@ -350,6 +456,37 @@ def test_loss_recomputes_without_a_forward(tiny_clip: FrozenCLIP, images: torch.
             m.loss(logits, torch.arange(4))
 
 
+def test_supervision_is_built_once_and_cached_experts_are_used(
+    tiny_clip: FrozenCLIP, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """The prototypes (every template x every text-loss class through the text tower) are built by the
+    first loss and kept, not rebuilt each step; under ``cached_text_features`` the experts are encoded
+    once for all batches; a base half missing training classes names (the first five of) them."""
+    m = MoCoOp(tiny_clip, CLASSES, templates=GROUPS)
+    x = torch.randn(4, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(6))
+    m.loss(m(image_features=x), torch.arange(4))
+    protos, cols = m._protos, m._gate_cols
+    m.loss(m(image_features=x), torch.arange(4))
+    assert m._protos is protos and m._gate_cols is cols
+    calls = []
+    encode = m.expert_text_features
+    monkeypatch.setattr(m, "expert_text_features", lambda: calls.append(1) or encode())
+    with torch.no_grad():
+        plain = m(image_features=x)
+        with m.cached_text_features():
+            cached = [m(image_features=x[i : i + 2]) for i in (0, 2)]
+    assert len(calls) == 2  # one for the plain forward, one for both cached batches
+    torch.testing.assert_close(torch.cat(cached), plain, atol=1e-6, rtol=0)
+    names = [f"class{i}" for i in range(7)]
+    with pytest.raises(
+        ValueError,
+        match=r"^all_classnames lacks the training classes \['class0', 'class1', 'class2', 'class3', 'class4'\]$",
+    ):
+        MoCoOp(tiny_clip, names, templates=GROUPS, all_classnames=CLASSES).loss(
+            torch.zeros(1, 7), torch.zeros(1, dtype=torch.long), image_features=x[:1]
+        )
+
+
 # ---------------------------------------------------------------------- gradients
 def _grads(m: MoCoOp, clip: FrozenCLIP, **inputs: torch.Tensor) -> tuple[set[str], set[str]]:
     m.zero_grad(set_to_none=True)
@@ -402,6 +539,20 @@ def test_layernorm_tuning_opens_the_image_side(images: torch.Tensor, tmp_path: P
     back = load_prompts(tmp_path, load_clip("tiny"))  # strict: same pretrained weights
     with torch.no_grad():
         torch.testing.assert_close(back(images), target, atol=1e-6, rtol=0)
+
+
+def test_layernorm_tuning_on_timm_and_resnet_towers(one_thread: None) -> None:
+    """A timm ViT (EVA02) tunes every block's norm1 / norm2 (its LayerNorms before attention and MLP, as
+    ln_1 / ln_2 in OpenAI's blocks); a ResNet image tower has none, and the error says so."""
+    import re
+
+    clip = load_clip("tiny-eva02")
+    m = MoCoOp(clip, CLASSES, templates=GROUPS, tune_layernorm=True)
+    want = {n for n, _ in clip.named_modules() if re.search(r"\.blocks\.\d+\.norm[12]$", n)}
+    assert len(want) == 2 * len(clip._timm_trunk.blocks) and set(m.trainable_backbone_parts) == want
+    assert all(clip.get_submodule(n).weight.requires_grad for n in want)
+    with pytest.raises(ValueError, match=r"^tune_layernorm needs a ViT image tower; tiny-rn has none$"):
+        MoCoOp(load_clip("tiny-rn"), CLASSES, templates=GROUPS, tune_layernorm=True)
 
 
 def test_layernorms_train_at_a_tenth_of_the_lr() -> None:
@@ -460,6 +611,35 @@ def test_routing_statistics_in_evaluation(tiny_clip: FrozenCLIP) -> None:
     assert per_class.tolist() == by_class.tolist()  # filed under the true labels, not the predictions
     assert sum(r["chosen_fraction"]) == pytest.approx(2.0, abs=1e-3)
     assert m.end_eval() == {}  # statistics end with the evaluation
+
+
+def test_routing_statistics_hooks(tiny_clip: FrozenCLIP, one_thread: None) -> None:
+    """The hooks alone: nothing is filed outside an evaluation or twice for one forward pass; the
+    fractions are the per-expert counts over the images, to 4 places; ``images`` is an integer."""
+    m = MoCoOp(tiny_clip, CLASSES[:3], templates=GROUPS, top_k=2)  # 3 classes, 4 experts
+    x = torch.randn(3, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(8))
+    labels = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        m.observe_eval(m(image_features=x), labels)  # not evaluating: nothing kept
+        assert m.end_eval() == {}
+        m.begin_eval()
+        m.observe_eval(torch.zeros(3, 3), labels)  # no forward pass since the evaluation began
+        m.observe_eval(m(image_features=x), labels)
+        m.observe_eval(torch.zeros(3, 3), labels)  # the same batch is not filed twice
+        idx = route(m.router(F.normalize(x, dim=-1)), 2)[1]
+    r = m.end_eval()["routing"]
+    counts = [int((idx == e).sum()) for e in range(4)]
+    assert type(r["images"]) is int and r["images"] == 3
+    assert r["chosen_fraction"] == [round(c / 3, 4) for c in counts]
+    assert any(round(c / 3, 4) != round(c / 3, 5) for c in counts)  # the rounding is seen
+    assert r["per_class"] == {
+        c: [int((idx[labels == y] == e).sum()) for e in range(4)] for y, c in enumerate(CLASSES[:3])
+    }
+    with torch.no_grad():  # one image: each chosen expert's fraction is 1
+        m.begin_eval()
+        m.observe_eval(m(image_features=x[:1]), labels[:1])
+    r = m.end_eval()["routing"]
+    assert r["images"] == 1 and sorted(r["chosen_fraction"]) == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_export_round_trip_and_interpret(tiny_clip: FrozenCLIP, tmp_path: Path) -> None:
