@@ -285,3 +285,67 @@ def test_training_step_hands_the_mixed_targets_to_the_loss(tiny_clip) -> None:
         logits, loss = m.training_step({"images": x, "targets": mixed}, labels)
         torch.testing.assert_close(loss, m.loss(logits, labels, targets=mixed))
         assert (loss - m.loss(logits, labels)).abs() > 1e-4
+
+
+def test_prompt_stage_context_from_words(tiny_clip, one_thread) -> None:
+    """muzairkhattak/ViFi-CLIP trainers/vificlip.py L83-91, L104, L113-114: with CTX_INIT (n_ctx <= 4) the
+    context is the first n_ctx token embeddings of the words and the prompt is "<words> <name>.", the
+    words past n_ctx staying fixed; at prompt depth 1 the text features are then the hand-crafted ones."""
+    m = ViFiCLIP(
+        tiny_clip,
+        CLASSES,
+        n_ctx_text=2,
+        ctx_init="a photo of a",
+        prompt_depth_text=1,
+        prompt_depth_vision=0,
+    )
+    ids = tiny_clip.tokenize([f"a photo of a {c}." for c in CLASSES])
+    with torch.no_grad():
+        torch.testing.assert_close(m.ctx, tiny_clip.embed_tokens(ids)[0, 1:3].float(), atol=0, rtol=0)
+        want = F.normalize(tiny_clip.encode_text(ids).float(), dim=-1)
+        torch.testing.assert_close(F.normalize(m.text_features().float(), dim=-1), want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"^stage='video': expected one of \('bridge', 'prompt'\)$"):
+        ViFiCLIP(tiny_clip, CLASSES, stage="video")
+    with pytest.raises(ValueError, match=r"^the prompt stage needs prompt_depth_text >= 1 "):
+        ViFiCLIP(tiny_clip, CLASSES, prompt_depth_text=0)
+
+
+def test_bridge_state_errors_name_the_keys_and_shapes(one_thread) -> None:
+    """The bridge stage's learned tensors are the tower weights under the backbone's names: a state that
+    lacks some or brings others is refused listing (the first five of) each, one of another shape is
+    refused naming it and both shapes; the class-derived token ids are no part of any saved state.
+    The prompt stage hands the source's name to the generic check."""
+    bridge = ViFiCLIP(load_clip("tiny"), CLASSES, stage="bridge")
+    state = bridge.prompt_state_dict()
+    assert "_ids" not in bridge.state_dict()  # rebuilt by set_classnames, never saved
+    ViFiCLIP(load_clip("tiny"), CLASSES[:2], stage="bridge").load_state_dict(bridge.state_dict())
+    keys = sorted(state)
+    assert len(keys) > 7
+    cut = {k: v for k, v in state.items() if k not in keys[:7]}
+    with pytest.raises(KeyError) as err:
+        bridge.load_prompt_state_dict(cut)
+    assert err.value.args[0] == (
+        f"state dict does not match ViFiCLIP (bridge): missing {keys[:5]}, unexpected []"
+    )
+    extra = {f"clip.model.extra{i}": torch.zeros(1) for i in range(7)}
+    with pytest.raises(KeyError) as err:
+        bridge.load_prompt_state_dict({**state, **extra}, source="ckpt.pt")
+    assert err.value.args[0] == (
+        f"ckpt.pt does not match ViFiCLIP (bridge): missing [], unexpected {sorted(extra)[:5]}"
+    )
+    with pytest.raises(KeyError) as err:
+        bridge.load_prompt_state_dict({**cut, **extra}, source="ckpt.pt")
+    assert err.value.args[0] == (
+        f"ckpt.pt does not match ViFiCLIP (bridge): missing {keys[:5]}, unexpected {sorted(extra)[:5]}"
+    )
+    k = keys[0]
+    wrong = {**state, k: state[k].reshape(-1)[:-1].clone()}
+    with pytest.raises(ValueError) as err:
+        bridge.load_prompt_state_dict(wrong, source="ckpt.pt")
+    assert err.value.args[0] == (
+        f"ckpt.pt: '{k}' has shape {list(wrong[k].shape)}, the backbone's is {list(state[k].shape)}"
+    )
+    prompt = ViFiCLIP(load_clip("tiny"), CLASSES, prompt_depth_text=2, prompt_depth_vision=2)
+    with pytest.raises(KeyError) as err:
+        prompt.load_prompt_state_dict({}, source="ckpt.pt")
+    assert err.value.args[0].startswith("ckpt.pt does not match ViFiCLIP: missing ['ctx'")
