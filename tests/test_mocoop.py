@@ -146,11 +146,14 @@ def test_group_errors_name_the_file_and_the_group(
     monkeypatch.setattr(mocoop_module, "datasets_dir", lambda: tmp_path)
     for name in ("listed", "flat"):
         path = re.escape(str(folder / f"{name}.yaml"))
-        with pytest.raises(ValueError, match=rf"^{path}: expected a mapping 'groups: {{name: \[template, \.\.\.\]}}'$"):
+        with pytest.raises(
+            ValueError, match=rf"^{path}: expected a mapping 'groups: {{name: \[template, \.\.\.\]}}'$"
+        ):
             load_template_groups(name)
     path = re.escape(str(folder / "bad.yaml"))
     with pytest.raises(
-        ValueError, match=rf"^{path}: every group needs templates with exactly one '{{}}'; bad groups: \['broken'\]$"
+        ValueError,
+        match=rf"^{path}: every group needs templates with exactly one '{{}}'; bad groups: \['broken'\]$",
     ):
         load_template_groups("bad")
     with caplog.at_level(logging.WARNING, logger="promptlab.methods.mocoop"):
