@@ -7,6 +7,7 @@ promptlab's methods or prompt helpers. promptlab's side is the method's ``fit`` 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from promptlab.engine import make_schedule
 from promptlab.methods import GDA, CLIPAdapter, LinearProbe, TipAdapter
+from promptlab.methods.gda import gaussian_classifier, synthesized_classifier
 from promptlab.prompts import FitData
 
 CLASSNAMES = ["cat", "sea_lion", "Yorkshire_terrier", "red car"]
@@ -340,26 +342,50 @@ def test_tip_adapter_f_step_matches_reference(tiny_clip, ref_openclip):
 
 
 # ---------------------------------------------------------------------- GDA
-def ref_gda(vecs, labels, clip_weights, val_features, val_labels, n_classes):
-    """mrflogs/ICLR24 main_few_shots.py L53-77: class means, the KS-shrunk shared precision, alpha on val."""
+def ref_ks(vecs, labels, n_classes):
+    """mrflogs/ICLR24 main_few_shots.py L53-63: class means, the KS-shrunk shared precision -> W [D, C], b [C]."""
     mus = torch.cat([vecs[labels == i].mean(dim=0, keepdim=True) for i in range(n_classes)])
     center_vecs = torch.cat([vecs[labels == i] - mus[i].unsqueeze(0) for i in range(n_classes)])
     cov_inv = center_vecs.shape[1] * torch.linalg.pinv(
         (center_vecs.shape[0] - 1) * center_vecs.T.cov()
-        + center_vecs.T.cov().trace() * torch.eye(center_vecs.shape[1])
+        + center_vecs.T.cov().trace() * torch.eye(center_vecs.shape[1], dtype=vecs.dtype)
     )
+    ps = torch.ones(n_classes, dtype=vecs.dtype) * 1.0 / n_classes
+    W = torch.einsum("nd, dc -> cn", mus, cov_inv)
+    b = ps.log() - torch.einsum("nd, dc, nc -> n", mus, cov_inv, mus) / 2
+    return W, b
+
+
+def ref_class_mean(vecs, labels, n_classes):
+    """mrflogs/ICLR24 main_base2new.py L55-61: the pinv of the mean per-class covariance, no shrinkage."""
+    mus = torch.cat([vecs[labels == i].mean(dim=0, keepdim=True) for i in range(n_classes)])
+    train_cov = torch.cat([vecs[labels == i].T.cov().unsqueeze(0) for i in range(n_classes)])
+    cov_inv = torch.linalg.pinv(train_cov.mean(dim=0))
     ps = torch.ones(n_classes) * 1.0 / n_classes
     W = torch.einsum("nd, dc -> cn", mus, cov_inv)
     b = ps.log() - torch.einsum("nd, dc, nc -> n", mus, cov_inv, mus) / 2
-    best_val_acc, best_alpha = 0, 0.1
+    return W, b
+
+
+def ref_alpha_search(W, b, clip_weights, val_features, val_labels):
+    """main_few_shots.py L65-74 (main_base2new.py L64-73 is the same): the first best alpha of the grid,
+    starting from accuracy 0 at alpha 0.1. Also returns the best accuracy and every (alpha, accuracy)."""
+    best_val_acc, best_alpha, tried = 0, 0.1, []
     for alpha in [0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0]:
         val_logits = 100.0 * val_features.float() @ clip_weights.float() + alpha * (
             val_features.float() @ W + b
         )
         acc = cls_acc(val_logits, val_labels)
+        tried.append((alpha, acc))
         if acc > best_val_acc:
             best_val_acc, best_alpha = acc, alpha
-    return W, b, best_alpha
+    return best_alpha, best_val_acc, tried
+
+
+def ref_gda(vecs, labels, clip_weights, val_features, val_labels, n_classes):
+    """mrflogs/ICLR24 main_few_shots.py L53-77: the KS discriminant, alpha on val."""
+    W, b = ref_ks(vecs, labels, n_classes)
+    return (W, b, *ref_alpha_search(W, b, clip_weights, val_features, val_labels))
 
 
 def test_gda_matches_reference(tiny_clip, ref_openclip):
@@ -370,51 +396,31 @@ def test_gda_matches_reference(tiny_clip, ref_openclip):
     # main_few_shots.py L41-48: every view of every image, normalised, is one sample
     vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])
     clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])
-    W, b, alpha = ref_gda(vecs, labels, clip_weights, norm(val[0]), yv, len(CLASSNAMES))
+    W, b, alpha, acc, tried = ref_gda(vecs, labels, clip_weights, norm(val[0]), yv, len(CLASSNAMES))
 
     gda = GDA(tiny_clip, CLASSNAMES, template=TEMPLATE, views=3, logit_scale=100.0)
     record = gda.fit(FitData(train, y, val[0], yv))
-    assert record["alpha"] == alpha
-    assert [t["alpha"] for t in record["search"]] == [
-        0.0001,
-        0.001,
-        0.01,
-        0.1,
-        1.0,
-        10.0,
-        100.0,
-    ]  # every alpha tried, recorded
+    assert record["alpha"] == alpha and record["val_accuracy"] == pytest.approx(acc)
+    # every alpha tried, in the reference's order, with its validation accuracy
+    assert record["search"] == [{"alpha": a, "val_accuracy": pytest.approx(v)} for a, v in tried]
+    assert len({v for _, v in tried}) > 1  # the accuracies differ across the grid: the comparison counts
     torch.testing.assert_close(gda.weight, W.t(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gda.bias, b, rtol=1e-4, atol=1e-3)
     ref = 100.0 * norm(test[0]) @ clip_weights + alpha * (norm(test[0]) @ W + b)  # L76
     torch.testing.assert_close(gda(image_features=test[0]), ref, rtol=1e-4, atol=1e-3)
 
 
-def ref_gda_base2new(vecs, labels, clip_weights, clip_weights_new, val_features, val_labels):
-    """mrflogs/ICLR24 main_base2new.py L54-111 as it runs: the base half's class means and the pinv of the
-    mean per-class covariance (L55-61), alpha on the base validation features (L65-76), then the new
-    half's classifier from the k=64 base samples nearest each new text embedding (L85-111). The one
-    change: the KS estimator's factor and identity are the feature width D where L101/L104 write 512
-    (ViT-B/16's D; the tiny CLIP's is smaller)."""
-    mus = torch.cat([vecs[labels == i].mean(dim=0, keepdim=True) for i in range(clip_weights.shape[1])])
-    train_cov = torch.cat([vecs[labels == i].T.cov().unsqueeze(0) for i in range(clip_weights.shape[1])])
-    cov_inv = torch.linalg.pinv(train_cov.mean(dim=0))
-    ps = torch.ones(clip_weights.shape[1]) * 1.0 / clip_weights.shape[1]
-    W = torch.einsum("nd, dc -> cn", mus, cov_inv)
-    b = ps.log() - torch.einsum("nd, dc, nc -> n", mus, cov_inv, mus) / 2
-    best_val_acc, best_alpha = 0, 0.1
-    for alpha in [0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0]:
-        val_logits = 100.0 * val_features.float() @ clip_weights.float() + alpha * (
-            val_features.float() @ W + b
-        )
-        acc = cls_acc(val_logits, val_labels)
-        if acc > best_val_acc:
-            best_val_acc, best_alpha = acc, alpha
-    k, d = 64, vecs.shape[1]
+def ref_new_classes(vecs, clip_weights_new, k=64, copies=16, center="text"):
+    """mrflogs/ICLR24 main_base2new.py L83-111: each new class's mean from the k base samples nearest its
+    text embedding w and 16 copies of w; the mean of the KS-shrunk precisions of the neighbours' scatter
+    around w. The KS factor and identity are the feature width D where L101/L104 write 512 (ViT-B/16's D).
+    ``center="mean"`` is promptlab's variant: ``covariance(..., mu=)`` given the class's synthesised mean
+    instead of w (the reference's own helper, another argument)."""
+    d = vecs.shape[1]
     mu = torch.cat(
         [
             torch.cat(
-                [vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], w.unsqueeze(0).repeat(16, 1)]
+                [vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], w.unsqueeze(0).repeat(copies, 1)]
             ).mean(dim=0, keepdim=True)
             for w in clip_weights_new.T
         ]
@@ -424,27 +430,39 @@ def ref_gda_base2new(vecs, labels, clip_weights, clip_weights_new, val_features,
         N, D = vecs.shape
         return (vecs - mu).T @ (vecs - mu) / (N - 1)
 
+    around = [w.unsqueeze(0) if center == "text" else mu[i : i + 1] for i, w in enumerate(clip_weights_new.T)]
     cov_inv = torch.cat(
         [
             d
             * torch.linalg.pinv(
-                (k - 1) * covariance(vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], mu=w.unsqueeze(0))
-                + covariance(vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], mu=w.unsqueeze(0)).trace()
-                * torch.eye(d)
+                (k - 1) * covariance(vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], mu=around[i])
+                + covariance(vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], mu=around[i]).trace()
+                * torch.eye(d, dtype=vecs.dtype)
             ).unsqueeze(0)
             for i, w in enumerate(clip_weights_new.T)
         ]
     ).mean(dim=0)
-    ps = torch.ones(clip_weights_new.shape[1]) * 1.0 / clip_weights_new.shape[1]
+    ps = torch.ones(clip_weights_new.shape[1], dtype=vecs.dtype) * 1.0 / clip_weights_new.shape[1]
     W_new = torch.einsum("nd, dc -> cn", mu, cov_inv)
     b_new = ps.log() - torch.einsum("nd, dc, nc -> n", mu, cov_inv, mu) / 2
+    return W_new, b_new
+
+
+def ref_gda_base2new(
+    vecs, labels, clip_weights, clip_weights_new, val_features, val_labels, k=64, center="text"
+):
+    """mrflogs/ICLR24 main_base2new.py L54-111 as it runs: the base half's class-mean discriminant (L55-61),
+    alpha on the base validation features (L65-76), then the new half's synthesised classifier (L85-111)."""
+    W, b = ref_class_mean(vecs, labels, clip_weights.shape[1])
+    best_alpha = ref_alpha_search(W, b, clip_weights, val_features, val_labels)[0]
+    W_new, b_new = ref_new_classes(vecs, clip_weights_new, k=k, center=center)
     return W, b, best_alpha, W_new, b_new
 
 
 NEW_CLASSNAMES = ["airliner", "fire_truck", "tabby cat"]
 
 
-def test_gda_base2new_matches_reference(tiny_clip, ref_openclip):
+def test_gda_base2new_matches_reference(tiny_clip, ref_openclip, caplog):
     train, y = _tiny_features(tiny_clip, 4, 6, views=3)  # 72 samples: more than the 64 neighbours
     val, yv = _tiny_features(tiny_clip, 4, 3)
     test_new = torch.randn(10, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(9))
@@ -458,7 +476,9 @@ def test_gda_base2new_matches_reference(tiny_clip, ref_openclip):
 
     everything = CLASSNAMES[:2] + NEW_CLASSNAMES + CLASSNAMES[2:]  # rows follow the dataset's order
     gda = GDA(tiny_clip, CLASSNAMES, template=TEMPLATE, all_classnames=everything, views=3, logit_scale=100.0)
-    record = gda.fit(FitData(train, y, val[0], yv))
+    with caplog.at_level(logging.WARNING, logger="promptlab.methods.gda"):
+        record = gda.fit(FitData(train, y, val[0], yv))
+    assert not caplog.records  # 72 samples: 64 neighbours as asked, nothing to warn about
     assert record["alpha"] == alpha and record["estimator"] == "class_mean"
     assert record["new_classes"] == {"n": 3, "knn": 64, "text_copies": 16, "center": "text"}
     torch.testing.assert_close(gda.weight[gda._row], W.t(), rtol=1e-4, atol=1e-4)  # the fitted classifier
@@ -470,6 +490,163 @@ def test_gda_base2new_matches_reference(tiny_clip, ref_openclip):
     torch.testing.assert_close(gda(image_features=test_new), ref, rtol=1e-4, atol=1e-3)
     zero_shot = 100.0 * norm(test_new) @ clip_weights_new
     assert (ref - zero_shot).abs().max() > 1e-2  # the synthesised classifier counts in what was compared
+
+
+def _gda_base2new_data(clip, ref_openclip, views):
+    """Base training/validation features of CLASSNAMES, their reference samples, and the new classes' text."""
+    train, y = _tiny_features(clip, 4, 6, views=views)
+    val, yv = _tiny_features(clip, 4, 3)
+    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
+    vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])
+    return train, y, val, yv, vecs, labels, ref_clip_classifier(ref_openclip, NEW_CLASSNAMES, [TEMPLATE])
+
+
+def test_gda_estimator_and_knn_center_options_match_reference(tiny_clip, ref_openclip):
+    """The options that change the reference's protocol choice: ``estimator`` fixed (not ``auto``) uses the
+    estimator asked for whatever the protocol, and ``knn_center="mean"`` centres each new class's scatter on
+    its synthesised mean (the new classes' rows differ from the reference's text-centred ones)."""
+    train, y, val, yv, vecs, labels, clip_weights_new = _gda_base2new_data(tiny_clip, ref_openclip, views=3)
+    everything = CLASSNAMES + NEW_CLASSNAMES
+    n = len(CLASSNAMES)
+
+    few_shot = GDA(tiny_clip, CLASSNAMES, template=TEMPLATE, views=3, estimator="class_mean", search=False)
+    assert few_shot.fit(FitData(train, y, val[0], yv))["estimator"] == "class_mean"
+    W, b = ref_class_mean(vecs, labels, n)
+    torch.testing.assert_close(few_shot.weight, W.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(few_shot.bias, b, rtol=1e-4, atol=1e-3)
+
+    ks = GDA(
+        tiny_clip,
+        CLASSNAMES,
+        template=TEMPLATE,
+        all_classnames=everything,
+        views=3,
+        estimator="ks",
+        search=False,
+    )
+    assert ks.fit(FitData(train, y, val[0], yv))["estimator"] == "ks"
+    W, b = ref_ks(vecs, labels, n)
+    torch.testing.assert_close(ks.weight[:n], W.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ks.bias[:n], b, rtol=1e-4, atol=1e-3)
+
+    centred = GDA(
+        tiny_clip,
+        CLASSNAMES,
+        template=TEMPLATE,
+        all_classnames=everything,
+        views=3,
+        knn_center="mean",
+        search=False,
+    )
+    assert centred.fit(FitData(train, y, val[0], yv))["new_classes"]["center"] == "mean"
+    W_new, b_new = ref_new_classes(vecs, clip_weights_new, center="mean")
+    torch.testing.assert_close(centred.weight[n:], W_new.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(centred.bias[n:], b_new, rtol=1e-4, atol=1e-3)
+    W_text, _ = ref_new_classes(vecs, clip_weights_new, center="text")
+    assert (W_new - W_text).abs().max() > 1e-2  # the centre changes the rows compared
+
+
+def test_gda_with_fewer_samples_than_knn_uses_them_all_and_says_so(tiny_clip, ref_openclip, caplog):
+    """24 base samples for knn=64 neighbours: every sample is a neighbour (k = 24 in the reference's
+    formulas), the record says k, and a warning names both numbers."""
+    train, y, val, yv, vecs, labels, clip_weights_new = _gda_base2new_data(tiny_clip, ref_openclip, views=1)
+    gda = GDA(tiny_clip, CLASSNAMES, template=TEMPLATE, all_classnames=CLASSNAMES + NEW_CLASSNAMES, views=1)
+    with caplog.at_level(logging.WARNING, logger="promptlab.methods.gda"):
+        record = gda.fit(FitData(train, y, val[0], yv))
+    assert record["new_classes"]["knn"] == 24
+    assert [r.getMessage() for r in caplog.records] == ["GDA: knn=64 but only 24 training samples: using 24"]
+    W_new, b_new = ref_new_classes(vecs, clip_weights_new, k=24)
+    torch.testing.assert_close(gda.weight[len(CLASSNAMES) :], W_new.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gda.bias[len(CLASSNAMES) :], b_new, rtol=1e-4, atol=1e-3)
+
+
+def test_gda_classifiers_keep_float64(tiny_clip, ref_openclip):
+    """The discriminant helpers compute in their input's dtype: float64 in, the reference's float64
+    numbers out (a float32 prior, identity or precision accumulator would cost ~1e-7 here). Called with
+    their defaults: the KS estimator and text-centred neighbours, the reference's."""
+    train, y, _, _, vecs, labels, clip_weights_new = _gda_base2new_data(tiny_clip, ref_openclip, views=3)
+    vecs, text = vecs.double(), clip_weights_new.t().double()
+    W, b = gaussian_classifier(vecs, labels, len(CLASSNAMES))
+    W_ref, b_ref = ref_ks(vecs, labels, len(CLASSNAMES))
+    assert W.dtype == b.dtype == torch.float64
+    torch.testing.assert_close(W, W_ref.t(), rtol=1e-11, atol=1e-10)
+    torch.testing.assert_close(b, b_ref, rtol=1e-11, atol=1e-10)
+    W, b = synthesized_classifier(vecs, text, 40, 16)
+    W_ref, b_ref = ref_new_classes(vecs, text.t(), k=40)
+    assert W.dtype == b.dtype == torch.float64
+    torch.testing.assert_close(W, W_ref.t(), rtol=1e-11, atol=1e-10)
+    torch.testing.assert_close(b, b_ref, rtol=1e-11, atol=1e-10)
+
+
+def test_gda_search_with_no_right_alpha_keeps_the_fallback(tiny_clip, ref_openclip):
+    """main_few_shots.py L68-74 starts from accuracy 0 and alpha 0.1 and takes an alpha only when it does
+    better: on a validation image whose label no alpha predicts, alpha stays 0.1 at accuracy 0."""
+    train, y = _tiny_features(tiny_clip, 3, 6, views=2)
+    val, _ = _tiny_features(tiny_clip, 3, 1)
+    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
+    vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])
+    clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])
+    W, b = ref_ks(vecs, labels, len(CLASSNAMES))
+    f = norm(val[0][:1])
+    never = [
+        c
+        for c in range(len(CLASSNAMES))
+        if ref_alpha_search(W, b, clip_weights, f, torch.tensor([c]))[:2] == (0.1, 0)
+    ]
+    assert never, "every class is predicted by some alpha: pick other features"
+    gda = GDA(tiny_clip, CLASSNAMES, template=TEMPLATE, views=2, logit_scale=100.0)
+    record = gda.fit(FitData(train, y, val[0][:1], torch.tensor([never[0]])))
+    assert (record["alpha"], record["val_accuracy"]) == (0.1, 0.0)
+    assert float(gda.mix) == pytest.approx(0.1)
+
+
+def test_gda_without_search_keeps_its_alpha(tiny_clip, ref_openclip):
+    """``search: false``: the discriminant is fitted and the logits use the ``alpha`` given."""
+    train, y = _tiny_features(tiny_clip, 3, 6, views=2)
+    test, _ = _tiny_features(tiny_clip, 3, 2)
+    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
+    vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])
+    gda = GDA(tiny_clip, CLASSNAMES, template=TEMPLATE, views=2, alpha=0.5, search=False, logit_scale=100.0)
+    assert gda.fit(FitData(train, y, train[0], y)) == {"alpha": 0.5, "estimator": "ks"}
+    W, b = ref_ks(vecs, labels, len(CLASSNAMES))
+    clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])
+    ref = 100.0 * norm(test[0]) @ clip_weights + 0.5 * (norm(test[0]) @ W + b)
+    torch.testing.assert_close(gda(image_features=test[0]), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_gda_arguments_and_rows_are_checked(tiny_clip):
+    """Bad arguments fail at construction with the value named; the rows are looked up by name, once each."""
+    from promptlab.prompts import FitFeatures
+
+    def build(**kw):
+        return GDA(tiny_clip, CLASSNAMES, template=TEMPLATE, **kw)
+
+    assert build(views=1, knn=2, text_copies=0).fit_features == FitFeatures(views=1, augment=True)
+    assert build(views=3).fit_features == FitFeatures(views=3, augment=True)
+    with pytest.raises(ValueError, match="views must be >= 1, got 0"):
+        build(views=0)
+    for kw in ({"estimator": "lda"}, {"knn_center": "median"}):
+        with pytest.raises(ValueError, match="expected one of"):
+            build(**kw)
+    for kw in ({"knn": 1}, {"text_copies": -1}):
+        with pytest.raises(ValueError, match=r"knn=\d+ \(at least 2\), text_copies=-?\d+ \(at least 0\)"):
+            build(**kw)
+    others = [f"class{i}" for i in range(6)]
+    with pytest.raises(
+        ValueError, match=r"lacks the training classes \['cat', 'class0', 'class1', 'class2', 'class3'\]$"
+    ):
+        GDA(tiny_clip, ["cat"] + others, template=TEMPLATE, all_classnames=["dog"])
+    rows = CLASSNAMES + NEW_CLASSNAMES
+    gda = build(all_classnames=rows)
+    assert gda.can_serve(rows, CLASSNAMES) and gda.can_serve(NEW_CLASSNAMES, CLASSNAMES)
+    assert not gda.can_serve(["dog"], CLASSNAMES)
+    twice = GDA(tiny_clip, ["sea_lion"], template=TEMPLATE, all_classnames=["cat", "sea_lion", "cat"])
+    with pytest.raises(ValueError, match=r"name \['cat'\] more than once"):
+        twice.set_classnames(["sea_lion", "cat"])
+    many = [f"c{i}" for i in range(7)]
+    doubled = GDA(tiny_clip, ["x"], template=TEMPLATE, all_classnames=["x"] + many + many)
+    with pytest.raises(ValueError, match=r"name \['c0', 'c1', 'c2', 'c3', 'c4'\] more than once"):
+        doubled.set_classnames(many[::-1])
 
 
 # ---------------------------------------------------------------------- CLIP-Adapter
