@@ -163,6 +163,60 @@ def test_linear_probe_without_interval_search_refits_the_coarse_peak(tiny_clip):
     torch.testing.assert_close(lp.bias, torch.from_numpy(clf.intercept_).float())
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_linear_probe_two_classes_scores_both(tiny_clip):
+    """Two classes: scikit-learn keeps one row (class 1's score, ``decision_function``); the probe scores
+    class 0 with zeros beside it, so its logits' difference is that score and its argmax the prediction."""
+    train, y = features(1, 4, c=2, d=tiny_clip.embed_dim)
+    val, yv = features(1, 3, c=2, d=tiny_clip.embed_dim)
+    test, _ = features(1, 5, c=2, d=tiny_clip.embed_dim)
+    x = train[0].double().numpy()
+    c_ref, clf, _ = ref_lpclip(x, y.numpy(), val[0].double().numpy(), yv.numpy(), num_step=1)
+    lp = LinearProbe(tiny_clip, ["cat", "dog"], search_steps=1)
+    assert lp.fit(FitData(train, y, val[0], yv))["C"] == pytest.approx(c_ref)
+    assert lp.weight.shape == (2, tiny_clip.embed_dim) and not lp.weight[0].any() and lp.bias[0] == 0
+    torch.testing.assert_close(lp.weight[1:], torch.from_numpy(clf.coef_).float())
+    torch.testing.assert_close(lp.bias[1:], torch.from_numpy(clf.intercept_).float())
+    logits = lp(image_features=test[0])
+    score = torch.from_numpy(clf.decision_function(test[0].double().numpy())).float()
+    torch.testing.assert_close(logits[:, 1] - logits[:, 0], score, rtol=1e-4, atol=1e-4)
+    assert (logits.argmax(-1).numpy() == clf.predict(test[0].double().numpy())).all()
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_linear_probe_class_without_training_images_never_wins(tiny_clip):
+    """A class absent from the training labels has no row in scikit-learn's classifier: the probe gives it
+    zero weights and a bias of -inf, so no image is ever assigned to it; the others are the fitted rows."""
+    train, y = features(2, 4, d=tiny_clip.embed_dim)
+    keep = y != 1
+    train, y = train[:, keep], y[keep]
+    lp = LinearProbe(tiny_clip, CLASSNAMES, search_steps=0, max_iter=50)
+    lp.fit(FitData(train, y, train[0], y))
+    assert not lp.weight[1].any() and lp.bias[1] == -torch.inf
+    assert torch.isfinite(lp.bias[[0, 2, 3]]).all()
+    logits = lp(image_features=torch.randn(20, tiny_clip.embed_dim) * 10)
+    assert (logits[:, 1] == -torch.inf).all() and (logits.argmax(-1) != 1).all()
+
+
+def test_linear_probe_arguments_and_lpclip_defaults(tiny_clip):
+    """search_steps >= 0 and max_iter >= 1, checked at construction; the helpers' defaults are lpclip's
+    (``--num_step 8``, ``max_iter=1000``, linear_probe.py L18/L58); the training features: one
+    un-augmented view per image."""
+    import inspect
+
+    from promptlab.methods.linear_probe import fit_logistic, search_c
+    from promptlab.prompts import FitFeatures
+
+    assert LinearProbe(tiny_clip, CLASSNAMES, search_steps=0, max_iter=1).max_iter == 1
+    assert LinearProbe(tiny_clip, CLASSNAMES).fit_features == FitFeatures(views=1, augment=False)
+    for kw in ({"search_steps": -1}, {"max_iter": 0}):
+        with pytest.raises(ValueError, match=r"search_steps must be >= 0 and max_iter >= 1, got -?\d+, \d+"):
+            LinearProbe(tiny_clip, CLASSNAMES, **kw)
+    defaults = {n: p.default for n, p in inspect.signature(search_c).parameters.items()}
+    assert (defaults["steps"], defaults["max_iter"]) == (8, 1000)
+    assert inspect.signature(fit_logistic).parameters["max_iter"].default == 1000
+
+
 # ---------------------------------------------------------------------- Tip-Adapter
 def ref_cache(train_views, labels):
     """Tip-Adapter utils.py L38-69 build_cache_model: views' raw features averaged, normalised; [D, N], [N, C]."""
@@ -297,9 +351,34 @@ def test_tip_adapter_f_searches_again_with_fp16_keys():
     tip.match_backbone_precision()
     assert tip.keys.dtype == torch.float16
     half = tip.after_train()
+    with torch.no_grad():
+        half_logits = tip(image_features=val[0])  # fp32 features against the fp16 keys
     tip.keys.data = tip.keys.data.float()
     assert half == tip.after_train()
+    with torch.no_grad():
+        torch.testing.assert_close(half_logits, tip(image_features=val[0]), rtol=0, atol=0)
     assert half["val_accuracy"] > 25  # better than chance on clustered features
+
+
+def test_tip_adapter_cache_covers_every_class_and_trains_only_under_f(tiny_clip):
+    """The cache values are one-hot over all the classes, also when the last class has no training image
+    (its column stays zero); the keys are a trained parameter only under Tip-Adapter-F."""
+    train, y = _tiny_features(tiny_clip, 5, 2, views=2)
+    keep = y < len(CLASSNAMES) - 1
+    train, y = train[:, keep], y[keep]
+    tip = TipAdapter(tiny_clip, CLASSNAMES, template=TEMPLATE, views=2, search=False)
+    tip.fit(FitData(train, y, train[0], y))
+    assert tip.values.shape == (len(y), len(CLASSNAMES)) and not tip.values[:, -1].any()
+    torch.testing.assert_close(tip.values, F.one_hot(y, len(CLASSNAMES)).float())
+    assert tip(image_features=train[0]).shape == (len(y), len(CLASSNAMES))
+    assert not tip.keys.requires_grad and tip.trainable_parameters() == []
+    tip_f = TipAdapter(tiny_clip, CLASSNAMES, template=TEMPLATE, views=2, finetune=True)
+    # restored, not fitted here: no validation features to search on
+    assert tip_f.after_train() == {"alpha": pytest.approx(1.17), "beta": 1.0}
+    tip_f.fit(FitData(train, y, train[0], y))
+    assert tip_f.keys.requires_grad and tip_f.trainable_parameters() == [tip_f.keys]
+    with pytest.raises(ValueError, match="views must be >= 1, got 0"):
+        TipAdapter(tiny_clip, CLASSNAMES, template=TEMPLATE, views=0)
 
 
 def test_tip_adapter_f_step_matches_reference(tiny_clip, ref_openclip):
@@ -697,6 +776,17 @@ def test_clip_adapter_matches_reference(tiny_clip, ref_openclip, images):
     F.cross_entropy(expected, labels).backward()
     for (name, p), q in zip(ours.adapter.named_parameters(), ref.fc.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_clip_adapter_reduction_range(tiny_clip):
+    """reduction r from 1 (no bottleneck) to D (a bottleneck of width 1); outside, a clear error."""
+    d = tiny_clip.embed_dim
+    for r, width in ((1, d), (d, 1), (3, d // 3)):
+        adapter = CLIPAdapter(tiny_clip, CLASSNAMES, reduction=r, template=TEMPLATE).adapter
+        assert adapter[0].weight.shape == (width, d) and adapter[2].weight.shape == (d, width)
+    for r in (0, d + 1):
+        with pytest.raises(ValueError, match=rf"reduction={r}: expected 1..{d} for embedding width {d}"):
+            CLIPAdapter(tiny_clip, CLASSNAMES, reduction=r, template=TEMPLATE)
 
 
 def test_cosine_schedule_is_torch_cosine_annealing():
