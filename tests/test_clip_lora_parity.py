@@ -82,14 +82,26 @@ class RefPlainMHALoRA(nn.Module):
         return (out.transpose(1, 0), None) if self.batch_first and is_batched else (out, None)
 
 
-def ref_apply_lora(model, r, alpha):
-    """loralib/utils.py apply_lora, encoder "both", position "all": every block of both towers."""
+def ref_apply_lora(model, r, alpha, encoder="both", indices=None):
+    """loralib/utils.py apply_lora (L107-134): every block of the chosen towers (``indices``: those blocks
+    only), each attention replaced by PlainMultiheadAttentionLoRA. q, k and v all get a LinearLoRA here; a
+    projection the reference leaves alone (``enable_lora``) is one whose B stays zero (no delta)."""
     layers = []
-    for encoder in (model.transformer, model.visual.transformer):
-        for block in encoder.resblocks:
-            block.attn = RefPlainMHALoRA(block.attn, r, alpha)
-            layers.append(block.attn)
+    towers = {"text": model.transformer, "vision": model.visual.transformer}
+    for name, tower in towers.items():
+        if encoder in (name, "both"):
+            for i, block in enumerate(tower.resblocks):
+                if indices is None or i in indices:
+                    block.attn = RefPlainMHALoRA(block.attn, r, alpha)
+                    layers.append(block.attn)
     return layers
+
+
+def ref_text_features(model, classnames, template):
+    """lora.py L12-17 (evaluate_lora): ``template[0]`` of each class through the text tower, normalised."""
+    texts = open_clip.tokenize([template.format(c.replace("_", " ")) for c in classnames])
+    text_features = model.encode_text(texts)
+    return text_features / text_features.norm(dim=-1, keepdim=True)
 
 
 def ref_logits(model, images, classnames, template, logit_scale=100):
@@ -157,3 +169,126 @@ def test_encoder_and_position_choose_the_blocks(own_clip):
         CLIPLoRA(own_clip, CLASSNAMES, position=[7])
     with pytest.raises(ValueError, match="subset"):
         CLIPLoRA(own_clip, CLASSNAMES, params=["o"])
+
+
+def test_lora_delta_init_and_dropout_are_loralibs():
+    """loralib/layers.py: A is Kaiming-uniform with a = sqrt(5) (L67), B zero; LinearLoRA (L199-206) drops out
+    the LoRA input in training only, then adds ``x (B A)^T * alpha / sqrt(r)``."""
+    from promptlab.methods.clip_lora import LoRADelta
+
+    torch.manual_seed(3)
+    delta = LoRADelta(16, 24, rank=4, alpha=2.0, dropout=0.25)
+    torch.manual_seed(3)
+    ref_a = nn.init.kaiming_uniform_(torch.empty(4, 16), a=math.sqrt(5))
+    torch.testing.assert_close(delta.A.data, ref_a, rtol=0, atol=0)
+    assert delta.B.shape == (24, 4) and not delta.B.any()
+    with torch.no_grad():
+        delta.B.normal_()
+    x = torch.randn(5, 16)
+    ref_dropout = nn.Dropout(0.25)
+    torch.manual_seed(4)
+    trained = delta.train()(x)
+    torch.manual_seed(4)
+    expected = torch.matmul(ref_dropout(x), (delta.B @ delta.A).t()) * 2.0 / math.sqrt(4)
+    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
+    evaluated = delta.eval()(x)
+    torch.testing.assert_close(
+        evaluated, torch.matmul(x, (delta.B @ delta.A).t()) * 1.0, rtol=1e-5, atol=1e-6
+    )
+    assert (trained - evaluated).abs().max() > 1e-3  # the dropout was drawn
+
+
+def _randomise_b(lora: CLIPLoRA) -> None:
+    """B starts at zero: give it values so the adapted path counts."""
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(std=0.3)
+
+
+def _copy_to_ref(ref_layers, ours_layers) -> None:
+    for ref, mine in zip(ref_layers, ours_layers, strict=True):
+        for p, delta in mine.deltas.items():
+            getattr(ref, f"{p}_proj").w_lora_A.data.copy_(delta.A)
+            getattr(ref, f"{p}_proj").w_lora_B.data.copy_(delta.B)
+
+
+def test_clip_lora_one_tower_matches_reference(own_clip, ref_openclip, images):
+    """``--encoder vision``: LoRA in the image tower only; the text side is the frozen tower's feature of
+    ``template[0]`` (lora.py L12-17, also with a second template given). ``--encoder text`` on block 1's
+    q and v only: the image tower is the frozen one, the text tower adapted where asked."""
+    ref_text_side, plain = copy.deepcopy(ref_openclip), copy.deepcopy(ref_openclip)
+    torch.manual_seed(0)
+    second = "a blurry photo of a {}."
+    vision = CLIPLoRA(own_clip, CLASSNAMES, encoder="vision", templates=[TEMPLATE, second], logit_scale=100.0)
+    vision.eval()
+    _randomise_b(vision)
+    assert not vision.text_lora and all(k.startswith("image_lora.") for k in vision.prompt_state_dict())
+    ref_layers = ref_apply_lora(ref_openclip, 2, 1.0, encoder="vision")
+    _copy_to_ref(ref_layers, [vision.image_lora[str(i)] for i in range(own_clip.vision_layers)])
+    with torch.no_grad():
+        text = ref_text_features(ref_openclip, CLASSNAMES, TEMPLATE)
+        image = ref_openclip.encode_image(images)
+        expected = 100 * (image / image.norm(dim=-1, keepdim=True)) @ text.t()
+        torch.testing.assert_close(vision(images), expected, rtol=1e-4, atol=1e-4)
+
+    template = "itap of a {}."  # not the default template: the dataset's one must be the one used
+    text_only = CLIPLoRA(
+        own_clip,
+        CLASSNAMES,
+        encoder="text",
+        params=["q", "v"],
+        position=[1],
+        template=template,
+        logit_scale=100.0,
+    ).eval()
+    _randomise_b(text_only)
+    ref_layers = ref_apply_lora(ref_text_side, 2, 1.0, encoder="text", indices=[1])
+    _copy_to_ref(ref_layers, [text_only.text_lora["1"]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            text_only.encode_image(images), ref_text_side.encode_image(images), rtol=1e-5, atol=1e-5
+        )
+        expected = ref_logits(ref_text_side, images, CLASSNAMES, template)
+        torch.testing.assert_close(text_only(images), expected, rtol=1e-4, atol=1e-4)
+        frozen = ref_logits(plain, images, CLASSNAMES, template)
+    assert (expected - frozen).abs().max() > 1e-2  # the adapted text blocks count in what was compared
+
+
+def test_clip_lora_arguments_are_checked(own_clip):
+    """encoder, rank and params are checked at construction, with the value named; LoRA on the image tower
+    needs a transformer tower (``--encoder text`` is fine on a ResNet CLIP)."""
+    from promptlab.backbones import load_clip
+
+    assert CLIPLoRA(own_clip, CLASSNAMES, rank=1).text_lora["0"].deltas["q"].A.shape == (1, own_clip.width)
+    with pytest.raises(ValueError, match="encoder='image': expected 'both', 'text' or 'vision'"):
+        CLIPLoRA(own_clip, CLASSNAMES, encoder="image")
+    with pytest.raises(ValueError, match=r"rank must be >= 1 and params a non-empty subset"):
+        CLIPLoRA(own_clip, CLASSNAMES, rank=0)
+    with pytest.raises(ValueError, match=r"rank must be >= 1 and params a non-empty subset"):
+        CLIPLoRA(own_clip, CLASSNAMES, params=[])
+    rn = load_clip("tiny-rn")
+    for encoder in ("both", "vision"):
+        with pytest.raises(ValueError, match="tiny-rn: LoRA on the image tower needs a ViT"):
+            CLIPLoRA(rn, CLASSNAMES, encoder=encoder)
+    text_only = CLIPLoRA(rn, CLASSNAMES, encoder="text")
+    assert text_only.text_lora and not text_only.image_lora and text_only.image_side_frozen
+
+
+def test_clip_lora_vision_only_head_under_reference_fp16(images):
+    """``--encoder vision`` under reference_fp16: the frozen text classifier (computed in fp32) joins the
+    fp16 image feature in the fp16 head (lora.py L90-91: ``textual_features.t().half()``)."""
+    from promptlab.backbones import load_clip
+
+    half, full = load_clip("tiny", precision="reference_fp16"), load_clip("tiny")
+    torch.manual_seed(0)
+    ours = CLIPLoRA(half, CLASSNAMES, encoder="vision", template=TEMPLATE).eval()
+    ours.match_backbone_precision()
+    _randomise_b(ours)
+    torch.manual_seed(0)
+    fp32 = CLIPLoRA(full, CLASSNAMES, encoder="vision", template=TEMPLATE).eval()
+    fp32.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        logits = ours(images)
+        assert logits.dtype == torch.float16
+        torch.testing.assert_close(logits.float(), fp32(images), rtol=0, atol=0.5)
