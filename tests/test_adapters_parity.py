@@ -217,6 +217,29 @@ def test_linear_probe_arguments_and_lpclip_defaults(tiny_clip):
     assert inspect.signature(fit_logistic).parameters["max_iter"].default == 1000
 
 
+def test_linear_probe_silences_only_convergence_warnings(monkeypatch):
+    """lpclip runs large C unconverged, so a ConvergenceWarning per fit would be noise; any other warning
+    scikit-learn raises (about the data, say) still reaches the user."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    from promptlab.methods.linear_probe import fit_logistic
+
+    real_fit = LogisticRegression.fit
+
+    def fit_and_warn(self, x, y):
+        warnings.warn("a warning about the data", UserWarning, stacklevel=2)
+        return real_fit(self, x, y)
+
+    monkeypatch.setattr(LogisticRegression, "fit", fit_and_warn)
+    train, y = features(5, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_logistic(train[0].double().numpy(), y.numpy(), 1e6, max_iter=1)  # far from converged
+    assert [str(w.message) for w in caught] == ["a warning about the data"]
+
+
 # ---------------------------------------------------------------------- Tip-Adapter
 def ref_cache(train_views, labels):
     """Tip-Adapter utils.py L38-69 build_cache_model: views' raw features averaged, normalised; [D, N], [N, C]."""
