@@ -198,13 +198,9 @@ def test_linear_probe_class_without_training_images_never_wins(tiny_clip):
     assert (logits[:, 1] == -torch.inf).all() and (logits.argmax(-1) != 1).all()
 
 
-def test_linear_probe_arguments_and_lpclip_defaults(tiny_clip):
-    """search_steps >= 0 and max_iter >= 1, checked at construction; the helpers' defaults are lpclip's
-    (``--num_step 8``, ``max_iter=1000``, linear_probe.py L18/L58); the training features: one
-    un-augmented view per image."""
-    import inspect
-
-    from promptlab.methods.linear_probe import fit_logistic, search_c
+def test_linear_probe_arguments_are_checked(tiny_clip):
+    """search_steps >= 0 and max_iter >= 1, checked at construction; the training features: one
+    un-augmented view per image (lpclip encodes the training images with the test transform)."""
     from promptlab.prompts import FitFeatures
 
     assert LinearProbe(tiny_clip, CLASSNAMES, search_steps=0, max_iter=1).max_iter == 1
@@ -212,9 +208,38 @@ def test_linear_probe_arguments_and_lpclip_defaults(tiny_clip):
     for kw in ({"search_steps": -1}, {"max_iter": 0}):
         with pytest.raises(ValueError, match=r"search_steps must be >= 0 and max_iter >= 1, got -?\d+, \d+"):
             LinearProbe(tiny_clip, CLASSNAMES, **kw)
-    defaults = {n: p.default for n, p in inspect.signature(search_c).parameters.items()}
-    assert (defaults["steps"], defaults["max_iter"]) == (8, 1000)
-    assert inspect.signature(fit_logistic).parameters["max_iter"].default == 1000
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_linear_probe_helpers_default_to_lpclip(monkeypatch):
+    """Called with their defaults, the helpers fit as lpclip does (linear_probe.py L57/L70/L76, ``--num_step``
+    8): ``LogisticRegression(solver="lbfgs", max_iter=1000, C=c)``, 7 coarse fits then 8 rounds of two."""
+    import sklearn.linear_model
+
+    from promptlab.methods import linear_probe
+
+    asked = []
+
+    class Recording(sklearn.linear_model.LogisticRegression):
+        def __init__(self, **kw):
+            asked.append(kw)
+            super().__init__(**kw)
+
+    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", Recording)
+    train, y = features(5, 4)
+    linear_probe.fit_logistic(train[0].double().numpy(), y.numpy(), 0.5)
+    assert asked == [{"solver": "lbfgs", "max_iter": 1000, "C": 0.5}]
+
+    fits = []
+
+    def recording_fit(x, y, c, max_iter):
+        fits.append(max_iter)
+        return Recording(max_iter=5, C=c).fit(x, y)  # few iterations: the test needs only the calls
+
+    monkeypatch.setattr(linear_probe, "fit_logistic", recording_fit)
+    x, yn = train[0].double().numpy(), y.numpy()
+    _, tried = linear_probe.search_c(x, yn, x, yn)
+    assert fits == [1000] * (7 + 2 * 8) and len(tried) == 7 + 2 * 8
 
 
 def test_linear_probe_silences_only_convergence_warnings(monkeypatch):
