@@ -429,6 +429,20 @@ def test_tip_adapter_cache_covers_every_class_and_trains_only_under_f(tiny_clip)
         TipAdapter(tiny_clip, CLASSNAMES, template=TEMPLATE, views=0)
 
 
+def test_tip_logits_compute_in_the_features_dtype(tiny_clip):
+    """``tip_logits`` takes the text classifier, keys and values to the features' dtype: fp16 features
+    (the reference's fp16 pipeline, main.py L55-59) give fp16 logits, those of fp32 up to fp16 rounding."""
+    train, y = _tiny_features(tiny_clip, 6, 3, views=2)
+    test, _ = _tiny_features(tiny_clip, 6, 2)
+    tip = TipAdapter(tiny_clip, CLASSNAMES, template=TEMPLATE, views=2, search=False, logit_scale=100.0)
+    tip.fit(FitData(train, y, train[0], y))
+    f = F.normalize(test[0], dim=-1)
+    with torch.no_grad():
+        full, half = tip.tip_logits(f, 1.17, 2.0), tip.tip_logits(f.half(), 1.17, 2.0)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), full, rtol=1e-2, atol=0.1)
+
+
 def test_tip_adapter_f_step_matches_reference(tiny_clip, ref_openclip):
     """One Tip-Adapter-F step (main.py L44-80): the adapter Linear initialised with the keys, CE on the tip
     logits with the initial alpha, beta, AdamW(eps=1e-4) under CosineAnnealingLR per iteration."""
