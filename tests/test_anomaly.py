@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
+from torch.overrides import TorchFunctionMode
 
 from promptlab.anomaly.data import AnomalyDataset, load_items, write_synthetic
 from promptlab.anomaly.evaluator import AnomalyEvaluator
@@ -27,6 +28,7 @@ from promptlab.anomaly.method import (
     resolve_feature_layers,
 )
 from promptlab.anomaly.task import AnomalyBatches
+from promptlab.backbones import load_clip
 from promptlab.cli import main
 from promptlab.config import ConfigError, load_recipe
 from promptlab.engine import evaluate, make_schedule, train
@@ -232,6 +234,31 @@ def test_gaussian_blur_equals_scipy_as_test_py_calls_it(shape: tuple, sigma: flo
     )
 
 
+class _TensorsOn(TorchFunctionMode):
+    """Fails any torch call that returns a tensor off ``device`` (a host tensor where the maps are elsewhere)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device != self.device:
+                raise AssertionError(f"{getattr(func, '__name__', func)} made a tensor on {t.device}")
+        return out
+
+
+def test_gaussian_blur_keeps_every_tensor_on_the_maps_device() -> None:
+    """The evaluator smooths maps where they were computed (the GPU in a real run): the kernel and the
+    reflection indices must be made there too, or the product / index_select mixes devices. The meta
+    device stands in for the GPU: any tensor made on the host shows."""
+    maps = torch.empty(2, 12, 9, device="meta")
+    with _TensorsOn(maps.device):
+        out = gaussian_blur(maps, 1.5)
+    assert out.device == maps.device and out.shape == maps.shape
+
+
 def test_feature_layer_presets() -> None:
     assert resolve_feature_layers("published", 24) == [24]  # what produced the published numbers
     assert resolve_feature_layers("multilayer", 24) == [6, 12, 18, 24]
@@ -245,6 +272,45 @@ def test_feature_layer_presets() -> None:
         resolve_feature_layers("all", 24)
     with pytest.raises(ValueError, match="blocks 1..3"):
         resolve_feature_layers([6, 12], 3)
+    with pytest.raises(ValueError, match=r"^feature_layers \[6\]: the image tower has blocks 1\.\.3$"):
+        resolve_feature_layers([2, 6], 3)  # names the bad block, not every one asked for
+
+
+def test_construction_and_forward_errors_name_the_cause(tiny_clip, images) -> None:
+    """Each refusal says which argument is wrong and why (text prompt depth, image score, a tower without
+    patch tokens, a forward without images); the columns are named normal, anomalous, in logit order."""
+    module = AnomalyCLIP(tiny_clip, **SMALL)
+    assert module.classnames == ["normal", "anomalous"]
+    with pytest.raises(
+        ValueError, match=r"^AnomalyCLIP needs images \(its features come from several layers\)$"
+    ):
+        module()
+    with pytest.raises(ValueError, match=r"^AnomalyCLIP needs images"):
+        module(image_features=torch.randn(2, tiny_clip.embed_dim))
+    with pytest.raises(ValueError, match=r"^image_score='mean': expected one of \('global', 'global_max'\)$"):
+        AnomalyCLIP(tiny_clip, **SMALL | {"image_score": "mean"})
+    with pytest.raises(
+        ValueError, match=r"^text prompt depth 9: expected 0\.\.2 \(the tower has 2 blocks\)$"
+    ):
+        AnomalyCLIP(tiny_clip, **SMALL | {"deep_depth": 9})
+    rn = load_clip("tiny-rn")
+    with pytest.raises(
+        ValueError,
+        match=r"^\S+: AnomalyCLIP needs ViT patch tokens in the joint space: the image tower is convolutional",
+    ):
+        AnomalyCLIP(rn, **SMALL)
+
+
+def test_prompt_tokens_start_as_the_reference_draws_them(tiny_clip) -> None:
+    """N(0, 0.02) for both prompts' context (prompt_ensemble.py L154-155) and the deep tokens (L163)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = AnomalyCLIP(
+            tiny_clip, n_ctx=12, deep_depth=2, deep_n_ctx=12, feature_layers=[1, 2], dpam_layers=1
+        )
+    for name in ("ctx_normal", "ctx_anomalous", "deep"):
+        t = getattr(module, name).detach()  # 12 x 32 = 384 draws each: the std is 0.02 within 10 %
+        assert 0.018 < float(t.std()) < 0.022 and abs(float(t.mean())) < 0.004, (name, float(t.std()))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])

@@ -42,9 +42,10 @@ def models() -> tuple[torch.nn.Module, object]:
 
 
 def _module(clip, **kw) -> AnomalyCLIP:
+    kw.setdefault("dpam_layers", DPAM_LAYER - 1)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        module = AnomalyCLIP(clip, n_ctx=N_CTX, deep_depth=DEPTH, deep_n_ctx=T_N_CTX, dpam_layers=4, **kw)
+        module = AnomalyCLIP(clip, n_ctx=N_CTX, deep_depth=DEPTH, deep_n_ctx=T_N_CTX, **kw)
         with torch.no_grad():  # tokens far from 0, so that every path (and fp16 rounding) shows
             for p in module.parameters():
                 if p.requires_grad:
@@ -286,8 +287,8 @@ def test_test_time_map_and_image_score_are_test_py(models, sigma: int) -> None:
     ref, clip = models
     images = _batch()[0]
     module = _module(clip)
-    with torch.no_grad():
-        score, amap = module.scores(module.outputs(images), sigma=sigma)
+    with torch.no_grad():  # test.py's --sigma defaults to 4 (L192): so does scores'
+        score, amap = module.scores(module.outputs(images), **({} if sigma == 4 else {"sigma": sigma}))
         text_features = ref_text_features(ref, module.ctx_normal, module.ctx_anomalous, module.deep)
 
         def reference(out_layers, clone):  # one image at a time: test.py's batch_size=1 (L48)
@@ -312,3 +313,56 @@ def test_test_time_map_and_image_score_are_test_py(models, sigma: int) -> None:
         published_map, 4 * head_map, rtol=1e-5, atol=1e-5
     )  # same ranking, same metrics
     assert np.ptp(amap.numpy()) > 1e-3  # a map with something in it
+
+
+def _ref_outputs(
+    ref, module: AnomalyCLIP, images: torch.Tensor, dpam_layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image logits [B, 2], maps [B, 1, 2, H, W]) as test.py L89-107 computes them with HEAD's
+    ``--features_list 24`` (the last block's map), for the reference's ``DPAM_layer``."""
+    text_features = ref_text_features(ref, module.ctx_normal, module.ctx_anomalous, module.deep)
+    image_features, patch_features = ref_encode_image(ref, images, [6], dpam_layer, clone=True)
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    logits = (image_features @ text_features[0].t()) / 0.07
+    (sm,) = ref_similarity_maps(patch_features, text_features, images.shape[-1])
+    return logits, sm.permute(0, 3, 1, 2).unsqueeze(1)
+
+
+@pytest.mark.parametrize("dpam_layers", [1, 6, 9])
+def test_dpam_layers_is_the_references_dpam_layer_minus_one(models, dpam_layers: int) -> None:
+    """``dpam_layers = k`` is the reference's ``DPAM_layer = k + 1``: DAPM_replace swaps the attention of
+    ``resblocks[-i]`` for i in range(1, DPAM_layer) (AnomalyCLIP.py L345-353), the last k blocks; 1: the
+    last block only; the whole tower (6 of 6) and more than the tower (9): every block from the first.
+    The module's forward is the image logits of its outputs; the maps are the V-V path's."""
+    ref, clip = models
+    images = _batch()[0]
+    module = _module(clip, dpam_layers=dpam_layers)
+    with torch.no_grad():
+        out = module.outputs(images)
+        logits = module(images)
+        want_logits, want_maps = _ref_outputs(ref, module, images, dpam_layers + 1)
+        other = _ref_outputs(ref, module, images, 2 if dpam_layers > 1 else 3)[1]  # another DPAM depth
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.image_logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.layer_maps, want_maps, rtol=1e-5, atol=1e-6)
+    assert (other - want_maps).abs().max() > 1e-3  # the depth shows in the maps
+
+
+def test_global_ln_post_is_clips_own_image_embedding(models) -> None:
+    """``global_ln_post=True`` gives the image logits of CLIP's own image embedding (open_clip's
+    ``encode_image``: ln_post on the class token, then the projection); DPAM leaves that plain path
+    alone. The reference (the default, False) projects the class token without ln_post (AnomalyCLIP.py
+    L387). 32 px: the size the tower was built for, where open_clip needs no interpolation."""
+    ref, clip = models
+    images = _batch()[0][..., :32, :32]
+    module = _module(clip, global_ln_post=True)
+    with torch.no_grad():
+        text_features = ref_text_features(ref, module.ctx_normal, module.ctx_anomalous, module.deep)[0]
+        want = F.normalize(ref.encode_image(images), dim=-1) @ text_features.t() / 0.07
+        got = module.outputs(images).image_logits
+        module.global_ln_post = False
+        without = module.outputs(images).image_logits
+        want_without = _ref_outputs(ref, module, images, DPAM_LAYER)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(without, want_without, rtol=1e-5, atol=1e-5)
+    assert (got - without).abs().max() > 1e-2
