@@ -716,3 +716,25 @@ def test_method_name_is_the_registry_key(tiny_clip: FrozenCLIP) -> None:
 
     assert method_name(MyPrompts) == "myprompts"
     assert method_name(MyPrompts(tiny_clip, CLASSNAMES)) == "myprompts"
+
+
+@pytest.mark.parametrize("name", ["kgcoop", "tcp"])
+def test_knowledge_term_reuses_the_steps_text_features(
+    name: str, tiny_clip: FrozenCLIP, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training step (logits, loss, backward) runs the text tower once: ``loss`` takes the text features
+    of the step's own ``logits`` call (with their graph) instead of a second pass, which would double the
+    text side's cost per step (a loss with no such logits: test_knowledge_term_without_this_steps_logits)."""
+    m = build(name, tiny_clip).train()
+    with torch.no_grad():
+        feats = tiny_clip.encode_image(images)
+    labels = torch.arange(images.shape[0]) % len(CLASSNAMES)
+    passes: list[int] = []
+    tower = tiny_clip.encode_text_embeddings
+    monkeypatch.setattr(
+        tiny_clip, "encode_text_embeddings", lambda *a, **k: passes.append(len(a[0])) or tower(*a, **k)
+    )
+    logits = m(image_features=feats)
+    m.loss(logits, labels).backward()
+    assert passes == [len(CLASSNAMES)]
+    assert m.ctx.grad is not None and m.ctx.grad.abs().max() > 0

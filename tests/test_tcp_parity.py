@@ -139,9 +139,29 @@ def test_tcp_equals_reference(tiny_clip: FrozenCLIP, ref_openclip: nn.Module, im
 
 
 def test_tcp_checks_its_layout_and_block(tiny_clip: FrozenCLIP) -> None:
-    with pytest.raises(ValueError, match="insert_layer"):
-        TCP(tiny_clip, CLASSNAMES, insert_layer=8)  # the tiny tower has 2 blocks
-    with pytest.raises(ValueError, match="prompt_template"):
+    """The class-aware tokens go in front of a block that exists after the first: 1..depth-1 (the last
+    block's output is pooled, nothing replaces tokens after it); the messages name the range and why."""
+    for block in (8, 2, 0):  # the tiny tower has 2 blocks: 2 is its depth, not a block in front of one
+        with pytest.raises(
+            ValueError,
+            match=rf"^TCP insert_layer={block}: expected 1\.\.1 \(the text tower has 2 blocks; the reference's 8 is for 12\)$",
+        ):
+            TCP(tiny_clip, CLASSNAMES, insert_layer=block)
+    with pytest.raises(
+        ValueError,
+        match=r"^TCP prompt_template='X X \{\}\.' needs a '\{\}' after at least n_ctx=4 tokens \(the context slots\)$",
+    ):
         TCP(tiny_clip, CLASSNAMES, insert_layer=1, prompt_template="X X {}.")  # fewer slots than n_ctx
     m = TCP(tiny_clip, CLASSNAMES, insert_layer=1)
     assert m.prompt_template == "X X X X {}." and m.image_side_frozen
+
+
+def test_tcp_context_from_words_is_the_references(tiny_clip: FrozenCLIP, ref_openclip: nn.Module) -> None:
+    """CTX_INIT set: the context starts as the words' token embeddings after [SOS], one per token
+    (tcp.py L125-134: ``token_embedding(clip.tokenize(ctx_init))[0, 1 : 1 + n_ctx]``; the reference
+    hard-codes "a photo of a", L127); it sets the count whatever ``n_ctx`` says, as CoOp's rule."""
+    m = TCP(tiny_clip, CLASSNAMES, n_ctx=2, ctx_init="a photo of a", insert_layer=1)
+    with torch.no_grad():
+        want = ref_openclip.token_embedding(open_clip.tokenize("a photo of a"))[0, 1:5]
+    assert m.n_ctx == 4 and m.prompt_template == "X X X X {}."
+    torch.testing.assert_close(m.ctx.detach(), want, rtol=0, atol=0)
