@@ -6,6 +6,7 @@ Parity with the reference's loss, gradients and test-time maps: tests/test_anoma
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
@@ -329,6 +331,11 @@ def test_anomaly_recipes_validate(path: Path) -> None:
         4,
         19,
     )
+    # AnomalyCLIP built by hand with its defaults is this configuration (every key the recipe sets)
+    section = yaml.safe_load(path.read_text())["method"]
+    assert section.pop("_component_") == "promptlab.anomaly.method.AnomalyCLIP" and section
+    defaults = {p.name: p.default for p in inspect.signature(AnomalyCLIP.__init__).parameters.values()}
+    assert {k: defaults[k] for k in section} == section
     assert "multilayer" in path.read_text()  # the other named option is documented in the recipe
     other = load_anomaly_recipe(path, ["anomaly.data_root=/data", "method.feature_layers=multilayer"])
     assert resolve_feature_layers(other.method.feature_layers, 24) == [6, 12, 18, 24]
