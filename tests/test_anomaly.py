@@ -349,6 +349,45 @@ def test_anomaly_recipes_validate(path: Path) -> None:
         load_anomaly_recipe(path, ["train.epochs=many"])
 
 
+def test_a_module_built_with_defaults_is_the_recipes(make_openclip) -> None:
+    """``AnomalyCLIP(clip)`` computes what the recipe's method section builds: the same learned tensors
+    from the same seed, the same maps, scores and loss. The towers are just deep enough for every default
+    to act (9 text blocks for deep_depth 9; 20 vision blocks, so DPAM in the last 19 leaves a plain first
+    block as on ViT-L/14's 24) at toy width (the signature check above cannot see a default that a
+    wrapper hides)."""
+    clip = load_clip(
+        make_openclip(
+            vision_cfg=dict(layers=20, width=32, head_width=16, patch_size=8, image_size=32),
+            text_cfg=dict(layers=9, width=32, heads=2),
+        )
+    )
+    section = yaml.safe_load(RECIPES[0].read_text())["method"]
+    section.pop("_component_")
+    built = []
+    for kw in ({}, section):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            built.append(AnomalyCLIP(clip, **kw))
+    default, recipe = built
+    assert default.prompt_state_dict().keys() == recipe.prompt_state_dict().keys()
+    for k, v in recipe.prompt_state_dict().items():
+        torch.testing.assert_close(default.prompt_state_dict()[k], v, rtol=0, atol=0, msg=k)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[1, :, 8:20, 4:12] = 1
+    with torch.no_grad():
+        outs = [m.outputs(images) for m in built]
+        for got, want in zip(default.scores(outs[0]), recipe.scores(outs[1], sigma=4)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        losses = [
+            m.loss(o.image_logits, torch.tensor([0, 1]), layer_maps=o.layer_maps, masks=masks)
+            for m, o in zip(built, outs)
+        ]
+    torch.testing.assert_close(outs[0].image_logits, outs[1].image_logits, rtol=0, atol=0)
+    torch.testing.assert_close(outs[0].layer_maps, outs[1].layer_maps, rtol=0, atol=0)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
 def test_train_evaluate_predict_end_to_end(tmp_path: Path, tiny_clip) -> None:
     train_root = write_synthetic(tmp_path / "visa", "visa", categories=("a",), n_good=2, n_defect=2, size=32)
     test_root = write_synthetic(
