@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from promptlab.backbones import load_clip
 from promptlab.clip import FrozenCLIP
@@ -738,3 +739,21 @@ def test_knowledge_term_reuses_the_steps_text_features(
     m.loss(logits, labels).backward()
     assert passes == [len(CLASSNAMES)]
     assert m.ctx.grad is not None and m.ctx.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", ["kgcoop", "tcp"])
+def test_head_is_fp32_on_a_bf16_backbone(name: str, images: torch.Tensor) -> None:
+    """``model.precision=bf16`` (or fp16) runs the towers in half precision while the learned tensors and
+    the head stay fp32 (``prompt_dtype``): the logits are logit_scale * cos(image, text) computed in fp32
+    from the towers' bf16 features, both sides cast before normalising (restated here)."""
+    clip = load_clip("tiny", precision="bf16")
+    m = build(name, clip)
+    with torch.no_grad():
+        feats = clip.encode_image(images)
+        assert feats.dtype == torch.bfloat16 and m.head_dtype == torch.float32
+        logits = m(image_features=feats)
+        txt = m.text_features()
+        assert txt.dtype == torch.bfloat16
+        want = clip.logit_scale * F.normalize(feats.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).t()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
