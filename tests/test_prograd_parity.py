@@ -10,6 +10,9 @@ tensor loaded from a copy of promptlab's. Nothing of promptlab runs on the refer
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import open_clip
 import pytest
 import torch
@@ -18,26 +21,32 @@ import torch.nn.functional as F
 
 from promptlab.clip import FrozenCLIP
 from promptlab.methods import ProGrad
+from promptlab.methods.prograd import project_conflicting
 
 CLASSNAMES = ["cat", "sea_lion", "a very long class name with many words"]
 PETS = "a type of pet, a photo of a {}."  # ProGrad's CUSTOM_TEMPLATES["OxfordPets"] (L202)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads cost more than they save
 
 
 class RefProGrad(nn.Module):
-    def __init__(self, model: nn.Module, classnames: list[str], n_ctx: int, template: str):
+    def __init__(self, model: nn.Module, classnames: list[str], n_ctx: int, template: str, ctx_init: bool = True):
         super().__init__()
         self.model = model
         ctx_dim = model.ln_final.weight.shape[0]
-        # PromptLearner.__init__ L78-95 (CTX_INIT True): the template's words, right-aligned in zeros
-        ctx_init = template.replace(" {}.", "").replace("_", " ")
-        prompt_n_ctx = len(ctx_init.split(" "))
-        assert n_ctx >= prompt_n_ctx
-        with torch.no_grad():
-            embedding = model.token_embedding(open_clip.tokenize(ctx_init))
-        ctx_vectors = torch.zeros(n_ctx, ctx_dim)
-        ctx_vectors[n_ctx - prompt_n_ctx :, :] = embedding[0, 1 : 1 + prompt_n_ctx, :]
-        prompt_prefix = " ".join(["X"] * (n_ctx - prompt_n_ctx))
-        prompt_prefix = f"{prompt_prefix} {ctx_init}"
+        if ctx_init:  # PromptLearner.__init__ L78-95 (CTX_INIT True): the template's words, right-aligned in zeros
+            ctx_init = template.replace(" {}.", "").replace("_", " ")
+            prompt_n_ctx = len(ctx_init.split(" "))
+            assert n_ctx >= prompt_n_ctx
+            with torch.no_grad():
+                embedding = model.token_embedding(open_clip.tokenize(ctx_init))
+            ctx_vectors = torch.zeros(n_ctx, ctx_dim)
+            ctx_vectors[n_ctx - prompt_n_ctx :, :] = embedding[0, 1 : 1 + prompt_n_ctx, :]
+            prompt_prefix = " ".join(["X"] * (n_ctx - prompt_n_ctx))
+            prompt_prefix = f"{prompt_prefix} {ctx_init}"
+        else:  # L96-105: random initialisation of a generic context behind "X X ... X"
+            ctx_vectors = torch.empty(n_ctx, ctx_dim)
+            nn.init.normal_(ctx_vectors, std=0.02)
+            prompt_prefix = " ".join(["X"] * n_ctx)
         self.ctx = nn.Parameter(ctx_vectors)
         names = [name.replace("_", " ") for name in classnames]
         prompts = [prompt_prefix + " " + name + "." for name in names]  # L112-116
@@ -104,15 +113,37 @@ class RefProGrad(nn.Module):
         return xe_loss.detach(), kl_loss.detach(), self.ctx.grad.clone(), projected
 
 
+@pytest.mark.parametrize(
+    "template,ctx_init,lam,T",
+    [
+        (PETS, True, 1.0, 1.0),  # the reference scripts' LOSS.LAMBDA and LOSS.T
+        ("a texture_of {}.", True, 0.8, 2.0),  # the paper's lambda 0.8; an underscore in the words (L81)
+        (PETS, False, 0.8, 2.0),  # CTX_INIT False: N(0, 0.02) behind "X X ... X" (L96-105)
+    ],
+)
 def test_prograd_equals_reference(
-    tiny_clip: FrozenCLIP, ref_openclip: nn.Module, images: torch.Tensor
+    tiny_clip: FrozenCLIP,
+    ref_openclip: nn.Module,
+    images: torch.Tensor,
+    template: str,
+    ctx_init: bool,
+    lam: float,
+    T: float,
 ) -> None:
-    m = ProGrad(tiny_clip, CLASSNAMES, n_ctx=16, template=PETS)
-    ref = RefProGrad(ref_openclip, CLASSNAMES, n_ctx=16, template=PETS)
-    # the initial context (8 zero rows, then "a type of pet , a photo of") and the text features (the
-    # template's last "a" stays a fixed word after the 16 slots) are the reference's
-    torch.testing.assert_close(m.ctx.detach(), ref.ctx.detach(), atol=0, rtol=0)
-    assert m.ctx[:8].abs().max() == 0 and m.ctx[8:].abs().min() > 0
+    """Initial context, logits, both losses and the stepped gradient, in both branches of the projection;
+    a temperature and a lambda other than 1 so that a misplaced T or a dropped lambda shows."""
+    m = ProGrad(tiny_clip, CLASSNAMES, n_ctx=16, ctx_init=ctx_init, lam=lam, temperature=T, template=template)
+    ref = RefProGrad(ref_openclip, CLASSNAMES, n_ctx=16, template=template, ctx_init=ctx_init)
+    if ctx_init:
+        # the initial context (zero rows, then the template's words) and the text features (PETS: its last
+        # "a" stays a fixed word after the 16 slots) are the reference's
+        torch.testing.assert_close(m.ctx.detach(), ref.ctx.detach(), atol=0, rtol=0)
+        words = len(template.replace(" {}.", "").replace("_", " ").split(" "))
+        assert m.ctx[: 16 - words].abs().max() == 0 and m.ctx[16 - words :].abs().min() > 0
+    else:
+        assert m.ctx.shape == ref.ctx.shape and 0.015 < float(m.ctx.detach().std()) < 0.025
+        with torch.no_grad():
+            ref.ctx.copy_(m.ctx)
     torch.testing.assert_close(m.text_features(), ref.text_features(), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         m.ctx.add_(0.3 * torch.randn(m.ctx.shape, generator=torch.Generator().manual_seed(3)))
@@ -123,10 +154,12 @@ def test_prograd_equals_reference(
         m.ctx.grad = None
         logits = m(images)
         torch.testing.assert_close(logits, ref.logits(images), atol=1e-5, rtol=1e-5)
-        xe = m.loss(logits, labels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. torch's "implicit dimension choice for softmax"
+            xe = m.loss(logits, labels)
         kl = m._step_kl.detach()
         m.backward(xe)
-        ref_xe, ref_kl, ref_grad, projected = ref.step_gradient(images, labels)
+        ref_xe, ref_kl, ref_grad, projected = ref.step_gradient(images, labels, lambda_=lam, T=T)
         torch.testing.assert_close(xe.detach(), ref_xe, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(kl, ref_kl, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(m.ctx.grad, ref_grad, atol=1e-5 * float(ref_grad.abs().max()), rtol=1e-4)
