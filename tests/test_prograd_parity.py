@@ -29,11 +29,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads cost
 
 
 class RefProGrad(nn.Module):
-    def __init__(self, model: nn.Module, classnames: list[str], n_ctx: int, template: str, ctx_init: bool = True):
+    def __init__(
+        self, model: nn.Module, classnames: list[str], n_ctx: int, template: str, ctx_init: bool = True
+    ):
         super().__init__()
         self.model = model
         ctx_dim = model.ln_final.weight.shape[0]
-        if ctx_init:  # PromptLearner.__init__ L78-95 (CTX_INIT True): the template's words, right-aligned in zeros
+        if (
+            ctx_init
+        ):  # PromptLearner.__init__ L78-95 (CTX_INIT True): the template's words, right-aligned in zeros
             ctx_init = template.replace(" {}.", "").replace("_", " ")
             prompt_n_ctx = len(ctx_init.split(" "))
             assert n_ctx >= prompt_n_ctx
@@ -193,6 +197,92 @@ def test_prograd_hook_adds_to_accumulated_gradients(tiny_clip: FrozenCLIP, image
 def test_prograd_context_from_the_template_words(tiny_clip: FrozenCLIP, template: str, words: int) -> None:
     m = ProGrad(tiny_clip, CLASSNAMES, n_ctx=16, template=template)
     assert m.ctx[: 16 - words].abs().max() == 0 and m.ctx[16 - words :].abs().min() > 0
+    exact = ProGrad(tiny_clip, CLASSNAMES, n_ctx=words, template=template)  # as many slots as words: no zeros
+    assert exact.ctx.abs().min() > 0 and exact.prefix.strip() == template.replace(" {}.", "")
     with pytest.raises(ValueError, match="fewer than"):
         ProGrad(tiny_clip, CLASSNAMES, n_ctx=3, template=template)
     assert ProGrad(tiny_clip, CLASSNAMES, n_ctx=4, ctx_init=False).ctx.abs().min() > 0
+
+
+def _restated_projection(g: torch.Tensor, general: torch.Tensor, lam: float) -> torch.Tensor:
+    """trainer.py L336-345 in float64: ``g`` less ``lam`` times its component along ``general`` when cos < 0."""
+    g64, d = g.double(), general.double() / general.double().norm()
+    return g64 - lam * (g64.flatten() @ d.flatten()) * d if g64.flatten() @ d.flatten() < 0 else g64
+
+
+def test_project_conflicting_edge_cases() -> None:
+    """The default lambda removes the whole conflicting component; in fp16 (``reference_fp16`` steps fp16
+    gradients, loss-scaled or tiny) the decision depends on the angle only; a positive angle below fp32
+    resolution is not a conflict, and a tensor that does not conflict is returned untouched."""
+    gen = torch.Generator().manual_seed(0)
+    general = torch.randn(4, 8, generator=gen)
+    g = torch.randn(4, 8, generator=gen)
+    g = -g if float(g.flatten() @ general.flatten()) > 0 else g  # cos(g, general) < 0
+    assert float(g.flatten() @ general.flatten()) < -1e-3 * float(g.norm() * general.norm())
+    full = project_conflicting(g, general)
+    assert abs(float(full.flatten() @ general.flatten())) < 1e-5 * float(g.norm() * general.norm())
+    torch.testing.assert_close(full.double(), _restated_projection(g, general, 1.0), atol=1e-6, rtol=1e-5)
+    for scale in (1e-4, 1.0, 1e2):  # |g| * |g| would leave fp16's range at both ends
+        gh, want = (scale * g).half(), _restated_projection(scale * g, general, 0.8)
+        got = project_conflicting(gh, general.half(), 0.8)
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.double(), want, atol=1e-2 * scale, rtol=1e-2)
+    # cos = 1e-50 > 0 mathematically, 0 in fp32: no projection, the tiny component along general stays
+    g = torch.tensor([1e15, 1e-35])
+    out = project_conflicting(g, torch.tensor([0.0, 1.0]))
+    assert out is g and float(out[1]) == float(torch.tensor(1e-35))
+
+
+def test_prograd_loss_and_backward_outside_a_training_step(
+    tiny_clip: FrozenCLIP, images: torch.Tensor
+) -> None:
+    """loss() needs the image features of a training forward pass (not one without gradient, nor none at
+    all) and says so; backward() of a loss that did not come from loss() (no KL term of this step) is
+    the plain backward."""
+    labels = torch.tensor([2, 0, 1])
+    m = ProGrad(tiny_clip, CLASSNAMES, n_ctx=6, template="a photo of a {}.")
+    with pytest.raises(RuntimeError, match=r"ProGrad\.loss\(\) follows a training forward pass \(it needs"):
+        m.loss(torch.zeros(3, 3), labels)  # nothing run yet
+    with torch.no_grad():
+        logits = m(images)
+    with pytest.raises(RuntimeError, match=r"ProGrad\.loss\(\) follows a training forward pass"):
+        m.loss(logits, labels)
+    fresh = ProGrad(tiny_clip, CLASSNAMES, n_ctx=6, template="a photo of a {}.")
+    ce = F.cross_entropy(fresh(images), labels)
+    want = torch.autograd.grad(ce, fresh.ctx, retain_graph=True)[0]
+    fresh.backward(ce)
+    torch.testing.assert_close(fresh.ctx.grad, want, atol=0, rtol=0)
+
+
+def test_prograd_projects_each_trainable_tensor(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    """With backbone parts made trainable (FrozenCLIP.unfreeze) each tensor's gradient is projected on its
+    own KL gradient, as the reference's loop over parameters (trainer.py L333-345), and a trainable tensor
+    the step does not reach (the token-embedding table: the prompts are embedded once) gets no gradient
+    while those after it still get theirs."""
+    clip = copy.deepcopy(tiny_clip)
+    clip.unfreeze(["model.token_embedding", "model.ln_final"])
+    m = ProGrad(clip, CLASSNAMES, n_ctx=6, lam=0.8, template="a photo of a {}.")
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert names == [
+        "ctx",
+        "clip.model.token_embedding.weight",
+        "clip.model.ln_final.weight",
+        "clip.model.ln_final.bias",
+    ]
+    with torch.no_grad():
+        m.ctx.add_(0.3 * torch.randn(m.ctx.shape, generator=torch.Generator().manual_seed(3)))
+    labels = torch.tensor([2, 2, 0])
+    logits = m(images)
+    teacher = F.softmax(m.teacher_logits(m.encode_image(images)), dim=-1)
+    kl = (-teacher * F.log_softmax(logits, dim=-1)).sum(1).mean()
+    used = [m.ctx, clip.model.ln_final.weight, clip.model.ln_final.bias]
+    g_kl = torch.autograd.grad(kl, used, retain_graph=True)
+    g_ce = torch.autograd.grad(F.cross_entropy(logits, labels), used, retain_graph=True)
+    m.backward(m.loss(logits, labels))
+    assert clip.model.token_embedding.weight.grad is None
+    projected = 0
+    for p, a, b in zip(used, g_ce, g_kl):
+        want = _restated_projection(a, b, 0.8)
+        projected += not torch.allclose(want, a.double())
+        torch.testing.assert_close(p.grad.double(), want, atol=1e-6 * float(want.abs().max()), rtol=1e-4)
+    assert 0 < projected  # the check sees a projection
