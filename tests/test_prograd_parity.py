@@ -241,11 +241,12 @@ def test_prograd_loss_and_backward_outside_a_training_step(
     the plain backward."""
     labels = torch.tensor([2, 0, 1])
     m = ProGrad(tiny_clip, CLASSNAMES, n_ctx=6, template="a photo of a {}.")
-    with pytest.raises(RuntimeError, match=r"ProGrad\.loss\(\) follows a training forward pass \(it needs"):
+    msg = r"^ProGrad\.loss\(\) follows a training forward pass \(it needs its image features\)$"
+    with pytest.raises(RuntimeError, match=msg):
         m.loss(torch.zeros(3, 3), labels)  # nothing run yet
     with torch.no_grad():
         logits = m(images)
-    with pytest.raises(RuntimeError, match=r"ProGrad\.loss\(\) follows a training forward pass"):
+    with pytest.raises(RuntimeError, match=msg):
         m.loss(logits, labels)
     fresh = ProGrad(tiny_clip, CLASSNAMES, n_ctx=6, template="a photo of a {}.")
     ce = F.cross_entropy(fresh(images), labels)
@@ -258,13 +259,15 @@ def test_prograd_projects_each_trainable_tensor(tiny_clip: FrozenCLIP, images: t
     """With backbone parts made trainable (FrozenCLIP.unfreeze) each tensor's gradient is projected on its
     own KL gradient, as the reference's loop over parameters (trainer.py L333-345), and a trainable tensor
     the step does not reach (the token-embedding table: the prompts are embedded once) gets no gradient
-    while those after it still get theirs."""
+    while those after it still get theirs. A term of the stepped loss that the KL does not reach (a
+    regulariser a subclass adds to loss(), here on the image projection) keeps its plain gradient."""
     clip = copy.deepcopy(tiny_clip)
-    clip.unfreeze(["model.token_embedding", "model.ln_final"])
+    clip.unfreeze(["model.visual.proj", "model.token_embedding", "model.ln_final"])
     m = ProGrad(clip, CLASSNAMES, n_ctx=6, lam=0.8, template="a photo of a {}.")
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     assert names == [
         "ctx",
+        "clip.model.visual.proj",
         "clip.model.token_embedding.weight",
         "clip.model.ln_final.weight",
         "clip.model.ln_final.bias",
@@ -278,8 +281,10 @@ def test_prograd_projects_each_trainable_tensor(tiny_clip: FrozenCLIP, images: t
     used = [m.ctx, clip.model.ln_final.weight, clip.model.ln_final.bias]
     g_kl = torch.autograd.grad(kl, used, retain_graph=True)
     g_ce = torch.autograd.grad(F.cross_entropy(logits, labels), used, retain_graph=True)
-    m.backward(m.loss(logits, labels))
+    proj = clip.model.visual.proj
+    m.backward(m.loss(logits, labels) + 0.5 * proj.square().sum())
     assert clip.model.token_embedding.weight.grad is None
+    torch.testing.assert_close(proj.grad, proj.detach(), atol=0, rtol=0)
     projected = 0
     for p, a, b in zip(used, g_ce, g_kl):
         want = _restated_projection(a, b, 0.8)
