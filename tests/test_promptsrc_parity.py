@@ -12,6 +12,7 @@ the comparison covers logits, every loss term and the gradients of every learned
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import open_clip
@@ -26,13 +27,16 @@ from promptlab.templates import resolve_templates
 
 CLASSNAMES = ["cat", "sea_lion", "a very long class name with many words"]
 TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a sculpture of a {}."]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads cost more than they save
 
 
 class RefPromptSRC(nn.Module):
     def __init__(self, model: nn.Module, classnames: list[str], n_ctx: int, n_vis: int, templates: list[str]):
         super().__init__()
         self.model = model
-        ctx_init = "a photo of a"  # VLPromptLearner L88-101 (CTX_INIT, n_ctx <= 4)
+        # VLPromptLearner L88-101 (CTX_INIT, n_ctx <= 4): the first n_ctx tokens of the words are learned,
+        # the rest of them ("of a" for n_ctx 2) stay fixed words in front of the class name
+        ctx_init = "a photo of a"
         with torch.no_grad():
             embedding = model.token_embedding(open_clip.tokenize(ctx_init))
         self.ctx = nn.Parameter(embedding[0, 1 : 1 + n_ctx, :].clone())
@@ -131,18 +135,25 @@ def ref_loss(
     return loss_ce + L_SCL, logits
 
 
-def _ours(clip: FrozenCLIP, **kw) -> PromptSRC:
+def _ours(clip: FrozenCLIP, n_ctx_text: int = 4, **kw) -> PromptSRC:
     return PromptSRC(
-        clip, CLASSNAMES, n_ctx_text=4, n_ctx_vision=3, prompt_depth_text=2, prompt_depth_vision=2, **kw
+        clip,
+        CLASSNAMES,
+        n_ctx_text=n_ctx_text,
+        n_ctx_vision=3,
+        prompt_depth_text=2,
+        prompt_depth_vision=2,
+        **kw,
     )
 
 
+@pytest.mark.parametrize("n_ctx", [4, 2])
 def test_promptsrc_equals_reference(
-    tiny_clip: FrozenCLIP, ref_openclip: nn.Module, images: torch.Tensor
+    tiny_clip: FrozenCLIP, ref_openclip: nn.Module, images: torch.Tensor, n_ctx: int
 ) -> None:
     torch.manual_seed(0)
-    m = _ours(tiny_clip, templates=TEMPLATES)
-    ref = RefPromptSRC(ref_openclip, CLASSNAMES, n_ctx=4, n_vis=3, templates=TEMPLATES)
+    m = _ours(tiny_clip, n_ctx_text=n_ctx, templates=TEMPLATES)
+    ref = RefPromptSRC(ref_openclip, CLASSNAMES, n_ctx=n_ctx, n_vis=3, templates=TEMPLATES)
     torch.testing.assert_close(m.ctx.detach(), ref.ctx.detach(), atol=0, rtol=0)  # the same initial words
     with torch.no_grad():
         g = torch.Generator().manual_seed(6)
@@ -156,7 +167,9 @@ def test_promptsrc_equals_reference(
     labels = torch.tensor([2, 0, 1])
     m.train()
     logits = m(images)
-    loss = m.loss(logits, labels, images=images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "implicit dimension choice for log_softmax"
+        loss = m.loss(logits, labels, images=images)
     want, ref_logits = ref_loss(ref, images, labels)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
@@ -232,3 +245,97 @@ def test_gpa_equals_reference(tiny_clip: FrozenCLIP, epochs: int, mean: float, s
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6, msg=k)
     assert not torch.allclose(got["ctx"], snapshots[-1]["ctx"])  # not simply the last epoch's
     assert m.training_state_dict() == {}
+
+
+def test_promptsrc_loss_needs_a_training_forward_pass(tiny_clip: FrozenCLIP, images: torch.Tensor) -> None:
+    """loss() regularises a training forward pass: it takes the step's images from the batch (``images``
+    in aux, what the engine passes) or else from the step's own encode_image, and refuses, saying why,
+    when there was no training forward (nothing yet, one without gradient, one on the evaluation's
+    cached text features) or no images (features given, none passed). Images seen without gradient
+    are never used by a later step."""
+    labels = torch.tensor([2, 0, 1])
+    msg = r"^PromptSRC\.loss\(\) follows a training forward pass on images$"
+    m = _ours(tiny_clip, templates=TEMPLATES)
+    with pytest.raises(RuntimeError, match=msg):
+        m.loss(torch.zeros(3, 3), labels, images=images)  # nothing run yet
+    with torch.no_grad():
+        feats = m.encode_image(images)
+        m(images)  # an evaluation pass on these images
+    with pytest.raises(RuntimeError, match=msg):  # no training forward
+        m.loss(torch.zeros(3, 3), labels, images=images)
+    logits = m(image_features=feats)  # a training forward from features: the text side has gradient
+    with pytest.raises(RuntimeError, match=msg):  # ... but no images: the evaluation's are not taken
+        m.loss(logits, labels)
+    with m.cached_text_features():  # gradient on, text features of the evaluation cache
+        logits = m(images)
+    with pytest.raises(RuntimeError, match=msg):
+        m.loss(logits, labels, images=images)
+    from_batch = m.loss(m(image_features=feats), labels, images=images)
+    from_step = m.loss(m(images), labels)
+    torch.testing.assert_close(from_batch, from_step, atol=0, rtol=0)
+
+
+def test_promptsrc_head_takes_the_backbone_output_in_any_dtype(
+    tiny_clip: FrozenCLIP, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under bf16 autocast (``train.amp=bf16``) the towers return bf16 features; the head normalises the
+    prompted image, prompted text and frozen image features in its own dtype (fp32), so logits and loss
+    are exactly those of the same features handed over in fp32."""
+    m = _ours(tiny_clip, templates=TEMPLATES)
+    labels = torch.tensor([2, 0, 1])
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(images)
+            return logits, m.loss(logits, labels)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.encode_image(images).dtype == torch.bfloat16  # what the head is given
+    logits, loss = step()
+    for name in ("encode_image", "text_features", "frozen_image_features"):
+        method = getattr(m, name)
+        monkeypatch.setattr(m, name, lambda *a, _f=method: _f(*a).float())
+    fp32_logits, fp32_loss = step()
+    assert loss.dtype == fp32_loss.dtype == torch.float32
+    torch.testing.assert_close(logits, fp32_logits, atol=0, rtol=0)
+    torch.testing.assert_close(loss, fp32_loss, atol=0, rtol=0)
+
+
+def test_promptsrc_arguments_checked(tiny_clip: FrozenCLIP) -> None:
+    """Errors name the method and the value at fault; ``templates="dataset"`` takes the dataset's template."""
+    with pytest.raises(ValueError, match=r"^PromptSRC needs prompt_depth_text >= 1"):
+        PromptSRC(tiny_clip, CLASSNAMES, prompt_depth_text=0)
+    for std in (0.0, -1.0):
+        with pytest.raises(
+            ValueError, match=rf"^PromptSRC gpa_std={std}: the Gaussian needs a positive width$"
+        ):
+            _ours(tiny_clip, gpa_std=std)
+    assert not _ours(tiny_clip, gpa=False, gpa_std=0.0).gpa
+    pets = "a photo of a {}, a type of pet."
+    m = _ours(tiny_clip, templates="dataset", template=pets)
+    assert m.templates == [pets]
+    torch.testing.assert_close(m._fixed, _ours(tiny_clip, templates=[pets])._fixed, atol=0, rtol=0)
+
+
+def test_gpa_averages_the_trainable_prompts_only(tiny_clip: FrozenCLIP) -> None:
+    """GPA sums the trainable prompt tensors: not a prompt tensor someone froze, not a backbone part made
+    trainable (the backbone stays exact), and the running sum restored from a checkpoint lives on the
+    prompts' device (the ``meta`` device stands in for an accelerator)."""
+    clip = copy.deepcopy(tiny_clip)
+    clip.unfreeze(["model.ln_final"])
+    m = _ours(clip, gpa_mean=2, gpa_std=1, templates=TEMPLATES)
+    m.vis_deep.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("clip.") or k == "vis_deep"}
+    m.end_epoch(1, 2)
+    assert set(m.training_state_dict()) == {"ctx", "text_deep", "vis_ctx"}
+    state = {k: v.clone() for k, v in m.training_state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    m.end_epoch(2, 2)
+    after = m.state_dict()
+    for k, v in frozen.items():
+        torch.testing.assert_close(after[k], v + 1.0, atol=0, rtol=0, msg=k)
+    m.to("meta")
+    m.load_training_state_dict(state)
+    assert {v.device.type for v in m.training_state_dict().values()} == {"meta"}
