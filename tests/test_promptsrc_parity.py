@@ -260,12 +260,19 @@ def test_promptsrc_loss_needs_a_training_forward_pass(tiny_clip: FrozenCLIP, ima
         m.loss(torch.zeros(3, 3), labels, images=images)  # nothing run yet
     with torch.no_grad():
         feats = m.encode_image(images)
+    fresh = _ours(tiny_clip, templates=TEMPLATES)
+    logits = fresh(image_features=feats)  # a training forward from features (the text side has gradient)
+    with pytest.raises(RuntimeError, match=msg):  # ... and no images anywhere
+        fresh.loss(logits, labels)
+    with torch.no_grad():
         m(images)  # an evaluation pass on these images
-    with pytest.raises(RuntimeError, match=msg):  # no training forward
-        m.loss(torch.zeros(3, 3), labels, images=images)
-    logits = m(image_features=feats)  # a training forward from features: the text side has gradient
-    with pytest.raises(RuntimeError, match=msg):  # ... but no images: the evaluation's are not taken
+    logits = m(image_features=feats)
+    with pytest.raises(RuntimeError, match=msg):  # the evaluation's images are not the step's
         m.loss(logits, labels)
+    with torch.no_grad():
+        logits = m(images)
+    with pytest.raises(RuntimeError, match=msg):  # no training forward
+        m.loss(logits, labels, images=images)
     with m.cached_text_features():  # gradient on, text features of the evaluation cache
         logits = m(images)
     with pytest.raises(RuntimeError, match=msg):
