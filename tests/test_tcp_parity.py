@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from promptlab.backbones import load_clip
 from promptlab.clip import FrozenCLIP
 from promptlab.methods import TCP
 
@@ -165,3 +166,22 @@ def test_tcp_context_from_words_is_the_references(tiny_clip: FrozenCLIP, ref_ope
         want = ref_openclip.token_embedding(open_clip.tokenize("a photo of a"))[0, 1:5]
     assert m.n_ctx == 4 and m.prompt_template == "X X X X {}."
     torch.testing.assert_close(m.ctx.detach(), want, rtol=0, atol=0)
+
+
+def test_tcp_default_block_is_the_references(make_openclip) -> None:
+    """Built without ``insert_layer``, TCP puts the class-aware tokens in front of block 8, the reference's
+    ``layers=[8]`` (trainers/clip_text/model.py L268): the same text features as ``insert_layer=8`` spelled
+    out, and not those of block 9 (a 10-block text tower, so that both blocks exist)."""
+    clip = load_clip(make_openclip(text_cfg=dict(layers=10, width=32, heads=2)))
+    feats = {}
+    for kw in ({}, {"insert_layer": 8}, {"insert_layer": 9}):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            m = TCP(clip, CLASSNAMES, **kw)
+        with torch.no_grad():
+            m.meta_net.linear2.bias.normal_(
+                0, 1, generator=torch.Generator().manual_seed(1)
+            )  # tokens that show
+            feats[kw.get("insert_layer")] = m.text_features()
+    torch.testing.assert_close(feats[None], feats[8], rtol=0, atol=0)
+    assert (feats[9] - feats[8]).abs().max() > 1e-3
