@@ -565,6 +565,22 @@ def test_knowledge_term_without_this_steps_logits(name: str, precision: str, ima
         assert m.ctx.grad is not None and m.ctx.grad.abs().max() > 0, before
 
 
+def _twelve_block_tiny() -> FrozenCLIP:
+    """The tiny CLIP's widths with 12 blocks per tower (ViT-B/16's depth), random weights, seed 0."""
+    import open_clip
+
+    from promptlab.backbones import TINY_CONFIGS
+
+    cfg = TINY_CONFIGS["tiny"]
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(
+        embed_dim=cfg["embed_dim"],
+        vision_cfg={**cfg["vision_cfg"], "layers": 12},
+        text_cfg={**cfg["text_cfg"], "layers": 12},
+    )
+    return load_clip(model)
+
+
 def _observed(m: PromptModule, images: torch.Tensor) -> dict[str, Any]:
     """What a module computes and keeps: its plain attributes, tensors, an evaluation pass (logits and what
     ``end_eval`` reports) and one training step's logits, loss and gradients (dropout from the same seed)."""
@@ -602,9 +618,12 @@ def test_defaults_spelled_out_build_the_same_module(name: str, images: torch.Ten
     signature, which the signature test cannot see, changes what is built.)"""
     params = list(inspect.signature(METHODS[name].__init__).parameters.values())[3:]
     documented = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    documented.update(EXTRA_KWARGS.get(name, {}))
-    implicit = _observed(build(name, load_clip("tiny")), images)
-    explicit = _observed(build(name, load_clip("tiny"), **documented), images)
+    # the papers' prompt depths (9, 12) need a 12-block tower: no EXTRA_KWARGS there
+    clip = _twelve_block_tiny if name in EXTRA_KWARGS else lambda: load_clip("tiny")
+    torch.manual_seed(0)
+    implicit = _observed(METHODS[name](clip(), CLASSNAMES).eval(), images)
+    torch.manual_seed(0)
+    explicit = _observed(METHODS[name](clip(), CLASSNAMES, **documented).eval(), images)
     assert implicit.keys() == explicit.keys()
     for key, value in implicit.items():
         _assert_identical(value, explicit[key], f"{name}: {key}")
