@@ -620,13 +620,18 @@ def test_defaults_spelled_out_build_the_same_module(name: str, images: torch.Ten
     documented = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
     # the papers' prompt depths (9, 12) need a 12-block tower: no EXTRA_KWARGS there
     clip = _twelve_block_tiny if name in EXTRA_KWARGS else lambda: load_clip("tiny")
-    torch.manual_seed(0)
-    implicit = _observed(METHODS[name](clip(), CLASSNAMES).eval(), images)
-    torch.manual_seed(0)
-    explicit = _observed(METHODS[name](clip(), CLASSNAMES, **documented).eval(), images)
-    assert implicit.keys() == explicit.keys()
-    for key, value in implicit.items():
-        _assert_identical(value, explicit[key], f"{name}: {key}")
+    for option in [{}, *DEFAULTS_ALSO_WITH.get(name, [])]:
+        torch.manual_seed(0)
+        implicit = _observed(METHODS[name](clip(), CLASSNAMES, **option).eval(), images)
+        torch.manual_seed(0)
+        explicit = _observed(METHODS[name](clip(), CLASSNAMES, **{**documented, **option}).eval(), images)
+        assert implicit.keys() == explicit.keys()
+        for key, value in implicit.items():
+            _assert_identical(value, explicit[key], f"{name} {option}: {key}")
+
+
+#: Options under which some other default first acts (GDA's alpha is used only when it is not searched).
+DEFAULTS_ALSO_WITH: dict[str, list[dict[str, Any]]] = {"gda": [{"search": False}]}
 
 
 def _assert_identical(a: Any, b: Any, where: str) -> None:
