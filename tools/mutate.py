@@ -60,7 +60,10 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_methods.py", "tests/test_coop_parity.py", "tests/test_precision.py"],
     ),
     "cocoop": (["promptlab/methods/cocoop.py"], ["tests/test_methods.py", "tests/test_cocoop_parity.py"]),
-    "kgcoop": (["promptlab/methods/kgcoop.py"], ["tests/test_kgcoop.py", "tests/test_methods.py"]),
+    "kgcoop": (  # with the knowledge-guided loss KgCoOp and TCP share
+        ["promptlab/methods/kgcoop.py", "promptlab/methods/knowledge.py"],
+        ["tests/test_kgcoop.py", "tests/test_methods.py", "tests/test_tcp_parity.py"],
+    ),
     "deep": (
         ["promptlab/methods/ivlp.py", "promptlab/methods/maple.py"],
         ["tests/test_methods.py", "tests/test_deep_prompts.py"],

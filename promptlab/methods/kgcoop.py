@@ -10,26 +10,23 @@ forget what CLIP knows about the classes it never trains on:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from promptlab.clip import FrozenCLIP
+from promptlab.methods.knowledge import KnowledgeGuided
 from promptlab.prompts import (
-    PromptModule,
     encode_prompts,
     hand_crafted_features,
     init_context,
     insert_context,
-    knowledge_distance,
     prompt_buffers,
 )
 from promptlab.templates import resolve_templates
 
 
-class KgCoOp(PromptModule):
+class KgCoOp(KnowledgeGuided):
     """Knowledge-guided context optimisation (text side only; image features are cacheable).
 
     Args:
@@ -55,7 +52,6 @@ class KgCoOp(PromptModule):
         self.ctx = nn.Parameter(init_context(clip, n_ctx, ctx_init))  # [n_ctx, W]
         self.n_ctx, self.w = self.ctx.shape[0], float(w)
         self.templates = resolve_templates(templates, template)
-        self._step_text: torch.Tensor | None = None
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -65,24 +61,7 @@ class KgCoOp(PromptModule):
         self.register_buffer(
             "_hand", hand_crafted_features(self.clip, self.classnames, self.templates), persistent=False
         )
-        self._step_text = None
 
     def text_features(self) -> torch.Tensor:
         prompts = insert_context(self._base, self.ctx, self._ctx_pos)  # [C, L, W]
         return encode_prompts(self.clip, prompts, self._eot)  # [C, D]
-
-    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
-        txt = self.class_text_features()  # [C, D]
-        # keep this step's text features for loss(): the regulariser reuses them instead of a second pass
-        self._step_text = txt if torch.is_grad_enabled() and txt.requires_grad else None
-        img = F.normalize(image_features.to(self.head_dtype), dim=-1)
-        return self.clip.logit_scale * img @ F.normalize(txt.to(self.head_dtype), dim=-1).t()
-
-    def knowledge_loss(self, text_features: torch.Tensor | None = None) -> torch.Tensor:
-        """``1 - mean_c cos(t_c, t_c^hand)``: scalar, 0 when the prompt reproduces the hand-crafted features."""
-        txt = self.text_features() if text_features is None else text_features  # [C, D]
-        return knowledge_distance(txt, self._hand, self.head_dtype)
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, **aux: Any) -> torch.Tensor:
-        txt, self._step_text = self._step_text, None
-        return F.cross_entropy(logits, labels) + self.w * self.knowledge_loss(txt)

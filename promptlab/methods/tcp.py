@@ -16,21 +16,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from promptlab.clip import FrozenCLIP
+from promptlab.methods.knowledge import KnowledgeGuided
 from promptlab.prompts import (
-    PromptModule,
     clean_classname,
     encode_prompts,
     hand_crafted_features,
     init_context,
     insert_context,
-    knowledge_distance,
     n_tokens,
 )
 from promptlab.templates import DEFAULT_TEMPLATE
@@ -43,7 +40,7 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class TCP(PromptModule):
+class TCP(KnowledgeGuided):
     """Class-aware prompt tuning (text side only; image features are cacheable).
 
     Args:
@@ -95,7 +92,6 @@ class TCP(PromptModule):
                 ]
             )
         )
-        self._step_text: torch.Tensor | None = None
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -115,7 +111,6 @@ class TCP(PromptModule):
                 "_hand": hand_crafted_features(self.clip, self.classnames, [self.template]),  # [C, D]
             }
         )
-        self._step_text = None
 
     def class_tokens(self) -> torch.Tensor:
         """[C, n_ctx, W] class-aware tokens from the normalised hand-crafted features (tcp.py L193-195)."""
@@ -128,15 +123,3 @@ class TCP(PromptModule):
         return encode_prompts(
             self.clip, prompts, self._eot, deep_prompts={self.insert_layer: self.class_tokens()}
         )  # [C, D]
-
-    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
-        txt = self.class_text_features()  # [C, D]
-        self._step_text = txt if torch.is_grad_enabled() and txt.requires_grad else None  # for loss()
-        img = F.normalize(image_features.to(self.head_dtype), dim=-1)
-        return self.clip.logit_scale * img @ F.normalize(txt.to(self.head_dtype), dim=-1).t()
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, **aux: Any) -> torch.Tensor:
-        """CE + w * (1 - mean cos(learned, hand-crafted text features)) (tcp.py L254-258)."""
-        txt, self._step_text = self._step_text, None
-        txt = self.text_features() if txt is None else txt
-        return F.cross_entropy(logits, labels) + self.w * knowledge_distance(txt, self._hand, self.head_dtype)
