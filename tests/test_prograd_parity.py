@@ -28,6 +28,17 @@ PETS = "a type of pet, a photo of a {}."  # ProGrad's CUSTOM_TEMPLATES["OxfordPe
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads cost more than they save
 
 
+def ref_project(a_grad: torch.Tensor, b_grad: torch.Tensor, lambda_: float) -> tuple[torch.Tensor, bool]:
+    """trainer.py ``prograd_backward_and_update`` L336-345 for one parameter: ``a_grad`` (the CE gradient)
+    less ``lambda_`` times its component along ``b_grad`` (the KL gradient) when their cosine is negative.
+    Returns (the gradient stepped, whether it was projected)."""
+    b_grad_norm = b_grad / torch.linalg.norm(b_grad)
+    a_grad_norm = a_grad / torch.linalg.norm(a_grad)
+    if torch.dot(a_grad_norm.flatten(), b_grad_norm.flatten()) < 0:
+        return a_grad - lambda_ * torch.dot(a_grad.flatten(), b_grad_norm.flatten()) * b_grad_norm, True
+    return a_grad, False
+
+
 class RefProGrad(nn.Module):
     def __init__(
         self, model: nn.Module, classnames: list[str], n_ctx: int, template: str, ctx_init: bool = True
@@ -106,14 +117,7 @@ class RefProGrad(nn.Module):
         b_grad = self.ctx.grad.clone()
         self.ctx.grad = None
         xe_loss.backward()
-        b_grad_norm = b_grad / torch.linalg.norm(b_grad)
-        a_grad = self.ctx.grad.clone()
-        a_grad_norm = a_grad / torch.linalg.norm(a_grad)
-        projected = bool(torch.dot(a_grad_norm.flatten(), b_grad_norm.flatten()) < 0)
-        if projected:
-            self.ctx.grad = (
-                a_grad - lambda_ * torch.dot(a_grad.flatten(), b_grad_norm.flatten()) * b_grad_norm
-            )
+        self.ctx.grad, projected = ref_project(self.ctx.grad.clone(), b_grad, lambda_)
         return xe_loss.detach(), kl_loss.detach(), self.ctx.grad.clone(), projected
 
 
@@ -204,12 +208,6 @@ def test_prograd_context_from_the_template_words(tiny_clip: FrozenCLIP, template
     assert ProGrad(tiny_clip, CLASSNAMES, n_ctx=4, ctx_init=False).ctx.abs().min() > 0
 
 
-def _restated_projection(g: torch.Tensor, general: torch.Tensor, lam: float) -> torch.Tensor:
-    """trainer.py L336-345 in float64: ``g`` less ``lam`` times its component along ``general`` when cos < 0."""
-    g64, d = g.double(), general.double() / general.double().norm()
-    return g64 - lam * (g64.flatten() @ d.flatten()) * d if g64.flatten() @ d.flatten() < 0 else g64
-
-
 def test_project_conflicting_edge_cases() -> None:
     """The default lambda removes the whole conflicting component; in fp16 (``reference_fp16`` steps fp16
     gradients, loss-scaled or tiny) the decision depends on the angle only; a positive angle below fp32
@@ -221,9 +219,11 @@ def test_project_conflicting_edge_cases() -> None:
     assert float(g.flatten() @ general.flatten()) < -1e-3 * float(g.norm() * general.norm())
     full = project_conflicting(g, general)
     assert abs(float(full.flatten() @ general.flatten())) < 1e-5 * float(g.norm() * general.norm())
-    torch.testing.assert_close(full.double(), _restated_projection(g, general, 1.0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        full.double(), ref_project(g.double(), general.double(), 1.0)[0], atol=1e-6, rtol=1e-5
+    )
     for scale in (1e-4, 1.0, 1e2):  # |g| * |g| would leave fp16's range at both ends
-        gh, want = (scale * g).half(), _restated_projection(scale * g, general, 0.8)
+        gh, want = (scale * g).half(), ref_project((scale * g).double(), general.double(), 0.8)[0]
         got = project_conflicting(gh, general.half(), 0.8)
         assert got.dtype == torch.float16
         torch.testing.assert_close(got.double(), want, atol=1e-2 * scale, rtol=1e-2)
@@ -287,7 +287,7 @@ def test_prograd_projects_each_trainable_tensor(tiny_clip: FrozenCLIP, images: t
     torch.testing.assert_close(proj.grad, proj.detach(), atol=0, rtol=0)
     projected = 0
     for p, a, b in zip(used, g_ce, g_kl):
-        want = _restated_projection(a, b, 0.8)
+        want = ref_project(a.double(), b.double(), 0.8)[0]
         projected += not torch.allclose(want, a.double())
         torch.testing.assert_close(p.grad.double(), want, atol=1e-6 * float(want.abs().max()), rtol=1e-4)
     assert 0 < projected  # the check sees a projection
