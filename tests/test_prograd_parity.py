@@ -46,9 +46,8 @@ class RefProGrad(nn.Module):
         super().__init__()
         self.model = model
         ctx_dim = model.ln_final.weight.shape[0]
-        if (
-            ctx_init
-        ):  # PromptLearner.__init__ L78-95 (CTX_INIT True): the template's words, right-aligned in zeros
+        # PromptLearner.__init__ L78-95 (CTX_INIT True): the template's words, right-aligned in zeros
+        if ctx_init:
             ctx_init = template.replace(" {}.", "").replace("_", " ")
             prompt_n_ctx = len(ctx_init.split(" "))
             assert n_ctx >= prompt_n_ctx
