@@ -22,17 +22,20 @@ TEMPLATE = "a photo of a {}."
 
 
 class RefLinearLoRA(nn.Module):
-    """loralib/layers.py LinearLoRA (L199-255): W x + b + (dropout(x) @ (B A)^T) * alpha / sqrt(r); eval: no dropout."""
+    """loralib/layers.py LinearLoRA (L152-208): W x + b + (dropout(x) @ (B A)^T) * alpha / sqrt(r); eval: no dropout."""
 
-    def __init__(self, weight, bias, r, lora_alpha):
+    def __init__(self, weight, bias, r, lora_alpha, dropout_rate=0.0):
         super().__init__()
         self.weight, self.bias = nn.Parameter(weight.clone(), False), nn.Parameter(bias.clone(), False)
         self.w_lora_A = nn.Parameter(weight.new_zeros((r, weight.shape[1])))
         self.w_lora_B = nn.Parameter(weight.new_zeros((weight.shape[0], r)))
-        self.scaling = lora_alpha / math.sqrt(r)  # LoRALayer.__init__: alpha / sqrt(r), not alpha / r
+        self.scaling = lora_alpha / math.sqrt(r)  # LoRALayer.__init__ (L42): alpha / sqrt(r), not alpha / r
+        self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else None  # L176-179
 
     def forward(self, x):
         original_output = F.linear(x, self.weight, self.bias)
+        if self.dropout is not None and self.training and self.dropout.p > 0:  # L200-201
+            x = self.dropout(x)
         lora_adjustment = torch.matmul(x, (self.w_lora_B @ self.w_lora_A).transpose(0, 1)) * self.scaling
         return original_output + lora_adjustment
 
@@ -106,12 +109,26 @@ def ref_text_features(model, classnames, template):
 
 def ref_logits(model, images, classnames, template, logit_scale=100):
     """lora.py L83-103: template[0] through the adapted text tower, cosine x logit_scale."""
-    texts = open_clip.tokenize([template.format(c.replace("_", " ")) for c in classnames])
-    text_features = model.encode_text(texts)
-    text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+    text_features = ref_text_features(model, classnames, template)
     image_features = model.encode_image(images)
     image_features = image_features / image_features.norm(dim=-1, keepdim=True)
     return logit_scale * image_features @ text_features.t()
+
+
+def _randomise_b(lora: CLIPLoRA) -> None:
+    """B starts at zero: give it values so the adapted path counts."""
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(std=0.3)
+
+
+def _copy_to_ref(ref_layers, ours_layers) -> None:
+    """Copy our deltas' A and B into the reference's LinearLoRA of the same block and projection."""
+    for ref, mine in zip(ref_layers, ours_layers, strict=True):
+        for p, delta in mine.deltas.items():
+            getattr(ref, f"{p}_proj").w_lora_A.data.copy_(delta.A)
+            getattr(ref, f"{p}_proj").w_lora_B.data.copy_(delta.B)
 
 
 @pytest.fixture
@@ -123,19 +140,12 @@ def own_clip(tiny_clip) -> FrozenCLIP:
 def test_clip_lora_logits_and_gradients_match_reference(own_clip, ref_openclip, images):
     torch.manual_seed(0)
     ours = CLIPLoRA(own_clip, CLASSNAMES, rank=2, alpha=1.0, template=TEMPLATE, logit_scale=100.0).eval()
-    with torch.no_grad():  # B starts at zero: give it values so the adapted path counts
-        for p in ours.parameters():
-            if p.requires_grad and p.shape[-1] == 2:
-                p.normal_(std=0.3)
+    _randomise_b(ours)
     ref_layers = ref_apply_lora(ref_openclip, 2, 1.0)
     ours_layers = [ours.text_lora[str(i)] for i in range(own_clip.text_layers)]
     ours_layers += [ours.image_lora[str(i)] for i in range(own_clip.vision_layers)]
-    assert len(ref_layers) == len(ours_layers)
-    for ref, mine in zip(ref_layers, ours_layers):
-        for p in ("q", "k", "v"):
-            proj = getattr(ref, f"{p}_proj")
-            proj.w_lora_A.data.copy_(mine.deltas[p].A)
-            proj.w_lora_B.data.copy_(mine.deltas[p].B)
+    assert all(sorted(mine.deltas) == ["k", "q", "v"] for mine in ours_layers)
+    _copy_to_ref(ref_layers, ours_layers)
     labels = torch.arange(images.shape[0]) % len(CLASSNAMES)
     logits = ours(images)
     expected = ref_logits(ref_openclip, images, CLASSNAMES, TEMPLATE)
@@ -184,33 +194,18 @@ def test_lora_delta_init_and_dropout_are_loralibs():
     assert delta.B.shape == (24, 4) and not delta.B.any()
     with torch.no_grad():
         delta.B.normal_()
+    # the reference layer on a zero base weight and bias: its output is the LoRA term alone
+    ref = RefLinearLoRA(torch.zeros(24, 16), torch.zeros(24), 4, 2.0, dropout_rate=0.25)
+    ref.w_lora_A.data.copy_(delta.A)
+    ref.w_lora_B.data.copy_(delta.B)
     x = torch.randn(5, 16)
-    ref_dropout = nn.Dropout(0.25)
     torch.manual_seed(4)
     trained = delta.train()(x)
     torch.manual_seed(4)
-    expected = torch.matmul(ref_dropout(x), (delta.B @ delta.A).t()) * 2.0 / math.sqrt(4)
-    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trained, ref.train()(x), rtol=1e-5, atol=1e-6)
     evaluated = delta.eval()(x)
-    torch.testing.assert_close(
-        evaluated, torch.matmul(x, (delta.B @ delta.A).t()) * 1.0, rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(evaluated, ref.eval()(x), rtol=1e-5, atol=1e-6)
     assert (trained - evaluated).abs().max() > 1e-3  # the dropout was drawn
-
-
-def _randomise_b(lora: CLIPLoRA) -> None:
-    """B starts at zero: give it values so the adapted path counts."""
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if name.endswith(".B"):
-                p.normal_(std=0.3)
-
-
-def _copy_to_ref(ref_layers, ours_layers) -> None:
-    for ref, mine in zip(ref_layers, ours_layers, strict=True):
-        for p, delta in mine.deltas.items():
-            getattr(ref, f"{p}_proj").w_lora_A.data.copy_(delta.A)
-            getattr(ref, f"{p}_proj").w_lora_B.data.copy_(delta.B)
 
 
 def test_clip_lora_one_tower_matches_reference(own_clip, ref_openclip, images):
