@@ -226,6 +226,8 @@ def test_clip_lora_one_tower_matches_reference(own_clip, ref_openclip, images):
         image = ref_openclip.encode_image(images)
         expected = 100 * (image / image.norm(dim=-1, keepdim=True)) @ text.t()
         torch.testing.assert_close(vision(images), expected, rtol=1e-4, atol=1e-4)
+        frozen = ref_logits(plain, images, CLASSNAMES, TEMPLATE)
+    assert (expected - frozen).abs().max() > 1e-2  # the adapted image blocks count in what was compared
 
     template = "itap of a {}."  # not the default template: the dataset's one must be the one used
     text_only = CLIPLoRA(
