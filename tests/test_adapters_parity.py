@@ -61,6 +61,18 @@ def cls_acc(output, target):
     )
 
 
+def norm(t):
+    """A feature over its L2 norm, as every reference's feature loader does (e.g. Tip-Adapter utils.py
+    pre_load_features, mrflogs/ICLR24 main_few_shots.py L49)."""
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+def ref_samples(train_views, labels):
+    """mrflogs/ICLR24 main_few_shots.py L41-53 (main_base2new.py the same): every view of every image,
+    normalised, is one sample; [V * N, D] and its labels."""
+    return torch.cat([norm(v) for v in train_views]), torch.cat([labels] * train_views.shape[0])
+
+
 # ---------------------------------------------------------------------- linear probe
 def ref_lpclip(train_x, train_y, val_x, val_y, num_step=8, max_iter=1000):
     """KaiyangZhou/CoOp lpclip/linear_probe.py L55-116: coarse sweep, then the interval search; the
@@ -325,7 +337,6 @@ def test_tip_adapter_matches_reference(tiny_clip, ref_openclip):
     train, y = _tiny_features(tiny_clip, 2, 4, views=3)
     val, yv = _tiny_features(tiny_clip, 2, 6)
     test, _ = _tiny_features(tiny_clip, 2, 5)
-    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731 - pre_load_features' normalisation
     clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])
     keys, values = ref_cache(train, y)
     beta, alpha, acc = ref_search_hp(cfg, keys, values.float(), norm(val[0]), yv, clip_weights)
@@ -355,7 +366,7 @@ def test_tip_adapter_search_keeps_zero_when_no_cell_is_right(tiny_clip, ref_open
     cfg = {"search_scale": [7, 3], "search_step": [30, 10]}
     train, y = _tiny_features(tiny_clip, 3, 4, views=2)
     val, _ = _tiny_features(tiny_clip, 3, 1)
-    f = val[0][:1] / val[0][:1].norm(dim=-1, keepdim=True)
+    f = norm(val[0][:1])
     clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])
     keys, values = ref_cache(train, y)
     never = [
@@ -533,9 +544,7 @@ def test_gda_matches_reference(tiny_clip, ref_openclip):
     train, y = _tiny_features(tiny_clip, 3, 6, views=3)
     val, yv = _tiny_features(tiny_clip, 3, 3)
     test, _ = _tiny_features(tiny_clip, 3, 5)
-    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
-    # main_few_shots.py L41-48: every view of every image, normalised, is one sample
-    vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])
+    vecs, labels = ref_samples(train, y)
     clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])
     W, b, alpha, acc, tried = ref_gda(vecs, labels, clip_weights, norm(val[0]), yv, len(CLASSNAMES))
 
@@ -607,8 +616,7 @@ def test_gda_base2new_matches_reference(tiny_clip, ref_openclip, caplog):
     train, y = _tiny_features(tiny_clip, 4, 6, views=3)  # 72 samples: more than the 64 neighbours
     val, yv = _tiny_features(tiny_clip, 4, 3)
     test_new = torch.randn(10, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(9))
-    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
-    vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])  # L42-53
+    vecs, labels = ref_samples(train, y)  # L42-53
     clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])  # L163
     clip_weights_new = ref_clip_classifier(ref_openclip, NEW_CLASSNAMES, [TEMPLATE])  # L170
     W, b, alpha, W_new, b_new = ref_gda_base2new(
@@ -637,8 +645,7 @@ def _gda_base2new_data(clip, ref_openclip, views):
     """Base training/validation features of CLASSNAMES, their reference samples, and the new classes' text."""
     train, y = _tiny_features(clip, 4, 6, views=views)
     val, yv = _tiny_features(clip, 4, 3)
-    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
-    vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])
+    vecs, labels = ref_samples(train, y)
     return train, y, val, yv, vecs, labels, ref_clip_classifier(ref_openclip, NEW_CLASSNAMES, [TEMPLATE])
 
 
@@ -705,7 +712,7 @@ def test_gda_classifiers_keep_float64(tiny_clip, ref_openclip):
     """The discriminant helpers compute in their input's dtype: float64 in, the reference's float64
     numbers out (a float32 prior, identity or precision accumulator would cost ~1e-7 here). Called with
     their defaults: the KS estimator and text-centred neighbours, the reference's."""
-    train, y, _, _, vecs, labels, clip_weights_new = _gda_base2new_data(tiny_clip, ref_openclip, views=3)
+    *_, vecs, labels, clip_weights_new = _gda_base2new_data(tiny_clip, ref_openclip, views=3)
     vecs, text = vecs.double(), clip_weights_new.t().double()
     W, b = gaussian_classifier(vecs, labels, len(CLASSNAMES))
     W_ref, b_ref = ref_ks(vecs, labels, len(CLASSNAMES))
@@ -724,8 +731,7 @@ def test_gda_search_with_no_right_alpha_keeps_the_fallback(tiny_clip, ref_opencl
     better: on a validation image whose label no alpha predicts, alpha stays 0.1 at accuracy 0."""
     train, y = _tiny_features(tiny_clip, 3, 6, views=2)
     val, _ = _tiny_features(tiny_clip, 3, 1)
-    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
-    vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])
+    vecs, labels = ref_samples(train, y)
     clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])
     W, b = ref_ks(vecs, labels, len(CLASSNAMES))
     f = norm(val[0][:1])
@@ -745,8 +751,7 @@ def test_gda_without_search_keeps_its_alpha(tiny_clip, ref_openclip):
     """``search: false``: the discriminant is fitted and the logits use the ``alpha`` given."""
     train, y = _tiny_features(tiny_clip, 3, 6, views=2)
     test, _ = _tiny_features(tiny_clip, 3, 2)
-    norm = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
-    vecs, labels = torch.cat([norm(v) for v in train]), torch.cat([y] * train.shape[0])
+    vecs, labels = ref_samples(train, y)
     gda = GDA(tiny_clip, CLASSNAMES, template=TEMPLATE, views=2, alpha=0.5, search=False, logit_scale=100.0)
     assert gda.fit(FitData(train, y, train[0], y)) == {"alpha": 0.5, "estimator": "ks"}
     W, b = ref_ks(vecs, labels, len(CLASSNAMES))
