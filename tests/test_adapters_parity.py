@@ -560,7 +560,7 @@ def test_gda_matches_reference(tiny_clip, ref_openclip):
     torch.testing.assert_close(gda(image_features=test[0]), ref, rtol=1e-4, atol=1e-3)
 
 
-def ref_new_classes(vecs, clip_weights_new, k=64, copies=16, center="text"):
+def ref_new_classes(vecs, clip_weights_new, k=64, center="text"):
     """mrflogs/ICLR24 main_base2new.py L83-111: each new class's mean from the k base samples nearest its
     text embedding w and 16 copies of w; the mean of the KS-shrunk precisions of the neighbours' scatter
     around w. The KS factor and identity are the feature width D where L101/L104 write 512 (ViT-B/16's D).
@@ -570,7 +570,7 @@ def ref_new_classes(vecs, clip_weights_new, k=64, copies=16, center="text"):
     mu = torch.cat(
         [
             torch.cat(
-                [vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], w.unsqueeze(0).repeat(copies, 1)]
+                [vecs[torch.topk(w @ vecs.T, k=k, largest=True)[1]], w.unsqueeze(0).repeat(16, 1)]
             ).mean(dim=0, keepdim=True)
             for w in clip_weights_new.T
         ]
@@ -598,27 +598,32 @@ def ref_new_classes(vecs, clip_weights_new, k=64, copies=16, center="text"):
     return W_new, b_new
 
 
-def ref_gda_base2new(
-    vecs, labels, clip_weights, clip_weights_new, val_features, val_labels, k=64, center="text"
-):
+def ref_gda_base2new(vecs, labels, clip_weights, clip_weights_new, val_features, val_labels):
     """mrflogs/ICLR24 main_base2new.py L54-111 as it runs: the base half's class-mean discriminant (L55-61),
     alpha on the base validation features (L65-76), then the new half's synthesised classifier (L85-111)."""
     W, b = ref_class_mean(vecs, labels, clip_weights.shape[1])
     best_alpha = ref_alpha_search(W, b, clip_weights, val_features, val_labels)[0]
-    W_new, b_new = ref_new_classes(vecs, clip_weights_new, k=k, center=center)
+    W_new, b_new = ref_new_classes(vecs, clip_weights_new)
     return W, b, best_alpha, W_new, b_new
 
 
 NEW_CLASSNAMES = ["airliner", "fire_truck", "tabby cat"]
 
 
+def _gda_base2new_data(clip, ref_openclip, views):
+    """Base training/validation features of CLASSNAMES, their reference samples (main_base2new.py
+    L42-53), and the new classes' text classifier (L170)."""
+    train, y = _tiny_features(clip, 4, 6, views=views)
+    val, yv = _tiny_features(clip, 4, 3)
+    vecs, labels = ref_samples(train, y)
+    return train, y, val, yv, vecs, labels, ref_clip_classifier(ref_openclip, NEW_CLASSNAMES, [TEMPLATE])
+
+
 def test_gda_base2new_matches_reference(tiny_clip, ref_openclip, caplog):
-    train, y = _tiny_features(tiny_clip, 4, 6, views=3)  # 72 samples: more than the 64 neighbours
-    val, yv = _tiny_features(tiny_clip, 4, 3)
+    # 4 classes x 6 images x 3 views: 72 samples, more than the 64 neighbours
+    train, y, val, yv, vecs, labels, clip_weights_new = _gda_base2new_data(tiny_clip, ref_openclip, views=3)
     test_new = torch.randn(10, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(9))
-    vecs, labels = ref_samples(train, y)  # L42-53
     clip_weights = ref_clip_classifier(ref_openclip, CLASSNAMES, [TEMPLATE])  # L163
-    clip_weights_new = ref_clip_classifier(ref_openclip, NEW_CLASSNAMES, [TEMPLATE])  # L170
     W, b, alpha, W_new, b_new = ref_gda_base2new(
         vecs, labels, clip_weights, clip_weights_new, norm(val[0]), yv
     )
@@ -639,14 +644,6 @@ def test_gda_base2new_matches_reference(tiny_clip, ref_openclip, caplog):
     torch.testing.assert_close(gda(image_features=test_new), ref, rtol=1e-4, atol=1e-3)
     zero_shot = 100.0 * norm(test_new) @ clip_weights_new
     assert (ref - zero_shot).abs().max() > 1e-2  # the synthesised classifier counts in what was compared
-
-
-def _gda_base2new_data(clip, ref_openclip, views):
-    """Base training/validation features of CLASSNAMES, their reference samples, and the new classes' text."""
-    train, y = _tiny_features(clip, 4, 6, views=views)
-    val, yv = _tiny_features(clip, 4, 3)
-    vecs, labels = ref_samples(train, y)
-    return train, y, val, yv, vecs, labels, ref_clip_classifier(ref_openclip, NEW_CLASSNAMES, [TEMPLATE])
 
 
 def test_gda_estimator_and_knn_center_options_match_reference(tiny_clip, ref_openclip):
