@@ -307,7 +307,7 @@ def ref_search_hp(cfg, cache_keys, cache_values, features, labels, clip_weights,
 
 
 def ref_tip_logits(features, cache_keys, cache_values, clip_weights, alpha, beta):
-    """Tip-Adapter main.py L55-59 (test side of run_tip_adapter)."""
+    """Tip-Adapter main.py L53-61 (test side of run_tip_adapter)."""
     clip_logits = 100.0 * features @ clip_weights
     affinity = features @ cache_keys
     cache_logits = ((-1) * (beta - beta * affinity)).exp() @ cache_values
@@ -442,7 +442,7 @@ def test_tip_adapter_cache_covers_every_class_and_trains_only_under_f(tiny_clip)
 
 def test_tip_logits_compute_in_the_features_dtype(tiny_clip):
     """``tip_logits`` takes the text classifier, keys and values to the features' dtype: fp16 features
-    (the reference's fp16 pipeline, main.py L55-59) give fp16 logits, those of fp32 up to fp16 rounding."""
+    (the reference's fp16 pipeline, main.py L53-61) give fp16 logits, those of fp32 up to fp16 rounding."""
     train, y = _tiny_features(tiny_clip, 6, 3, views=2)
     test, _ = _tiny_features(tiny_clip, 6, 2)
     tip = TipAdapter(tiny_clip, CLASSNAMES, template=TEMPLATE, views=2, search=False, logit_scale=100.0)
