@@ -6,6 +6,7 @@ computation against a re-statement of the reference code is in test_mocoop_parit
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+import promptlab.methods.mocoop as mocoop_module
 from promptlab.backbones import load_clip
 from promptlab.clip import FrozenCLIP
 from promptlab.config import load_recipe
@@ -76,8 +78,6 @@ def test_a_groups_file_can_share_another_dataset_s_groups(
 ) -> None:
     """``same_as: <dataset>``: the sandbox datasets share sandbox_shapes' groups (one list, not copies);
     a target that is missing, outside the folder or itself an alias is refused, naming the file."""
-    import promptlab.methods.mocoop as mocoop_module
-
     shapes = load_template_groups("sandbox_shapes")
     assert len(shapes) == 4
     assert load_template_groups("sandbox_lamp") == shapes == load_template_groups("sandbox_clean")
@@ -129,10 +129,6 @@ def test_group_errors_name_the_file_and_the_group(
     """A groups file that is not ``groups: {name: [template, ...]}`` or holds a bad group is refused with
     its path and the group at fault; an unnamed group is named by its index; a dataset with no file
     says which folder it looked in before falling back to default.yaml."""
-    import re
-
-    import promptlab.methods.mocoop as mocoop_module
-
     folder = tmp_path / "template_groups"
     folder.mkdir()
     files = {
@@ -547,8 +543,6 @@ def test_layernorm_tuning_opens_the_image_side(images: torch.Tensor, tmp_path: P
 def test_layernorm_tuning_on_timm_and_resnet_towers(one_thread: None) -> None:
     """A timm ViT (EVA02) tunes every block's norm1 / norm2 (its LayerNorms before attention and MLP, as
     ln_1 / ln_2 in OpenAI's blocks); a ResNet image tower has none, and the error says so."""
-    import re
-
     clip = load_clip("tiny-eva02")
     m = MoCoOp(clip, CLASSES, templates=GROUPS, tune_layernorm=True)
     want = {n for n, _ in clip.named_modules() if re.search(r"\.blocks\.\d+\.norm[12]$", n)}
