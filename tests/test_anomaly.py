@@ -369,9 +369,10 @@ def test_a_module_built_with_defaults_is_the_recipes(make_openclip) -> None:
             torch.manual_seed(0)
             built.append(AnomalyCLIP(clip, **kw))
     default, recipe = built
-    assert default.prompt_state_dict().keys() == recipe.prompt_state_dict().keys()
-    for k, v in recipe.prompt_state_dict().items():
-        torch.testing.assert_close(default.prompt_state_dict()[k], v, rtol=0, atol=0, msg=k)
+    default_state, recipe_state = default.prompt_state_dict(), recipe.prompt_state_dict()
+    assert default_state.keys() == recipe_state.keys()
+    for k, v in recipe_state.items():
+        torch.testing.assert_close(default_state[k], v, rtol=0, atol=0, msg=k)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     masks = torch.zeros(2, 1, 32, 32)
     masks[1, :, 8:20, 4:12] = 1
