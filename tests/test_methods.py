@@ -533,8 +533,8 @@ def test_defaults_are_the_reference_recipe(name: str) -> None:
 def test_knowledge_term_without_this_steps_logits(name: str, precision: str, images: torch.Tensor) -> None:
     """KgCoOp's and TCP's ``loss`` reuse the text features of the step's own ``logits`` call; with none (a
     loss right after building or after ``set_classnames``, or after a no-grad evaluation pass or one on the
-    evaluation's cached text features) they compute
-    them, with gradient, in the head's dtype: CE + w * (1 - mean_c cos(t_c, hand_c)), restated here."""
+    evaluation's cached text features) they compute them, with gradient, in the head's dtype:
+    CE + w * (1 - mean_c cos(t_c, hand_c)), restated here."""
     m = build(name, load_clip("tiny", precision=precision))
     m.match_backbone_precision()
     g = torch.Generator().manual_seed(3)
@@ -543,9 +543,9 @@ def test_knowledge_term_without_this_steps_logits(name: str, precision: str, ima
     dt = m.head_dtype
 
     def restated() -> torch.Tensor:
-        txt = torch.nn.functional.normalize(m.text_features().to(dt), dim=-1)
-        cos = torch.nn.functional.cosine_similarity(txt, m._hand.to(dt), dim=-1, eps=1e-7)
-        return torch.nn.functional.cross_entropy(logits, labels) + m.w * (1.0 - cos.mean())
+        txt = F.normalize(m.text_features().to(dt), dim=-1)
+        cos = F.cosine_similarity(txt, m._hand.to(dt), dim=-1, eps=1e-7)
+        return F.cross_entropy(logits, labels) + m.w * (1.0 - cos.mean())
 
     for before in ("built", "set_classnames", "no-grad logits", "cached-text logits"):
         if before == "set_classnames":
@@ -609,6 +609,10 @@ def _observed(m: PromptModule, images: torch.Tensor) -> dict[str, Any]:
     return seen
 
 
+#: Options under which some other default first acts (GDA's alpha is used only when it is not searched).
+DEFAULTS_ALSO_WITH: dict[str, list[dict[str, Any]]] = {"gda": [{"search": False}]}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_defaults_spelled_out_build_the_same_module(name: str, images: torch.Tensor) -> None:
     """A method built with no hyperparameters computes exactly what one built with every documented default
@@ -628,10 +632,6 @@ def test_defaults_spelled_out_build_the_same_module(name: str, images: torch.Ten
         assert implicit.keys() == explicit.keys()
         for key, value in implicit.items():
             _assert_identical(value, explicit[key], f"{name} {option}: {key}")
-
-
-#: Options under which some other default first acts (GDA's alpha is used only when it is not searched).
-DEFAULTS_ALSO_WITH: dict[str, list[dict[str, Any]]] = {"gda": [{"search": False}]}
 
 
 def _assert_identical(a: Any, b: Any, where: str) -> None:
@@ -697,14 +697,24 @@ def test_cocoop_cuts_the_batch_into_chunks_of_whole_images(tiny_clip: FrozenCLIP
 @pytest.mark.parametrize("name", NAMES)
 def test_half_backbone_keeps_an_fp32_head(name: str, images: torch.Tensor) -> None:
     """model.precision=bf16 (or fp16) halves the backbone's weights only: the learned tensors, the head
-    (normalised features, logits) and the loss stay fp32, and a training step gives fp32 gradients."""
+    (normalised features, logits) and the loss stay fp32, and a training step gives fp32 gradients; the
+    default head's logits are logit_scale * cos(image, text) from the towers' half-precision features
+    cast to fp32 before normalising, exactly."""
     clip = load_clip("tiny", precision="bf16")
     m = build(name, clip)
     _fit(m)
     assert m.head_dtype == torch.float32
     with torch.no_grad():
         assert m(images).dtype == torch.float32
-        assert m(image_features=m.encode_image(images)).dtype == torch.float32
+        feats = m.encode_image(images)
+        logits = m(image_features=feats)
+        assert logits.dtype == torch.float32
+        if type(m).logits is PromptModule.logits:  # the default head: cos(image, text) computed in fp32
+            txt = m.class_text_features()  # from the bf16 text tower, cast before normalising (restated)
+            want = (
+                clip.logit_scale * F.normalize(feats.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).t()
+            )
+            torch.testing.assert_close(logits, want, rtol=0, atol=0)
     m.train()
     logits, loss = m.training_step({"images": images}, torch.arange(images.shape[0]) % len(CLASSNAMES))
     assert logits.dtype == loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -720,7 +730,7 @@ def test_cocoop_meta_net_takes_features_of_any_dtype(images: torch.Tensor) -> No
     reference_fp16 (fp16 meta-net) fp32 cached features give what their fp16 cast gives."""
     m = build("cocoop", load_clip("tiny", precision="reference_fp16"))
     m.match_backbone_precision()
-    feats = torch.nn.functional.normalize(m.encode_image(images).float(), dim=-1)
+    feats = F.normalize(m.encode_image(images).float(), dim=-1)
     with torch.no_grad():
         got = m.conditioned_text_features(feats)
         want = m.conditioned_text_features(feats.half())
@@ -763,21 +773,3 @@ def test_knowledge_term_reuses_the_steps_text_features(
     m.loss(logits, labels).backward()
     assert passes == [len(CLASSNAMES)]
     assert m.ctx.grad is not None and m.ctx.grad.abs().max() > 0
-
-
-@pytest.mark.parametrize("name", ["kgcoop", "tcp"])
-def test_head_is_fp32_on_a_bf16_backbone(name: str, images: torch.Tensor) -> None:
-    """``model.precision=bf16`` (or fp16) runs the towers in half precision while the learned tensors and
-    the head stay fp32 (``prompt_dtype``): the logits are logit_scale * cos(image, text) computed in fp32
-    from the towers' bf16 features, both sides cast before normalising (restated here)."""
-    clip = load_clip("tiny", precision="bf16")
-    m = build(name, clip)
-    with torch.no_grad():
-        feats = clip.encode_image(images)
-        assert feats.dtype == torch.bfloat16 and m.head_dtype == torch.float32
-        logits = m(image_features=feats)
-        txt = m.text_features()
-        assert txt.dtype == torch.bfloat16
-        want = clip.logit_scale * F.normalize(feats.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).t()
-    assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits, want, rtol=0, atol=0)
