@@ -96,29 +96,3 @@ def test_summary_counts_per_function_and_lists_survivors(mutate):
     rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in lines[1:3]}
     assert rows == {"FeatureBatches.__len__": [2, 0, 0, 1, 1], "lr_at": [3, 2, 1, 0, 0]}
     assert lines[-2:] == ["1 survived:", "  promptlab.engine.x_lr_at__mutmut_2"]
-
-
-def test_covering_tests_narrow_only_where_the_clean_run_saw_the_callers(mutate):
-    """A mutant runs the tests that called its function; a function called while the tests were being
-    collected (a subclass defined at import, say), or never called in-process, gets the whole selection."""
-    by_function = {
-        "promptlab.engine.x_lr_at": ["tests/a.py::t1", "tests/b.py::t2[x]"],
-        "promptlab.engine.xǁFeatureBatchesǁ__len__": ["tests/a.py::t3"],
-        "promptlab.prompts.xǁPromptModuleǁ__init_subclass__": ["tests/a.py::t1"],
-    }
-    at_collection = {"promptlab.prompts.xǁPromptModuleǁ__init_subclass__"}
-    assert mutate.covering_tests("promptlab.engine.x_lr_at__mutmut_12", by_function, at_collection) == [
-        "tests/a.py::t1",
-        "tests/b.py::t2[x]",
-    ]
-    assert mutate.covering_tests(
-        "promptlab.engine.xǁFeatureBatchesǁ__len____mutmut_1", by_function, at_collection
-    ) == ["tests/a.py::t3"]
-    assert (
-        mutate.covering_tests(
-            "promptlab.prompts.xǁPromptModuleǁ__init_subclass____mutmut_2", by_function, at_collection
-        )
-        == []
-    )
-    # lr_at's mutants must not take the callers of a function whose name it prefixes
-    assert mutate.covering_tests("promptlab.engine.x_lr__mutmut_1", by_function, at_collection) == []

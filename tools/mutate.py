@@ -18,10 +18,7 @@ It runs ``nice``'d with one child process: the team's machine is shared.
 ``--in-process``: the same mutants (mutmut generates them; its trampolines read ``MUTANT_UNDER_TEST``
 at call time), run by one Python process that imports torch and the tests once and calls
 ``pytest.main`` per mutant, instead of mutmut's stats pass over every test file plus a fresh test
-session per mutant. Its clean run doubles as the stats pass: it records which tests call each mutated
-function, and a mutant first runs only those; one that survives them is run against the whole selection
-before it is called a survivor, so the verdicts are the whole selection's (``--no-select``: the whole
-selection for every mutant). The verdicts go into mutmut's own ``.meta`` files, so ``mutmut results`` / ``show``
+session per mutant. The verdicts go into mutmut's own ``.meta`` files, so ``mutmut results`` / ``show``
 work as after ``mutmut run``. ``--tests`` narrows the test selection (a mutant that survives a narrow
 selection must be re-run with the target's full one before it is called a survivor). What one process
 shares across mutants: module-level values computed at import (under the clean code, as mutmut's
@@ -196,18 +193,6 @@ def select_mutants(names: Iterable[str], patterns: list[str]) -> list[str]:
     return [n for n in names if not patterns or any(n == p or fnmatch.fnmatch(n, p) for p in patterns)]
 
 
-def covering_tests(
-    mutant: str, tests_by_function: dict[str, list[str]], at_collection: set[str]
-) -> list[str]:
-    """The tests that called the mutant's function in the clean run, in collection order; ``[]`` where the
-    selection cannot be narrowed: a function called while tests were collected (at import, by a fixture
-    of no test, or in a subprocess) or never seen gets the target's whole selection, as without coverage."""
-    function = mutant.partition("__mutmut_")[0]
-    if function in at_collection:
-        return []
-    return tests_by_function.get(function, [])
-
-
 def meta_files(folder: Path, modules: list[str]) -> list[Path]:
     return [folder / "mutants" / f"{m}.meta" for m in modules]
 
@@ -263,35 +248,25 @@ def _worker(job_file: str) -> int:
         mod = importlib.import_module(module.removesuffix(".py").replace("/", "."))
         if not Path(mod.__file__).resolve().is_relative_to(Path.cwd().resolve()):
             raise SystemExit(f"tools/mutate.py: {module} imported from {mod.__file__}, not the mutated copy")
-    options = ["--rootdir=.", "--tb=short", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    args = [
+        "--rootdir=.",
+        "--tb=short",
+        "-x",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        *job["tests"],
+    ]
     packages = {m.split("/")[0] for m in job["modules"]}
     out = open(job["results"], "a")  # noqa: SIM115 - one line per event, flushed, for the parent
-
-    # Coverage: the clean run goes through mutmut's trampolines in their "stats" mode (the original
-    # function, as with no mutant) with the hit recorder swapped for ours, so each test's calls of the
-    # mutated functions are known; a mutant then runs only the tests that call its function.
-    import mutmut.mutation.trampoline as trampoline
-
-    hits: set[str] = set()
-    at_collection: set[str] = set()
-    tests_by_function: dict[str, list[str]] = {}
-    trampoline.record_trampoline_hit = lambda name, caller=None: hits.add(name)
-
-    class Coverage:
-        def pytest_collection_finish(self, session: object) -> None:
-            at_collection.update(hits)
-            hits.clear()
-
-        def pytest_runtest_teardown(self, item: pytest.Item, nextitem: object) -> None:
-            for function in hits:
-                tests_by_function.setdefault(function, []).append(item.nodeid)
-            hits.clear()
 
     def emit(**event: object) -> None:
         out.write(json.dumps(event) + "\n")
         out.flush()
 
-    def run(name: str, limit: float, tests: list[str], plugins: tuple = ()) -> tuple[int, float, bool]:
+    def run(name: str, limit: float) -> tuple[int, float, bool]:
         for mod in list(sys.modules.values()):  # functools caches must not carry one mutant's values on
             if getattr(mod, "__name__", "").split(".")[0] in packages:
                 for value in list(vars(mod).values()):
@@ -308,7 +283,7 @@ def _worker(job_file: str) -> int:
         signal.setitimer(signal.ITIMER_REAL, limit)
         t0 = time.perf_counter()
         try:
-            rc = int(pytest.main([*options, *tests], plugins=list(plugins)))
+            rc = int(pytest.main(args))
         except _MutantTimeout:  # fired in pytest's own code, between tests
             rc = 1
         finally:
@@ -316,33 +291,24 @@ def _worker(job_file: str) -> int:
         return rc, time.perf_counter() - t0, bool(fired)
 
     limit = job["timeout"]
-    select = job.get("select", True)
-    if job["clean_first"] or select:  # a restarted worker collects the coverage again, no verdict rides on it
-        coverage = (Coverage(),) if select else ()
-        rc, seconds, _ = run("stats" if select else "", 10 * limit, job["tests"], coverage)
+    if job["clean_first"]:
+        rc, seconds, _ = run("", 10 * limit)
         emit(clean="before", rc=rc, seconds=seconds)
         if rc != 0:
             return 1
         limit = limit or (seconds + 20) * 5
     for name in job["names"]:
         emit(start=name, limit=limit)
-        tests = covering_tests(name, tests_by_function, at_collection) if select else []
-        rc, seconds, timed_out = run(name, limit, tests or job["tests"])
-        if rc == 0 and tests and not timed_out:  # survived its callers: the rest of the selection decides
-            rest = [*job["tests"], *(f"--deselect={t}" for t in tests)]
-            rc, more, timed_out = run(name, limit, rest)
-            rc, seconds = (0 if rc == 5 else rc), seconds + more  # 5: no test left to run
+        rc, seconds, timed_out = run(name, limit)
         status = "timeout" if timed_out else {0: "survived", 1: "killed", 3: "killed"}.get(rc, "suspicious")
-        emit(name=name, status=status, rc=rc, seconds=round(seconds, 2), tests=len(tests) or "all")
-        print(f"{status:9} {seconds:6.1f} s  {len(tests) or 'all':>4}  {name}", file=sys.stderr, flush=True)
-    rc, seconds, _ = run("", 10 * limit, job["tests"])
+        emit(name=name, status=status, rc=rc, seconds=round(seconds, 2))
+        print(f"{status:9} {seconds:6.1f} s  {name}", file=sys.stderr, flush=True)
+    rc, seconds, _ = run("", 10 * limit)
     emit(clean="after", rc=rc, seconds=seconds)
     return 0
 
 
-def run_in_process(
-    target: str, patterns: list[str], tests: list[str], timeout: float, select: bool = True
-) -> int:
+def run_in_process(target: str, patterns: list[str], tests: list[str], timeout: float) -> int:
     """Generate the target's mutants with mutmut, run them in one worker process, record and summarise."""
     folder = work_folder(target)
     modules, target_tests = TARGETS[target]
@@ -376,7 +342,6 @@ def run_in_process(
                 "names": todo,
                 "timeout": limit,
                 "clean_first": clean_first,
-                "select": select,
                 "results": str(results_file),
             }
             (folder / "in-process-job.json").write_text(json.dumps(job))
@@ -456,11 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="--in-process: seconds per mutant (default: from the clean run)",
     )
-    parser.add_argument(
-        "--no-select",
-        action="store_true",
-        help="--in-process: run every mutant against the whole selection, not first the tests that call it",
-    )
     args = parser.parse_args(argv)
     if args.list or not args.target:
         for name, (modules, tests) in TARGETS.items():
@@ -468,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     patterns = [m if "*" in m or m.startswith("promptlab.") else f"*{m}*" for m in args.mutants]
     if args.in_process:
-        return run_in_process(args.target, patterns, args.tests, args.timeout, not args.no_select)
+        return run_in_process(args.target, patterns, args.tests, args.timeout)
     folder = work_folder(args.target)
     mutmut = Path(sys.executable).with_name("mutmut")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
